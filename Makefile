@@ -1,0 +1,27 @@
+# The two commands a newcomer types (see README.md):
+#   make race   - set up the environment (once) and run the optimizer race on its defaults
+#   make test   - set up the environment (once) and run the test suite
+# The environment is rebuilt only when pyproject.toml or constraints.txt change.
+
+PYTHON ?= python3
+VENV   := .venv
+STAMP  := $(VENV)/.installed
+
+.PHONY: race test bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet -c constraints.txt -e '.[test,bench]'
+	touch $(STAMP)
+
+race: $(STAMP)
+	$(VENV)/bin/gradwise race
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -n 2 -q
+
+bench: $(STAMP)
+	$(VENV)/bin/python benchmarks/step_throughput.py
+
+clean:
+	rm -rf $(VENV) race-results
