@@ -1,0 +1,5 @@
+import sys
+
+from gradwise.cli import main
+
+sys.exit(main())

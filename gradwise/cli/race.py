@@ -1,0 +1,5 @@
+"""Placeholder replaced by the race subcommand."""
+
+
+def register(subparsers):
+    pass

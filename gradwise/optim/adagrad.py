@@ -1,0 +1,117 @@
+"""Adagrad: per-coordinate step sizes from the sum of squared gradients."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from gradwise.optim.base import (
+    GradwiseOptimizer,
+    ParamsT,
+    by_device_and_dtype,
+    fused_kernel_applies,
+    maybe_negate,
+    with_l2_penalty,
+)
+from gradwise.validation import check_range
+
+
+class Adagrad(GradwiseOptimizer):
+    r"""Adagrad (Duchi, Hazan & Singer 2011, JMLR 12; McMahan & Streeter 2010).
+
+    With gradient :math:`g_t` (plus :math:`\lambda\theta_{t-1}` for weight decay):
+
+    .. math::
+        s_t = s_{t-1} + g_t^2,\qquad
+        \eta_t = \frac{\eta}{1 + (t-1)\,\delta},\qquad
+        \theta_t = \theta_{t-1} - \eta_t\,\frac{g_t}{\sqrt{s_t} + \epsilon}
+
+    with :math:`s_0` = ``initial_accumulator_value`` and :math:`\delta` = ``lr_decay``.
+    Same update and defaults as ``torch.optim.Adagrad``.
+
+    State: the sum :math:`s` (4 bytes per fp32 parameter) and a step counter.
+
+    By default (``fused=None``) dense floating-point parameters on CPU or CUDA are updated
+    by torch's fused Adagrad kernel, which computes exactly this update; ``fused=False``
+    uses the ``torch._foreach_*`` path.
+
+    Example::
+
+        opt = gradwise.optim.Adagrad(model.parameters(), lr=0.01)
+        loss_fn(model(x), y).backward()
+        opt.step(); opt.zero_grad()
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1e-2,
+        lr_decay: float = 0.0,
+        weight_decay: float = 0.0,
+        initial_accumulator_value: float = 0.0,
+        eps: float = 1e-10,
+        *,
+        maximize: bool = False,
+        fused: bool | None = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            lr_decay=lr_decay,
+            weight_decay=weight_decay,
+            initial_accumulator_value=initial_accumulator_value,
+            eps=eps,
+            maximize=maximize,
+            fused=fused,
+        )
+        super().__init__(params, defaults)
+
+    def _validate(self, group: dict[str, Any]) -> None:
+        check_range("lr", group["lr"], 0.0)
+        check_range("lr_decay", group["lr_decay"], 0.0)
+        check_range("weight_decay", group["weight_decay"], 0.0)
+        check_range("initial_accumulator_value", group["initial_accumulator_value"], 0.0)
+        check_range("eps", group["eps"], 0.0)
+
+    def _update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+        initial = group["initial_accumulator_value"]
+        sums = [self._state(p, "sum", lambda p: torch.full_like(p, initial)) for p in params]
+        fused = fused_kernel_applies(group, params, "Adagrad")
+        steps = self._step_counters(params, on_device=fused)
+        for device_lists in by_device_and_dtype(params, grads, sums, steps):
+            if fused:
+                self._fused_update(group, *device_lists)
+            else:
+                self._foreach_update(group, *device_lists)
+
+    @staticmethod
+    def _foreach_update(
+        group: dict[str, Any], params: list[Tensor], grads: list[Tensor], sums: list[Tensor], steps: list[Tensor]
+    ) -> None:
+        torch._foreach_add_(steps, 1)
+        grads = maybe_negate(grads, group["maximize"])
+        grads = with_l2_penalty(grads, params, group["weight_decay"])
+        lr, lr_decay = group["lr"], group["lr_decay"]
+        minus_step_sizes = [-lr / (1 + (step.item() - 1) * lr_decay) for step in steps]
+        torch._foreach_addcmul_(sums, grads, grads, value=1)
+        denominators = torch._foreach_sqrt(sums)
+        torch._foreach_add_(denominators, group["eps"])
+        torch._foreach_addcdiv_(params, grads, denominators, minus_step_sizes)
+
+    @staticmethod
+    def _fused_update(
+        group: dict[str, Any], params: list[Tensor], grads: list[Tensor], sums: list[Tensor], steps: list[Tensor]
+    ) -> None:
+        torch._foreach_add_(steps, 1)
+        torch._fused_adagrad_(
+            params,
+            grads,
+            sums,
+            steps,
+            lr=group["lr"],
+            lr_decay=group["lr_decay"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=group["maximize"],
+        )

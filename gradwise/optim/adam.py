@@ -1,0 +1,203 @@
+"""Adam and AdamW: bias-corrected first and second moment estimates."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from gradwise.optim.base import (
+    GradwiseOptimizer,
+    ParamsT,
+    by_device_and_dtype,
+    fused_kernel_applies,
+    maybe_negate,
+    with_l2_penalty,
+    zeros_like,
+)
+from gradwise.validation import check_betas, check_range
+
+
+class Adam(GradwiseOptimizer):
+    r"""Adam (Kingma & Ba 2015, arXiv:1412.6980), AMSGrad (Reddi, Kale & Kumar 2018) and,
+    with ``decoupled_weight_decay=True``, AdamW (Loshchilov & Hutter 2019, arXiv:1711.05101).
+
+    With gradient :math:`g_t` (plus :math:`\lambda\theta_{t-1}` for coupled L2 decay):
+
+    .. math::
+        m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t,\qquad
+        v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2,\\
+        \theta_t = \theta_{t-1} - \frac{\eta}{1-\beta_1^t}\,
+            \frac{m_t}{\sqrt{\hat v_t / (1-\beta_2^t)} + \epsilon},
+
+    where :math:`\hat v_t = v_t`, or :math:`\max(\hat v_{t-1}, v_t)` with ``amsgrad``.
+    Decoupled decay first shrinks :math:`\theta_{t-1}` by :math:`1-\eta\lambda`.
+    On :math:`\theta^2/2` from 2.0 with ``lr=0.1`` the iterates are 1.900000, 1.800166,
+    1.700623. Same update and defaults as ``torch.optim.Adam``.
+
+    State: :math:`m` and :math:`v` (8 bytes per fp32 parameter), plus :math:`\hat v` with
+    ``amsgrad`` (12 bytes), and a step counter.
+
+    By default (``fused=None``) dense floating-point parameters on CPU or CUDA are updated
+    by torch's fused Adam/AdamW kernel, which computes exactly this update; ``fused=False``
+    uses the ``torch._foreach_*`` path.
+
+    Example::
+
+        opt = gradwise.optim.Adam(model.parameters(), lr=3e-4, betas=(0.9, 0.95))
+        loss_fn(model(x), y).backward()
+        opt.step(); opt.zero_grad()
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        decoupled_weight_decay: bool = False,
+        fused: bool | None = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            maximize=maximize,
+            decoupled_weight_decay=decoupled_weight_decay,
+            fused=fused,
+        )
+        super().__init__(params, defaults)
+
+    def _validate(self, group: dict[str, Any]) -> None:
+        check_range("lr", group["lr"], 0.0)
+        check_betas("betas", group["betas"])
+        check_range("eps", group["eps"], 0.0)
+        check_range("weight_decay", group["weight_decay"], 0.0)
+
+    def _update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+        fused = fused_kernel_applies(group, params, type(self).__name__)
+        lists = [
+            params,
+            grads,
+            [self._state(p, "exp_avg", zeros_like) for p in params],
+            [self._state(p, "exp_avg_sq", zeros_like) for p in params],
+            self._step_counters(params, on_device=fused),
+        ]
+        if group["amsgrad"]:
+            lists.append([self._state(p, "max_exp_avg_sq", zeros_like) for p in params])
+        update = self._fused_update if fused else self._foreach_update
+        for device_params, device_grads, exp_avgs, exp_avg_sqs, steps, *maxima in by_device_and_dtype(*lists):
+            max_exp_avg_sqs = maxima[0] if maxima else []
+            update(group, device_params, device_grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps)
+
+    @staticmethod
+    def _foreach_update(
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        exp_avgs: list[Tensor],
+        exp_avg_sqs: list[Tensor],
+        max_exp_avg_sqs: list[Tensor],
+        steps: list[Tensor],
+    ) -> None:
+        lr, (beta1, beta2), weight_decay = group["lr"], group["betas"], group["weight_decay"]
+        torch._foreach_add_(steps, 1)
+        grads = maybe_negate(grads, group["maximize"])
+        if group["decoupled_weight_decay"]:
+            if weight_decay != 0:
+                torch._foreach_mul_(params, 1 - lr * weight_decay)
+        else:
+            grads = with_l2_penalty(grads, params, weight_decay)
+
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+
+        counts = [step.item() for step in steps]
+        minus_step_sizes = [-lr / (1 - beta1**t) for t in counts]
+        bias_correction2_sqrts = [math.sqrt(1 - beta2**t) for t in counts]
+        if group["amsgrad"]:
+            torch._foreach_maximum_(max_exp_avg_sqs, exp_avg_sqs)
+            denominators = torch._foreach_sqrt(max_exp_avg_sqs)
+        else:
+            denominators = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denominators, bias_correction2_sqrts)
+        torch._foreach_add_(denominators, group["eps"])
+        torch._foreach_addcdiv_(params, exp_avgs, denominators, minus_step_sizes)
+
+    @staticmethod
+    def _fused_update(
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        exp_avgs: list[Tensor],
+        exp_avg_sqs: list[Tensor],
+        max_exp_avg_sqs: list[Tensor],
+        steps: list[Tensor],
+    ) -> None:
+        beta1, beta2 = group["betas"]
+        kernel = torch._fused_adamw_ if group["decoupled_weight_decay"] else torch._fused_adam_
+        torch._foreach_add_(steps, 1)
+        kernel(
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            max_exp_avg_sqs,
+            steps,
+            amsgrad=group["amsgrad"],
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=group["maximize"],
+        )
+
+
+class AdamW(Adam):
+    r"""AdamW (Loshchilov & Hutter 2019, arXiv:1711.05101): Adam with decoupled weight decay,
+
+    .. math:: \theta \leftarrow (1 - \eta\lambda)\,\theta \text{ before the Adam step,}
+
+    with torch's default :math:`\lambda = 10^{-2}`. See :class:`Adam` for the update, the
+    state and the fused kernel; this is ``Adam(..., decoupled_weight_decay=True)``.
+
+    Example::
+
+        groups = gradwise.optim.weight_decay_groups(model, weight_decay=0.1)
+        opt = gradwise.optim.AdamW(groups, lr=3e-4, betas=(0.9, 0.95))
+        loss_fn(model(x), y).backward(); opt.step(); opt.zero_grad()
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        fused: bool | None = None,
+    ) -> None:
+        super().__init__(
+            params,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            maximize=maximize,
+            decoupled_weight_decay=True,
+            fused=fused,
+        )

@@ -1,0 +1,120 @@
+"""RMSprop: steps scaled by a running root-mean-square of the gradients."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from gradwise.optim.base import (
+    GradwiseOptimizer,
+    ParamsT,
+    by_device_and_dtype,
+    maybe_negate,
+    with_l2_penalty,
+    zeros_like,
+)
+from gradwise.validation import check_range
+
+
+class RMSprop(GradwiseOptimizer):
+    r"""RMSprop (Tieleman & Hinton 2012, Coursera lecture 6.5), with the centered variant
+    of Graves (2013, arXiv:1308.0850) and optional momentum.
+
+    With gradient :math:`g_t` (plus :math:`\lambda\theta_{t-1}` for weight decay) and
+    smoothing constant :math:`\alpha`:
+
+    .. math::
+        v_t = \alpha v_{t-1} + (1-\alpha) g_t^2,\qquad
+        \bar g_t = \alpha \bar g_{t-1} + (1-\alpha) g_t \ \text{(centered only)},\\
+        d_t = \sqrt{v_t - \bar g_t^2} + \epsilon \ \text{(centered)}\quad\text{or}\quad
+        \sqrt{v_t} + \epsilon,\\
+        b_t = \mu b_{t-1} + g_t / d_t,\qquad \theta_t = \theta_{t-1} - \eta\, b_t
+        \quad (\theta_t = \theta_{t-1} - \eta\, g_t/d_t \text{ when } \mu = 0).
+
+    Same update and defaults as ``torch.optim.RMSprop``.
+
+    State: :math:`v` (4 bytes per fp32 parameter), plus :math:`\bar g` when centered and
+    :math:`b` when ``momentum > 0``, and a step counter. torch has no fused RMSprop kernel;
+    this is the ``torch._foreach_*`` path.
+
+    Example::
+
+        opt = gradwise.optim.RMSprop(model.parameters(), lr=1e-3, centered=True)
+        loss_fn(model(x), y).backward()
+        opt.step(); opt.zero_grad()
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1e-2,
+        alpha: float = 0.99,
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        momentum: float = 0.0,
+        centered: bool = False,
+        *,
+        maximize: bool = False,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            alpha=alpha,
+            eps=eps,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            centered=centered,
+            maximize=maximize,
+        )
+        super().__init__(params, defaults)
+
+    def _validate(self, group: dict[str, Any]) -> None:
+        check_range("lr", group["lr"], 0.0)
+        check_range("alpha", group["alpha"], 0.0, 1.0)
+        check_range("eps", group["eps"], 0.0)
+        check_range("weight_decay", group["weight_decay"], 0.0)
+        check_range("momentum", group["momentum"], 0.0)
+
+    def _update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+        square_avgs = [self._state(p, "square_avg", zeros_like) for p in params]
+        lists = [params, grads, square_avgs, self._step_counters(params, on_device=False)]
+        if group["centered"]:
+            lists.append([self._state(p, "grad_avg", zeros_like) for p in params])
+        if group["momentum"] > 0:
+            lists.append([self._state(p, "momentum_buffer", zeros_like) for p in params])
+        for device_lists in by_device_and_dtype(*lists):
+            self._foreach_update(group, *device_lists)
+
+    @staticmethod
+    def _foreach_update(
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        square_avgs: list[Tensor],
+        steps: list[Tensor],
+        *extra: list[Tensor],
+    ) -> None:
+        alpha, eps, lr = group["alpha"], group["eps"], group["lr"]
+        extra_lists = list(extra)
+        grad_avgs = extra_lists.pop(0) if group["centered"] else None
+        buffers = extra_lists.pop(0) if group["momentum"] > 0 else None
+
+        torch._foreach_add_(steps, 1)
+        grads = maybe_negate(grads, group["maximize"])
+        grads = with_l2_penalty(grads, params, group["weight_decay"])
+        torch._foreach_mul_(square_avgs, alpha)
+        torch._foreach_addcmul_(square_avgs, grads, grads, value=1 - alpha)
+        if grad_avgs is not None:
+            torch._foreach_lerp_(grad_avgs, grads, 1 - alpha)
+            denominators = torch._foreach_addcmul(square_avgs, grad_avgs, grad_avgs, value=-1)
+            torch._foreach_sqrt_(denominators)
+        else:
+            denominators = torch._foreach_sqrt(square_avgs)
+        torch._foreach_add_(denominators, eps)
+        if buffers is not None:
+            torch._foreach_mul_(buffers, group["momentum"])
+            torch._foreach_addcdiv_(buffers, grads, denominators)
+            torch._foreach_add_(params, buffers, alpha=-lr)
+        else:
+            torch._foreach_addcdiv_(params, grads, denominators, value=-lr)

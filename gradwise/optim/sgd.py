@@ -1,0 +1,153 @@
+"""Stochastic gradient descent with momentum, dampening, Nesterov and weight decay."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from gradwise.optim.base import (
+    GradwiseOptimizer,
+    ParamsT,
+    by_device_and_dtype,
+    fused_kernel_applies,
+    maybe_negate,
+    with_l2_penalty,
+)
+from gradwise.validation import check_range
+
+
+class SGD(GradwiseOptimizer):
+    r"""Stochastic gradient descent (Robbins & Monro 1951), with heavy-ball momentum
+    (Polyak 1964) or Nesterov momentum (Nesterov 1983; Sutskever et al. 2013).
+
+    With gradient :math:`g_t` (plus :math:`\lambda\theta_{t-1}` for weight decay), momentum
+    :math:`\mu` and dampening :math:`\tau`:
+
+    .. math::
+        b_1 = g_1,\qquad b_t = \mu\, b_{t-1} + (1-\tau)\, g_t,\qquad
+        \theta_t = \theta_{t-1} - \eta\,\begin{cases}
+            g_t + \mu\, b_t & \text{Nesterov}\\ b_t & \text{otherwise}\end{cases}
+
+    and :math:`\theta_t = \theta_{t-1} - \eta g_t` when :math:`\mu = 0`. This is the same
+    update as ``torch.optim.SGD`` (the form of Sutskever et al., with the learning rate
+    outside the buffer), and its defaults.
+
+    State: one buffer per parameter (4 bytes per fp32 parameter) when ``momentum > 0``,
+    none otherwise.
+
+    By default (``fused=None``) dense floating-point parameters on CPU or CUDA are updated
+    by torch's fused SGD kernel, which computes exactly this update; ``fused=False`` uses
+    the ``torch._foreach_*`` path.
+
+    Example::
+
+        opt = gradwise.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+        loss_fn(model(x), y).backward()
+        opt.step(); opt.zero_grad()
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1e-3,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        fused: bool | None = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            maximize=maximize,
+            fused=fused,
+        )
+        super().__init__(params, defaults)
+
+    def _validate(self, group: dict[str, Any]) -> None:
+        check_range("lr", group["lr"], 0.0)
+        check_range("momentum", group["momentum"], 0.0)
+        check_range("dampening", group["dampening"], 0.0, 1.0)
+        check_range("weight_decay", group["weight_decay"], 0.0)
+        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+            raise ValueError(
+                "nesterov=True requires momentum > 0 and dampening = 0, got "
+                f"momentum={group['momentum']!r}, dampening={group['dampening']!r}"
+            )
+
+    def _update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+        momentum = group["momentum"]
+        buffers = [self.state[p].get("momentum_buffer") for p in params]
+        if fused_kernel_applies(group, params, "SGD"):
+            self._fused_update(group, params, grads, buffers)
+            return
+        grads = maybe_negate(grads, group["maximize"])
+        grads = with_l2_penalty(grads, params, group["weight_decay"])
+        if momentum != 0:
+            grads = self._momentum(group, params, grads, buffers)
+        torch._foreach_add_(params, grads, alpha=-group["lr"])
+
+    def _momentum(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], buffers: list
+    ) -> list[Tensor]:
+        """Update the momentum buffers; return the direction to step along."""
+        momentum, dampening = group["momentum"], group["dampening"]
+        existing = [i for i, buffer in enumerate(buffers) if buffer is not None]
+        if len(existing) < len(buffers):
+            for i, (param, grad) in enumerate(zip(params, grads)):
+                if buffers[i] is None:
+                    buffers[i] = self.state[param]["momentum_buffer"] = grad.detach().clone()
+        if existing:
+            old = [buffers[i] for i in existing]
+            torch._foreach_mul_(old, momentum)
+            torch._foreach_add_(old, [grads[i] for i in existing], alpha=1 - dampening)
+        if group["nesterov"]:
+            return list(torch._foreach_add(grads, buffers, alpha=momentum))
+        return buffers
+
+    def _fused_update(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], buffers: list
+    ) -> None:
+        """torch's fused kernel; parameters without a buffer yet take the b_1 = g_1 branch."""
+        if group["momentum"] == 0:
+            self._fused_call(group, params, grads, [], first_step=False)
+            return
+        new = [i for i, buffer in enumerate(buffers) if buffer is None]
+        old = [i for i, buffer in enumerate(buffers) if buffer is not None]
+        for i in new:
+            buffers[i] = self.state[params[i]]["momentum_buffer"] = torch.empty_like(params[i])
+        for indices, first_step in ((new, True), (old, False)):
+            if indices:
+                self._fused_call(
+                    group,
+                    [params[i] for i in indices],
+                    [grads[i] for i in indices],
+                    [buffers[i] for i in indices],
+                    first_step,
+                )
+
+    @staticmethod
+    def _fused_call(
+        group: dict[str, Any], params: list[Tensor], grads: list[Tensor], buffers: list[Tensor], first_step: bool
+    ) -> None:
+        lists = (params, grads, buffers) if buffers else (params, grads)
+        for device_lists in by_device_and_dtype(*lists):
+            torch._fused_sgd_(
+                device_lists[0],
+                device_lists[1],
+                device_lists[2] if buffers else [],
+                weight_decay=group["weight_decay"],
+                momentum=group["momentum"],
+                lr=group["lr"],
+                dampening=group["dampening"],
+                nesterov=group["nesterov"],
+                maximize=group["maximize"],
+                is_first_step=first_step,
+            )
