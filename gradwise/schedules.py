@@ -66,8 +66,8 @@ def _progress(step: int, length: int) -> float:
 
 
 def _above_floor(floor: float, fraction: float) -> float:
-    """``floor + (1 - floor) * fraction``, written so that 0 and 1 map exactly to ``floor`` and 1."""
-    return fraction + floor * (1.0 - fraction)
+    """``floor + (1 - floor) * fraction``: monotone in ``fraction``, exactly ``floor`` at 0 and 1 at 1."""
+    return floor + (1.0 - floor) * fraction
 
 
 def constant() -> Schedule:
@@ -156,9 +156,9 @@ def linear_decay(total_steps: int, warmup_steps: int = 0, floor: float = 0.0) ->
     """Linear warmup, then a straight line from the peak down to ``floor`` at ``total_steps``.
 
     ``m(s) = floor + (1 - floor) * (1 - p)`` with ``p = (s - W) / (T - W)``, after the warmup
-    of the module conventions; ``floor`` from step ``T`` on. The decay used by BERT and
-    GPT-2/3 fine-tuning recipes; Defazio et al. 2023, arXiv:2310.07831, argue it is the
-    best default.
+    of the module conventions; ``floor`` from step ``T`` on. The decay of BERT (Devlin et al.
+    2018, arXiv:1810.04805); Defazio et al. 2023, arXiv:2310.07831, argue it is the best
+    default.
     """
     total, warmup = _check_steps(total_steps, warmup_steps)
     return _after_warmup(warmup, _linear_decay(total - warmup, _check_floor(floor)))
@@ -189,14 +189,12 @@ def wsd(
     """
     total, warmup = _check_steps(total_steps, warmup_steps)
     check_range("decay_fraction", decay_fraction, 0.0, 1.0)
-    check_range("decay_fraction", decay_fraction, 0.0, (total - warmup) / total)
+    check_range("decay_fraction", decay_fraction, 0.0, (total - warmup) / total)  # the tail fits after warmup
     check_choice("tail", tail, WSD_TAILS)
     floor = _check_floor(floor)
     decay = round(decay_fraction * total)
     shape = _linear_decay if tail == "linear" else _sqrt_decay
-    return join_schedules(
-        [linear_warmup(warmup), constant(), shape(decay, floor)], [warmup, total - decay]
-    )
+    return join_schedules([linear_warmup(warmup), constant(), shape(decay, floor)], [warmup, total - decay])
 
 
 def cosine_with_restarts(T_0: int, T_mult: int = 1, floor: float = 0.0, warmup_steps: int = 0) -> Schedule:
@@ -279,9 +277,8 @@ def area_under(schedule: Schedule, total_steps: int, peak: float) -> float:
     """The total learning-rate budget of a run: ``sum_{s=0}^{T-1} peak * schedule(s)``.
 
     This is the sum of the per-step lrs over the ``T`` steps of training (a Riemann sum
-    with unit width, not an integral), summed with ``math.fsum``. For plain SGD it is the
-    total distance in units of the gradient norm, the quantity schedule comparisons often
-    hold fixed.
+    with unit width, not an integral), summed with ``math.fsum``: the quantity to hold
+    fixed when comparing schedules at an equal lr budget.
     """
     total = check_int("total_steps", total_steps, 1)
     peak = float(check_range("peak", peak, 0.0))

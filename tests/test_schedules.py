@@ -10,6 +10,7 @@ from numpy.testing import assert_allclose
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import gradwise.optim
 from gradwise.schedules import (
     SCHEDULE_OPTIONS,
     SCHEDULES,
@@ -355,7 +356,10 @@ def lr_sequence(optimizer, scheduler, steps):
     return sequence
 
 
-@pytest.mark.parametrize("optimizer_class", [torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW])
+OPTIMIZERS = [torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, gradwise.optim.AdamW, gradwise.optim.Lion]
+
+
+@pytest.mark.parametrize("optimizer_class", OPTIMIZERS)
 def test_schedule_lr_sets_peak_times_multiplier(optimizer_class):
     schedule = wsd(total_steps=50, warmup_steps=5, decay_fraction=0.4, tail="1-sqrt", floor=0.1)
     optimizer = optimizer_class([torch.nn.Parameter(torch.ones(3))], lr=0.02)
@@ -394,11 +398,11 @@ def test_schedule_lr_needs_a_callable():
         ScheduleLR(optimizer, 0.5)
 
 
-def make_run(schedule):
+def make_run(schedule, optimizer_class=torch.optim.AdamW):
     """A model, an optimizer with two groups and a scheduler, identical on every call."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
-    optimizer = torch.optim.AdamW(
+    optimizer = optimizer_class(
         [{"params": model[0].parameters(), "lr": 1e-2}, {"params": model[2].parameters(), "lr": 3e-3}]
     )
     return model, optimizer, ScheduleLR(optimizer, schedule)
@@ -419,16 +423,17 @@ def train(model, optimizer, scheduler, steps, start):
     return used
 
 
+@pytest.mark.parametrize("optimizer_class", [torch.optim.AdamW, gradwise.optim.Lion])
 @pytest.mark.parametrize("load_optimizer", [True, False])
-def test_resume_from_state_dict_gives_the_identical_run(tmp_path, load_optimizer):
+def test_resume_from_state_dict_gives_the_identical_run(tmp_path, load_optimizer, optimizer_class):
     def schedule():
         return wsd(total_steps=60, warmup_steps=10, decay_fraction=0.3, tail="1-sqrt")
 
-    model, optimizer, scheduler = make_run(schedule())
+    model, optimizer, scheduler = make_run(schedule(), optimizer_class)
     uninterrupted = train(model, optimizer, scheduler, 70, start=0)
     final_weights = [parameter.detach().clone() for parameter in model.parameters()]
 
-    model, optimizer, scheduler = make_run(schedule())
+    model, optimizer, scheduler = make_run(schedule(), optimizer_class)
     first_part = train(model, optimizer, scheduler, 37, start=0)
     path = tmp_path / "checkpoint.pt"
     torch.save(
@@ -436,7 +441,7 @@ def test_resume_from_state_dict_gives_the_identical_run(tmp_path, load_optimizer
     )
 
     checkpoint = torch.load(path)  # weights_only=True: the scheduler state holds no functions
-    model, optimizer, scheduler = make_run(schedule())
+    model, optimizer, scheduler = make_run(schedule(), optimizer_class)
     model.load_state_dict(checkpoint["model"])
     if load_optimizer:
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -453,7 +458,7 @@ def test_resume_with_a_different_schedule_is_refused():
     model, optimizer, scheduler = make_run(cosine(total_steps=100, warmup_steps=10))
     train(model, optimizer, scheduler, 40, start=0)
     state = scheduler.state_dict()
-    _, fresh_optimizer, fresh_scheduler = make_run(cosine(total_steps=200, warmup_steps=10))
+    _, _, fresh_scheduler = make_run(cosine(total_steps=200, warmup_steps=10))
     with pytest.raises(ValueError, match="build the scheduler with the schedule it was saved with"):
         fresh_scheduler.load_state_dict(state)
     assert fresh_scheduler.last_epoch == 0

@@ -21,6 +21,9 @@ linear_decay, wsd (warmup-stable-decay), cosine_with_restarts (SGDR).
 Example: gradwise schedule --total 1000 --warmup 100 --peak 3e-4 --schedules cosine,wsd
 """
 
+PROGRESS_CHUNK = 10_000
+"""Steps evaluated between two updates of the progress bar."""
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -46,7 +49,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--decay-fraction", type=float, default=0.2, metavar="FRACTION",
         help="wsd: length of the decay tail, as a fraction of --total (default: 0.2)",
     )
-    parser.add_argument("--tail", choices=WSD_TAILS, default="linear", help="wsd: shape of the decay tail (default: linear)")
+    parser.add_argument(
+        "--tail", choices=WSD_TAILS, default="linear", help="wsd: shape of the decay tail (default: linear)"
+    )
     parser.add_argument(
         "--t0", type=int, metavar="STEPS",
         help="cosine_with_restarts: length of the first cycle "
@@ -142,13 +147,16 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     with tqdm(total=len(names) * total, desc="evaluating", unit="step", disable=None, leave=False) as progress:
         for name, schedule in schedules.items():
-            curves[name] = [peak * schedule(step) for step in range(total)]
+            multipliers: list[float] = []
+            for start in range(0, total, PROGRESS_CHUNK):
+                multipliers.extend(schedule(step) for step in range(start, min(start + PROGRESS_CHUNK, total)))
+                progress.update(min(PROGRESS_CHUNK, total - start))
+            curves[name] = [peak * multiplier for multiplier in multipliers]
             rows.append({
                 "schedule": name,
                 "lr_at": {str(step): curves[name][step] for step in steps},
-                "area": area_under(schedule, total, peak),
+                "area": area_under(multipliers.__getitem__, total, peak),  # the evaluated curve, not a second pass
             })
-            progress.update(total)
     table = {"total_steps": total, "warmup_steps": warmup, "peak": peak, "options": options, "steps": steps,
              "schedules": rows}
 

@@ -11,6 +11,7 @@ from gradwise.optim.base import (
     GradwiseOptimizer,
     ParamsT,
     by_device_and_dtype,
+    cache_blocks,
     fused_kernel_applies,
     maybe_negate,
     with_l2_penalty,
@@ -90,14 +91,15 @@ class Adagrad(GradwiseOptimizer):
         group: dict[str, Any], params: list[Tensor], grads: list[Tensor], sums: list[Tensor], steps: list[Tensor]
     ) -> None:
         torch._foreach_add_(steps, 1)
-        grads = maybe_negate(grads, group["maximize"])
-        grads = with_l2_penalty(grads, params, group["weight_decay"])
         lr, lr_decay = group["lr"], group["lr_decay"]
         minus_step_sizes = [-lr / (1 + (step.item() - 1) * lr_decay) for step in steps]
-        torch._foreach_addcmul_(sums, grads, grads, value=1)
-        denominators = torch._foreach_sqrt(sums)
-        torch._foreach_add_(denominators, group["eps"])
-        torch._foreach_addcdiv_(params, grads, denominators, minus_step_sizes)
+        for params, grads, sums, minus_step_sizes in cache_blocks(params, grads, sums, minus_step_sizes):
+            grads = maybe_negate(grads, group["maximize"])
+            grads = with_l2_penalty(grads, params, group["weight_decay"])
+            torch._foreach_addcmul_(sums, grads, grads, value=1)
+            denominators = torch._foreach_sqrt(sums)
+            torch._foreach_add_(denominators, group["eps"])
+            torch._foreach_addcdiv_(params, grads, denominators, minus_step_sizes)
 
     @staticmethod
     def _fused_update(

@@ -12,6 +12,7 @@ from gradwise.optim.base import (
     GradwiseOptimizer,
     ParamsT,
     by_device_and_dtype,
+    cache_blocks,
     fused_kernel_applies,
     maybe_negate,
     with_l2_penalty,
@@ -110,28 +111,32 @@ class Adam(GradwiseOptimizer):
     ) -> None:
         lr, (beta1, beta2), weight_decay = group["lr"], group["betas"], group["weight_decay"]
         torch._foreach_add_(steps, 1)
-        grads = maybe_negate(grads, group["maximize"])
-        if group["decoupled_weight_decay"]:
-            if weight_decay != 0:
-                torch._foreach_mul_(params, 1 - lr * weight_decay)
-        else:
-            grads = with_l2_penalty(grads, params, weight_decay)
-
-        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-        torch._foreach_mul_(exp_avg_sqs, beta2)
-        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
-
         counts = [step.item() for step in steps]
         minus_step_sizes = [-lr / (1 - beta1**t) for t in counts]
         bias_correction2_sqrts = [math.sqrt(1 - beta2**t) for t in counts]
+        columns = [params, grads, exp_avgs, exp_avg_sqs, minus_step_sizes, bias_correction2_sqrts]
         if group["amsgrad"]:
-            torch._foreach_maximum_(max_exp_avg_sqs, exp_avg_sqs)
-            denominators = torch._foreach_sqrt(max_exp_avg_sqs)
-        else:
-            denominators = torch._foreach_sqrt(exp_avg_sqs)
-        torch._foreach_div_(denominators, bias_correction2_sqrts)
-        torch._foreach_add_(denominators, group["eps"])
-        torch._foreach_addcdiv_(params, exp_avgs, denominators, minus_step_sizes)
+            columns.append(max_exp_avg_sqs)
+        for params, grads, exp_avgs, exp_avg_sqs, minus_step_sizes, bias_correction2_sqrts, *maxima in cache_blocks(
+            *columns
+        ):
+            grads = maybe_negate(grads, group["maximize"])
+            if group["decoupled_weight_decay"]:
+                if weight_decay != 0:
+                    torch._foreach_mul_(params, 1 - lr * weight_decay)
+            else:
+                grads = with_l2_penalty(grads, params, weight_decay)
+            torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+            torch._foreach_mul_(exp_avg_sqs, beta2)
+            torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+            if maxima:
+                torch._foreach_maximum_(maxima[0], exp_avg_sqs)
+                denominators = torch._foreach_sqrt(maxima[0])
+            else:
+                denominators = torch._foreach_sqrt(exp_avg_sqs)
+            torch._foreach_div_(denominators, bias_correction2_sqrts)
+            torch._foreach_add_(denominators, group["eps"])
+            torch._foreach_addcdiv_(params, exp_avgs, denominators, minus_step_sizes)
 
     @staticmethod
     def _fused_update(

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gradwise.optim.base import GradwiseOptimizer, ParamsT, by_device_and_dtype, maybe_negate, zeros_like
+from gradwise.optim.base import GradwiseOptimizer, ParamsT, by_device_and_dtype, cache_blocks, maybe_negate, zeros_like
 from gradwise.validation import check_betas, check_range
 
 
@@ -73,12 +73,13 @@ class Lion(GradwiseOptimizer):
         group: dict[str, Any], params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor]
     ) -> None:
         lr, (beta1, beta2), weight_decay = group["lr"], group["betas"], group["weight_decay"]
-        directions = torch._foreach_lerp(grads, exp_avgs, beta1)  # beta1 m + (1 - beta1) g
-        torch._foreach_sign_(directions)
-        if weight_decay != 0:
-            torch._foreach_mul_(params, 1 - lr * weight_decay)
-        torch._foreach_add_(params, directions, alpha=-lr)
-        torch._foreach_lerp_(exp_avgs, grads, 1 - beta2)
+        for params, grads, exp_avgs in cache_blocks(params, grads, exp_avgs):
+            directions = torch._foreach_lerp(grads, exp_avgs, beta1)  # beta1 m + (1 - beta1) g
+            torch._foreach_sign_(directions)
+            if weight_decay != 0:
+                torch._foreach_mul_(params, 1 - lr * weight_decay)
+            torch._foreach_add_(params, directions, alpha=-lr)
+            torch._foreach_lerp_(exp_avgs, grads, 1 - beta2)
 
     @staticmethod
     def _fused_update(

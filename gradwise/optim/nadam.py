@@ -12,6 +12,7 @@ from gradwise.optim.base import (
     GradwiseOptimizer,
     ParamsT,
     by_device_and_dtype,
+    cache_blocks,
     maybe_negate,
     scalar_dtype,
     with_l2_penalty,
@@ -106,29 +107,31 @@ class NAdam(GradwiseOptimizer):
         lr, (beta1, beta2), weight_decay = group["lr"], group["betas"], group["weight_decay"]
         psi = group["momentum_decay"]
         torch._foreach_add_(steps, 1)
-        grads = maybe_negate(grads, group["maximize"])
-        if group["decoupled_weight_decay"]:
-            if weight_decay != 0:
-                torch._foreach_mul_(params, 1 - lr * weight_decay)
-        else:
-            grads = with_l2_penalty(grads, params, weight_decay)
-
-        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-        torch._foreach_mul_(exp_avg_sqs, beta2)
-        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
-        denominators = torch._foreach_sqrt(exp_avg_sqs)
-
         counts = [step.item() for step in steps]
         mus = [beta1 * (1.0 - 0.5 * 0.96 ** (t * psi)) for t in counts]
         next_mus = [beta1 * (1.0 - 0.5 * 0.96 ** ((t + 1) * psi)) for t in counts]
         torch._foreach_mul_(mu_products, mus)
         products = [product.item() for product in mu_products]
-
-        torch._foreach_div_(denominators, [math.sqrt(1 - beta2**t) for t in counts])
-        torch._foreach_add_(denominators, group["eps"])
+        bias_correction2_sqrts = [math.sqrt(1 - beta2**t) for t in counts]
         grad_step_sizes = [-lr * (1 - mu) / (1 - product) for mu, product in zip(mus, products)]
         momentum_step_sizes = [
             -lr * next_mu / (1 - product * next_mu) for next_mu, product in zip(next_mus, products)
         ]
-        torch._foreach_addcdiv_(params, grads, denominators, grad_step_sizes)
-        torch._foreach_addcdiv_(params, exp_avgs, denominators, momentum_step_sizes)
+        blocks = cache_blocks(
+            params, grads, exp_avgs, exp_avg_sqs, bias_correction2_sqrts, grad_step_sizes, momentum_step_sizes
+        )
+        for params, grads, exp_avgs, exp_avg_sqs, bias_correction2_sqrts, grad_step_sizes, momentum_step_sizes in blocks:
+            grads = maybe_negate(grads, group["maximize"])
+            if group["decoupled_weight_decay"]:
+                if weight_decay != 0:
+                    torch._foreach_mul_(params, 1 - lr * weight_decay)
+            else:
+                grads = with_l2_penalty(grads, params, weight_decay)
+            torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+            torch._foreach_mul_(exp_avg_sqs, beta2)
+            torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+            denominators = torch._foreach_sqrt(exp_avg_sqs)
+            torch._foreach_div_(denominators, bias_correction2_sqrts)
+            torch._foreach_add_(denominators, group["eps"])
+            torch._foreach_addcdiv_(params, grads, denominators, grad_step_sizes)
+            torch._foreach_addcdiv_(params, exp_avgs, denominators, momentum_step_sizes)

@@ -11,6 +11,7 @@ from gradwise.optim.base import (
     GradwiseOptimizer,
     ParamsT,
     by_device_and_dtype,
+    cache_blocks,
     maybe_negate,
     with_l2_penalty,
     zeros_like,
@@ -96,25 +97,24 @@ class RMSprop(GradwiseOptimizer):
         *extra: list[Tensor],
     ) -> None:
         alpha, eps, lr = group["alpha"], group["eps"], group["lr"]
-        extra_lists = list(extra)
-        grad_avgs = extra_lists.pop(0) if group["centered"] else None
-        buffers = extra_lists.pop(0) if group["momentum"] > 0 else None
-
         torch._foreach_add_(steps, 1)
-        grads = maybe_negate(grads, group["maximize"])
-        grads = with_l2_penalty(grads, params, group["weight_decay"])
-        torch._foreach_mul_(square_avgs, alpha)
-        torch._foreach_addcmul_(square_avgs, grads, grads, value=1 - alpha)
-        if grad_avgs is not None:
-            torch._foreach_lerp_(grad_avgs, grads, 1 - alpha)
-            denominators = torch._foreach_addcmul(square_avgs, grad_avgs, grad_avgs, value=-1)
-            torch._foreach_sqrt_(denominators)
-        else:
-            denominators = torch._foreach_sqrt(square_avgs)
-        torch._foreach_add_(denominators, eps)
-        if buffers is not None:
-            torch._foreach_mul_(buffers, group["momentum"])
-            torch._foreach_addcdiv_(buffers, grads, denominators)
-            torch._foreach_add_(params, buffers, alpha=-lr)
-        else:
-            torch._foreach_addcdiv_(params, grads, denominators, value=-lr)
+        for params, grads, square_avgs, *extra_blocks in cache_blocks(params, grads, square_avgs, *extra):
+            grad_avgs = extra_blocks.pop(0) if group["centered"] else None
+            buffers = extra_blocks.pop(0) if group["momentum"] > 0 else None
+            grads = maybe_negate(grads, group["maximize"])
+            grads = with_l2_penalty(grads, params, group["weight_decay"])
+            torch._foreach_mul_(square_avgs, alpha)
+            torch._foreach_addcmul_(square_avgs, grads, grads, value=1 - alpha)
+            if grad_avgs is not None:
+                torch._foreach_lerp_(grad_avgs, grads, 1 - alpha)
+                denominators = torch._foreach_addcmul(square_avgs, grad_avgs, grad_avgs, value=-1)
+                torch._foreach_sqrt_(denominators)
+            else:
+                denominators = torch._foreach_sqrt(square_avgs)
+            torch._foreach_add_(denominators, eps)
+            if buffers is not None:
+                torch._foreach_mul_(buffers, group["momentum"])
+                torch._foreach_addcdiv_(buffers, grads, denominators)
+                torch._foreach_add_(params, buffers, alpha=-lr)
+            else:
+                torch._foreach_addcdiv_(params, grads, denominators, value=-lr)

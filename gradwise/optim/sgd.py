@@ -11,6 +11,7 @@ from gradwise.optim.base import (
     GradwiseOptimizer,
     ParamsT,
     by_device_and_dtype,
+    cache_blocks,
     fused_kernel_applies,
     maybe_negate,
     with_l2_penalty,
@@ -83,34 +84,47 @@ class SGD(GradwiseOptimizer):
             )
 
     def _update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
-        momentum = group["momentum"]
         buffers = [self.state[p].get("momentum_buffer") for p in params]
         if fused_kernel_applies(group, params, "SGD"):
             self._fused_update(group, params, grads, buffers)
             return
-        grads = maybe_negate(grads, group["maximize"])
-        grads = with_l2_penalty(grads, params, group["weight_decay"])
-        if momentum != 0:
-            grads = self._momentum(group, params, grads, buffers)
-        torch._foreach_add_(params, grads, alpha=-group["lr"])
+        if group["momentum"] == 0:
+            for device_params, device_grads in by_device_and_dtype(params, grads):
+                self._foreach_update(group, device_params, device_grads, [], [])
+            return
+        fresh = [buffer is None for buffer in buffers]
+        for i, param in enumerate(params):
+            if fresh[i]:
+                buffers[i] = self.state[param]["momentum_buffer"] = torch.empty_like(param)
+        for device_lists in by_device_and_dtype(params, grads, buffers, fresh):
+            self._foreach_update(group, *device_lists)
 
-    def _momentum(
-        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], buffers: list
-    ) -> list[Tensor]:
-        """Update the momentum buffers; return the direction to step along."""
+    @staticmethod
+    def _foreach_update(
+        group: dict[str, Any], params: list[Tensor], grads: list[Tensor], buffers: list[Tensor], fresh: list[bool]
+    ) -> None:
+        """``fresh`` marks buffers created this step, which start as b_1 = g_1."""
         momentum, dampening = group["momentum"], group["dampening"]
-        existing = [i for i, buffer in enumerate(buffers) if buffer is not None]
-        if len(existing) < len(buffers):
-            for i, (param, grad) in enumerate(zip(params, grads)):
-                if buffers[i] is None:
-                    buffers[i] = self.state[param]["momentum_buffer"] = grad.detach().clone()
-        if existing:
-            old = [buffers[i] for i in existing]
-            torch._foreach_mul_(old, momentum)
-            torch._foreach_add_(old, [grads[i] for i in existing], alpha=1 - dampening)
-        if group["nesterov"]:
-            return list(torch._foreach_add(grads, buffers, alpha=momentum))
-        return buffers
+        columns = (params, grads, buffers, fresh) if momentum != 0 else (params, grads)
+        for params, grads, *momentum_columns in cache_blocks(*columns):
+            grads = maybe_negate(grads, group["maximize"])
+            grads = with_l2_penalty(grads, params, group["weight_decay"])
+            direction = grads
+            if momentum_columns:
+                buffers, fresh = momentum_columns
+                new = [i for i, is_new in enumerate(fresh) if is_new]
+                old = [i for i, is_new in enumerate(fresh) if not is_new]
+                if new:
+                    torch._foreach_copy_([buffers[i] for i in new], [grads[i] for i in new])
+                if old:
+                    old_buffers = [buffers[i] for i in old]
+                    torch._foreach_mul_(old_buffers, momentum)
+                    torch._foreach_add_(old_buffers, [grads[i] for i in old], alpha=1 - dampening)
+                if group["nesterov"]:
+                    direction = torch._foreach_add(grads, buffers, alpha=momentum)
+                else:
+                    direction = buffers
+            torch._foreach_add_(params, direction, alpha=-group["lr"])
 
     def _fused_update(
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], buffers: list

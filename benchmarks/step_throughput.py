@@ -1,0 +1,219 @@
+"""Time per ``optimizer.step()`` and effective bytes per second, side by side.
+
+Every gradwise optimizer runs on the same GPT-shaped parameters (about 16M fp32 values) next
+to torch.optim's implementations of the same algorithm (single-tensor, foreach and fused)
+and, for Lion, the PyPI packages ``pytorch-optimizer`` and ``lion-pytorch``. The
+implementations are timed in interleaved rounds, so that the machine's drift and other load
+fall on all of them alike; the table reports each one's median and its ratio to the fastest
+torch.optim implementation of the same algorithm.
+
+Effective bandwidth counts the bytes an ideal kernel must move per step: every tensor the
+update reads (parameter, gradient, state) and writes (parameter, state) once.
+
+Usage::
+
+    python benchmarks/step_throughput.py                  # prints the table, writes JSON
+    python benchmarks/step_throughput.py --rounds 3 --layers 1  # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import gradwise
+import gradwise.optim as gw
+
+
+@dataclass
+class Implementation:
+    algorithm: str
+    name: str  # e.g. "gradwise (fused)", "torch foreach"
+    make: Callable[[list[torch.Tensor]], torch.optim.Optimizer]
+    tensors_moved: int  # tensors read plus tensors written per parameter by an ideal kernel
+
+
+@dataclass
+class Result:
+    algorithm: str
+    implementation: str
+    median_ms: float
+    min_ms: float
+    gbytes_per_s: float
+    ratio_to_best_torch: float | None
+
+
+def gpt_shaped_params(layers: int, width: int, vocab: int) -> list[torch.Tensor]:
+    """Token embedding, then per block: 2 LayerNorms, QKV, attention out, MLP in and out."""
+    shapes: list[tuple[int, ...]] = [(vocab, width)]
+    for _ in range(layers):
+        shapes += [(width,), (width,), (3 * width, width), (3 * width,), (width, width), (width,)]
+        shapes += [(width,), (width,), (4 * width, width), (4 * width,), (width, 4 * width), (width,)]
+    shapes += [(width,), (width,)]
+    generator = torch.Generator().manual_seed(0)
+    params = []
+    for shape in shapes:
+        param = torch.randn(shape, generator=generator).mul_(0.02).requires_grad_()
+        param.grad = torch.randn(shape, generator=generator).mul_(1e-3)
+        params.append(param)
+    return params
+
+
+def implementations() -> list[Implementation]:
+    lr = 1e-6  # small, so that hundreds of steps leave the parameters where they were
+    torch_paths = {"torch single-tensor": {"foreach": False}, "torch foreach": {"foreach": True}}
+    fused_path = {"torch fused": {"fused": True}}
+
+    def torch_variants(algorithm, cls, tensors, fused, **options):
+        paths = {**torch_paths, **(fused_path if fused else {})}
+        return [
+            Implementation(algorithm, name, lambda p, o=extra: cls(p, lr=lr, **options, **o), tensors)
+            for name, extra in paths.items()
+        ]
+
+    def ours(algorithm, cls, tensors, fused, **options):
+        result = [Implementation(algorithm, "gradwise (default)", lambda p: cls(p, lr=lr, **options), tensors)]
+        if fused:
+            result.append(
+                Implementation(algorithm, "gradwise foreach", lambda p: cls(p, lr=lr, fused=False, **options), tensors)
+            )
+        return result
+
+    table = [
+        ("SGD", gw.SGD, torch.optim.SGD, 3, True, {}),
+        ("SGD momentum", gw.SGD, torch.optim.SGD, 5, True, {"momentum": 0.9}),
+        ("SGD Nesterov", gw.SGD, torch.optim.SGD, 5, True, {"momentum": 0.9, "nesterov": True}),
+        ("Adagrad", gw.Adagrad, torch.optim.Adagrad, 5, True, {}),
+        ("RMSprop", gw.RMSprop, torch.optim.RMSprop, 5, False, {}),
+        ("Adam", gw.Adam, torch.optim.Adam, 7, True, {}),
+        ("AdamW", gw.AdamW, torch.optim.AdamW, 7, True, {"weight_decay": 0.1}),
+        ("NAdam", gw.NAdam, torch.optim.NAdam, 7, False, {}),
+    ]
+    result = []
+    for algorithm, ours_cls, torch_cls, tensors, fused, options in table:
+        result += ours(algorithm, ours_cls, tensors, fused, **options)
+        result += torch_variants(algorithm, torch_cls, tensors, fused, **options)
+
+    import lion_pytorch
+    import pytorch_optimizer
+
+    lion_options = {"betas": (0.9, 0.99), "weight_decay": 0.1}
+    result += [
+        Implementation("Lion", "gradwise foreach", lambda p: gw.Lion(p, lr=lr, **lion_options), 5),
+        Implementation("Lion", "gradwise fused", lambda p: gw.Lion(p, lr=lr, fused=True, **lion_options), 5),
+        Implementation("Lion", "pytorch-optimizer", lambda p: pytorch_optimizer.Lion(p, lr=lr, **lion_options), 5),
+        Implementation("Lion", "lion-pytorch", lambda p: lion_pytorch.Lion(p, lr=lr, **lion_options), 5),
+    ]
+    return result
+
+
+def time_steps(optimizer: torch.optim.Optimizer, steps: int) -> float:
+    start = time.perf_counter()
+    for _ in range(steps):
+        optimizer.step()
+    return (time.perf_counter() - start) / steps
+
+
+def machine() -> dict[str, object]:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "gradwise": gradwise.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def run(layers: int, width: int, vocab: int, rounds: int, steps: int, warmup: int) -> dict[str, object]:
+    params = gpt_shaped_params(layers, width, vocab)
+    numel = sum(p.numel() for p in params)
+    candidates = implementations()
+    optimizers = []
+    for impl in tqdm(candidates, desc="warming up", unit="impl"):
+        optimizer = impl.make(params)
+        time_steps(optimizer, warmup)  # lazily created state, compiled kernels
+        optimizers.append(optimizer)
+    timings: list[list[float]] = [[] for _ in candidates]
+    for _ in tqdm(range(rounds), desc="timing rounds", unit="round"):
+        for index, optimizer in enumerate(optimizers):
+            timings[index].append(time_steps(optimizer, steps))
+
+    medians = [statistics.median(t) for t in timings]
+    best_torch = {}
+    for impl, median in zip(candidates, medians):
+        if impl.name.startswith("torch"):
+            best_torch[impl.algorithm] = min(median, best_torch.get(impl.algorithm, float("inf")))
+    results = []
+    for impl, times, median in zip(candidates, timings, medians):
+        best = best_torch.get(impl.algorithm)
+        moved = impl.tensors_moved * numel * params[0].element_size()
+        results.append(
+            Result(
+                algorithm=impl.algorithm,
+                implementation=impl.name,
+                median_ms=median * 1e3,
+                min_ms=min(times) * 1e3,
+                gbytes_per_s=moved / median / 1e9,
+                ratio_to_best_torch=None if best is None else median / best,
+            )
+        )
+    return {
+        "machine": machine(),
+        "setup": {"parameters": numel, "tensors": len(params), "layers": layers, "width": width,
+                  "vocab": vocab, "dtype": "float32", "rounds": rounds, "steps_per_round": steps},
+        "results": [asdict(r) for r in results],
+    }
+
+
+def format_table(report: dict[str, object]) -> str:
+    setup = report["setup"]
+    lines = [
+        f"optimizer.step() on {setup['parameters'] / 1e6:.1f}M fp32 parameters in {setup['tensors']} "
+        f"GPT-shaped tensors, {report['machine']['torch_threads']} threads, torch {report['machine']['torch']}",
+        f"{'algorithm':<14} {'implementation':<20} {'median ms':>10} {'GB/s':>7} {'vs best torch':>14}",
+    ]
+    for r in report["results"]:
+        ratio = "" if r["ratio_to_best_torch"] is None else f"{r['ratio_to_best_torch']:.2f}x"
+        lines.append(
+            f"{r['algorithm']:<14} {r['implementation']:<20} {r['median_ms']:>10.2f} {r['gbytes_per_s']:>7.1f} {ratio:>14}"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--width", type=int, default=512)
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--steps", type=int, default=5, help="steps per timing round")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "step_throughput.json")
+    args = parser.parse_args()
+    report = run(args.layers, args.width, args.vocab, args.rounds, args.steps, args.warmup)
+    print(format_table(report))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
