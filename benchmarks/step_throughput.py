@@ -142,10 +142,12 @@ def machine() -> dict[str, object]:
     }
 
 
-def run(layers: int, width: int, vocab: int, rounds: int, steps: int, warmup: int) -> dict[str, object]:
+def run(
+    layers: int, width: int, vocab: int, rounds: int, steps: int, warmup: int, algorithms: set[str] | None = None
+) -> dict[str, object]:
     params = gpt_shaped_params(layers, width, vocab)
     numel = sum(p.numel() for p in params)
-    candidates = implementations()
+    candidates = [i for i in implementations() if algorithms is None or i.algorithm.lower() in algorithms]
     optimizers = []
     for impl in tqdm(candidates, desc="warming up", unit="impl"):
         optimizer = impl.make(params)
@@ -206,9 +208,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--steps", type=int, default=5, help="steps per timing round")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--algorithms", help="comma-separated subset, e.g. 'adamw,lion' (default: all)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "step_throughput.json")
     args = parser.parse_args()
-    report = run(args.layers, args.width, args.vocab, args.rounds, args.steps, args.warmup)
+    algorithms = None if args.algorithms is None else {a.strip().lower() for a in args.algorithms.split(",")}
+    report = run(args.layers, args.width, args.vocab, args.rounds, args.steps, args.warmup, algorithms)
     print(format_table(report))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

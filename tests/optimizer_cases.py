@@ -25,7 +25,8 @@ class Case:
     sample: Callable[[np.random.Generator], dict[str, Any]]
     # (keyword, invalid value) pairs, each of which must raise a ValueError naming it.
     invalid: list[tuple[str, Any]] = field(default_factory=list)
-    fused_options: tuple[bool | None, ...] = (None,)
+    # Implementation paths to test, as constructor options: {} is the default path.
+    paths: tuple[dict[str, Any], ...] = ({},)
     # Options torch.optim reads from its constructor only (it ignores a per-group value).
     constructor_only: tuple[str, ...] = ()
 
@@ -120,7 +121,7 @@ CASES = [
         _sgd,
         _COMMON_INVALID
         + [("momentum", -0.5), ("dampening", 1.5), ("weight_decay", -1e-4), ("nesterov", True)],
-        fused_options=(None, False),
+        paths=({}, {"fused": False}),
     ),
     Case(
         "Adagrad",
@@ -129,7 +130,7 @@ CASES = [
         _adagrad,
         _COMMON_INVALID
         + [("lr_decay", -1.0), ("weight_decay", -1.0), ("initial_accumulator_value", -1.0), ("eps", -1.0)],
-        fused_options=(None, False),
+        paths=({}, {"fused": False}),
         constructor_only=("initial_accumulator_value",),
     ),
     Case(
@@ -145,7 +146,7 @@ CASES = [
         torch.optim.Adam,
         _adam,
         _COMMON_INVALID + _BETAS_INVALID + [("weight_decay", -1.0)],
-        fused_options=(None, False),
+        paths=({}, {"fused": False}),
     ),
     Case(
         "AdamW",
@@ -153,7 +154,7 @@ CASES = [
         torch.optim.AdamW,
         _adam,
         _COMMON_INVALID + _BETAS_INVALID + [("weight_decay", -1.0)],
-        fused_options=(None, False),
+        paths=({}, {"fused": False}),
     ),
     Case(
         "NAdam",
@@ -168,8 +169,19 @@ CASES = [
         None,
         _lion,
         _COMMON_INVALID + [("betas", (0.9, 1.0)), ("betas", (-0.1, 0.99)), ("weight_decay", -1.0)],
-        fused_options=(None,),
+        paths=({}, {"fused": True}),
     ),
 ]
 
 CASES_WITH_TWIN = [case for case in CASES if case.torch_twin is not None]
+
+
+def with_paths(cases: list[Case]) -> list[tuple[Case, dict[str, Any]]]:
+    """(case, constructor options) for every implementation path of every case."""
+    return [(case, path) for case in cases for path in case.paths]
+
+
+def path_id(item: Any) -> str:
+    if isinstance(item, dict):
+        return ",".join(f"{k}={v}" for k, v in item.items()) or "default"
+    return str(item)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from optimizer_cases import CASES, CASES_WITH_TWIN, Case
+from optimizer_cases import CASES, CASES_WITH_TWIN, Case, path_id, with_paths
 
 import gradwise.optim as gw
 
@@ -53,19 +53,16 @@ def param_groups(params, hyperparameters: list[dict]) -> list[dict]:
     return [{"params": params[i::count], **hyperparameters[i]} for i in range(count) if params[i::count]]
 
 
-@pytest.mark.parametrize("case", CASES_WITH_TWIN, ids=str)
-@pytest.mark.parametrize("fused", [None, False], ids=["default", "foreach"])
+@pytest.mark.parametrize("case, path", with_paths(CASES_WITH_TWIN), ids=path_id)
 @settings(max_examples=6, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1))
-def test_matches_torch_optim(case: Case, fused, seed: int) -> None:
+def test_matches_torch_optim(case: Case, path: dict, seed: int) -> None:
     """100 steps, random shapes and hyperparameters, several param groups: allclose in float64."""
-    if fused not in case.fused_options:
-        pytest.skip(f"{case.name} has no fused path")
     rng = np.random.default_rng(seed)
     shapes = random_shapes(rng, int(rng.integers(2, 6)))
     hyperparameters = [case.sample(rng) for _ in range(int(rng.integers(1, 3)))]
     ours, theirs = make_params(shapes, seed), make_params(shapes, seed)
-    options = {} if fused is None else {"fused": fused}
+    options = dict(path)
     for key in case.constructor_only:
         options[key] = hyperparameters[0][key]
         for group in hyperparameters:
@@ -129,28 +126,70 @@ def test_lion_step_matches_formula() -> None:
     torch.testing.assert_close(optimizer.state[theta]["exp_avg"], expected_momentum, rtol=0, atol=1e-15)
 
 
-def test_lion_fused_kernel_matches_foreach() -> None:
-    shapes = [(7, 5), (13,), (3, 4, 2)]
-    foreach_params, fused_params = make_params(shapes, 3, torch.float32), make_params(shapes, 3, torch.float32)
-    options = dict(lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1)
-    foreach_opt = gw.Lion(foreach_params, **options)
-    fused_opt = gw.Lion(fused_params, fused=True, **options)
-    run_steps(foreach_opt, foreach_params, range(20))
-    run_steps(fused_opt, fused_params, range(20))
-    for a, b in zip(foreach_params, fused_params):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+@pytest.mark.parametrize(
+    "dtype, tolerance", [(torch.float64, 1e-12), (torch.float32, 1e-6), (torch.bfloat16, 2**-7)], ids=str
+)
+def test_lion_fused_cpu_kernel_matches_formula(dtype, tolerance) -> None:
+    """One fused step equals the formula computed in float64 (rounded once to ``dtype``).
+
+    Parameters are compared where sign(c) is well defined: where c is within rounding of
+    zero, the kernel's float arithmetic may flip it.
+    """
+    shapes = [(700, 500), (13,), (3, 4, 2), ()]  # the first spans many threads' chunks
+    lr, beta1, beta2, weight_decay = 1e-2, 0.9, 0.99, 0.1
+    params = make_params(shapes, 3, dtype)
+    generator = torch.Generator().manual_seed(4)
+    grads = [torch.randn(p.shape, generator=generator).to(dtype) for p in params]
+    exp_avgs = [torch.randn(p.shape, generator=generator).to(dtype) for p in params]
+    expected = []
+    for p, g, m in zip(params, grads, exp_avgs):
+        p64, g64, m64 = p.detach().double(), g.double(), m.double()
+        interpolation = beta1 * m64 + (1 - beta1) * g64
+        expected.append(
+            (
+                (1 - lr * weight_decay) * p64 - lr * torch.sign(interpolation),
+                beta2 * m64 + (1 - beta2) * g64,
+                interpolation.abs() > 1e-3,
+            )
+        )
+    optimizer = gw.Lion(params, lr=lr, betas=(beta1, beta2), weight_decay=weight_decay, fused=True)
+    for p, g, m in zip(params, grads, exp_avgs):
+        p.grad = g
+        optimizer.state[p]["exp_avg"] = m.clone()
+    optimizer.step()
+    for p, (expected_param, expected_exp_avg, sign_defined) in zip(params, expected):
+        assert sign_defined.double().mean() > 0.99
+        torch.testing.assert_close(
+            p.detach()[sign_defined], expected_param.to(dtype)[sign_defined], rtol=tolerance, atol=tolerance
+        )
+        torch.testing.assert_close(optimizer.state[p]["exp_avg"], expected_exp_avg.to(dtype), rtol=tolerance, atol=tolerance)
 
 
-@pytest.mark.parametrize("case", CASES, ids=str)
-@pytest.mark.parametrize("fused", [None, False], ids=["default", "foreach"])
-def test_state_dict_resume_is_exact(case: Case, fused, tmp_path) -> None:
+def test_lion_compiled_kernel_for_other_devices_matches_foreach() -> None:
+    """The inductor kernel that fused Lion uses off the CPU, checked here on CPU tensors."""
+    from gradwise.optim.lion import _compiled_lion_kernel
+
+    generator = torch.Generator().manual_seed(5)
+    params, grads, exp_avgs = ([torch.randn(n, generator=generator) for n in (17, 300)] for _ in range(3))
+    expected_params = [p.clone() for p in params]
+    expected_exp_avgs = [m.clone() for m in exp_avgs]
+    lr, weight_decay, beta1, beta2 = 0.01, 0.5, 0.9, 0.99
+    for p, g, m in zip(expected_params, grads, expected_exp_avgs):
+        p.mul_(1 - lr * weight_decay).sub_(lr * torch.sign(beta1 * m + (1 - beta1) * g))
+        m.mul_(beta2).add_((1 - beta2) * g)
+    scalars = [torch.tensor(v) for v in (lr, 1 - lr * weight_decay, beta1, 1 - beta2)]
+    _compiled_lion_kernel()(params, grads, exp_avgs, *scalars)
+    for actual, expected in zip(params + exp_avgs, expected_params + expected_exp_avgs):
+        torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("case, path", with_paths(CASES), ids=path_id)
+def test_state_dict_resume_is_exact(case: Case, path: dict, tmp_path) -> None:
     """Saved mid-run and loaded into a fresh optimizer, the run continues bit for bit."""
-    if fused not in case.fused_options:
-        pytest.skip(f"{case.name} has no fused path")
     rng = np.random.default_rng(7)
     shapes = random_shapes(rng, 4)
     hyperparameters = [case.sample(rng), case.sample(rng)]
-    options = {} if fused is None else {"fused": fused}
+    options = dict(path)
     params = make_params(shapes, 1)
     optimizer = case.optimizer(param_groups(params, hyperparameters), **options)
     run_steps(optimizer, params, range(10))
