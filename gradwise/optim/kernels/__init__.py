@@ -8,6 +8,8 @@ processes load it in well under a second.
 from __future__ import annotations
 
 import functools
+import os
+import shutil
 from pathlib import Path
 from types import ModuleType
 
@@ -19,6 +21,11 @@ def lion_cpu() -> ModuleType:
     """The fused CPU Lion kernel: ``lion_(params, grads, exp_avgs, lr, decay, beta1, beta2)``."""
     from torch.utils.cpp_extension import load
 
+    if shutil.which("ninja") is None:
+        # torch looks for ninja on PATH; the ninja package from PyPI ships the binary.
+        import ninja
+
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     try:
         return load(
             name="gradwise_lion_cpu",
