@@ -36,8 +36,9 @@ class Quadratic(Problem):
     exactly ``kappa``. ``Q`` is a random rotation drawn from a generator seeded with
     ``seed``, so the ill-conditioning is not aligned with the coordinate axes (a diagonal
     preconditioner such as Adam's cannot simply undo it); the same seed gives the same
-    problem. Gradient descent with step ``1/L`` contracts the error by ``1 - 1/kappa`` per
-    step; heavy-ball momentum can reach ``1 - 1/sqrt(kappa)`` (Polyak 1964; Nesterov 2004,
+    problem. Gradient descent with step ``1/L`` contracts the error along the flattest
+    direction by ``1 - 1/kappa`` per step; heavy-ball momentum with tuned step and momentum
+    contracts it by ``(sqrt(kappa) - 1) / (sqrt(kappa) + 1)`` (Polyak 1964; Nesterov 2004,
     section 2.1).
 
     Minimiser ``x* = Q 1`` (the rotated all-ones vector), minimum ``0``, start the origin:
