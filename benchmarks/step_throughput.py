@@ -3,8 +3,9 @@
 Every gradwise optimizer runs on the same GPT-shaped parameters (about 16M fp32 values) next
 to torch.optim's implementations of the same algorithm (single-tensor, foreach and fused)
 and, for Lion, the PyPI packages ``pytorch-optimizer`` and ``lion-pytorch``. The
-implementations are timed in interleaved rounds, so that the machine's drift and other load
-fall on all of them alike; the table reports each one's median and its ratio to the fastest
+implementations are timed in interleaved rounds, in a new random order each round, so that
+the machine's drift, other load and the caches left by the previous implementation fall on
+all of them alike; the table reports each one's median and its ratio to the fastest
 torch.optim implementation of the same algorithm.
 
 Effective bandwidth counts the bytes an ideal kernel must move per step: every tensor the
@@ -22,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -154,9 +156,12 @@ def run(
         time_steps(optimizer, warmup)  # lazily created state, compiled kernels
         optimizers.append(optimizer)
     timings: list[list[float]] = [[] for _ in candidates]
+    order = list(range(len(candidates)))
+    shuffler = random.Random(0)
     for _ in tqdm(range(rounds), desc="timing rounds", unit="round"):
-        for index, optimizer in enumerate(optimizers):
-            timings[index].append(time_steps(optimizer, steps))
+        shuffler.shuffle(order)
+        for index in order:
+            timings[index].append(time_steps(optimizers[index], steps))
 
     medians = [statistics.median(t) for t in timings]
     best_torch = {}
@@ -205,7 +210,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--vocab", type=int, default=8192)
-    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--steps", type=int, default=5, help="steps per timing round")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--algorithms", help="comma-separated subset, e.g. 'adamw,lion' (default: all)")
