@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
-from numpy.testing import assert_allclose
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from numpy.testing import assert_allclose
 
 import gradwise.optim
 from gradwise.schedules import (

@@ -1,8 +1,8 @@
 """The optimizers a race can run: name -> how to build one, and where to search its lr.
 
 Each entry builds a ``gradwise.optim`` optimizer from parameters and a learning rate, with
-every other hyperparameter at the optimizer's documented default. The classes are imported
-inside the factories, so this registry can be read without importing ``gradwise.optim``.
+every other hyperparameter at the optimizer's documented default unless the entry says
+otherwise (momentum 0.9 for the two momentum variants of SGD).
 
 The learning-rate ranges are where a sweep looks. Every range spans the same four
 decades, so a sweep with the same number of points has the same resolution for every
@@ -23,13 +23,14 @@ on the edge of its range.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT
 
+from gradwise import optim
 from gradwise.validation import check_choice, check_int
 
 
@@ -39,16 +40,21 @@ class OptimizerSpec:
 
     Attributes:
         name: registry name.
-        build: ``build(params, lr)`` returns the optimizer; ``params`` is anything torch
-            optimizers take (tensors or param-group dicts, whose ``lr`` wins).
+        optimizer: the optimizer class.
         lr_range: ``(low, high)`` of the learning-rate sweep, inclusive.
         description: one line for ``--help`` and reports.
+        options: hyperparameters other than ``lr`` that differ from the class defaults.
     """
 
     name: str
-    build: Callable[[ParamsT, float], Optimizer]
+    optimizer: type[Optimizer]
     lr_range: tuple[float, float]
     description: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def build(self, params: ParamsT, lr: float) -> Optimizer:
+        """The optimizer over ``params`` (tensors, or param-group dicts whose ``lr`` wins)."""
+        return self.optimizer(params, lr=lr, **self.options)
 
     def lr_grid(self, points: int) -> list[float]:
         """``points`` learning rates evenly spaced in log scale over ``lr_range``.
@@ -62,72 +68,20 @@ class OptimizerSpec:
         return [float(lr) for lr in np.logspace(low, high, points)]
 
 
-def _sgd(params: ParamsT, lr: float) -> Optimizer:
-    from gradwise.optim import SGD
-
-    return SGD(params, lr=lr)
-
-
-def _momentum(params: ParamsT, lr: float) -> Optimizer:
-    from gradwise.optim import SGD
-
-    return SGD(params, lr=lr, momentum=0.9)
-
-
-def _nesterov(params: ParamsT, lr: float) -> Optimizer:
-    from gradwise.optim import SGD
-
-    return SGD(params, lr=lr, momentum=0.9, nesterov=True)
-
-
-def _adagrad(params: ParamsT, lr: float) -> Optimizer:
-    from gradwise.optim import Adagrad
-
-    return Adagrad(params, lr=lr)
-
-
-def _rmsprop(params: ParamsT, lr: float) -> Optimizer:
-    from gradwise.optim import RMSprop
-
-    return RMSprop(params, lr=lr)
-
-
-def _adam(params: ParamsT, lr: float) -> Optimizer:
-    from gradwise.optim import Adam
-
-    return Adam(params, lr=lr)
-
-
-def _adamw(params: ParamsT, lr: float) -> Optimizer:
-    from gradwise.optim import AdamW
-
-    return AdamW(params, lr=lr)
-
-
-def _nadam(params: ParamsT, lr: float) -> Optimizer:
-    from gradwise.optim import NAdam
-
-    return NAdam(params, lr=lr)
-
-
-def _lion(params: ParamsT, lr: float) -> Optimizer:
-    from gradwise.optim import Lion
-
-    return Lion(params, lr=lr)
-
-
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     spec.name: spec
     for spec in (
-        OptimizerSpec("sgd", _sgd, (10**-3.5, 10**0.5), "gradient descent"),
-        OptimizerSpec("momentum", _momentum, (10**-3.5, 10**0.5), "SGD with heavy-ball momentum 0.9"),
-        OptimizerSpec("nesterov", _nesterov, (10**-3.5, 10**0.5), "SGD with Nesterov momentum 0.9"),
-        OptimizerSpec("adagrad", _adagrad, (10**-2.5, 10**1.5), "Adagrad"),
-        OptimizerSpec("rmsprop", _rmsprop, (1e-4, 1.0), "RMSprop (alpha 0.99, no bias correction)"),
-        OptimizerSpec("adam", _adam, (1e-3, 10.0), "Adam"),
-        OptimizerSpec("adamw", _adamw, (1e-3, 10.0), "AdamW (decoupled weight decay 0.01)"),
-        OptimizerSpec("nadam", _nadam, (1e-3, 10.0), "NAdam (Adam with Nesterov momentum)"),
-        OptimizerSpec("lion", _lion, (10**-4.5, 10**-0.5), "Lion (sign of interpolated momentum)"),
+        OptimizerSpec("sgd", optim.SGD, (10**-3.5, 10**0.5), "gradient descent"),
+        OptimizerSpec("momentum", optim.SGD, (10**-3.5, 10**0.5), "SGD with heavy-ball momentum 0.9", {"momentum": 0.9}),
+        OptimizerSpec(
+            "nesterov", optim.SGD, (10**-3.5, 10**0.5), "SGD with Nesterov momentum 0.9", {"momentum": 0.9, "nesterov": True}
+        ),
+        OptimizerSpec("adagrad", optim.Adagrad, (10**-2.5, 10**1.5), "Adagrad"),
+        OptimizerSpec("rmsprop", optim.RMSprop, (1e-4, 1.0), "RMSprop (alpha 0.99, no bias correction)"),
+        OptimizerSpec("adam", optim.Adam, (1e-3, 10.0), "Adam"),
+        OptimizerSpec("adamw", optim.AdamW, (1e-3, 10.0), "AdamW (decoupled weight decay 0.01)"),
+        OptimizerSpec("nadam", optim.NAdam, (1e-3, 10.0), "NAdam (Adam with Nesterov momentum)"),
+        OptimizerSpec("lion", optim.Lion, (10**-4.5, 10**-0.5), "Lion (sign of interpolated momentum)"),
     )
 }
 

@@ -11,14 +11,23 @@ from torch import Tensor
 from gradwise.optim.base import (
     GradwiseOptimizer,
     ParamsT,
+    apply_weight_decay,
     by_device_and_dtype,
     cache_blocks,
     fused_kernel_applies,
     maybe_negate,
-    with_l2_penalty,
     zeros_like,
 )
 from gradwise.validation import check_betas, check_range
+
+
+def update_moments(
+    exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], grads: list[Tensor], beta1: float, beta2: float
+) -> None:
+    """Adam's moment estimates in place: m <- beta1 m + (1 - beta1) g, v <- beta2 v + (1 - beta2) g^2."""
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
 
 
 class Adam(GradwiseOptimizer):
@@ -121,14 +130,8 @@ class Adam(GradwiseOptimizer):
             *columns
         ):
             grads = maybe_negate(grads, group["maximize"])
-            if group["decoupled_weight_decay"]:
-                if weight_decay != 0:
-                    torch._foreach_mul_(params, 1 - lr * weight_decay)
-            else:
-                grads = with_l2_penalty(grads, params, weight_decay)
-            torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-            torch._foreach_mul_(exp_avg_sqs, beta2)
-            torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+            grads = apply_weight_decay(params, grads, lr, weight_decay, group["decoupled_weight_decay"])
+            update_moments(exp_avgs, exp_avg_sqs, grads, beta1, beta2)
             if maxima:
                 torch._foreach_maximum_(maxima[0], exp_avg_sqs)
                 denominators = torch._foreach_sqrt(maxima[0])

@@ -210,3 +210,18 @@ def with_l2_penalty(grads: list[Tensor], params: list[Tensor], weight_decay: flo
     if weight_decay == 0:
         return grads
     return list(torch._foreach_add(grads, params, alpha=weight_decay))
+
+
+def apply_weight_decay(
+    params: list[Tensor], grads: list[Tensor], lr: float, weight_decay: float, decoupled: bool
+) -> list[Tensor]:
+    """Weight decay either way; returns the gradients to use.
+
+    Decoupled (Loshchilov & Hutter 2019): shrink the parameters in place by
+    ``1 - lr * weight_decay`` and keep the gradients. Coupled: add the L2 penalty's gradient.
+    """
+    if not decoupled:
+        return with_l2_penalty(grads, params, weight_decay)
+    if weight_decay != 0:
+        torch._foreach_mul_(params, 1 - lr * weight_decay)
+    return grads

@@ -8,7 +8,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gradwise.optim.base import GradwiseOptimizer, ParamsT, by_device_and_dtype, cache_blocks, maybe_negate, zeros_like
+from gradwise.optim.base import (
+    GradwiseOptimizer,
+    ParamsT,
+    apply_weight_decay,
+    by_device_and_dtype,
+    cache_blocks,
+    maybe_negate,
+    zeros_like,
+)
 from gradwise.optim.kernels import lion_cpu
 from gradwise.validation import check_betas, check_range
 
@@ -79,8 +87,7 @@ class Lion(GradwiseOptimizer):
         for params, grads, exp_avgs in cache_blocks(params, grads, exp_avgs):
             directions = torch._foreach_lerp(grads, exp_avgs, beta1)  # beta1 m + (1 - beta1) g
             torch._foreach_sign_(directions)
-            if weight_decay != 0:
-                torch._foreach_mul_(params, 1 - lr * weight_decay)
+            apply_weight_decay(params, grads, lr, weight_decay, decoupled=True)
             torch._foreach_add_(params, directions, alpha=-lr)
             torch._foreach_lerp_(exp_avgs, grads, 1 - beta2)
 

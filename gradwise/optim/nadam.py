@@ -8,14 +8,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from gradwise.optim.adam import update_moments
 from gradwise.optim.base import (
     GradwiseOptimizer,
     ParamsT,
+    apply_weight_decay,
     by_device_and_dtype,
     cache_blocks,
     maybe_negate,
     scalar_dtype,
-    with_l2_penalty,
     zeros_like,
 )
 from gradwise.validation import check_betas, check_range
@@ -122,14 +123,8 @@ class NAdam(GradwiseOptimizer):
         )
         for params, grads, exp_avgs, exp_avg_sqs, bias_correction2_sqrts, grad_step_sizes, momentum_step_sizes in blocks:
             grads = maybe_negate(grads, group["maximize"])
-            if group["decoupled_weight_decay"]:
-                if weight_decay != 0:
-                    torch._foreach_mul_(params, 1 - lr * weight_decay)
-            else:
-                grads = with_l2_penalty(grads, params, weight_decay)
-            torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-            torch._foreach_mul_(exp_avg_sqs, beta2)
-            torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+            grads = apply_weight_decay(params, grads, lr, weight_decay, group["decoupled_weight_decay"])
+            update_moments(exp_avgs, exp_avg_sqs, grads, beta1, beta2)
             denominators = torch._foreach_sqrt(exp_avg_sqs)
             torch._foreach_div_(denominators, bias_correction2_sqrts)
             torch._foreach_add_(denominators, group["eps"])
