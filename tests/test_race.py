@@ -29,7 +29,8 @@ def _run(losses, diverged=False, tol=1e-6, minimum=0.0, lr=0.1):
 
 
 def test_registry_names_and_builds():
-    assert set(OPTIMIZERS) == {"sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw", "nadam", "lion"}
+    assert set(OPTIMIZERS) == {"sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw", "nadam", "lion",
+                               "adafactor", "muon", "shampoo", "soap", "sophia"}
     assert DEFAULT_OPTIMIZERS == ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw", "lion")
     x = torch.zeros(2, requires_grad=True)
     for name, spec in OPTIMIZERS.items():

@@ -18,19 +18,28 @@ arXiv:2302.06675, recommend 3-10x smaller rates for training; on the determinist
 problems the best Lion rates are about 100x smaller than Adam's). On the default race's
 problems every optimizer's best rate lies inside its range; a race notes a chosen rate that lands
 on the edge of its range.
+
+K-FAC (:class:`gradwise.optim.KFAC`) has no entry: its preconditioner is built from the
+inputs and output gradients of a model's ``nn.Linear``/``nn.Conv2d`` layers, and the race's
+test functions have none (on them it would be plain SGD). Sophia's entry hands it a
+one-probe Hutchinson estimate of the Hessian diagonal every 10 steps (``before_backward``).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
+from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT
 
 from gradwise import optim
+from gradwise.curvature.hutchinson import hutchinson_diagonal
 from gradwise.validation import check_choice, check_int
 
 
@@ -44,6 +53,10 @@ class OptimizerSpec:
         lr_range: ``(low, high)`` of the learning-rate sweep, inclusive.
         description: one line for ``--help`` and reports.
         options: hyperparameters other than ``lr`` that differ from the class defaults.
+        before_backward: for optimizers that need more than the gradient: called as
+            ``before_backward(optimizer, loss, params)`` after each loss evaluation and
+            before its backward pass (the loss still has its graph), e.g. to hand Sophia a
+            Hessian estimate.
     """
 
     name: str
@@ -51,6 +64,7 @@ class OptimizerSpec:
     lr_range: tuple[float, float]
     description: str
     options: dict[str, Any] = field(default_factory=dict)
+    before_backward: Callable[[Optimizer, Tensor, list[Tensor]], None] | None = None
 
     def build(self, params: ParamsT, lr: float) -> Optimizer:
         """The optimizer over ``params`` (tensors, or param-group dicts whose ``lr`` wins)."""
@@ -68,6 +82,17 @@ class OptimizerSpec:
         return [float(lr) for lr in np.logspace(low, high, points)]
 
 
+# Probes for Sophia-H's estimates: one stream, so a race is reproducible.
+_HUTCHINSON_PROBES = torch.Generator().manual_seed(0)
+
+
+def _hutchinson_for_sophia(optimizer: optim.Sophia, loss: Tensor, params: list[Tensor]) -> None:
+    """Hand Sophia a one-probe Hutchinson estimate of the Hessian diagonal when it is due."""
+    if optimizer.hessian_update_due:
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        optimizer.update_hessian(hutchinson_diagonal(grads, params, generator=_HUTCHINSON_PROBES), params)
+
+
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     spec.name: spec
     for spec in (
@@ -82,6 +107,17 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         OptimizerSpec("adamw", optim.AdamW, (1e-3, 10.0), "AdamW (decoupled weight decay 0.01)"),
         OptimizerSpec("nadam", optim.NAdam, (1e-3, 10.0), "NAdam (Adam with Nesterov momentum)"),
         OptimizerSpec("lion", optim.Lion, (10**-4.5, 10**-0.5), "Lion (sign of interpolated momentum)"),
+        OptimizerSpec("adafactor", optim.Adafactor, (1e-4, 1.0), "Adafactor (relative step, update clipping)"),
+        OptimizerSpec(
+            "muon", optim.Muon, (1e-3, 10.0), "Muon on the point as a 1 x n matrix: normalised Nesterov momentum",
+            {"use_muon": True, "weight_decay": 0.0},
+        ),
+        OptimizerSpec("shampoo", optim.Shampoo, (10**-2.5, 10**1.5), "Shampoo (Adagrad grafting, roots every 10 steps)"),
+        OptimizerSpec("soap", optim.SOAP, (1e-3, 10.0), "SOAP (Adam in Shampoo's eigenbasis)", {"weight_decay": 0.0}),
+        OptimizerSpec(
+            "sophia", optim.Sophia, (1e-4, 1.0), "Sophia-H (Hutchinson diagonal every 10 steps, rho 1)",
+            {"rho": 1.0, "weight_decay": 0.0}, before_backward=_hutchinson_for_sophia,
+        ),
     )
 }
 

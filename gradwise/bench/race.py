@@ -119,8 +119,12 @@ def run_optimizer(problem: Problem, spec: OptimizerSpec, lr: float, steps: int, 
     # One throwaway step first, so that one-time costs (lazy imports on an optimizer's
     # first step, kernel selection) do not land in the timing.
     scratch = problem.initial_point.requires_grad_()
-    problem(scratch).backward()
-    spec.build([scratch], lr).step()
+    scratch_optimizer = spec.build([scratch], lr)
+    loss = problem(scratch)
+    if spec.before_backward is not None:
+        spec.before_backward(scratch_optimizer, loss, [scratch])
+    loss.backward()
+    scratch_optimizer.step()
     x = problem.initial_point.requires_grad_()
     optimizer = spec.build([x], lr)
     record = problem.dim == 2
@@ -139,6 +143,8 @@ def run_optimizer(problem: Problem, spec: OptimizerSpec, lr: float, steps: int, 
         if record:
             points.append(x.detach().numpy().copy())
         if step < steps:
+            if spec.before_backward is not None:
+                spec.before_backward(optimizer, loss, [x])
             loss.backward()
             optimizer.step()
     wall_time = time.perf_counter() - start
@@ -191,7 +197,10 @@ def sweep(problem: Problem, spec: OptimizerSpec, lrs: Sequence[float], steps: in
                 diverged[index] = True
         if step == steps or not still_active:
             break
-        values.sum().backward()
+        total = values.sum()
+        if spec.before_backward is not None:
+            spec.before_backward(optimizer, total, [points[index] for index in active])
+        total.backward()
         for index in set(active) - set(still_active):
             points[index].grad = None
         optimizer.step()

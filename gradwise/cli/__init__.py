@@ -11,10 +11,10 @@ import argparse
 import sys
 
 from gradwise import __version__
-from gradwise.cli import race, schedule
+from gradwise.cli import plan, race, schedule, train
 from gradwise.cli.parsing import OneLineErrorParser, UsageError
 
-SUBCOMMANDS = (race, schedule)
+SUBCOMMANDS = (race, schedule, plan, train)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,6 +14,7 @@ from gradwise.bench.optimizers import DEFAULT_OPTIMIZERS, OPTIMIZERS, get_optimi
 from gradwise.bench.plots import plot_race
 from gradwise.bench.race import planned_runs, race
 from gradwise.bench.report import format_table, to_json
+from gradwise.cli import logistic_race
 from gradwise.cli.parsing import UsageError, parse_key_values, parse_list
 from gradwise.problems import PROBLEMS, Problem
 from gradwise.validation import check_choice, check_int, check_range
@@ -42,7 +43,7 @@ optimizers (sweep range of lr):
     for name, spec in OPTIMIZERS.items()
 ) + f"""
 
-problems: {", ".join(PROBLEMS)}"""
+problems: {", ".join(PROBLEMS)}; logistic (alone: its own race, see below)"""
 
 EPILOG = """\
 examples:
@@ -67,9 +68,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--problems",
+        "--problem",
         default=",".join(DEFAULT_PROBLEMS),
         metavar="LIST",
-        help="comma-separated problem names (default: %(default)s)",
+        help="comma-separated problem names (default: %(default)s); 'logistic' alone runs the logistic race",
     )
     parser.add_argument(
         "--dim",
@@ -107,6 +109,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--json", action="store_true", help="also write the tables as DIR/race.json")
     parser.add_argument("--no-plots", action="store_true", help="write no PNGs")
+    logistic_race.add_arguments(parser)
     parser.set_defaults(handler=run)
 
 
@@ -138,6 +141,8 @@ def build_problems(names: list[str], dim: int | None, kappa: float | None, seed:
 
 def run(args: argparse.Namespace) -> int:
     """Check the arguments, run the race, print the tables and write the files; return 0."""
+    if logistic_race.wants_logistic(args.problems):
+        return logistic_race.run(args)
     optimizers = [get_optimizer(name) for name in _names(args.optimizers, "--optimizers", "optimizer", OPTIMIZERS)]
     problems = build_problems(_names(args.problems, "--problems", "problem", PROBLEMS), args.dim, args.kappa, args.seed)
     out = Path(args.out)

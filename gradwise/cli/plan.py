@@ -1,0 +1,538 @@
+"""``gradwise plan``: memory, step time, batch size, stability, networks and failures, before a run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from gradwise.cli.parsing import OneLineErrorParser, UsageError, parse_key_values, parse_list
+from gradwise.plan import batch_size, failures, memory, network, plots, stability, step_time
+from gradwise.plan.communication import AlphaBeta
+from gradwise.validation import check_choice, check_int, check_range
+
+GB = 1e9
+DEFAULT_OUT = "plan-results"
+DEFAULT_SPEEDUPS = {"fp32": 0.5, "bf16": 1.0, "mixed": 1.0, "fp8": 2.0}
+
+EPILOG = """\
+examples:
+  gradwise plan memory --params 7e9 --optimizer adamw --precision bf16 --zero 3 --devices 8
+  gradwise plan step --params 1.3e9 --devices 64 --bandwidth 25e9 --latency 5e-6
+  gradwise plan batch --workload mlp --eps 0.1 --delta 0.05
+  gradwise plan stability --tau 4
+  gradwise plan network topology.json
+  gradwise plan failures jobs.csv"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "plan",
+        help="planning models: memory, step time, batch size, stability, network, failures",
+        description="Analytic models that decide a large run before it starts; each prints a table "
+        "(--json: machine-readable output) and, where a curve says more, writes a plot to --out.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    models = parser.add_subparsers(dest="model", metavar="MODEL", parser_class=OneLineErrorParser)
+    models.required = True
+    for add in (_add_memory, _add_step, _add_batch, _add_stability, _add_network, _add_failures):
+        add(models)
+
+
+def _common(parser: argparse.ArgumentParser, plot: bool) -> None:
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON instead of the table")
+    if plot:
+        parser.add_argument("--out", type=Path, default=Path(DEFAULT_OUT), metavar="DIR",
+                            help=f"folder for the plot (default: {DEFAULT_OUT})")
+        parser.add_argument("--no-plot", action="store_true", help="write no plot")
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(line[i]) for line in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
+             for line in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _emit(args: argparse.Namespace, payload: dict, text: str) -> None:
+    print(json.dumps(payload, indent=2, allow_nan=False) if args.json else text)
+
+
+def _plot_path(args: argparse.Namespace, name: str) -> Path | None:
+    if args.no_plot:
+        return None
+    if args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out: {str(args.out)!r} exists and is not a directory")
+    args.out.mkdir(parents=True, exist_ok=True)
+    return args.out / name
+
+
+def _gb(value: float) -> str:
+    return f"{value / GB:.3f}"
+
+
+# ---- memory ---------------------------------------------------------------------------------
+
+
+def _add_memory(models) -> None:
+    parser = models.add_parser(
+        "memory", help="bytes per device by optimizer, precision and ZeRO stage",
+        description="Bytes per device of parameters, gradients, master weights, optimizer state and "
+        "activations, under data parallelism and ZeRO stages 1-3. Precisions: "
+        + "; ".join(f"{p.name}: {p.description}" for p in memory.PRECISIONS.values())
+        + ". Optimizers: " + ", ".join(memory.OPTIMIZERS) + ".",
+    )
+    parser.add_argument("--params", type=float, metavar="N",
+                        help="parameter count (default: that of the transformer of --layers/--width/--vocab)")
+    parser.add_argument("--optimizer", default="adamw", help="optimizer (default: adamw)")
+    parser.add_argument("--precision", default="bf16", help="number format recipe (default: bf16)")
+    parser.add_argument("--zero", type=int, default=0, metavar="STAGE", help="ZeRO stage 0-3 (default: 0)")
+    parser.add_argument("--devices", type=int, default=1, metavar="N", help="data-parallel devices (default: 1)")
+    parser.add_argument("--layers", type=int, metavar="L", help="transformer layers (for activations)")
+    parser.add_argument("--width", type=int, metavar="H",
+                        help="hidden width (default with --params alone: a GPT-like width for that size)")
+    parser.add_argument("--heads", type=int, metavar="A", help="attention heads (default: width / 128)")
+    parser.add_argument("--vocab", type=int, default=50257, metavar="V", help="vocabulary size (default: 50257)")
+    parser.add_argument("--seq-len", type=int, metavar="S", help="sequence length (for activations)")
+    parser.add_argument("--micro-batch", type=int, default=1, metavar="B", help="sequences per device (default: 1)")
+    parser.add_argument("--checkpointing", action="store_true", help="full activation checkpointing")
+    _common(parser, plot=True)
+    parser.set_defaults(handler=_memory)
+
+
+def _memory(args: argparse.Namespace) -> int:
+    check_choice("optimizer", args.optimizer, memory.OPTIMIZERS)
+    check_choice("precision", args.precision, memory.PRECISIONS)
+    check_choice("zero", args.zero, memory.ZERO_STAGES)
+    check_int("devices", args.devices, 1)
+    fmt = memory.PRECISIONS[args.precision]
+    architecture = args.layers is not None
+    if args.params is None and not (architecture and args.width):
+        raise UsageError("give --params, or --layers and --width (and --vocab) of a transformer")
+    if args.params is not None:
+        check_range("params", args.params, 1.0)
+        width = args.width if args.width is not None else memory.default_width(args.params)
+        shapes = memory.square_matrix_shapes(args.params, width)
+    else:
+        width = args.width
+        shapes = memory.transformer_shapes(args.layers, width, args.vocab)
+    activations = 0
+    if args.seq_len is not None:
+        if not architecture:
+            raise UsageError("--seq-len needs --layers (activations are those of a transformer)")
+        heads = args.heads if args.heads is not None else max(1, width // 128)
+        activations = memory.transformer_activation_bytes(
+            args.layers, width, heads, args.seq_len, args.micro_batch, fmt.activation_bytes, args.checkpointing
+        )
+    params = memory.parameter_count(shapes)
+    rows = []
+    for stage in memory.ZERO_STAGES:
+        estimate = memory.estimate_memory(shapes, args.optimizer, args.precision, stage, args.devices, activations)
+        label = "DP" if stage == 0 else f"ZeRO-{stage}"
+        rows.append({"zero_stage": stage, "label": label, "bytes": estimate.as_dict()})
+    chosen = rows[args.zero]
+    payload = {
+        "params": params, "optimizer": args.optimizer, "precision": args.precision, "devices": args.devices,
+        "zero_stage": args.zero, "bytes_per_param": {
+            "weights": fmt.weight_bytes, "gradients": fmt.grad_bytes, "master": fmt.master_bytes,
+            "optimizer_state": memory.optimizer_state_bytes(shapes, args.optimizer, fmt.state_bytes) / params,
+        },
+        "activations_included": args.seq_len is not None, "per_device": chosen["bytes"], "by_stage": rows,
+    }
+    path = _plot_path(args, "memory.png")
+    if path is not None:
+        title = f"{params / 1e9:.3g}B params, {args.optimizer}, {args.precision}, {args.devices} devices"
+        payload["plot"] = str(plots.plot_memory_by_stage(rows, title, path))
+    kinds = ["parameters", "gradients", "master_weights", "optimizer_state", "activations", "total"]
+    table = _table(
+        ["stage", *(k.replace("_weights", "").replace("optimizer_", "") for k in kinds)],
+        [[("* " if row is chosen else "  ") + row["label"], *(_gb(row["bytes"][k]) for k in kinds)] for row in rows],
+    )
+    per_param = payload["bytes_per_param"]
+    text = (
+        f"{params:.4g} parameters, {args.optimizer}, {args.precision} ({fmt.description}), "
+        f"{args.devices} device(s); GB (1e9 bytes) per device\n"
+        f"bytes per parameter: weights {per_param['weights']}, gradients {per_param['gradients']}, "
+        f"master {per_param['master']}, optimizer state {per_param['optimizer_state']:.4g}\n\n{table}\n"
+        + ("" if args.seq_len is not None else "(activations not included: give --layers, --width and --seq-len)\n")
+        + (f"\nwrote {path}" if path is not None else "")
+    )
+    _emit(args, payload, text.rstrip())
+    return 0
+
+
+# ---- step time ------------------------------------------------------------------------------
+
+
+def _add_step(models) -> None:
+    parser = models.add_parser(
+        "step", help="data-parallel step time and time to solution by number format",
+        description="Step time of data-parallel training against the number of devices (fixed global "
+        "batch), for several number formats: compute from 6 x params FLOPs per token at a throughput, "
+        "gradient all-reduce by the alpha-beta model in DDP-sized buckets, with or without overlap. "
+        "Shows where latency dominates and a faster number format stops helping.",
+    )
+    parser.add_argument("--params", type=float, required=True, metavar="N", help="parameter count")
+    parser.add_argument("--devices", type=int, default=64, metavar="N",
+                        help="devices (the table runs over powers of two up to N; default: 64)")
+    parser.add_argument("--bandwidth", type=float, default=25e9, metavar="B/S",
+                        help="link bandwidth, bytes/s (default: 25e9)")
+    parser.add_argument("--latency", type=float, default=5e-6, metavar="S",
+                        help="link latency, seconds (default: 5e-6)")
+    parser.add_argument("--tokens", type=float, default=2**20, metavar="T",
+                        help="tokens per step, the global batch (default: 2^20)")
+    parser.add_argument("--throughput", default="4e14", metavar="FLOP/S",
+                        help="achieved FLOP/s per device in bf16, or 'measure' to time a matrix product here "
+                        "(default: 4e14, 40%% of an H100's dense bf16 peak)")
+    parser.add_argument("--speedup", default="", metavar="FMT=X,...",
+                        help="throughput of each format relative to bf16 (default: fp32=0.5,fp8=2)")
+    parser.add_argument("--precisions", default="fp32,bf16,fp8", metavar="LIST",
+                        help="number formats to compare (default: fp32,bf16,fp8)")
+    parser.add_argument("--steps", type=float, default=1e5, metavar="N",
+                        help="steps to the target in bf16, for time to solution (default: 1e5)")
+    parser.add_argument("--step-factor", default="", metavar="FMT=X,...",
+                        help="extra steps a format needs, e.g. fp8=1.1 (default: 1 for all)")
+    parser.add_argument("--zero", type=int, default=0, metavar="STAGE", help="ZeRO stage (3: 1.5x the traffic)")
+    parser.add_argument("--bucket-mb", type=float, default=25.0, metavar="MIB", help="gradient bucket (default: 25)")
+    parser.add_argument("--no-overlap", action="store_true", help="communicate after the backward pass")
+    _common(parser, plot=True)
+    parser.set_defaults(handler=_step)
+
+
+def _throughputs(args: argparse.Namespace, names: list[str]) -> tuple[dict[str, float], str]:
+    speedups = {**DEFAULT_SPEEDUPS, **parse_key_values(args.speedup, "--speedup")}
+    if args.throughput.strip().lower() == "measure":
+        import torch
+
+        measured = {"fp32": step_time.measure_matmul_throughput(torch.float32),
+                    "bf16": step_time.measure_matmul_throughput(torch.bfloat16)}
+        base, source = measured["bf16"], "measured here (1024 x 1024 matmul)"
+    else:
+        try:
+            base = float(args.throughput)
+        except ValueError:
+            raise UsageError(f"--throughput must be a number of FLOP/s or 'measure', got {args.throughput!r}") from None
+        check_range("throughput", base, 0.0, low_open=True)
+        measured, source = {}, "given"
+    result = {}
+    for name in names:
+        check_range(f"speedup of {name}", speedups.get(name, 1.0), 0.0, low_open=True)
+        result[name] = measured.get(name, base * speedups.get(name, 1.0))
+    return result, source
+
+
+def _step(args: argparse.Namespace) -> int:
+    check_range("params", args.params, 1.0)
+    check_int("devices", args.devices, 1)
+    check_range("tokens", args.tokens, 1.0)
+    check_range("bucket-mb", args.bucket_mb, 0.0, low_open=True)
+    names = parse_list(args.precisions)
+    if not names:
+        raise UsageError("--precisions needs at least one number format")
+    for name in names:
+        check_choice("precision", name, memory.PRECISIONS)
+    link = AlphaBeta.from_link(check_range("latency", args.latency, 0.0), args.bandwidth)
+    throughputs, source = _throughputs(args, names)
+    factors = parse_key_values(args.step_factor, "--step-factor")
+    counts = sorted({2**k for k in range(int(math.log2(args.devices)) + 1)} | {args.devices})
+    options = dict(overlap=not args.no_overlap, bucket_bytes=args.bucket_mb * 2**20, zero_stage=args.zero)
+    check_choice("zero", args.zero, memory.ZERO_STAGES)
+    table_rows, curves, shares, json_rows = [], {n: [] for n in names}, {n: [] for n in names}, []
+    for devices in counts:
+        plans = step_time.compare_formats(args.params, args.tokens, devices, link, throughputs, args.steps,
+                                          factors, **options)
+        by_name = {plan.precision: plan for plan in plans}
+        for name in names:
+            curves[name].append(by_name[name].step.total)
+            shares[name].append(by_name[name].step.latency_share)
+        json_rows.append({"devices": devices, "formats": [_plan_json(plan) for plan in plans]})
+        table_rows.append([
+            str(devices),
+            *(f"{by_name[n].step.total * 1e3:.4g}" for n in names),
+            f"{by_name[names[-1]].step.compute * 1e3:.3g}",
+            f"{by_name[names[-1]].step.communication * 1e3:.3g}",
+            f"{by_name[names[-1]].step.latency_share:.0%}",
+            *([f"{by_name[names[-2]].step.total / by_name[names[-1]].step.total:.2f}x"] if len(names) > 1 else []),
+        ])
+    final = json_rows[-1]["formats"]
+    last = names[-1]
+    dominated = next((d for d, share in zip(counts, shares[last]) if share > 0.5), None)
+    regime = (f"latency is most of the {last} step from {dominated} devices on: there a faster format stops helping."
+              if dominated else f"latency stays below half of the {last} step up to {args.devices} devices.")
+    payload = {
+        "params": args.params, "tokens_per_step": args.tokens, "latency": args.latency, "bandwidth": args.bandwidth,
+        "throughput": throughputs, "throughput_source": source, "steps": args.steps, **options,
+        "by_devices": json_rows, "latency_dominates_from_devices": dominated,
+        "time_to_solution": {row["precision"]: row["time_to_solution_s"] for row in final},
+    }
+    path = _plot_path(args, "step_time.png")
+    if path is not None:
+        title = f"{args.params / 1e9:.3g}B params, {args.tokens:.3g} tokens/step"
+        payload["plot"] = str(plots.plot_step_time(counts, curves, shares, title, path))
+    header = ["devices", *(f"{n} ms" for n in names), f"{last} compute", f"{last} comm", f"{last} latency"]
+    header += [f"{last} vs {names[-2]}"] if len(names) > 1 else []
+    solution = _table(
+        ["format", "FLOP/s", "steps", "step ms", "time to solution (h)"],
+        [[row["precision"], f"{row['throughput']:.3g}", f"{row['steps_to_solution']:.4g}",
+          f"{row['step_s'] * 1e3:.4g}", f"{row['time_to_solution_s'] / 3600:.4g}"] for row in final],
+    )
+    text = (
+        f"{args.params:.4g} params, {args.tokens:.4g} tokens per step, links {args.latency:g} s + "
+        f"1/{args.bandwidth:.3g} s/B, {'no ' if args.no_overlap else ''}overlap, throughput {source}\n\n"
+        f"{_table(header, table_rows)}\n\n"
+        f"{regime}\n\n"
+        f"on {args.devices} devices:\n{solution}"
+        + (f"\n\nwrote {path}" if path is not None else "")
+    )
+    _emit(args, payload, text)
+    return 0
+
+
+def _plan_json(plan: step_time.FormatPlan) -> dict:
+    return {
+        "precision": plan.precision, "throughput": plan.throughput, "step_s": plan.step.total,
+        "compute_s": plan.step.compute, "communication_s": plan.step.communication,
+        "latency_s": plan.step.latency, "latency_share": plan.step.latency_share,
+        "steps_to_solution": plan.steps_to_solution, "time_to_solution_s": plan.time_to_solution,
+    }
+
+
+# ---- batch size -----------------------------------------------------------------------------
+
+def _add_batch(models) -> None:
+    parser = models.add_parser(
+        "batch", help="mini-batch size from per-example gradient variance (Chebyshev bound)",
+        description="Estimates the total variance sigma^2 of per-example gradients of a real model "
+        "(torch.func.vmap), the Chebyshev batch size n >= sigma^2 / (eps^2 delta) that keeps the "
+        "mini-batch gradient within eps of the full gradient with probability 1 - delta, checks it by "
+        "sampling mini-batches, and gives the gradient noise scale and the linear-scaling learning rate.",
+    )
+    parser.add_argument("--workload", default="mlp",
+                        help="classification workload of gradwise.problems at its initialisation: mlp (ReLU MLP on "
+                        "a tanh teacher's labels) or logreg (default: mlp)")
+    parser.add_argument("--eps", type=float, default=0.1, metavar="E",
+                        help="tolerance relative to the full gradient's norm (default: 0.1)")
+    parser.add_argument("--delta", type=float, default=0.05, metavar="D", help="failure probability (default: 0.05)")
+    parser.add_argument("--examples", type=int, default=2048, metavar="N", help="examples (default: 2048)")
+    parser.add_argument("--samples", type=int, default=2000, metavar="K",
+                        help="mini-batches drawn for the check (default: 2000)")
+    parser.add_argument("--base-lr", type=float, default=0.1, metavar="LR", help="lr at --base-batch (default: 0.1)")
+    parser.add_argument("--base-batch", type=int, default=32, metavar="B", help="reference batch (default: 32)")
+    parser.add_argument("--seed", type=int, default=0, help="data and initialisation seed (default: 0)")
+    _common(parser, plot=False)
+    parser.set_defaults(handler=_batch)
+
+
+def _batch(args: argparse.Namespace) -> int:
+    check_choice("workload", args.workload, batch_size.CLASSIFICATION_WORKLOADS)
+    check_range("eps", args.eps, 0.0, low_open=True)
+    check_range("delta", args.delta, 0.0, 1.0, low_open=True, high_open=True)
+    check_int("examples", args.examples, 2)
+    check_int("samples", args.samples, 1)
+    model, inputs, targets, loss_fn = batch_size.workload_examples(args.workload, args.examples, args.seed)
+    per_example = batch_size.per_example_gradients(model, loss_fn, inputs, targets)
+    stats = batch_size.gradient_statistics(per_example)
+    eps = args.eps * stats.mean_norm
+    bound = batch_size.chebyshev_batch_size(stats.variance, eps, args.delta)
+    check = batch_size.check_by_sampling(per_example, bound, eps, args.samples, args.seed)
+    small, big = max(1, bound // 64), max(2, bound // 4)
+    small_check = batch_size.check_by_sampling(per_example, small, eps, args.samples, args.seed + 1)
+    big_check = batch_size.check_by_sampling(per_example, big, eps, args.samples, args.seed + 2)
+    # E|g_B|^2 = |G|^2 + E|g_B - G|^2: the two-batch estimator of McCandlish et al. on the samples.
+    norm_sq = stats.mean_norm**2
+    g2, s = batch_size.noise_scale_from_two_batches(
+        norm_sq + small_check.mean_squared_error, norm_sq + big_check.mean_squared_error, small, big
+    )
+    scaled = [(b, batch_size.linear_scaling_lr(args.base_lr, args.base_batch, b))
+              for b in sorted({args.base_batch, max(1, round(stats.noise_scale)), bound})]
+    payload = {
+        "workload": args.workload, "examples": args.examples, "parameters": per_example.shape[1],
+        "full_gradient_norm": stats.mean_norm, "variance": stats.variance, "noise_scale": stats.noise_scale,
+        "noise_scale_two_batches": s / g2, "eps_relative": args.eps, "eps": eps, "delta": args.delta,
+        "batch_size": bound, "sampled": {"batch": bound, "samples": check.samples,
+                                         "fraction_within_eps": check.fraction_within,
+                                         "mean_squared_error": check.mean_squared_error,
+                                         "predicted_mean_squared_error": stats.variance / bound},
+        "linear_scaling": [{"batch": b, "lr": lr} for b, lr in scaled],
+    }
+    rows = [
+        ["parameters", str(per_example.shape[1])],
+        ["full gradient norm |G|", f"{stats.mean_norm:.4g}"],
+        ["total variance sigma^2", f"{stats.variance:.4g}"],
+        ["noise scale B_simple = sigma^2/|G|^2", f"{stats.noise_scale:.4g}"],
+        [f"  from batches of {small} and {big}", f"{s / g2:.4g}"],
+        [f"eps = {args.eps:g} |G|, delta = {args.delta:g}: batch size", str(bound)],
+        [f"sampled: within eps ({check.samples} batches)", f"{check.fraction_within:.2%} (>= {1 - args.delta:.0%})"],
+        ["sampled mean |g_n - G|^2 (model sigma^2/n)",
+         f"{check.mean_squared_error:.4g} ({stats.variance / bound:.4g})"],
+        *([f"linear scaling: lr at batch {b}", f"{lr:.4g}"] for b, lr in scaled),
+    ]
+    heading = f"workload {args.workload}: {args.examples} examples"
+    _emit(args, payload, f"{heading}\n\n" + _table(["quantity", "value"], rows))
+    return 0
+
+
+# ---- stability ------------------------------------------------------------------------------
+
+
+def _add_stability(models) -> None:
+    parser = models.add_parser(
+        "stability", help="largest stable step with stale gradients; GD and heavy-ball rates",
+        description="Delayed gradient descent x_{k+1} = x_k - eta a x_{k-tau} is stable iff "
+        "eta a < 2 sin(pi / (4 tau + 2)). Prints the critical eta a by formula and by simulation for "
+        "tau = 0..--max-tau, the largest lr for a curvature, and the rates of gradient descent and "
+        "heavy ball for a condition number; plots the stability region.",
+    )
+    parser.add_argument("--tau", type=int, default=4, metavar="T", help="delay in steps (default: 4)")
+    parser.add_argument("--max-tau", type=int, metavar="T", help="last delay of the table (default: max(10, tau))")
+    parser.add_argument("--curvature", type=float, metavar="A",
+                        help="largest Hessian eigenvalue a: prints the largest stable lr C / a")
+    parser.add_argument("--kappa", type=float, metavar="K", help="condition number for the GD and heavy-ball rates")
+    parser.add_argument("--no-simulation", action="store_true", help="skip the simulated boundary")
+    _common(parser, plot=True)
+    parser.set_defaults(handler=_stability)
+
+
+def _stability(args: argparse.Namespace) -> int:
+    check_int("tau", args.tau, 0, 1000)
+    max_tau = args.max_tau if args.max_tau is not None else max(10, args.tau)
+    check_int("max-tau", max_tau, args.tau, 1000)
+    if args.curvature is not None:
+        check_range("curvature", args.curvature, 0.0, low_open=True)
+    taus = list(range(max_tau + 1))
+    formula = [stability.critical_step(t) for t in taus]
+    simulated = None if args.no_simulation else stability.simulated_critical_step(taus)
+    rows = []
+    for i, tau in enumerate(taus):
+        row = [("* " if tau == args.tau else "  ") + str(tau), f"{formula[i]:.6f}"]
+        if simulated is not None:
+            row += [f"{simulated[i]:.6f}", f"{simulated[i] / formula[i] - 1:+.1e}"]
+        if args.curvature is not None:
+            row.append(f"{formula[i] / args.curvature:.4g}")
+        rows.append(row)
+    header = ["tau", "critical eta a"] + (["simulated", "rel. diff"] if simulated else [])
+    header += ["max lr"] if args.curvature is not None else []
+    table = [{"tau": t, "formula": formula[t], **({"simulated": simulated[t]} if simulated else {})} for t in taus]
+    payload: dict = {"tau": args.tau, "critical_step": formula[args.tau], "table": table}
+    if args.curvature is not None:
+        payload["curvature"] = args.curvature
+        payload["max_lr"] = formula[args.tau] / args.curvature
+    text = f"delayed gradient descent, stable iff eta a < 2 sin(pi / (4 tau + 2))\n\n{_table(header, rows)}"
+    if args.kappa is not None:
+        kappa = check_range("kappa", args.kappa, 1.0)
+        step, momentum = stability.heavy_ball_parameters(1.0, 1.0 / kappa)
+        rates = {"gradient_descent": stability.gradient_descent_rate(1.0, 1.0 / kappa),
+                 "heavy_ball": stability.optimal_heavy_ball_rate(1.0, 1.0 / kappa),
+                 "heavy_ball_step_times_L": step, "heavy_ball_momentum": momentum}
+        payload["rates"] = {"kappa": kappa, **rates}
+        text += (
+            f"\n\nkappa = {kappa:g}: gradient descent at step 2/(L+mu) contracts by {rates['gradient_descent']:.6f} "
+            f"per step; heavy ball (step {step:.4g}/L, momentum {momentum:.4g}) by {rates['heavy_ball']:.6f}"
+        )
+    path = _plot_path(args, "stability.png")
+    if path is not None:
+        marked = (args.tau, formula[args.tau])
+        payload["plot"] = str(plots.plot_stability_region(taus, formula, simulated, marked, path))
+        text += f"\n\nwrote {path}"
+    _emit(args, payload, text)
+    return 0
+
+
+# ---- network --------------------------------------------------------------------------------
+
+
+def _add_network(models) -> None:
+    parser = models.add_parser(
+        "network", help="minimum spanning tree and max flow / min cut of a cluster topology",
+        description="Reads a topology (JSON with links, source and sinks, or CSV with columns "
+        "from,to,latency,bandwidth) and prints the minimum spanning tree of the latency (or cost) graph "
+        "and the maximum data flow from the source (storage) to the sinks (workers) with a minimum cut.",
+    )
+    parser.add_argument("topology", type=Path, help="a .json or .csv topology file")
+    parser.add_argument("--source", help="storage node (default: the topology's 'source')")
+    parser.add_argument("--sinks", type=parse_list, help="comma-separated worker nodes (default: the topology's)")
+    _common(parser, plot=False)
+    parser.set_defaults(handler=_network)
+
+
+def _network(args: argparse.Namespace) -> int:
+    topology = network.read_topology(args.topology)
+    if args.sinks is not None:  # parse_list lower-cases; match node names case-insensitively
+        lookup = {name.lower(): name for name in topology.nodes}
+        args.sinks = [lookup.get(sink, sink) for sink in args.sinks]
+    payload: dict = {"nodes": topology.nodes}
+    parts = []
+    if any(link.latency is not None for link in topology.links):
+        tree = network.spanning_tree(topology)
+        payload["spanning_tree"] = {"links": [{"from": u, "to": v, "latency": w} for u, v, w in tree.links],
+                                    "total": tree.total, "components": tree.components}
+        note = "" if tree.components == 1 else f" (not connected: a forest of {tree.components} trees)"
+        parts.append(f"minimum spanning tree: total latency {tree.total:.4g}{note}\n"
+                     + _table(["from", "to", "latency"], [[u, v, f"{w:.4g}"] for u, v, w in tree.links]))
+    if any(link.bandwidth is not None for link in topology.links) and (args.source or topology.source):
+        flow = network.max_flow(topology, args.source, args.sinks)
+        payload["max_flow"] = {
+            "source": flow.source, "sinks": flow.sinks, "value": flow.value, "per_sink": flow.per_sink,
+            "min_cut": [{"from": u, "to": v, "bandwidth": b} for u, v, b in flow.cut],
+        }
+        parts.append(
+            f"maximum flow {flow.source} -> {', '.join(flow.sinks)}: {flow.value:.4g} bytes/s\n"
+            + _table(["sink", "bytes/s"], [[s, f"{v:.4g}"] for s, v in flow.per_sink.items()])
+            + "\n\nminimum cut (the bottleneck links):\n"
+            + _table(["from", "to", "bandwidth"], [[u, v, f"{b:.4g}"] for u, v, b in flow.cut])
+        )
+    elif args.sinks or args.source:
+        raise UsageError("max flow needs links with a bandwidth and a source")
+    _emit(args, payload, "\n\n".join(parts))
+    return 0
+
+
+# ---- failures -------------------------------------------------------------------------------
+
+
+def _add_failures(models) -> None:
+    parser = models.add_parser(
+        "failures", help="chi-squared test: do failure types depend on hardware?",
+        description="Reads job records (CSV with columns hardware and outcome) and tests whether the "
+        "outcome depends on the hardware (Pearson's chi-squared test of independence); prints the table "
+        "of counts, the statistic, the p-value and the cells that drive it (adjusted residuals).",
+    )
+    parser.add_argument("jobs", type=Path, help="CSV file with columns hardware,outcome")
+    parser.add_argument("--alpha", type=float, default=0.05, help="significance level (default: 0.05)")
+    _common(parser, plot=False)
+    parser.set_defaults(handler=_failures)
+
+
+def _failures(args: argparse.Namespace) -> int:
+    result = failures.dependence_test(failures.read_jobs(args.jobs), args.alpha)
+    payload = {
+        "hardware": result.hardware, "outcomes": result.outcomes, "observed": result.observed.tolist(),
+        "expected": result.expected.tolist(), "residuals": result.residuals.tolist(),
+        "statistic": result.statistic, "dof": result.dof, "p_value": result.p_value,
+        "residual_threshold": result.threshold, "small_expected_cells": result.small_expected,
+        "driving_cells": [cell.__dict__ for cell in result.driving_cells],
+    }
+    counts = _table(
+        ["hardware", *result.outcomes],
+        [[h, *(f"{result.observed[i, j]} ({result.expected[i, j]:.1f})" for j in range(len(result.outcomes)))]
+         for i, h in enumerate(result.hardware)],
+    )
+    verdict = "depends on" if result.p_value < args.alpha else "shows no significant dependence on"
+    text = (
+        f"observed (expected under independence) counts:\n{counts}\n\n"
+        f"chi-squared = {result.statistic:.4g}, dof = {result.dof}, p-value = {result.p_value:.3g}: "
+        f"outcome {verdict} hardware at alpha = {args.alpha:g}"
+    )
+    if result.driving_cells:
+        text += "\n\ncells that drive it (|adjusted residual| > {:.2f}):\n".format(result.threshold) + _table(
+            ["hardware", "outcome", "observed", "expected", "residual"],
+            [[c.hardware, c.outcome, str(c.observed), f"{c.expected:.1f}", f"{c.residual:+.2f}"]
+             for c in result.driving_cells],
+        )
+    if result.small_expected:
+        text += f"\n\nnote: {result.small_expected} cell(s) expect fewer than 5 jobs; the p-value is approximate"
+    _emit(args, payload, text)
+    return 0

@@ -1,0 +1,60 @@
+"""The parameters of a single-group, closure-driven optimizer viewed as one flat vector.
+
+Line-search and second-order methods (``LBFGS``, ``Newton``, ``NewtonCG``, ``SQN``) reason
+about the whole parameter vector: they gather gradients into one vector, move the
+parameters along one direction, and restore a saved point.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+class FlatParams:
+    """Gather from and scatter to a list of parameters as one flat vector."""
+
+    def __init__(self, params: Sequence[Tensor]) -> None:
+        self.params = list(params)
+        self.numel = sum(p.numel() for p in self.params)
+
+    def values(self) -> Tensor:
+        """A copy of the parameters as one vector."""
+        return torch.cat([p.detach().reshape(-1) for p in self.params])
+
+    def grads(self) -> Tensor:
+        """The parameters' ``.grad`` as one vector (zeros where a gradient is ``None``)."""
+        pieces = []
+        for p in self.params:
+            if p.grad is None:
+                pieces.append(p.new_zeros(p.numel()))
+            elif p.grad.is_sparse:
+                raise RuntimeError("sparse gradients are not supported")
+            else:
+                pieces.append(p.grad.reshape(-1))
+        return torch.cat(pieces)
+
+    def pieces(self, vector: Tensor) -> list[Tensor]:
+        """Views of ``vector`` shaped like the parameters."""
+        return [piece.view_as(p) for piece, p in zip(vector.split([p.numel() for p in self.params]), self.params)]
+
+    @torch.no_grad()
+    def assign(self, vector: Tensor) -> None:
+        """Set the parameters to ``vector``."""
+        for p, piece in zip(self.params, self.pieces(vector)):
+            p.copy_(piece)
+
+    @torch.no_grad()
+    def add_(self, vector: Tensor, alpha: float = 1.0) -> None:
+        """Move the parameters by ``alpha * vector`` in place."""
+        for p, piece in zip(self.params, self.pieces(vector)):
+            p.add_(piece, alpha=alpha)
+
+
+def single_group_params(optimizer: torch.optim.Optimizer) -> FlatParams:
+    """The flat view of ``optimizer``'s only param group (these optimizers take one)."""
+    if len(optimizer.param_groups) != 1:
+        raise ValueError(f"{type(optimizer).__name__} supports a single param group, got {len(optimizer.param_groups)}")
+    return FlatParams(optimizer.param_groups[0]["params"])

@@ -1,0 +1,268 @@
+"""K-FAC: natural-gradient steps with Kronecker-factored Fisher blocks, built from a model."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gradwise.optim.base import GradwiseOptimizer, ParamsT, zeros_like
+from gradwise.validation import check_int, check_range
+
+LAYERS = (nn.Linear, nn.Conv2d)
+
+
+class KFAC(GradwiseOptimizer):
+    r"""K-FAC, Kronecker-Factored Approximate Curvature (Martens & Grosse 2015, "Optimizing
+    Neural Networks with Kronecker-factored Approximate Curvature", arXiv:1503.05671;
+    convolutions as in Grosse & Martens 2016, KFC, arXiv:1602.01407).
+
+    For a layer :math:`s = W \bar a` (:math:`\bar a` the input with a 1 appended for the
+    bias), the Fisher block of :math:`W` is approximated by :math:`A \otimes G` with
+
+    .. math::
+        A = \mathbb{E}[\bar a \bar a^\top],\qquad G = \mathbb{E}[g g^\top],\qquad
+        g = \partial \ell / \partial s \ \text{(per example)},
+
+    kept as running averages :math:`A \leftarrow \rho A + (1-\rho) \hat A` (``stat_decay``
+    :math:`\rho`; the first batch initialises them). Every ``inverse_frequency`` steps the
+    damped inverses are recomputed with factored Tikhonov damping,
+    :math:`(A + \pi\sqrt\gamma I)^{-1}` and :math:`(G + \sqrt\gamma/\pi\, I)^{-1}`,
+    :math:`\pi = \sqrt{(\operatorname{tr}A/\dim A) / (\operatorname{tr}G/\dim G)}`
+    (section 6.3), and the step is
+
+    .. math::
+        \Delta = (G + \tfrac{\sqrt\gamma}{\pi} I)^{-1}\,[\nabla_W, \nabla_b]\,(A + \pi\sqrt\gamma I)^{-1},\qquad
+        B \leftarrow \mu B + \Delta,\qquad \theta \leftarrow \theta - \eta B.
+
+    ``weight_decay`` adds the L2 gradient :math:`\lambda\theta` before preconditioning.
+    Parameters outside ``nn.Linear``/``nn.Conv2d`` layers (norms, embeddings) take plain
+    (momentum) SGD steps with their gradient.
+
+    How the statistics are gathered: the optimizer registers a forward hook on every
+    ``nn.Linear`` and ``nn.Conv2d`` of ``model`` that records the layer's input (in training
+    mode, with gradients enabled) and hooks the layer's output tensor, whose gradient the
+    backward pass then hands over, scaled by the batch size :math:`N` so that a mean-reduced loss gives
+    per-example gradients. The statistics of the last backward pass are folded into the
+    running factors at the next ``step()``. With the loss's own labels this is the
+    *empirical* Fisher; for the true Fisher (the paper's), backpropagate a loss on labels
+    sampled from the model's predictive distribution first, with
+    :meth:`capture_fisher`, e.g. (a classifier)::
+
+        opt = gradwise.optim.KFAC(model, lr=1e-2, damping=1e-3, momentum=0.9)
+        for x, y in loader:
+            logits = model(x)
+            with opt.capture_fisher():       # G from sampled labels, .grad untouched
+                sampled = torch.distributions.Categorical(logits=logits.detach()).sample()
+                opt.fisher_backward(F.cross_entropy(logits, sampled))
+            F.cross_entropy(logits, y).backward()
+            opt.step(); opt.zero_grad()
+
+    Without ``capture_fisher`` it is one line more than any optimizer:
+    ``opt = KFAC(model); loss.backward(); opt.step()``. Pass ``params`` (parameters or
+    param groups, all of them ``model``'s) to choose groups; the default is all of
+    ``model``'s trainable parameters. ``remove_hooks()`` detaches the optimizer from the
+    model.
+
+    State per layer with :math:`d_{in}` inputs (plus bias) and :math:`d_{out}` outputs:
+    :math:`A`, :math:`G` and their inverses, :math:`2(d_{in}^2 + d_{out}^2)` values, and the
+    momentum buffer (4 bytes per fp32 parameter) when ``momentum > 0``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 1e-2,
+        damping: float = 1e-3,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        *,
+        stat_decay: float = 0.95,
+        inverse_frequency: int = 10,
+        params: ParamsT | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        defaults = dict(
+            lr=lr,
+            damping=damping,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            stat_decay=stat_decay,
+            inverse_frequency=inverse_frequency,
+        )
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        super().__init__(trainable if params is None else params, defaults)
+        owned = {id(p) for p in model.parameters()}
+        if any(id(p) not in owned for group in self.param_groups for p in group["params"]):
+            raise ValueError("params must be parameters of model")
+        self.layers = [m for m in model.modules() if isinstance(m, LAYERS)]
+        self._pending: dict[nn.Module, dict[str, Tensor]] = {}
+        self._fisher_captured: set[nn.Module] = set()
+        self._capturing_fisher = False
+        self._handles = [layer.register_forward_hook(self._record_layer) for layer in self.layers]
+
+    def _validate(self, group: dict[str, Any]) -> None:
+        check_range("lr", group["lr"], 0.0)
+        check_range("damping", group["damping"], 0.0, low_open=True)
+        check_range("momentum", group["momentum"], 0.0, 1.0, high_open=True)
+        check_range("weight_decay", group["weight_decay"], 0.0)
+        check_range("stat_decay", group["stat_decay"], 0.0, 1.0, high_open=True)
+        check_int("inverse_frequency", group["inverse_frequency"], 1)
+
+    def remove_hooks(self) -> None:
+        """Stop recording statistics of the model's layers."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    # Statistics of one batch, recorded by the hooks.
+
+    def _record_layer(self, layer: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        """Forward hook: keep the input, and hook the output's gradient."""
+        if layer.training and torch.is_grad_enabled() and output.requires_grad:
+            self._pending[layer] = {"input": inputs[0].detach()}
+            output.register_hook(lambda grad, layer=layer: self._record_output_grad(layer, grad))
+
+    def _record_output_grad(self, layer: nn.Module, grad_output: Tensor) -> None:
+        if layer in self._fisher_captured and not self._capturing_fisher:
+            return  # keep the sampled-label statistics of this step
+        pending = self._pending[layer]
+        pending["A"], pending["G"] = input_output_factors(layer, pending["input"], grad_output.detach())
+        if self._capturing_fisher:
+            self._fisher_captured.add(layer)
+
+    class _Capture:
+        def __init__(self, optimizer: KFAC) -> None:
+            self.optimizer = optimizer
+
+        def __enter__(self) -> KFAC:
+            self.optimizer._capturing_fisher = True
+            return self.optimizer
+
+        def __exit__(self, *exc: object) -> None:
+            self.optimizer._capturing_fisher = False
+
+    def capture_fisher(self) -> KFAC._Capture:
+        """A context in which backward passes give the factor :math:`G` for the next step;
+        the loss's own backward afterwards then only provides the gradient."""
+        return KFAC._Capture(self)
+
+    def fisher_backward(self, sampled_loss: Tensor) -> None:
+        """Backpropagate ``sampled_loss`` (a loss on labels drawn from the model) for the
+        hooks only: the graph is kept for the real loss and no ``.grad`` changes."""
+        leaves = [p for layer in self.layers for p in layer.parameters() if p.requires_grad]
+        torch.autograd.grad(sampled_loss, leaves, retain_graph=True, allow_unused=True)
+
+    # The step.
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: D102 - the base class documents it
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        directions = self._preconditioned_gradients()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            if any(p.grad.is_sparse for p in params):
+                raise RuntimeError("KFAC does not support sparse gradients")
+            self._update(group, params, [directions.get(p, p.grad) for p in params])
+        self._pending.clear()
+        self._fisher_captured.clear()
+        return loss
+
+    def _preconditioned_gradients(self) -> dict[Tensor, Tensor]:
+        directions: dict[Tensor, Tensor] = {}
+        group_of = {id(p): group for group in self.param_groups for p in group["params"]}
+        for layer in self.layers:
+            weight, bias = layer.weight, layer.bias
+            group = group_of.get(id(weight))
+            if group is None or weight.grad is None:
+                continue
+            state = self.state[weight]
+            pending = self._pending.get(layer, {})
+            if "A" in pending:
+                decay = group["stat_decay"]
+                for key in ("A", "G"):
+                    if key in state:
+                        state[key].lerp_(pending[key], 1 - decay)
+                    else:
+                        state[key] = pending[key].clone()
+                state["factor_updates"] = state.get("factor_updates", 0) + 1
+            if "A" not in state:
+                continue  # no statistics yet (the layer ran in eval mode): plain gradient
+            if (state["factor_updates"] - 1) % group["inverse_frequency"] == 0 and pending:
+                state["A_inv"], state["G_inv"] = damped_inverses(state["A"], state["G"], group["damping"])
+            gradient = weight.grad.reshape(weight.shape[0], -1)
+            if group["weight_decay"] != 0:
+                gradient = gradient + group["weight_decay"] * weight.reshape(weight.shape[0], -1)
+            if bias is not None:
+                bias_grad = bias.grad if bias.grad is not None else torch.zeros_like(bias)
+                if group["weight_decay"] != 0:
+                    bias_grad = bias_grad + group["weight_decay"] * bias
+                gradient = torch.cat([gradient, bias_grad.unsqueeze(1)], dim=1)
+            direction = state["G_inv"] @ gradient @ state["A_inv"]
+            if bias is not None:
+                directions[bias] = direction[:, -1].reshape(bias.shape)
+                direction = direction[:, :-1]
+            directions[weight] = direction.reshape(weight.shape)
+        return directions
+
+    def _update(self, group: dict[str, Any], params: list[Tensor], directions: list[Tensor]) -> None:
+        lr, momentum = group["lr"], group["momentum"]
+        # Preconditioned directions already carry the L2 term; raw gradients add it here.
+        raw = [i for i, (p, d) in enumerate(zip(params, directions)) if d is p.grad]
+        if group["weight_decay"] != 0 and raw:
+            for i in raw:
+                directions[i] = directions[i] + group["weight_decay"] * params[i]
+        if momentum == 0:
+            torch._foreach_add_(params, directions, alpha=-lr)
+            return
+        buffers = [self._state(p, "momentum_buffer", zeros_like) for p in params]
+        torch._foreach_mul_(buffers, momentum)
+        torch._foreach_add_(buffers, directions)
+        torch._foreach_add_(params, buffers, alpha=-lr)
+
+
+def input_output_factors(layer: nn.Module, inputs: Tensor, grad_outputs: Tensor) -> tuple[Tensor, Tensor]:
+    r"""The factors :math:`\hat A, \hat G` of one batch for ``layer`` (Linear or Conv2d).
+
+    Linear: :math:`\hat A = \bar a^\top \bar a / N` over the :math:`N` rows of the input
+    (leading dimensions flattened), :math:`\hat G = (N g)^\top (N g) / N`. Conv2d (KFC):
+    :math:`\bar a` are the :math:`T` unfolded patches of each example, :math:`\hat A` sums
+    over positions and averages over examples, :math:`\hat G` averages over both.
+    """
+    if isinstance(layer, nn.Conv2d):
+        batch = inputs.shape[0]
+        patches = F.unfold(inputs, layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride)
+        a = patches.transpose(1, 2).reshape(-1, patches.shape[1])  # (N T, C kh kw)
+        g = grad_outputs.permute(0, 2, 3, 1).reshape(-1, grad_outputs.shape[1])  # (N T, out)
+        a_scale, g_scale = 1.0 / batch, batch * batch / g.shape[0]
+    else:
+        a = inputs.reshape(-1, inputs.shape[-1])
+        g = grad_outputs.reshape(-1, grad_outputs.shape[-1])
+        a_scale, g_scale = 1.0 / a.shape[0], float(a.shape[0])
+    if layer.bias is not None:
+        a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
+    return (a.T @ a) * a_scale, (g.T @ g) * g_scale
+
+
+def damped_inverses(A: Tensor, G: Tensor, damping: float) -> tuple[Tensor, Tensor]:
+    r"""Factored Tikhonov damping (Martens & Grosse 2015, section 6.3):
+    :math:`((A + \pi\sqrt\gamma I)^{-1}, (G + \sqrt\gamma/\pi\, I)^{-1})`."""
+    trace_a = A.diagonal().mean().clamp(min=torch.finfo(A.dtype).tiny)
+    trace_g = G.diagonal().mean().clamp(min=torch.finfo(G.dtype).tiny)
+    pi = (trace_a / trace_g).sqrt()
+    root = math.sqrt(damping)
+    eye_a = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
+    eye_g = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+    return (
+        torch.cholesky_inverse(torch.linalg.cholesky(A + (pi * root) * eye_a)),
+        torch.cholesky_inverse(torch.linalg.cholesky(G + (root / pi) * eye_g)),
+    )

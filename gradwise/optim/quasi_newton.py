@@ -1,0 +1,34 @@
+r"""The limited-memory BFGS direction (two-loop recursion) shared by ``LBFGS`` and ``SQN``.
+
+With curvature pairs :math:`(s_i, y_i)`, :math:`\rho_i = 1/(y_i^\top s_i)`, the L-BFGS
+inverse-Hessian approximation applied to :math:`q = g` is (Nocedal 1980, Math. Comp. 35;
+Nocedal & Wright 2006, Alg. 7.4)::
+
+    for i = newest .. oldest:  a_i = rho_i s_i^T q;  q -= a_i y_i
+    r = gamma q,  gamma = s^T y / y^T y of the newest pair
+    for i = oldest .. newest:  b = rho_i y_i^T r;  r += (a_i - b) s_i
+
+and the search direction is :math:`-r`. The memory is ``2 m`` vectors of the parameters' size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def lbfgs_direction(grad: Tensor, s_history: Sequence[Tensor], y_history: Sequence[Tensor], gamma: float) -> Tensor:
+    """``-H grad`` for the L-BFGS matrix of the pairs (oldest first) with initial scaling ``gamma``."""
+    rhos = [1.0 / float(torch.vdot(y, s)) for s, y in zip(s_history, y_history)]
+    alphas = [0.0] * len(rhos)
+    q = grad.neg()
+    for i in range(len(rhos) - 1, -1, -1):
+        alphas[i] = float(torch.vdot(s_history[i], q)) * rhos[i]
+        q.add_(y_history[i], alpha=-alphas[i])
+    r = q.mul_(gamma)
+    for i in range(len(rhos)):
+        beta = float(torch.vdot(y_history[i], r)) * rhos[i]
+        r.add_(s_history[i], alpha=alphas[i] - beta)
+    return r

@@ -1,0 +1,539 @@
+r"""Memory per device: parameters, gradients, master weights, optimizer state, activations.
+
+The model counts bytes, tensor by tensor, for a number format and a ZeRO stage
+(Rajbhandari et al. 2019, "ZeRO: Memory Optimizations Toward Training Trillion Parameter
+Models", arXiv:1910.02054). With :math:`\Psi` parameters on :math:`N` devices, :math:`w, g`
+the bytes of a weight and a gradient and :math:`K` the bytes of master weights plus
+optimizer state per parameter:
+
+.. math::
+    \text{DP: } (w + g + K)\Psi,\quad
+    \text{stage 1: } (w + g)\Psi + K\Psi/N,\quad
+    \text{stage 2: } w\Psi + (g + K)\Psi/N,\quad
+    \text{stage 3: } (w + g + K)\Psi/N.
+
+Mixed-precision Adam (``precision="mixed"``) has :math:`w = g = 2` and :math:`K = 4 + 4 + 4`
+(fp32 master weights, first and second moments): 16 bytes per parameter, so 7.5B parameters
+on 64 devices need 120 GB with plain data parallelism, 31.4 GB at stage 1, 16.6 GB at
+stage 2 and 1.9 GB at stage 3, the figures of the ZeRO paper.
+
+The "7B AdamW in bf16 with fp32 states, about 84 GB" example is ``precision="bf16"``: bf16
+weights (2 bytes) and gradients (2 bytes), fp32 first and second moments (4 + 4 bytes) and
+no separate master copy: :math:`7\times10^9 \times 12 = 84.0\times10^9` bytes = 84.0 GB
+(78.2 GiB), before activations. Keeping an fp32 master copy as well (``"mixed"``) makes it
+112 GB. Sizes here are bytes; 1 GB = 10^9 bytes.
+
+Optimizer state is counted per tensor by a rule for each optimizer class (:data:`STATE_RULES`):
+the number of state values, which are stored in the state's number format, and the number
+of scalar state tensors (step counters, running products: 4 bytes each). Element-wise
+optimizers keep a multiple of the parameter count; Adafactor, Shampoo and SOAP keep
+statistics whose size depends on each tensor's shape. The rules reproduce the bytes of
+gradwise's own optimizers exactly (checked in the tests against the tensors in
+``optimizer.state`` after a step).
+
+Activations of a transformer layer follow Korthikanti et al. 2022, "Reducing Activation
+Recomputation in Large Transformer Models", arXiv:2205.05198: with sequence length
+:math:`s`, micro-batch :math:`b`, width :math:`h`, :math:`a` heads and 16-bit activations,
+:math:`sbh(34 + 5as/h)` bytes per layer. That is :math:`16\,sbh + 2as^2b` stored values
+plus :math:`2\,sbh + as^2b` one-byte dropout masks, which is how other formats are counted.
+With full activation checkpointing only each layer's input (:math:`sbh` values) is kept,
+plus one layer's activations while it is recomputed in the backward pass.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from gradwise.validation import check_choice, check_int, check_range
+
+SCALAR_STATE_BYTES = 4
+"""Bytes of one scalar state tensor (a float32 step counter or running product)."""
+
+ZERO_STAGES = (0, 1, 2, 3)
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Bytes per value of each kind of tensor under a number format recipe."""
+
+    name: str
+    weight_bytes: int
+    grad_bytes: int
+    master_bytes: int  # an extra full-precision copy of the weights (0: none)
+    state_bytes: int  # optimizer state values
+    activation_bytes: int
+    description: str
+
+
+PRECISIONS: dict[str, Precision] = {
+    p.name: p
+    for p in (
+        Precision("fp32", 4, 4, 0, 4, 4, "fp32 weights, gradients, states and activations"),
+        Precision("bf16", 2, 2, 0, 4, 2,
+                  "bf16 weights, gradients and activations; fp32 optimizer states, no master copy"),
+        Precision("mixed", 2, 2, 4, 4, 2,
+                  "bf16/fp16 weights, gradients and activations; fp32 master weights and states (ZeRO's)"),
+        Precision("fp8", 1, 1, 4, 4, 1,
+                  "fp8 weights, gradients and activations for the matmuls; fp32 master weights and states"),
+    )
+}
+
+
+@dataclass(frozen=True)
+class StateSize:
+    """Optimizer state of one parameter tensor: ``values`` stored in the state's format and
+    ``scalars`` scalar tensors of :data:`SCALAR_STATE_BYTES` each."""
+
+    values: int
+    scalars: int = 0
+
+
+StateRule = Callable[[tuple[int, ...], Mapping[str, Any]], StateSize]
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    return math.prod(shape)
+
+
+def _sgd(shape, options) -> StateSize:
+    return StateSize(_numel(shape) if options.get("momentum", 0) != 0 else 0)
+
+
+def _adagrad(shape, options) -> StateSize:
+    return StateSize(_numel(shape), scalars=1)  # sum of squares, step
+
+
+def _rmsprop(shape, options) -> StateSize:
+    buffers = 1 + bool(options.get("centered", False)) + (options.get("momentum", 0) > 0)
+    return StateSize(buffers * _numel(shape), scalars=1)
+
+
+def _adam(shape, options) -> StateSize:
+    return StateSize((3 if options.get("amsgrad", False) else 2) * _numel(shape), scalars=1)
+
+
+def _nadam(shape, options) -> StateSize:
+    return StateSize(2 * _numel(shape), scalars=2)  # moments; step and the product of the mu_t
+
+
+def _lion(shape, options) -> StateSize:
+    return StateSize(_numel(shape))  # one momentum, no step counter
+
+
+def _adafactor(shape, options) -> StateSize:
+    """Shazeer & Stern 2018 (arXiv:1804.04235): a tensor of two or more dimensions keeps a row
+    and a column second moment over its last two dimensions (per leading index); a vector
+    keeps a full one. Optional first moment (``beta1``)."""
+    if len(shape) >= 2:
+        *leading, rows, cols = shape
+        second = math.prod(leading) * (rows + cols)
+    else:
+        second = _numel(shape)
+    first = _numel(shape) if options.get("beta1") is not None else 0
+    return StateSize(second + first, scalars=1)
+
+
+def _muon(shape, options) -> StateSize:
+    """Jordan et al. 2024: a momentum buffer for the matrices Muon orthogonalises; the tensors
+    it routes to its internal AdamW (by default those of fewer than two dimensions, or a
+    group's ``use_muon``) keep AdamW's two moments and step."""
+    use_muon = options.get("use_muon")
+    if use_muon is None:
+        use_muon = len(shape) >= 2
+    return StateSize(_numel(shape)) if use_muon else StateSize(2 * _numel(shape), scalars=1)
+
+
+def _sophia(shape, options) -> StateSize:
+    return StateSize(2 * _numel(shape), scalars=1)  # momentum, Hessian diagonal estimate; step
+
+
+def _matrix_view(shape: tuple[int, ...]) -> tuple[int, int]:
+    """The matrix a tensor is preconditioned as: ``(shape[0], rest)``; a vector is one row."""
+    if len(shape) == 0:
+        return 1, 1
+    if len(shape) == 1:
+        return 1, shape[0]
+    return shape[0], _numel(shape[1:])
+
+
+def _blocks(size: int, block: int) -> tuple[int, int]:
+    """A dimension cut into the fewest equal blocks of at most ``block`` (the last one padded)."""
+    count = math.ceil(size / block)
+    return count, math.ceil(size / count)
+
+
+def _shampoo(shape, options) -> StateSize:
+    """Gupta, Koren & Singer 2018 (arXiv:1802.09568), blocked as in Anil et al. 2020
+    (arXiv:2002.09018): the tensor's matrix view is cut into blocks of at most
+    ``block_size``; per block, a left statistic L (bm x bm) and a right one R (bn x bn) with
+    their inverse roots (a side of size 1 has none); an Adagrad or Adam grafting accumulator;
+    a momentum buffer when ``momentum > 0``; a step counter."""
+    rows, cols = _matrix_view(shape)
+    block = options.get("block_size", 1024)
+    (row_blocks, bm), (col_blocks, bn) = _blocks(rows, block), _blocks(cols, block)
+    factors = sum(2 * size * size for size in (bm, bn) if size > 1) * row_blocks * col_blocks
+    graft = _numel(shape) if options.get("graft", "adagrad") in ("adagrad", "adam") else 0
+    momentum = _numel(shape) if options.get("momentum", 0.0) != 0 else 0
+    return StateSize(factors + graft + momentum, scalars=1)
+
+
+def _soap(shape, options) -> StateSize:
+    """Vyas et al. 2024 (arXiv:2409.11321): Adam's two moments in the eigenbasis of Shampoo's
+    factors; per side of the matrix view (of size 2 to ``max_precond_dim``) a statistic and its
+    eigenvectors (vectors and scalars only with ``precondition_1d``); a step counter."""
+    rows, cols = _matrix_view(shape)
+    limit = options.get("max_precond_dim", 10000)
+    rotated = len(shape) >= 2 or options.get("precondition_1d", True)
+    factors = sum(2 * size * size for size in (rows, cols) if rotated and 1 < size <= limit)
+    return StateSize(2 * _numel(shape) + factors, scalars=1)
+
+
+def _kfac(shape, options) -> StateSize:
+    """Martens & Grosse 2015 (arXiv:1503.05671): per ``nn.Linear``/``nn.Conv2d`` weight
+    (d_out x d_in, d_in counting the kernel), the factors A ((d_in + 1)^2 with the bias
+    folded in) and G (d_out^2) and their damped inverses; biases, norms and other vectors
+    keep none; a momentum buffer for every tensor when ``momentum > 0``. The rule assumes
+    that every tensor of two or more dimensions is such a layer's weight with a bias (the
+    default of both layers): a bias-free layer has d_in^2 in A, an embedding no factors."""
+    factors = 0
+    if len(shape) >= 2:
+        fan_in = _numel(shape[1:]) + 1
+        factors = 2 * (fan_in * fan_in + shape[0] * shape[0])
+    momentum = _numel(shape) if options.get("momentum", 0.0) != 0 else 0
+    return StateSize(factors + momentum)
+
+
+def _svrg(shape, options) -> StateSize:
+    return StateSize(2 * _numel(shape))  # the snapshot and its full gradient (Johnson & Zhang 2013)
+
+
+def _saga(shape, options) -> StateSize:
+    """Defazio et al. 2014 (arXiv:1407.0202): a gradient per slot and their mean."""
+    return StateSize((options.get("num_slots", 1) + 1) * _numel(shape))
+
+
+STATE_RULES: dict[str, StateRule] = {
+    "SGD": _sgd,
+    "Adagrad": _adagrad,
+    "RMSprop": _rmsprop,
+    "Adam": _adam,
+    "AdamW": _adam,
+    "NAdam": _nadam,
+    "Lion": _lion,
+    "Adafactor": _adafactor,
+    "Muon": _muon,
+    "Shampoo": _shampoo,
+    "SOAP": _soap,
+    "Sophia": _sophia,
+    "KFAC": _kfac,
+    "SVRG": _svrg,
+    "SAGA": _saga,
+}
+"""State rule per optimizer class name: ``rule(shape, options) -> StateSize``, where
+``options`` are the class's hyperparameters (a param group)."""
+
+
+def _quasi_newton(numel: int, options) -> StateSize:
+    """L-BFGS (Nocedal 1980; Liu & Nocedal 1989) and stochastic quasi-Newton (Byrd et al. 2016,
+    arXiv:1401.7020): ``history_size`` pairs (s, y) of flat vectors and two more (L-BFGS: the
+    last gradient and direction; SQN: the running sum of iterates and the last average),
+    counted at a full history."""
+    return StateSize((2 * options.get("history_size", 100) + 2) * numel)
+
+
+def _no_tensor_state(numel: int, options) -> StateSize:
+    """Newton and Newton-CG keep only counters (Python numbers) between steps; the dense
+    Hessian (Newton: numel^2 values) or the CG vectors live within a step."""
+    return StateSize(0)
+
+
+FLAT_STATE_RULES: dict[str, Callable[[int, Mapping[str, Any]], StateSize]] = {
+    "LBFGS": _quasi_newton,
+    "SQN": _quasi_newton,
+    "Newton": _no_tensor_state,
+    "NewtonCG": _no_tensor_state,
+}
+"""State rule per class of optimizers that treat a param group as one flat vector:
+``rule(numel of the group, options) -> StateSize``."""
+
+
+@dataclass(frozen=True)
+class OptimizerPreset:
+    """An optimizer by the name the planner uses: its class and hyperparameters."""
+
+    name: str
+    class_name: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+OPTIMIZERS: dict[str, OptimizerPreset] = {
+    p.name: p
+    for p in (
+        OptimizerPreset("sgd", "SGD"),
+        OptimizerPreset("momentum", "SGD", {"momentum": 0.9}),
+        OptimizerPreset("nesterov", "SGD", {"momentum": 0.9, "nesterov": True}),
+        OptimizerPreset("adagrad", "Adagrad"),
+        OptimizerPreset("rmsprop", "RMSprop"),
+        OptimizerPreset("rmsprop-centered", "RMSprop", {"centered": True}),
+        OptimizerPreset("rmsprop-momentum", "RMSprop", {"centered": True, "momentum": 0.9}),
+        OptimizerPreset("adam", "Adam"),
+        OptimizerPreset("adam-amsgrad", "Adam", {"amsgrad": True}),
+        OptimizerPreset("adamw", "AdamW"),
+        OptimizerPreset("adamw-amsgrad", "AdamW", {"amsgrad": True}),
+        OptimizerPreset("nadam", "NAdam"),
+        OptimizerPreset("lion", "Lion"),
+        OptimizerPreset("adafactor", "Adafactor"),
+        OptimizerPreset("adafactor-momentum", "Adafactor", {"beta1": 0.9}),
+        OptimizerPreset("muon", "Muon"),
+        OptimizerPreset("shampoo", "Shampoo"),
+        OptimizerPreset("shampoo-momentum", "Shampoo", {"momentum": 0.9}),
+        OptimizerPreset("soap", "SOAP"),
+        OptimizerPreset("soap-no-1d", "SOAP", {"precondition_1d": False}),
+        OptimizerPreset("sophia", "Sophia"),
+        OptimizerPreset("kfac", "KFAC"),
+        OptimizerPreset("svrg", "SVRG"),
+        OptimizerPreset("saga", "SAGA"),
+        OptimizerPreset("lbfgs", "LBFGS", {"history_size": 10}),
+        OptimizerPreset("sqn", "SQN"),
+        OptimizerPreset("newton-cg", "NewtonCG"),
+    )
+}
+
+
+def has_rule(class_name: str) -> bool:
+    return class_name in STATE_RULES or class_name in FLAT_STATE_RULES
+
+
+def _missing_rule(class_name: str) -> KeyError:
+    return KeyError(
+        f"no memory rule for optimizer class {class_name!r}: add one to gradwise.plan.memory.STATE_RULES "
+        "(per tensor) or FLAT_STATE_RULES (per flat param group)"
+    )
+
+
+def state_size(class_name: str, shape: tuple[int, ...], options: Mapping[str, Any]) -> StateSize:
+    """The optimizer state that ``class_name`` keeps for one tensor of ``shape``."""
+    rule = STATE_RULES.get(class_name)
+    if rule is None:
+        raise _missing_rule(class_name)
+    return rule(tuple(shape), options)
+
+
+def group_state_size(class_name: str, shapes: Shapes, options: Mapping[str, Any]) -> StateSize:
+    """The optimizer state that ``class_name`` keeps for a param group of ``shapes``."""
+    if class_name in FLAT_STATE_RULES:
+        return FLAT_STATE_RULES[class_name](parameter_count(shapes), options)
+    sizes = [(state_size(class_name, shape, options), count) for shape, count in shapes]
+    return StateSize(sum(s.values * c for s, c in sizes), sum(s.scalars * c for s, c in sizes))
+
+
+# ---- parameter shapes -------------------------------------------------------------------
+
+Shapes = list[tuple[tuple[int, ...], int]]
+"""Parameter tensors as (shape, how many tensors have it)."""
+
+
+def shapes_of(params: Iterable[torch.Tensor]) -> Shapes:
+    """The shapes of real tensors, each counted once."""
+    counts: dict[tuple[int, ...], int] = {}
+    for param in params:
+        counts[tuple(param.shape)] = counts.get(tuple(param.shape), 0) + 1
+    return list(counts.items())
+
+
+def transformer_shapes(layers: int, width: int, vocab: int) -> Shapes:
+    """A GPT-2-style decoder: token embedding (tied with the output), per layer two
+    LayerNorms, QKV and output projections and a 4x MLP with biases, and a final LayerNorm:
+    about 12 layers width^2 + vocab width parameters."""
+    check_int("layers", layers, 1)
+    check_int("width", width, 1)
+    check_int("vocab", vocab, 1)
+    per_layer: Shapes = [
+        ((width,), 6),  # 2 LayerNorms (gain and bias each) and the two output-projection biases
+        ((3 * width, width), 1), ((3 * width,), 1), ((width, width), 1),
+        ((4 * width, width), 1), ((4 * width,), 1), ((width, 4 * width), 1),
+    ]
+    shapes: Shapes = [((vocab, width), 1), ((width,), 2)]
+    shapes += [(shape, count * layers) for shape, count in per_layer]
+    return merge_shapes(shapes)
+
+
+def square_matrix_shapes(params: float, width: int) -> Shapes:
+    """``params`` parameters as ``width x width`` matrices plus one vector of the rest:
+    the planner's stand-in for a model known only by its size."""
+    check_range("params", params, 0.0, low_open=True)
+    check_int("width", width, 1)
+    total = int(round(params))
+    matrices, rest = divmod(total, width * width)
+    shapes: Shapes = [((width, width), matrices)] if matrices else []
+    return shapes + ([((rest,), 1)] if rest else [])
+
+
+def default_width(params: float) -> int:
+    """Width of a GPT-like model of ``params`` parameters with the usual aspect ratio
+    width = 128 x layers (GPT-3 6.7B and LLaMA 7B: 32 layers of 4096), from
+    params = 12 layers width^2, rounded to a multiple of 64."""
+    layers = (params / (12 * 128**2)) ** (1 / 3)
+    return max(64, int(round(128 * layers / 64)) * 64)
+
+
+def merge_shapes(shapes: Iterable[tuple[tuple[int, ...], int]]) -> Shapes:
+    counts: dict[tuple[int, ...], int] = {}
+    for shape, count in shapes:
+        counts[shape] = counts.get(shape, 0) + count
+    return list(counts.items())
+
+
+def parameter_count(shapes: Shapes) -> int:
+    return sum(_numel(shape) * count for shape, count in shapes)
+
+
+# ---- the model ----------------------------------------------------------------------------
+
+
+def transformer_activation_bytes(
+    layers: int,
+    width: int,
+    heads: int,
+    seq_len: int,
+    micro_batch: int,
+    activation_bytes: int = 2,
+    checkpointing: bool = False,
+) -> int:
+    """Activation bytes kept for the backward pass of a transformer's layers
+    (Korthikanti et al. 2022, arXiv:2205.05198, no tensor or sequence parallelism).
+
+    Per layer: ``16 sbh + 2 a s^2 b`` values of ``activation_bytes`` plus ``2 sbh + a s^2 b``
+    one-byte dropout masks (``sbh (34 + 5 a s / h)`` bytes for 16-bit values). With
+    checkpointing: every layer's input plus one layer's activations, recomputed in backward.
+    """
+    for name, value in (("layers", layers), ("width", width), ("heads", heads),
+                        ("seq_len", seq_len), ("micro_batch", micro_batch), ("activation_bytes", activation_bytes)):
+        check_int(name, value, 1)
+    sbh = seq_len * micro_batch * width
+    scores = heads * seq_len * seq_len * micro_batch
+    per_layer = (16 * sbh + 2 * scores) * activation_bytes + (2 * sbh + scores)
+    if checkpointing:
+        return layers * sbh * activation_bytes + per_layer
+    return layers * per_layer
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per device by kind, under one precision, optimizer and ZeRO stage."""
+
+    parameters: float
+    gradients: float
+    master_weights: float
+    optimizer_state: float
+    activations: float
+
+    @property
+    def total(self) -> float:
+        return self.parameters + self.gradients + self.master_weights + self.optimizer_state + self.activations
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "parameters": self.parameters,
+            "gradients": self.gradients,
+            "master_weights": self.master_weights,
+            "optimizer_state": self.optimizer_state,
+            "activations": self.activations,
+            "total": self.total,
+        }
+
+
+def optimizer_state_bytes(shapes: Shapes, optimizer: str, state_bytes: int) -> int:
+    """Bytes of optimizer state for parameters of ``shapes`` with the optimizer preset
+    ``optimizer`` (a name in :data:`OPTIMIZERS`), state values of ``state_bytes`` each."""
+    preset = OPTIMIZERS[check_choice("optimizer", optimizer, OPTIMIZERS)]
+    size = group_state_size(preset.class_name, shapes, preset.options)
+    return size.values * state_bytes + size.scalars * SCALAR_STATE_BYTES
+
+
+def estimate_memory(
+    shapes: Shapes,
+    optimizer: str = "adamw",
+    precision: str = "bf16",
+    zero_stage: int = 0,
+    devices: int = 1,
+    activations: int = 0,
+) -> MemoryEstimate:
+    """Bytes per device for parameters of ``shapes`` trained with ``optimizer`` in
+    ``precision`` under ZeRO ``zero_stage`` (0: plain data parallelism) over ``devices``;
+    ``activations`` (bytes per device, see :func:`transformer_activation_bytes`) are added
+    as they are: ZeRO does not shard them."""
+    fmt = PRECISIONS[check_choice("precision", precision, PRECISIONS)]
+    check_choice("zero_stage", zero_stage, ZERO_STAGES)
+    check_int("devices", devices, 1)
+    check_range("activations", activations, 0.0)
+    count = parameter_count(shapes)
+    if count <= 0:
+        raise ValueError(f"params must be > 0, got {count}")
+    state = optimizer_state_bytes(shapes, optimizer, fmt.state_bytes)
+    master = count * fmt.master_bytes
+    return MemoryEstimate(
+        parameters=count * fmt.weight_bytes / (devices if zero_stage >= 3 else 1),
+        gradients=count * fmt.grad_bytes / (devices if zero_stage >= 2 else 1),
+        master_weights=master / (devices if zero_stage >= 1 else 1),
+        optimizer_state=state / (devices if zero_stage >= 1 else 1),
+        activations=float(activations),
+    )
+
+
+# ---- the measurement: bytes of the real tensors ----------------------------------------------
+
+
+def _storages(objects: Iterable[Any]) -> dict[int, int]:
+    """Distinct tensor storages (by address) and their bytes, found in nested containers."""
+    found: dict[int, int] = {}
+    stack = list(objects)
+    while stack:
+        item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            storage = item.untyped_storage()
+            found[storage.data_ptr()] = storage.nbytes()
+        elif isinstance(item, Mapping):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return found
+
+
+def measured_bytes(optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """Bytes of the real tensors behind ``optimizer``: its parameters, their gradients and
+    its state (every distinct storage counted once)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return {
+        "parameters": sum(_storages(params).values()),
+        "gradients": sum(_storages(p.grad for p in params if p.grad is not None).values()),
+        "optimizer_state": sum(_storages(optimizer.state.values()).values()),
+    }
+
+
+def predicted_bytes(optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """The model's bytes for the same: parameters and gradients in the parameters' formats,
+    state by the class's rule with each param group's hyperparameters, state values in the
+    parameters' format."""
+    class_name = type(optimizer).__name__
+    totals = {"parameters": 0, "gradients": 0, "optimizer_state": 0}
+    for group in optimizer.param_groups:
+        params = group["params"]
+        for param in params:
+            totals["parameters"] += param.numel() * param.element_size()
+            totals["gradients"] += param.numel() * param.element_size()
+        if not params:
+            continue
+        if class_name in FLAT_STATE_RULES:
+            size = group_state_size(class_name, shapes_of(params), group)
+            totals["optimizer_state"] += size.values * params[0].element_size() + size.scalars * SCALAR_STATE_BYTES
+            continue
+        for param in params:
+            size = state_size(class_name, tuple(param.shape), group)
+            totals["optimizer_state"] += size.values * param.element_size() + size.scalars * SCALAR_STATE_BYTES
+    return totals

@@ -1,0 +1,34 @@
+"""The training layer: the loop and its parts, one file per concept.
+
+``loop`` (the loop), ``config`` (the settings), ``optimizers`` (by name), ``precision``
+(fp32/bf16/fp16), ``checkpoint`` (atomic, checksummed, exact resume), ``guards``
+(divergence), ``metrics`` (JSONL/CSV, throughput), ``plots`` (the end-of-run figure).
+Example::
+
+    from gradwise.train import TrainConfig, train
+    result = train(TrainConfig(workload="mlp", steps=300), out="runs/mlp", progress=True)
+    print(result.final_metrics, result.target_reached)
+"""
+
+from gradwise.train.checkpoint import CheckpointManager, CorruptCheckpoint
+from gradwise.train.config import TrainConfig
+from gradwise.train.guards import DivergenceGuard, DivergenceReport, TrainingDiverged
+from gradwise.train.loop import Trainer, TrainResult, train
+from gradwise.train.optimizers import OPTIMIZERS, build_optimizer
+from gradwise.train.precision import PRECISIONS, Precision
+
+__all__ = [
+    "OPTIMIZERS",
+    "PRECISIONS",
+    "CheckpointManager",
+    "CorruptCheckpoint",
+    "DivergenceGuard",
+    "DivergenceReport",
+    "Precision",
+    "TrainConfig",
+    "TrainResult",
+    "Trainer",
+    "TrainingDiverged",
+    "build_optimizer",
+    "train",
+]

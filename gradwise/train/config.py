@@ -1,0 +1,154 @@
+"""The settings of a training run: one dataclass, loadable from TOML, checked before anything runs.
+
+Settings left at ``None`` take the workload's defaults (see
+:data:`gradwise.problems.workloads.WORKLOADS`): ``steps``, ``batch_size``, ``lr``,
+``precision`` and ``eval_every`` suit each workload. A TOML file holds the same names at
+its top level, with ``workload_options`` and ``optimizer_options`` as tables::
+
+    workload = "tiny-gpt"
+    optimizer = "adamw"
+    steps = 1200
+    lr = 2e-3
+    precision = "bf16"
+    [workload_options]
+    d_model = 128
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gradwise.schedules import SCHEDULES
+from gradwise.train.optimizers import OPTIMIZERS
+from gradwise.train.precision import PRECISIONS
+from gradwise.validation import check_choice, check_int, check_range
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run; ``validate`` checks every field."""
+
+    workload: str = "tiny-gpt"
+    workload_options: dict[str, Any] = field(default_factory=dict)
+    data: list[str] = field(default_factory=list)
+    """User data files: one text file for ``text``, an inputs and a labels ``.npy`` for ``npy``."""
+    optimizer: str = "adamw"
+    optimizer_options: dict[str, Any] = field(default_factory=dict)
+    lr: float | None = None
+    weight_decay: float = 0.1
+    schedule: str = "cosine"
+    warmup_steps: int | None = None
+    """Default: 5% of the steps."""
+    lr_floor: float = 0.1
+    """Final lr of a decaying schedule, as a fraction of the peak."""
+    steps: int | None = None
+    batch_size: int | None = None
+    """Micro-batch size; the update uses ``batch_size * accumulate`` examples."""
+    accumulate: int = 1
+    clip: float | None = 1.0
+    """Largest global gradient norm (None: no clipping by norm)."""
+    clip_value: float | None = None
+    """Largest absolute gradient entry (None: no clipping by value)."""
+    precision: str | None = None
+    device: str = "cpu"
+    threads: int | None = None
+    """CPU threads for torch (default: every core)."""
+    seed: int = 0
+    eval_every: int | None = None
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    spike_factor: float = 4.0
+    """A loss above this multiple of the recent median is a spike."""
+    spike_window: int = 50
+    max_consecutive_skips: int = 5
+    rollback_lr_factor: float = 0.5
+    max_rollbacks: int = 3
+
+    def validate(self) -> TrainConfig:
+        """Check every setting; a ``ValueError`` names the first bad one. Returns ``self``."""
+        from gradwise.problems.workloads import WORKLOADS  # the registry imports the workloads' heavy modules
+
+        check_choice("workload", self.workload, WORKLOADS)
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("schedule", self.schedule, SCHEDULES)
+        for name in ("workload_options", "optimizer_options"):
+            if not isinstance(getattr(self, name), dict):
+                raise ValueError(f"{name} must be a table of settings, got {getattr(self, name)!r}")
+        if not isinstance(self.data, list) or not all(isinstance(path, str) for path in self.data):
+            raise ValueError(f"data must be a list of file paths, got {self.data!r}")
+        for path in self.data:
+            if not Path(path).is_file():
+                raise ValueError(f"data file {path!r} does not exist")
+        if self.lr is not None:
+            check_range("lr", self.lr, 0.0, low_open=True)
+        check_range("weight_decay", self.weight_decay, 0.0)
+        if self.warmup_steps is not None:
+            check_int("warmup_steps", self.warmup_steps, 0)
+        check_range("lr_floor", self.lr_floor, 0.0, 1.0)
+        if self.steps is not None:
+            check_int("steps", self.steps, 1)
+        if self.batch_size is not None:
+            check_int("batch_size", self.batch_size, 1)
+        check_int("accumulate", self.accumulate, 1)
+        if self.clip is not None:
+            check_range("clip", self.clip, 0.0, low_open=True)
+        if self.clip_value is not None:
+            check_range("clip_value", self.clip_value, 0.0, low_open=True)
+        if self.precision is not None:
+            check_choice("precision", self.precision, PRECISIONS)
+        check_choice("device", self.device, ("cpu", "cuda", "auto"))
+        if self.threads is not None:
+            check_int("threads", self.threads, 1)
+        check_int("seed", self.seed, 0)
+        if self.eval_every is not None:
+            check_int("eval_every", self.eval_every, 1)
+        check_int("checkpoint_every", self.checkpoint_every, 1)
+        check_int("keep_checkpoints", self.keep_checkpoints, 1)
+        check_range("spike_factor", self.spike_factor, 1.0, low_open=True)
+        check_int("spike_window", self.spike_window, 2)
+        check_int("max_consecutive_skips", self.max_consecutive_skips, 1)
+        check_range("rollback_lr_factor", self.rollback_lr_factor, 0.0, 1.0, low_open=True, high_open=True)
+        check_int("max_rollbacks", self.max_rollbacks, 0)
+        if self.steps is not None and self.warmup_steps is not None and self.warmup_steps > self.steps:
+            raise ValueError(f"warmup_steps must be <= steps ({self.steps}), got {self.warmup_steps}")
+        return self
+
+    def with_workload_defaults(self, defaults: dict[str, Any]) -> TrainConfig:
+        """A copy with every ``None`` that ``defaults`` names filled in, and the warmup resolved."""
+        filled = dataclasses.replace(self, **{
+            name: value for name, value in defaults.items() if getattr(self, name) is None
+        })
+        if filled.warmup_steps is None:
+            filled.warmup_steps = math.ceil(0.05 * filled.steps)
+        return filled.validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
+        """Build from a mapping; an unknown key is an error that lists the known ones."""
+        known = {item.name for item in dataclasses.fields(cls)}
+        for key in values:
+            if key not in known:
+                raise ValueError(f"{source}: unknown setting {key!r}; known settings: {', '.join(sorted(known))}")
+        return cls(**values)
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> TrainConfig:
+        """Read a TOML file whose top-level keys are this class's fields."""
+        import tomllib
+
+        path = Path(path)
+        try:
+            with path.open("rb") as file:
+                values = tomllib.load(file)
+        except FileNotFoundError:
+            raise ValueError(f"config file {str(path)!r} does not exist") from None
+        except tomllib.TOMLDecodeError as error:
+            raise ValueError(f"config file {str(path)!r} is not valid TOML: {error}") from None
+        return cls.from_dict(values, source=str(path))

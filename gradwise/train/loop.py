@@ -1,0 +1,342 @@
+"""The training loop, top to bottom: accumulate, guard, clip, step, log, evaluate, checkpoint.
+
+One optimizer update ("step") uses ``accumulate`` micro-batches of ``batch_size``
+examples. Each micro-batch's mean loss is divided by ``accumulate`` before its backward
+pass, so the summed gradients are the gradient of the mean loss over all
+``accumulate * batch_size`` examples: the update equals the one of a k-times larger batch
+(exactly so when the micro-batches are equal in size, as here).
+
+Per step, in order: the gradients of the micro-batches (under autocast for bf16/fp16, the
+loss scaled for fp16), the unscaled gradients' global norm ``||g|| = sqrt(sum_i ||g_i||^2)``
+and which tensors are not finite, the divergence guard's verdict, clipping by value
+(``g <- clamp(g, -v, v)``) and by global norm (``g <- g * min(1, c / (||g|| + 1e-6))``, as
+``torch.nn.utils.clip_grad_norm_``), the optimizer and schedule steps, a metrics record;
+every ``eval_every`` steps an evaluation and every ``checkpoint_every`` steps a checkpoint.
+
+Exact resume: a checkpoint holds everything the future of the run depends on: model,
+optimizer, scheduler, gradient scaler, the guard's counters, every RNG and the data
+position. On CPU, a run killed at any moment and resumed from its newest valid checkpoint
+produces bit for bit the losses and parameters of a run never interrupted (with the same
+number of threads).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from gradwise.problems.workload import Target, Workload
+from gradwise.problems.workloads import WORKLOADS, make_workload
+from gradwise.schedules import ScheduleLR, make_schedule
+from gradwise.train.checkpoint import CheckpointManager, Skipped, rng_state, set_rng_state, write_atomically
+from gradwise.train.config import TrainConfig
+from gradwise.train.guards import DivergenceGuard, TrainingDiverged
+from gradwise.train.metrics import MetricsWriter, Throughput, read_records
+from gradwise.train.optimizers import build_optimizer
+from gradwise.train.plots import plot_training
+from gradwise.train.precision import Precision
+
+
+@dataclass
+class TrainResult:
+    """What a finished run reports (also written to ``summary.json``)."""
+
+    workload: str
+    steps: int
+    final_metrics: dict[str, float]
+    target: Target
+    target_reached: bool
+    items_per_s: float
+    unit: str
+    wall_time_s: float
+    skipped_steps: int
+    rollbacks: list[dict[str, Any]]
+    resumed_from_step: int | None
+    skipped_checkpoints: list[Skipped] = field(default_factory=list)
+    description: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "workload": self.workload,
+            "description": self.description,
+            "steps": self.steps,
+            "final_metrics": self.final_metrics,
+            "target": {"metric": self.target.metric, "value": self.target.value, "baseline": self.target.baseline,
+                       "baseline_name": self.target.baseline_name, "reached": self.target_reached},
+            f"{self.unit}_per_s": self.items_per_s,
+            "wall_time_s": self.wall_time_s,
+            "skipped_steps": self.skipped_steps,
+            "rollbacks": self.rollbacks,
+            "resumed_from_step": self.resumed_from_step,
+            "skipped_checkpoints": [{"path": str(item.path), "reason": item.reason} for item in self.skipped_checkpoints],
+        }
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but torch sees no CUDA device; use 'cpu' or 'auto'")
+    return torch.device(name)
+
+
+def resolved_config(config: TrainConfig) -> TrainConfig:
+    """``config`` checked, with the workload's defaults filled in."""
+    config.validate()
+    return config.with_workload_defaults(WORKLOADS[config.workload].defaults)
+
+
+def check_run_folder(out: Path, config: TrainConfig, resume: bool) -> None:
+    """Refuse to write over an existing run, or to resume one with different settings."""
+    saved = out / "config.json"
+    if resume:
+        if saved.exists() and json.loads(saved.read_text()) != json.loads(json.dumps(config.to_dict())):
+            raise ValueError(f"{str(out)!r} holds a run with other settings; resume it with the same ones")
+    elif out.exists() and any(out.iterdir()):
+        raise ValueError(f"{str(out)!r} already holds files; pass --resume to continue that run or choose a new folder")
+
+
+def global_grad_norm(named_parameters: list[tuple[str, nn.Parameter]]) -> tuple[float, list[str]]:
+    """The global gradient norm and the names of the parameters whose gradient is not finite."""
+    named = [(name, p.grad) for name, p in named_parameters if p.grad is not None]
+    if not named:
+        return 0.0, []
+    norms = torch._foreach_norm([grad for _, grad in named])
+    total = torch.linalg.vector_norm(torch.stack(norms)).item()
+    if math.isfinite(total):
+        return total, []
+    return total, [name for (name, _), norm in zip(named, norms, strict=True) if not torch.isfinite(norm)]
+
+
+def accumulate_gradients(workload: Workload, precision: Precision, scaler: torch.amp.GradScaler,
+                         accumulate: int, device: torch.device) -> tuple[float, int]:
+    """Backward passes over ``accumulate`` micro-batches; returns their mean loss and the target count."""
+    total_loss = torch.zeros((), device=device)
+    items = 0
+    for _ in range(accumulate):
+        inputs, targets = (tensor.to(device, non_blocking=True) for tensor in workload.train_data.next_batch())
+        with precision.autocast():
+            loss = workload.loss(workload.model, (inputs, targets)) / accumulate
+        scaler.scale(loss).backward()
+        total_loss += loss.detach().float()
+        items += targets.numel()
+    return total_loss.item(), items
+
+
+class Trainer:
+    """One run: the pieces built from a config, and ``run()``, the loop."""
+
+    def __init__(self, config: TrainConfig, out: str | Path | None = None, *, resume: bool = False,
+                 workload: Workload | None = None, progress: bool = False) -> None:
+        self.config = config = resolved_config(config)
+        self.out = None if out is None else Path(out)
+        self.resume = resume
+        self.progress = progress
+        if self.out is not None:
+            check_run_folder(self.out, config, resume)
+        torch.set_num_threads(config.threads or os.cpu_count() or 1)
+        self.device = resolve_device(config.device)
+        self.precision = Precision(config.precision, self.device)
+        self.workload = workload or make_workload(
+            config.workload, config.batch_size, config.seed, config.data, **config.workload_options
+        )
+        self.model = self.workload.model.to(self.device)
+        self.named_parameters = [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(config.optimizer, self.model, config.lr, config.weight_decay,
+                                         config.optimizer_options)
+        schedule = make_schedule(config.schedule, config.steps, config.warmup_steps, floor=config.lr_floor,
+                                 T_0=max(1, (config.steps - config.warmup_steps) // 3))
+        self.scheduler = ScheduleLR(self.optimizer, schedule)
+        self.scaler = self.precision.grad_scaler()
+        self.guard = DivergenceGuard(config.spike_factor, config.spike_window, config.max_consecutive_skips,
+                                     config.rollback_lr_factor, config.max_rollbacks)
+        self.checkpoints = None if self.out is None else CheckpointManager(self.out / "checkpoints",
+                                                                           config.keep_checkpoints)
+        self.step = 0
+
+    # --- checkpoints -------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "guard": self.guard.state_dict(),
+            "data": self.workload.train_data.state_dict(),
+            "rng": rng_state(),
+        }
+
+    def load_state(self, state: dict[str, Any], *, rollback: bool = False) -> None:
+        """Restore a checkpoint; on a rollback keep the guard's counters and lower the lr to its scale."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.workload.train_data.load_state_dict(state["data"])
+        set_rng_state(state["rng"])
+        self.step = state["step"]
+        if not rollback:
+            self.guard.load_state_dict(state["guard"])
+            return
+        ratio = self.guard.lr_scale / state["guard"]["lr_scale"]
+        self.scheduler.base_lrs = [base * ratio for base in self.scheduler.base_lrs]
+        self.scheduler._last_lr = [lr * ratio for lr in self.scheduler._last_lr]
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] *= ratio
+            group["lr"] *= ratio
+
+    def save_checkpoint(self) -> None:
+        if self.checkpoints is not None:
+            self.checkpoints.save(self.step, self.state())
+
+    # --- the loop ----------------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        config, workload, model, optimizer = self.config, self.workload, self.model, self.optimizer
+        started = time.perf_counter()
+        resumed_from, skipped_checkpoints = None, []
+        if self.checkpoints is not None and self.resume:
+            state, _, skipped_checkpoints = self.checkpoints.load_newest()
+            if state is not None:
+                self.load_state(state)
+                resumed_from = self.step
+        metrics = None
+        if self.out is not None:
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_atomically(self.out / "config.json", json.dumps(config.to_dict(), indent=2).encode())
+            metrics = MetricsWriter(self.out, workload.unit, list(workload.eval_metrics))
+            metrics.start(resumed_from)
+            if resumed_from is None:
+                self.save_checkpoint()  # step 0: a rollback always has somewhere to go
+        throughput = Throughput()
+        bar = tqdm(total=config.steps, initial=self.step, unit="step", disable=not self.progress, dynamic_ncols=True)
+        model.train()
+        try:
+            while self.step < config.steps:
+                lr = optimizer.param_groups[0]["lr"]
+                throughput.start()
+                loss, items = accumulate_gradients(workload, self.precision, self.scaler, config.accumulate,
+                                                   self.device)
+                self.scaler.unscale_(optimizer)
+                grad_norm, nonfinite = global_grad_norm(self.named_parameters)
+
+                if self.scaler.is_enabled() and math.isfinite(loss) and not math.isfinite(grad_norm):
+                    event = "loss-scale-overflow"  # fp16: the scaler skips the step and halves the scale
+                    self.scaler.step(optimizer)
+                    self.scaler.update()
+                else:
+                    verdict = self.guard.check(self.step + 1, loss, grad_norm, nonfinite)  # 1-based, as logged
+                    if verdict != "update":
+                        self.scaler.update()  # fp16: closes this step's unscale_ (no-op for bf16/fp32)
+                    if verdict == "rollback":
+                        self.roll_back(lr, metrics, bar)
+                        continue
+                    event = "skip-nonfinite" if verdict == "skip" else ""
+                    if verdict == "update":
+                        if config.clip_value is not None:
+                            torch.nn.utils.clip_grad_value_(model.parameters(), config.clip_value)
+                        if config.clip is not None:
+                            torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip, foreach=True)
+                        self.scaler.step(optimizer)
+                        self.scaler.update()
+                with warnings.catch_warnings():
+                    # A skipped update (non-finite gradient, fp16 overflow) steps the schedule but not the
+                    # optimizer, on purpose: the schedule is a function of the step, not of the updates.
+                    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+                    self.scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                rate = throughput.stop(items)
+
+                record = {"kind": "train", "step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                          f"{workload.unit}_per_s": rate, "elapsed_s": time.perf_counter() - started, "event": event}
+                if metrics is not None:
+                    metrics.write(record)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", gnorm=f"{grad_norm:.3g}",
+                                **{f"{workload.unit[:3]}/s": f"{throughput.rate:,.0f}"}, refresh=False)
+
+                if self.step % config.eval_every == 0 and self.step < config.steps:
+                    evaluation = self.evaluate(full=False)
+                    if metrics is not None:
+                        metrics.write({"kind": "eval", "step": self.step, **evaluation})
+                    bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in evaluation.items()))
+                if self.step % config.checkpoint_every == 0 or self.step == config.steps:
+                    self.save_checkpoint()
+        except TrainingDiverged as diverged:
+            bar.close()
+            if self.out is not None:
+                write_atomically(self.out / "report.json", json.dumps(diverged.report.to_dict(), indent=2).encode())
+                self.plot()
+            raise
+        bar.close()
+
+        final = self.evaluate(full=True)
+        result = TrainResult(
+            workload=workload.name, steps=self.step, final_metrics=final, target=workload.target,
+            target_reached=workload.target.reached(final), items_per_s=throughput.rate, unit=workload.unit,
+            wall_time_s=time.perf_counter() - started, skipped_steps=self.guard.skipped_steps,
+            rollbacks=list(self.guard.rollbacks), resumed_from_step=resumed_from,
+            skipped_checkpoints=skipped_checkpoints, description=workload.description,
+        )
+        if self.out is not None:
+            metrics.write({"kind": "eval", "step": self.step, "full": True, **final})
+            torch.save(model.state_dict(), self.out / "model.pt")
+            write_atomically(self.out / "summary.json", json.dumps(result.to_dict(), indent=2).encode())
+            self.plot()
+        return result
+
+    def evaluate(self, full: bool) -> dict[str, float]:
+        """The workload's validation metrics: the quick estimate under the run's precision, the full one in fp32."""
+        with torch.no_grad():
+            if full:
+                return self.workload.evaluate(self.model, True)
+            with self.precision.autocast():
+                return self.workload.evaluate(self.model, False)
+
+    def roll_back(self, lr: float, metrics: MetricsWriter | None, bar: tqdm) -> None:
+        """Go back to the newest valid checkpoint with a lower lr, or stop with the report."""
+        state = None if self.checkpoints is None else self.checkpoints.load_newest()[0]
+        if state is None or not self.guard.can_roll_back():
+            why = "no checkpoint to roll back to" if state is None else f"{len(self.guard.rollbacks)} rollbacks spent"
+            raise TrainingDiverged(self.guard.report(self.step + 1, lr, f"{self.guard.reason}; {why}"))
+        from_step = self.step + 1
+        self.guard.record_rollback(from_step, state["step"])
+        self.optimizer.zero_grad(set_to_none=True)
+        self.load_state(state, rollback=True)
+        message = (f"step {from_step}: {self.guard.reason}; rolled back to step {self.step}, "
+                   f"lr x{self.guard.lr_scale:g}")
+        bar.write(message)
+        bar.n = self.step
+        if metrics is not None:
+            metrics.write({"kind": "rollback", "step": from_step, "event": "rollback", "to_step": self.step,
+                           "lr_scale": self.guard.lr_scale, "reason": self.guard.reason})
+
+    def plot(self) -> None:
+        records = read_records(self.out / "metrics.jsonl")
+        title = f"{self.workload.name}: {self.config.optimizer}, {self.config.schedule}, lr {self.config.lr:g}"
+        metrics = self.workload.eval_metrics
+        plot_training(records, self.out / "training.png", title, "val_loss" if "val_loss" in metrics else metrics[0])
+
+
+def train(config: TrainConfig, out: str | Path | None = None, *, resume: bool = False,
+          workload: Workload | None = None, progress: bool = False) -> TrainResult:
+    """Train as ``config`` says; checkpoints, metrics and plots go to ``out`` (none when ``None``).
+
+    ``resume=True`` continues from the newest checkpoint in ``out`` that verifies (a fresh
+    start when there is none). ``workload`` replaces the one ``config`` names (for tests and
+    library use). Raises ``TrainingDiverged`` with a report when the guards give up.
+    """
+    return Trainer(config, out, resume=resume, workload=workload, progress=progress).run()

@@ -1,0 +1,50 @@
+"""The optimizers a training run can name, and how the run builds one.
+
+Weight decay goes to matrices and embeddings only (:func:`gradwise.optim.weight_decay_groups`);
+optimizers without a ``weight_decay`` hyperparameter get a single group. Any other
+hyperparameter comes from ``options`` (``betas``, ``momentum``, ...), checked by the
+optimizer's own validators.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from torch import nn
+from torch.optim import Optimizer
+
+from gradwise import optim
+from gradwise.validation import check_choice
+
+OPTIMIZERS: dict[str, tuple[type[Optimizer], dict[str, Any]]] = {
+    "sgd": (optim.SGD, {}),
+    "momentum": (optim.SGD, {"momentum": 0.9}),
+    "nesterov": (optim.SGD, {"momentum": 0.9, "nesterov": True}),
+    "adagrad": (optim.Adagrad, {}),
+    "rmsprop": (optim.RMSprop, {}),
+    "adam": (optim.Adam, {}),
+    "adamw": (optim.AdamW, {"betas": (0.9, 0.95)}),
+    "nadam": (optim.NAdam, {}),
+    "lion": (optim.Lion, {"betas": (0.9, 0.99)}),
+}
+"""name -> (class, hyperparameters that differ from the class defaults for training).
+
+AdamW and Lion use the betas of GPT-style training (nanoGPT, Chen et al. 2023,
+arXiv:2302.06675) rather than their papers' defaults.
+"""
+
+
+def build_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float,
+                    options: dict[str, Any] | None = None) -> Optimizer:
+    """The optimizer ``name`` over ``model``'s parameters."""
+    optimizer_class, defaults = OPTIMIZERS[check_choice("optimizer", name, OPTIMIZERS)]
+    settings = {**defaults, **(options or {})}
+    if isinstance(settings.get("betas"), list):
+        settings["betas"] = tuple(settings["betas"])
+    accepted = inspect.signature(optimizer_class).parameters
+    for option in settings:
+        check_choice(f"{name} option", option, [key for key in accepted if key not in ("params", "lr")])
+    if "weight_decay" in accepted and weight_decay > 0:
+        return optimizer_class(optim.weight_decay_groups(model, weight_decay), lr=lr, **settings)
+    return optimizer_class(model.parameters(), lr=lr, **settings)

@@ -1,0 +1,117 @@
+"""``gradwise plan ...``: tables, JSON, plots, and bad input (one line, exit code 2)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gradwise.cli import main
+
+
+def exit_code(arguments: list[str]) -> int:
+    """``main``'s return value, or the code of the ``SystemExit`` that argparse raises."""
+    try:
+        return main(arguments)
+    except SystemExit as exit:
+        return exit.code
+
+
+def run_json(capsys, *arguments):
+    assert main(["plan", *arguments, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_memory_json_and_plot(tmp_path, capsys):
+    data = run_json(capsys, "memory", "--params", "7e9", "--optimizer", "adamw", "--precision", "bf16",
+                    "--zero", "3", "--devices", "8", "--out", str(tmp_path))
+    assert data["per_device"]["total"] == pytest.approx(84e9 / 8, rel=1e-6)
+    assert [row["bytes"]["total"] for row in data["by_stage"]][0] == pytest.approx(84e9, rel=1e-6)
+    assert (tmp_path / "memory.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_memory_table_with_transformer_activations(tmp_path, capsys):
+    code = main(["plan", "memory", "--layers", "12", "--width", "768", "--vocab", "50257", "--seq-len", "1024",
+                 "--micro-batch", "8", "--precision", "mixed", "--optimizer", "adam", "--no-plot"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "1.237e+08 parameters" in out and "* DP" in out
+    assert "activations not included" not in out
+
+
+def test_step_shows_where_latency_dominates(tmp_path, capsys):
+    data = run_json(capsys, "step", "--params", "1.2e7", "--devices", "4096", "--tokens", "2.6e5",
+                    "--out", str(tmp_path))
+    rows = {row["devices"]: {f["precision"]: f for f in row["formats"]} for row in data["by_devices"]}
+    assert rows[1]["bf16"]["step_s"] / rows[1]["fp8"]["step_s"] == pytest.approx(2.0)
+    assert rows[4096]["bf16"]["step_s"] / rows[4096]["fp8"]["step_s"] < 1.05
+    assert data["latency_dominates_from_devices"] == 128
+    assert set(data["time_to_solution"]) == {"fp32", "bf16", "fp8"}
+    assert (tmp_path / "step_time.png").exists()
+
+
+def test_batch_json(capsys):
+    data = run_json(capsys, "batch", "--workload", "mlp", "--eps", "0.3", "--delta", "0.1", "--examples", "256",
+                    "--samples", "500")
+    assert data["sampled"]["fraction_within_eps"] >= 0.9
+    assert data["batch_size"] == pytest.approx(data["noise_scale"] / (0.3**2 * 0.1), abs=1)
+
+
+def test_stability_table_and_plot(tmp_path, capsys):
+    code = main(["plan", "stability", "--tau", "2", "--max-tau", "3", "--curvature", "10", "--kappa", "100",
+                 "--out", str(tmp_path)])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "* 2" in out and "0.618034" in out and "0.980198" in out
+    assert (tmp_path / "stability.png").exists()
+    data = run_json(capsys, "stability", "--tau", "1", "--no-simulation", "--no-plot")
+    assert data["critical_step"] == pytest.approx(1.0)
+
+
+def test_network_and_failures(tmp_path, capsys):
+    topology = tmp_path / "net.json"
+    topology.write_text(json.dumps({"links": [
+        {"from": "storage", "to": "w1", "latency": 1, "bandwidth": 4},
+        {"from": "storage", "to": "w2", "latency": 2, "bandwidth": 6},
+        {"from": "w1", "to": "w2", "latency": 1, "bandwidth": 1}], "source": "storage", "sinks": ["w1", "w2"]}))
+    data = run_json(capsys, "network", str(topology))
+    assert data["max_flow"]["value"] == 10 and data["spanning_tree"]["total"] == 2
+    jobs = tmp_path / "jobs.csv"
+    jobs.write_text("hardware,outcome\n" + "a,ok\n" * 40 + "a,oom\n" * 2 + "b,ok\n" * 20 + "b,oom\n" * 20)
+    data = run_json(capsys, "failures", str(jobs))
+    assert data["p_value"] < 1e-4 and data["driving_cells"][0]["hardware"] in ("a", "b")
+    assert main(["plan", "failures", str(jobs)]) == 0
+    assert "chi-squared" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("arguments", "field"),
+    [
+        (["memory", "--params", "-1"], "params"),
+        (["memory", "--params", "7e9", "--optimizer", "adamq"], "optimizer"),
+        (["memory", "--params", "7e9", "--precision", "fp4"], "precision"),
+        (["memory", "--params", "7e9", "--devices", "0"], "devices"),
+        (["memory", "--params", "7e9", "--zero", "5"], "zero"),
+        (["step", "--params", "0"], "params"),
+        (["step", "--params", "1e9", "--bandwidth", "-1"], "bandwidth"),
+        (["step", "--params", "1e9", "--throughput", "fast"], "--throughput"),
+        (["batch", "--workload", "resnet"], "workload"),
+        (["batch", "--delta", "1.5"], "delta"),
+        (["stability", "--tau", "-2"], "tau"),
+        (["network", "missing.json"], "topology"),
+        (["failures", "missing.csv"], "jobs"),
+        (["memory", "--params", "lots"], "--params"),
+    ],
+)
+def test_bad_input_is_one_line_naming_the_field_and_exit_2(capsys, arguments, field):
+    assert exit_code(["plan", *arguments]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and field in err
+
+
+def test_malformed_topology_is_exit_2(tmp_path, capsys):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"links": [{"from": "a", "to": "b", "bandwidth": "wide"}], "source": "a"}))
+    assert main(["plan", "network", str(path)]) == 2
+    assert "topology.links[0].bandwidth must be a number" in capsys.readouterr().err
+
