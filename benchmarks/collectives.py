@@ -21,12 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 from pathlib import Path
 
-import torch
-
-import gradwise
+from gradwise.bench.machine import describe_machine
 from gradwise.plan.collective_timing import COLLECTIVES, time_collectives
 from gradwise.plan.communication import collective_time, fit_alpha_beta
 
@@ -34,24 +31,6 @@ SIZES = [2**k for k in range(12, 25, 2)] + [2**21, 2**23]
 FIT_SIZES = [2**12, 2**16, 2**20, 2**22]
 ALGORITHM = {"all_reduce": "ring_all_reduce", "reduce_scatter": "ring_reduce_scatter", "all_gather": "ring_all_gather"}
 TARGET = 0.25
-
-
-def machine() -> dict[str, object]:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as info:
-            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "gradwise": gradwise.__version__,
-        "platform": platform.platform(),
-        "backend": "gloo, 127.0.0.1, one torch thread per process",
-    }
 
 
 def run(max_processes: int, repeats: int) -> dict[str, object]:
@@ -76,7 +55,7 @@ def run(max_processes: int, repeats: int) -> dict[str, object]:
                 "in_fit": t in fit_rows,
             })
     fits = {c: {"alpha_s": link.alpha, "beta_s_per_byte": link.beta} for c, link in links.items()}
-    return {"machine": machine(), "repeats": repeats, "fitted_on": "2 processes, sizes "
+    return {"machine": describe_machine(), "repeats": repeats, "fitted_on": "2 processes, sizes "
             + ", ".join(str(n) for n in FIT_SIZES), "fits": fits, "target": TARGET, "rows": rows}
 
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import scipy.optimize
 import torch
-from step_throughput import machine
 
 import gradwise.optim as gw
+from gradwise.bench.machine import describe_machine
 
 RESULTS = Path(__file__).parent / "results"
 DIMS = (2, 10, 30, 60, 100, 200)
@@ -60,7 +60,7 @@ def main() -> None:
         print(f"{dim:>4} {row['scipy']:>6} {ours:>9} {theirs:>6} {row['gradwise_ratio']:>15.3f} {row['torch_ratio']:>12.3f}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "lbfgs_evaluations.json"
-    path.write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2) + "\n")
+    path.write_text(json.dumps({"machine": describe_machine(), "rows": rows}, indent=2) + "\n")
     print(f"wrote {path}")
 
 

@@ -14,8 +14,6 @@ import time
 import warnings
 from pathlib import Path
 
-from step_throughput import machine
-
 from gradwise.bench.logistic_race import (
     DEFAULT_SIZE,
     FULL_SIZE,
@@ -25,6 +23,7 @@ from gradwise.bench.logistic_race import (
     plot_logistic_race,
     to_json,
 )
+from gradwise.bench.machine import describe_machine
 from gradwise.problems.logistic import SparseLogistic
 
 RESULTS = Path(__file__).parent / "results"
@@ -62,7 +61,7 @@ def main() -> None:
     )
     args.out.mkdir(parents=True, exist_ok=True)
     plot = plot_logistic_race(result, args.out / "logistic_comparison.png")
-    payload = {"machine": machine(), "seconds": time.perf_counter() - start, "finding": finding, **to_json(result)}
+    payload = {"machine": describe_machine(), "seconds": time.perf_counter() - start, "finding": finding, **to_json(result)}
     path = args.out / "logistic_comparison.json"
     path.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {path} and {plot}")

@@ -40,9 +40,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).parent))
-from step_throughput import gpt_shaped_params, machine  # noqa: E402
+from step_throughput import gpt_shaped_params  # noqa: E402
 
 import gradwise.optim as gw  # noqa: E402
+from gradwise.bench.machine import describe_machine  # noqa: E402
 from gradwise.curvature.gauss_newton_bartlett import gauss_newton_bartlett  # noqa: E402
 from gradwise.optim.shampoo import block_layout, matrix_view_shape  # noqa: E402
 
@@ -329,7 +330,7 @@ def main() -> None:
     algorithms = None if args.algorithms is None else {a.strip().lower() for a in args.algorithms.split(",")}
     params = gpt_shaped_params(args.layers, args.width, args.vocab)
     report = {
-        "machine": machine(),
+        "machine": describe_machine(),
         "setup": {"parameters": sum(p.numel() for p in params), "tensors": len(params), "layers": args.layers,
                   "width": args.width, "vocab": args.vocab, "dtype": "float32", "rounds": args.rounds,
                   "steps_per_round": args.steps, "block_size": BLOCK,

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 from matplotlib.figure import Figure
-from step_throughput import machine
 
+from gradwise.bench.machine import describe_machine
 from gradwise.curvature import gamma_curvatures, noisy_newton_bias
 
 RESULTS = Path(__file__).parent / "results"
@@ -47,7 +47,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     png = plot(result, RESULTS / "noisy_newton_bias.png")
     path = RESULTS / "noisy_newton_bias.json"
-    path.write_text(json.dumps({"machine": machine(), "gamma_shape": SHAPE, **asdict(result)}, indent=2) + "\n")
+    path.write_text(json.dumps({"machine": describe_machine(), "gamma_shape": SHAPE, **asdict(result)}, indent=2) + "\n")
     print(f"wrote {path} and {png}")
 
 

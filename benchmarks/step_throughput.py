@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import random
 import statistics
 import time
@@ -33,8 +31,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-import gradwise
 import gradwise.optim as gw
+from gradwise.bench.machine import describe_machine
 
 
 @dataclass
@@ -126,24 +124,6 @@ def time_steps(optimizer: torch.optim.Optimizer, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def machine() -> dict[str, object]:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as info:
-            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "gradwise": gradwise.__version__,
-        "platform": platform.platform(),
-    }
-
-
 def run(
     layers: int, width: int, vocab: int, rounds: int, steps: int, warmup: int, algorithms: set[str] | None = None
 ) -> dict[str, object]:
@@ -183,7 +163,7 @@ def run(
             )
         )
     return {
-        "machine": machine(),
+        "machine": describe_machine(),
         "setup": {"parameters": numel, "tensors": len(params), "layers": layers, "width": width,
                   "vocab": vocab, "dtype": "float32", "rounds": rounds, "steps_per_round": steps},
         "results": [asdict(r) for r in results],

@@ -22,31 +22,17 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-
-import gradwise
+from gradwise.bench.machine import describe_machine
 
 RESULTS = Path(__file__).parent / "results" / "train_tiny_gpt.json"
 TIME_LIMIT_S = 600.0
 WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
-
-
-def machine() -> dict[str, object]:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as info:
-            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
-            "gradwise": gradwise.__version__, "platform": platform.platform()}
 
 
 def main() -> None:
@@ -81,7 +67,7 @@ def main() -> None:
             "elapsed_s": elapsed[first_below["step"]]},
         "load_average_before_after": [load_before, load_after],
         "omp_wait_policy": WAIT_POLICY,
-        "machine": machine(),
+        "machine": describe_machine(),
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(report, indent=2) + "\n")

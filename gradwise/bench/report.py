@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import math
-import platform
 from typing import Any
 
 import torch
 
-from gradwise import __version__
+from gradwise.bench.machine import describe_machine
 from gradwise.bench.race import Entry, RaceResult
 from gradwise.problems import Problem
 
@@ -114,14 +113,7 @@ def to_json(result: RaceResult) -> dict[str, Any]:
     """The whole race as a JSON-serialisable dict: settings, machine, problems and rows."""
     return {
         "settings": {"steps": result.steps, "tol": result.tol, "sweep_points": result.sweep_points},
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "gradwise": __version__,
-            "threads": torch.get_num_threads(),
-        },
+        "machine": describe_machine(),
         "problems": [
             {
                 "problem": problem.label,
