@@ -1,13 +1,14 @@
 # The two commands a newcomer types (see README.md):
 #   make race   - set up the environment (once) and run the optimizer race on its defaults
 #   make test   - set up the environment (once) and run the test suite
+# and, for maintainers: make measure (timed model checks), make bench (step throughput)
 # The environment is rebuilt only when pyproject.toml or constraints.txt change.
 
 PYTHON ?= python3
 VENV   := .venv
 STAMP  := $(VENV)/.installed
 
-.PHONY: race test bench clean
+.PHONY: race test measure bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -18,7 +19,13 @@ race: $(STAMP)
 	$(VENV)/bin/gradwise race
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -n 2 -q
+	$(VENV)/bin/python -m pytest -n 2 -q -m "not measurement"
+
+# Timed checks of the models against this machine (marked "measurement"), run alone so that
+# no other test competes for the cores; not part of `make test`, whose result must not
+# depend on how busy a shared machine is.
+measure: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -m measurement
 
 bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/step_throughput.py
