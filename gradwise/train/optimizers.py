@@ -27,11 +27,16 @@ OPTIMIZERS: dict[str, tuple[type[Optimizer], dict[str, Any]]] = {
     "adamw": (optim.AdamW, {"betas": (0.9, 0.95)}),
     "nadam": (optim.NAdam, {}),
     "lion": (optim.Lion, {"betas": (0.9, 0.99)}),
+    "adafactor": (optim.Adafactor, {}),
+    "shampoo": (optim.Shampoo, {}),
+    "soap": (optim.SOAP, {}),
 }
 """name -> (class, hyperparameters that differ from the class defaults for training).
 
 AdamW and Lion use the betas of GPT-style training (nanoGPT, Chen et al. 2023,
-arXiv:2302.06675) rather than their papers' defaults.
+arXiv:2302.06675) rather than their papers' defaults. Muon (which needs its own param groups,
+see :func:`gradwise.optim.muon_param_groups`), Sophia and K-FAC (which need the loop to feed
+them curvature) and the closure-driven second-order methods are not available here yet.
 """
 
 
