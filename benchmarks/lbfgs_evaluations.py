@@ -6,6 +6,7 @@ inf-norm of 1e-5 (scipy's default pgtol). Prints the table and writes
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -41,6 +42,7 @@ def count(optimizer_class, start: np.ndarray, **options) -> tuple[int, float]:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()
     rows = []
     print(f"{'dim':>4} {'scipy':>6} {'gradwise':>9} {'torch':>6} {'gradwise/scipy':>15} {'torch/scipy':>12}")
     for dim in DIMS:

@@ -5,6 +5,7 @@ writes ``benchmarks/results/noisy_newton_bias.json`` and ``.png``.
 
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -39,6 +40,7 @@ def plot(result, path: Path) -> Path:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()
     curvatures = gamma_curvatures(10_000, shape=SHAPE, mean=1.0, seed=0)
     result = noisy_newton_bias(curvatures, 1.0, BATCH_SIZES, trials=200_000, generator=torch.Generator().manual_seed(0))
     print(f"{'b':>4} {'measured':>10} {'std err':>9} {'predicted':>10} {'ratio':>6}")

@@ -20,6 +20,7 @@ machine the two are within noise. The setting is recorded in the JSON.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -36,6 +37,9 @@ WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=RESULTS, help=f"JSON file to write (default: {RESULTS})")
+    args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "run"
         load_before = os.getloadavg()
@@ -69,8 +73,8 @@ def main() -> None:
         "omp_wait_policy": WAIT_POLICY,
         "machine": describe_machine(),
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
     rows = [
         ("wall clock (s)", f"{wall:.1f} (limit {TIME_LIMIT_S:.0f})"),
         ("tokens/s (training steps)", f"{report['tokens_per_s']:,.0f}"),
@@ -84,7 +88,7 @@ def main() -> None:
     ]
     width = max(len(name) for name, _ in rows)
     print("\n".join(f"{name.ljust(width)}  {value}" for name, value in rows))
-    print(f"wrote {RESULTS}")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
