@@ -82,3 +82,14 @@ def test_a_global_batch_that_does_not_split_evenly_is_refused():
     stream = RankSlice(ShuffledEpochs(torch.randn(10, 2), torch.arange(10), 5), 0, 2)
     with pytest.raises(ValueError, match="global batch of 5 rows does not split evenly over 2 ranks"):
         stream.next_batch()
+
+
+def return_tensors(rank: int, world_size: int) -> dict[str, torch.Tensor]:
+    return {"rank": torch.full((3,), float(rank)), "big": torch.arange(100_000)}
+
+
+def test_tensors_come_back_intact_after_the_processes_exit():
+    results = run_processes(return_tensors, 2)
+    for rank, result in enumerate(results):
+        assert torch.equal(result["rank"], torch.full((3,), float(rank)))
+        assert torch.equal(result["big"], torch.arange(100_000))

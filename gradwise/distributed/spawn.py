@@ -13,6 +13,7 @@ This is for tests, benchmarks and notebooks; jobs are launched with ``torchrun``
 from __future__ import annotations
 
 import datetime
+import io
 import os
 import queue
 import tempfile
@@ -42,7 +43,11 @@ def _entry(fn: Callable[..., Any], rank: int, world_size: int, init_method: str,
         value = fn(rank, world_size, *args)
         dist.barrier()
         dist.destroy_process_group()
-        results.put((rank, "ok", value))
+        # Serialised to bytes: a tensor put on the queue as is would travel through shared
+        # memory that vanishes when this process exits, before the parent reads it.
+        buffer = io.BytesIO()
+        torch.save(value, buffer)
+        results.put((rank, "ok", buffer.getvalue()))
     except BaseException:  # report everything, including a KeyboardInterrupt, to the parent
         results.put((rank, "error", traceback.format_exc()))
 
@@ -86,7 +91,7 @@ def run_processes(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s
                     continue
                 if status == "error":
                     raise WorkerFailed(f"rank {rank} of {world_size} running {fn.__name__} failed:\n{value}")
-                values[rank] = value
+                values[rank] = torch.load(io.BytesIO(value), weights_only=False)
         finally:
             for process in processes:
                 if process.is_alive() and len(values) < world_size:
