@@ -93,7 +93,7 @@ class Adam(GradwiseOptimizer):
         check_range("weight_decay", group["weight_decay"], 0.0)
 
     def _update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
-        fused = fused_kernel_applies(group, params, type(self).__name__)
+        fused = fused_kernel_applies(group, params, type(self).__name__, dtensors=True)
         lists = [
             params,
             grads,

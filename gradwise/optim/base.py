@@ -17,6 +17,7 @@ shares:
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -117,6 +118,16 @@ def scalar_dtype() -> torch.dtype:
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
+def is_dtensor(tensor: Any) -> bool:
+    """Whether ``tensor`` is a DTensor (a parameter sharded by FSDP2 or tensor parallelism).
+
+    Looked up in ``sys.modules`` so that optimizers do not import ``torch.distributed.tensor``
+    (0.7 s): no DTensor can exist before that module is loaded.
+    """
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
+
+
 def zeros_like(param: Tensor) -> Tensor:
     """A zero state tensor shaped and placed like ``param``."""
     return torch.zeros_like(param, memory_format=torch.preserve_format)
@@ -139,23 +150,26 @@ def by_device_and_dtype(*tensor_lists: list[Tensor]) -> Iterator[tuple[list[Tens
         yield tuple([tensors[i] for i in indices] for tensors in tensor_lists)
 
 
-def fused_kernel_applies(group: dict[str, Any], params: list[Tensor], optimizer: str) -> bool:
+def fused_kernel_applies(group: dict[str, Any], params: list[Tensor], optimizer: str, dtensors: bool = False) -> bool:
     """Whether ``group``'s ``fused`` option and ``params`` select torch's fused kernel.
 
     ``fused=None`` (the default) uses it when every parameter is a dense floating-point
     tensor on a CPU or CUDA device; ``fused=True`` demands it; ``fused=False`` never uses it.
+    DTensors (FSDP2 shards) qualify only where ``dtensors`` says torch registers the kernel
+    for them (Adam's and AdamW's); elsewhere they take the foreach path.
     """
     fused = group["fused"]
     if fused is False:
         return False
     supported = all(
         p.device.type in ("cpu", "cuda") and p.dtype in _FUSED_DTYPES and not torch.is_complex(p)
+        and (dtensors or not is_dtensor(p))
         for p in params
     )
     if fused and not supported:
         raise RuntimeError(
             f"{optimizer}(fused=True) needs dense float16/bfloat16/float32/float64 parameters "
-            "on a CPU or CUDA device; pass fused=None to fall back to the foreach path"
+            "on a CPU or CUDA device (not DTensors); pass fused=None to fall back to the foreach path"
         )
     return supported
 
@@ -174,9 +188,10 @@ def cache_blocks(*columns: list, block_numel: int = CPU_BLOCK_NUMEL) -> Iterator
     tensors are split into flat views (updates through the views land in the tensors);
     small ones are gathered until a block is full. Columns that are not tensors (per-parameter
     step sizes, say) are repeated for each piece of their parameter. On other devices the
-    columns are yielded whole: a GPU foreach kernel already covers every tensor in one launch.
+    columns are yielded whole: a GPU foreach kernel already covers every tensor in one launch;
+    so are DTensors, whose flat views would need communication.
     """
-    if not columns[0] or columns[0][0].device.type != "cpu":
+    if not columns[0] or columns[0][0].device.type != "cpu" or is_dtensor(columns[0][0]):
         yield columns
         return
     block: list[list] = [[] for _ in columns]

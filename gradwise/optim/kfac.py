@@ -99,6 +99,7 @@ class KFAC(GradwiseOptimizer):
         owned = {id(p) for p in model.parameters()}
         if any(id(p) not in owned for group in self.param_groups for p in group["params"]):
             raise ValueError("params must be parameters of model")
+        self.model = model
         self.layers = [m for m in model.modules() if isinstance(m, LAYERS)]
         self._pending: dict[nn.Module, dict[str, Tensor]] = {}
         self._fisher_captured: set[nn.Module] = set()
@@ -134,6 +135,16 @@ class KFAC(GradwiseOptimizer):
         pending["A"], pending["G"] = input_output_factors(layer, pending["input"], grad_output.detach())
         if self._capturing_fisher:
             self._fisher_captured.add(layer)
+
+    def pending_factors(self) -> dict[nn.Module, tuple[Tensor, Tensor]]:
+        r"""The factors :math:`(\hat A, \hat G)` of the last backward pass, by layer, that the
+        next ``step()`` folds into the running averages.
+
+        For data parallelism: each rank's are means over its own rows of the batch, so
+        averaging them over the ranks in place before ``step()`` gives the factors of the
+        global batch (:class:`gradwise.distributed.zero.ZeroOptimizer` does).
+        """
+        return {layer: (pending["A"], pending["G"]) for layer, pending in self._pending.items() if "A" in pending}
 
     class _Capture:
         def __init__(self, optimizer: KFAC) -> None:

@@ -14,6 +14,7 @@ from gradwise.optim.base import (
     apply_weight_decay,
     by_device_and_dtype,
     cache_blocks,
+    is_dtensor,
     maybe_negate,
     zeros_like,
 )
@@ -96,6 +97,8 @@ class Lion(GradwiseOptimizer):
         group: dict[str, Any], params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor]
     ) -> None:
         lr, (beta1, beta2), weight_decay = group["lr"], group["betas"], group["weight_decay"]
+        if is_dtensor(params[0]):  # element-wise: each rank updates its local shards in place
+            params, grads, exp_avgs = ([t.to_local() for t in tensors] for tensors in (params, grads, exp_avgs))
         if params[0].device.type == "cpu":
             lion_cpu().lion_(params, grads, exp_avgs, lr, 1 - lr * weight_decay, beta1, beta2)
             return

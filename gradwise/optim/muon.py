@@ -10,7 +10,13 @@ import torch
 from torch import Tensor, nn
 
 from gradwise.optim.adam import Adam
-from gradwise.optim.base import GradwiseOptimizer, ParamsT, fused_kernel_applies, zeros_like
+from gradwise.optim.base import (
+    GradwiseOptimizer,
+    ParamsT,
+    fused_kernel_applies,
+    is_dtensor,
+    zeros_like,
+)
 from gradwise.validation import check_betas, check_choice, check_int, check_range
 
 # Keller Jordan's quintic coefficients, chosen to maximise the slope at zero.
@@ -112,6 +118,9 @@ class Muon(GradwiseOptimizer):
     - a 3-D weight is a batch of matrices, each orthogonalised on its own (per head, per
       expert); a 4-D convolution weight is flattened to ``(out, in * kh * kw)``;
     - matrices of one shape go through Newton-Schulz together, as one batched product;
+    - a matrix sharded as a DTensor (FSDP2, :func:`gradwise.distributed.fsdp.shard_model`)
+      is gathered whole for Newton-Schulz (which needs every row), and each rank adds its
+      own shard of the result;
     - **routing**: parameters that should not be orthogonalised (embeddings, the output
       head, biases and gains) are stepped by an internal AdamW, so one ``Muon`` takes all
       of a model's parameters. A param group chooses with ``use_muon``: ``True`` (Muon;
@@ -219,6 +228,8 @@ class Muon(GradwiseOptimizer):
         updates = torch._foreach_lerp(grads, buffers, momentum) if group["nesterov"] else buffers
         if weight_decay != 0:
             torch._foreach_mul_(params, 1 - lr * weight_decay)
+        # A sharded (DTensor) matrix is orthogonalised whole: gather it on every rank.
+        updates = [update.full_tensor() if is_dtensor(update) else update for update in updates]
         # Matrices of one shape, dtype and device share one batched Newton-Schulz call.
         batches: dict[tuple, list[int]] = {}
         for index, param in enumerate(params):
@@ -233,7 +244,8 @@ class Muon(GradwiseOptimizer):
             start = 0
             for i in indices:
                 count = params[i].numel() // (rows * cols)
-                params[i].add_(orthogonal[start : start + count].view(params[i].shape), alpha=step)
+                update = orthogonal[start : start + count].view(params[i].shape)
+                params[i].add_(local_part(update, params[i]) if is_dtensor(params[i]) else update, alpha=step)
                 start += count
 
     def _adamw_update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
@@ -247,11 +259,21 @@ class Muon(GradwiseOptimizer):
             "decoupled_weight_decay": True,
             "fused": None,
         }
-        fused = fused_kernel_applies(adamw, params, "Muon's AdamW")
+        fused = fused_kernel_applies(adamw, params, "Muon's AdamW", dtensors=True)
         update = Adam._fused_update if fused else Adam._foreach_update
         exp_avgs = [self._state(p, "exp_avg", zeros_like) for p in params]
         exp_avg_sqs = [self._state(p, "exp_avg_sq", zeros_like) for p in params]
         update(adamw, params, grads, exp_avgs, exp_avg_sqs, [], self._step_counters(params, on_device=fused))
+
+
+def local_part(full: Tensor, like: Tensor) -> Tensor:
+    """``full`` (the same whole tensor on every rank) as a DTensor placed like ``like``:
+    each rank keeps its own shard, cut locally without communication."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    mesh = like.device_mesh
+    replicated = DTensor.from_local(full, mesh, [Replicate()] * mesh.ndim, run_check=False)
+    return replicated.redistribute(mesh, like.placements)
 
 
 def muon_param_groups(

@@ -114,8 +114,8 @@ class SGD(GradwiseOptimizer):
                 buffers, fresh = momentum_columns
                 new = [i for i, is_new in enumerate(fresh) if is_new]
                 old = [i for i, is_new in enumerate(fresh) if not is_new]
-                if new:
-                    torch._foreach_copy_([buffers[i] for i in new], [grads[i] for i in new])
+                for i in new:  # first step only; a loop because DTensor has no foreach copy
+                    buffers[i].copy_(grads[i])
                 if old:
                     old_buffers = [buffers[i] for i in old]
                     torch._foreach_mul_(old_buffers, momentum)
