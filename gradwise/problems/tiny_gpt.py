@@ -33,16 +33,19 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, d_model: int, n_head: int, n_layer: int) -> None:
         super().__init__()
         self.n_head = n_head
+        self.head_dim = d_model // n_head
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.proj = nn.Linear(d_model, d_model)
         nn.init.normal_(self.proj.weight, std=0.02 / math.sqrt(2 * n_layer))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, length, width = x.shape
-        q, k, v = self.qkv(x).split(width, dim=2)
-        q, k, v = (t.view(batch, length, self.n_head, width // self.n_head).transpose(1, 2) for t in (q, k, v))
+        batch, length, _ = x.shape
+        # Widths come from qkv's output: under tensor parallelism it holds only this rank's heads.
+        q, k, v = self.qkv(x).chunk(3, dim=2)
+        heads = q.shape[2] // self.head_dim
+        q, k, v = (t.view(batch, length, heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.proj(y.transpose(1, 2).reshape(batch, length, width))
+        return self.proj(y.transpose(1, 2).reshape(batch, length, heads * self.head_dim))
 
 
 class Block(nn.Module):

@@ -1,0 +1,126 @@
+"""Tensor parallelism for :class:`~gradwise.problems.tiny_gpt.TinyGPT`, and its composition with data parallelism.
+
+Megatron-LM's layout (Shoeybi et al. 2019, arXiv:1909.08053, section 3) on
+``torch.distributed.tensor.parallel``: in every block the first Linear of each pair is split
+by output columns and the second by input rows,
+
+    attention:  [q k v] = x W_qkv  (W_qkv column-wise: rank r computes its n_head / t heads)
+                y = [y_1 ... y_t] W_proj = sum_r y_r W_proj^(r)  (row-wise, one all-reduce)
+    MLP:        h = GELU(x W_1)  (column-wise),  y = sum_r h_r W_2^(r)  (row-wise, one all-reduce)
+
+so a block's forward costs two all-reduces of the activations and so does its backward
+(of the input gradients, at the column-wise layers). Embeddings, LayerNorms and the tied
+output layer stay whole on every rank (``Replicate()`` DTensors): the residual stream is
+replicated, so every rank computes the same gradient for them without communicating.
+Every parameter is thus a DTensor, and what works on DTensors works unchanged:
+``torch.nn.utils.clip_grad_norm_`` returns the global norm, gradwise's and torch's
+optimizers step the local shards, ``torch.distributed.checkpoint`` saves the shards.
+
+``W_qkv`` stacks the rows of q, k and v; a contiguous shard of it would hand rank 0 all of
+q and part of k. :func:`parallelize_tiny_gpt` therefore regroups its rows head-wise first,
+``[q_1 k_1 v_1 | q_2 k_2 v_2 | ...]`` (rank r's heads in block r), as Megatron stores the
+fused projection. The regrouping is a fixed row permutation of a parameter, so training is
+unchanged (element-wise optimizers and orthogonalisation commute with it) but the
+``full_tensor()`` of a tensor-parallel ``qkv`` is the permuted single-process matrix;
+:func:`qkv_row_order` gives the permutation.
+
+Data parallelism over a second mesh dimension (a ``(dp, tp)`` mesh from
+:func:`data_tensor_mesh`): each row of the mesh is one tensor-parallel model replica fed its
+slice of the global batch (:class:`~gradwise.distributed.data.RankSlice` with the dp rank),
+and :func:`average_gradients` averages the gradients' local shards over the dp group before
+the optimizer step, which then equals the step of one process on the global batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor, Replicate, distribute_module
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+from gradwise.problems.tiny_gpt import TinyGPT
+from gradwise.validation import check_int
+
+
+def qkv_row_order(d_model: int, tp: int) -> torch.Tensor:
+    """Indices that regroup the rows ``[q; k; v]`` of a ``(3 d_model, d_model)`` qkv weight as
+    ``[q_1; k_1; v_1; ...; q_tp; k_tp; v_tp]``, block ``r`` holding rank ``r``'s heads."""
+    return torch.arange(3 * d_model).view(3, tp, d_model // tp).transpose(0, 1).reshape(-1)
+
+
+def parallelize_tiny_gpt(model: TinyGPT, tp_mesh: DeviceMesh) -> TinyGPT:
+    """Shard ``model``'s blocks over the one-dimensional ``tp_mesh`` in Megatron's layout, in place.
+
+    Every rank must pass the same model (same seed), and every rank of a tensor-parallel
+    group the same inputs. The parameters become ``DTensor``s:
+    ``Shard(0)`` for the column-wise Linears (weight and bias), ``Shard(1)`` for the
+    row-wise weights, ``Replicate()`` for everything else. Inside the model the residual
+    stream is a replicated DTensor; the forward pass takes and returns ordinary tensors, so
+    the loss and the training loop are unchanged. Raises ``ValueError`` when the heads do
+    not split evenly over the mesh.
+    """
+    if tp_mesh.ndim != 1:
+        raise ValueError(f"tp_mesh must be one-dimensional, got a mesh of shape {tuple(tp_mesh.shape)}")
+    tp = tp_mesh.size()
+    n_head = model.blocks[0].attention.n_head
+    if n_head % tp:
+        raise ValueError(f"n_head must be a multiple of the tensor-parallel degree, got n_head={n_head}, tp={tp}")
+    for block in model.blocks:
+        attention = block.attention
+        order = qkv_row_order(attention.qkv.in_features, tp)
+        with torch.no_grad():
+            attention.qkv.weight.copy_(attention.qkv.weight[order])
+            attention.qkv.bias.copy_(attention.qkv.bias[order])
+        parallelize_module(block, tp_mesh, {
+            "attention.qkv": ColwiseParallel(),
+            "attention.proj": RowwiseParallel(use_local_output=False),
+            "mlp.0": ColwiseParallel(),
+            "mlp.2": RowwiseParallel(use_local_output=False),
+        })
+    for embedding in (model.token_embedding, model.position_embedding):
+        distribute_module(embedding, tp_mesh, input_fn=_replicated_inputs)
+    return distribute_module(model, tp_mesh, output_fn=_local_output)
+
+
+def _replicated_inputs(module: nn.Module, inputs: tuple, mesh: DeviceMesh) -> tuple:
+    """The same tensor on every rank, as a replicated DTensor (no communication)."""
+    return tuple(DTensor.from_local(x, mesh, [Replicate()], run_check=False) for x in inputs)
+
+
+def _local_output(module: nn.Module, output: DTensor, mesh: DeviceMesh) -> torch.Tensor:
+    return output.to_local()
+
+
+def data_tensor_mesh(dp: int, tp: int, device_type: str = "cpu") -> DeviceMesh:
+    """The ``(dp, tp)`` mesh with dimensions named ``"dp"`` and ``"tp"``: ranks ``r tp .. r tp + tp - 1``
+    form tensor-parallel group ``r``. The world size must be ``dp * tp``."""
+    check_int("dp", dp, 1)
+    check_int("tp", tp, 1)
+    world_size = dist.get_world_size()
+    if dp * tp != world_size:
+        raise ValueError(f"dp x tp must equal the world size, got dp={dp}, tp={tp} for world size {world_size}")
+    return init_device_mesh(device_type, (dp, tp), mesh_dim_names=("dp", "tp"))
+
+
+@torch.no_grad()
+def average_gradients(model: nn.Module, dp_mesh: DeviceMesh) -> None:
+    """Average every gradient over the data-parallel ``dp_mesh`` (one-dimensional), in place.
+
+    A ``DTensor`` gradient's local shard is averaged with the shards of the same
+    coordinate in the other replicas; all gradients travel in one flat all-reduce per dtype.
+    """
+    if dp_mesh.ndim != 1:
+        raise ValueError(f"dp_mesh must be one-dimensional, got a mesh of shape {tuple(dp_mesh.shape)}")
+    locals_by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for param in model.parameters():
+        if param.grad is not None:
+            grad = param.grad.to_local() if isinstance(param.grad, DTensor) else param.grad
+            locals_by_dtype.setdefault(grad.dtype, []).append(grad)
+    for grads in locals_by_dtype.values():
+        flat = torch.cat([grad.reshape(-1) for grad in grads])
+        dist.all_reduce(flat, group=dp_mesh.get_group())
+        flat /= dp_mesh.size()
+        for grad, average in zip(grads, flat.split([grad.numel() for grad in grads])):
+            grad.copy_(average.view_as(grad))
