@@ -11,10 +11,10 @@ import argparse
 import sys
 
 from gradwise import __version__
-from gradwise.cli import plan, race, schedule, train
+from gradwise.cli import distributed, plan, race, schedule, train
 from gradwise.cli.parsing import OneLineErrorParser, UsageError
 
-SUBCOMMANDS = (race, schedule, plan, train)
+SUBCOMMANDS = (race, schedule, plan, train, distributed)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what a relaunch (train --nproc) repeats
     try:
         return int(args.handler(args) or 0)
     except (UsageError, ValueError) as error:

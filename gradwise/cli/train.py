@@ -1,18 +1,30 @@
-"""``gradwise train``: train a workload with an optimizer and a schedule, with checkpoints and guards."""
+"""``gradwise train``: train a workload with an optimizer and a schedule, with checkpoints and guards.
+
+``--nproc N`` (N > 1) checks the settings, then runs the same command again under
+``torchrun`` (``python -m torch.distributed.run --standalone --nproc-per-node N -m gradwise
+train ...`` without ``--nproc``) and returns its exit code; ``torchrun ... -m gradwise train``
+works directly. A worker restarted by torchrun (``--max-restarts``) resumes from the newest
+checkpoint.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 from gradwise.cli.parsing import UsageError
+from gradwise.distributed.strategies import STRATEGIES, check_strategy
 from gradwise.problems.workloads import WORKLOADS
 from gradwise.schedules import SCHEDULES
 from gradwise.train import OPTIMIZERS, PRECISIONS, TrainConfig, TrainingDiverged, train
+from gradwise.train.loop import check_run_folder, resolved_config
+from gradwise.validation import check_int
 
 DESCRIPTION = """\
 Train a workload and write metrics (metrics.jsonl, metrics.csv), checkpoints, a
@@ -21,6 +33,8 @@ Settings come from the defaults of the workload, then a TOML file (--config), th
 options given here. --resume continues the run in --out from its newest valid checkpoint.
 Workloads: {workloads}.
 Example: gradwise train --workload tiny-gpt --optimizer adamw --schedule cosine --out runs/gpt
+On N processes: gradwise train --nproc 2 --strategy ddp --workload mlp --out runs/mlp-ddp
+(or torchrun --nproc-per-node 2 -m gradwise train ...); --batch-size is per process.
 """
 
 OPTION_FIELDS = {
@@ -31,7 +45,8 @@ OPTION_FIELDS = {
     "device": "device", "threads": "threads", "seed": "seed", "eval_every": "eval_every",
     "checkpoint_every": "checkpoint_every", "keep_checkpoints": "keep_checkpoints", "spike_factor": "spike_factor",
     "spike_window": "spike_window", "max_consecutive_skips": "max_consecutive_skips",
-    "rollback_lr_factor": "rollback_lr_factor", "max_rollbacks": "max_rollbacks",
+    "rollback_lr_factor": "rollback_lr_factor", "max_rollbacks": "max_rollbacks", "strategy": "strategy",
+    "strategy_options": "strategy_options",
 }
 """Command-line option (argparse dest) -> ``TrainConfig`` field."""
 
@@ -110,6 +125,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="non-finite steps in a row that roll back (default: 5)")
     add("--rollback-lr-factor", type=float, metavar="F", help="lr multiplier at each rollback (default: 0.5)")
     add("--max-rollbacks", type=int, metavar="K", help="rollbacks before the run stops (default: 3)")
+    add("--nproc", type=int, default=None, metavar="N",
+        help="processes on this machine: runs this command under torchrun with N workers (default: 1)")
+    add("--strategy", metavar="NAME",
+        help=f"one of {', '.join(STRATEGIES)} (default: single for 1 process, ddp for more)")
+    add("--strategy-options", type=parse_options, metavar="K=V,...",
+        help="strategy settings, e.g. compression=powersgd,rank=2 for ddp")
+    add("--max-restarts", type=int, default=0, metavar="R",
+        help="with --nproc: times torchrun restarts the workers after a failure; they resume (default: 0)")
     add("--out", type=Path, default=None, metavar="DIR", help="run folder (default: runs/WORKLOAD)")
     add("--resume", action="store_true", default=False, help="continue the run in --out from its newest valid checkpoint")
     add("--no-progress", action="store_true", default=False, help="no progress bar")
@@ -135,14 +158,56 @@ def build_config(args: argparse.Namespace) -> tuple[TrainConfig, Path]:
     return dataclasses.replace(base, **given), out
 
 
+def without_launch_options(argv: list[str]) -> list[str]:
+    """``argv`` minus ``--nproc N`` and ``--max-restarts R`` (either spelled ``--name=value``)."""
+    kept, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item in ("--nproc", "--max-restarts"):
+            skip = True
+        elif not item.startswith(("--nproc=", "--max-restarts=")):
+            kept.append(item)
+    return kept
+
+
+def launch(args: argparse.Namespace, config: TrainConfig, out: Path) -> int:
+    """Check everything a worker would check, then run this command under torchrun with ``--nproc`` workers."""
+    check_int("max_restarts", args.max_restarts, 0)
+    config = resolved_config(config)
+    check_strategy(config.strategy, config.strategy_options, args.nproc)
+    check_run_folder(out, config, args.resume)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc),
+               "--max-restarts", str(args.max_restarts), "-m", "gradwise", *without_launch_options(args.argv)]
+    environment = dict(os.environ, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")  # restarts reuse no stale port
+    environment.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
+    return subprocess.run(command, env=environment, check=False).returncode
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.nproc is not None:
+        check_int("nproc", args.nproc, 1)
+        if "RANK" in os.environ:
+            raise UsageError("--nproc launches torchrun; under torchrun leave it out")
+    elif args.max_restarts:
+        raise UsageError("--max-restarts needs --nproc N (under torchrun, give --max-restarts to torchrun)")
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        args.resume = True  # a worker restarted by torchrun continues from the newest checkpoint
     config, out = build_config(args)
+    if args.nproc is not None and args.nproc > 1:
+        return launch(args, config, out)
+    if args.nproc == 1:
+        check_strategy(config.strategy, config.strategy_options, 1)
+    main = int(os.environ.get("RANK", "0")) == 0
     try:
         result = train(config, out, resume=args.resume, progress=not args.no_progress)
     except TrainingDiverged as diverged:
-        print(str(diverged.report), file=sys.stderr)
-        print(f"wrote {out / 'report.json'} and {out / 'training.png'}", file=sys.stderr)
+        if main:
+            print(str(diverged.report), file=sys.stderr)
+            print(f"wrote {out / 'report.json'} and {out / 'training.png'}", file=sys.stderr)
         return 1
+    if not main:
+        return 0
     for skipped in result.skipped_checkpoints:
         print(f"skipped checkpoint {skipped.path}: {skipped.reason}")
     if result.resumed_from_step is not None:
@@ -151,6 +216,9 @@ def run(args: argparse.Namespace) -> int:
     measured = result.final_metrics[target.metric]
     comparison = ">=" if target.higher_is_better else "<="
     print(f"{result.workload}: {result.description}")
+    if result.processes > 1:
+        print(f"strategy {result.strategy} on {result.processes} processes, "
+              f"{result.bytes_communicated:,} bytes communicated per process")
     print(f"{result.steps} steps in {result.wall_time_s:.1f} s, {result.items_per_s:,.0f} {result.unit}/s "
           f"(training steps only), {result.skipped_steps} skipped updates, {len(result.rollbacks)} rollbacks")
     print(f"final {target.metric} (whole validation split): {measured:.4f}; {target.baseline_name}: "

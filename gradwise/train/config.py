@@ -47,7 +47,8 @@ class TrainConfig:
     """Final lr of a decaying schedule, as a fraction of the peak."""
     steps: int | None = None
     batch_size: int | None = None
-    """Micro-batch size; the update uses ``batch_size * accumulate`` examples."""
+    """Micro-batch size of each data-parallel rank; the update uses ``batch_size * accumulate`` examples
+    per rank, ``N`` times that in all over ``N`` data-parallel ranks."""
     accumulate: int = 1
     clip: float | None = 1.0
     """Largest global gradient norm (None: no clipping by norm)."""
@@ -67,6 +68,11 @@ class TrainConfig:
     max_consecutive_skips: int = 5
     rollback_lr_factor: float = 0.5
     max_rollbacks: int = 3
+    strategy: str | None = None
+    """How N processes share the work (``gradwise.distributed.strategies.STRATEGIES``); None:
+    ``single`` for one process, ``ddp`` for more. Its options (and the world size) are checked
+    when the job starts."""
+    strategy_options: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> TrainConfig:
         """Check every setting; a ``ValueError`` names the first bad one. Returns ``self``."""
@@ -75,7 +81,7 @@ class TrainConfig:
         check_choice("workload", self.workload, WORKLOADS)
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("schedule", self.schedule, SCHEDULES)
-        for name in ("workload_options", "optimizer_options"):
+        for name in ("workload_options", "optimizer_options", "strategy_options"):
             if not isinstance(getattr(self, name), dict):
                 raise ValueError(f"{name} must be a table of settings, got {getattr(self, name)!r}")
         if not isinstance(self.data, list) or not all(isinstance(path, str) for path in self.data):
@@ -113,6 +119,14 @@ class TrainConfig:
         check_int("max_consecutive_skips", self.max_consecutive_skips, 1)
         check_range("rollback_lr_factor", self.rollback_lr_factor, 0.0, 1.0, low_open=True, high_open=True)
         check_int("max_rollbacks", self.max_rollbacks, 0)
+        if self.strategy is not None:
+            from gradwise.distributed.strategies import STRATEGIES  # torch.distributed, only when asked for
+
+            strategy = STRATEGIES[check_choice("strategy", self.strategy, STRATEGIES)]
+            strategy.check_options(self.strategy_options)
+            if strategy.workloads is not None and self.workload not in strategy.workloads:
+                raise ValueError(f"strategy {self.strategy!r} splits the model of workload "
+                                 f"{' or '.join(map(repr, strategy.workloads))}, got workload {self.workload!r}")
         if self.steps is not None and self.warmup_steps is not None and self.warmup_steps > self.steps:
             raise ValueError(f"warmup_steps must be <= steps ({self.steps}), got {self.warmup_steps}")
         return self

@@ -13,6 +13,14 @@ and which tensors are not finite, the divergence guard's verdict, clipping by va
 ``torch.nn.utils.clip_grad_norm_``), the optimizer and schedule steps, a metrics record;
 every ``eval_every`` steps an evaluation and every ``checkpoint_every`` steps a checkpoint.
 
+On N processes (``torchrun``, or ``gradwise train --nproc N``) a strategy
+(:mod:`gradwise.distributed.strategy`) says what changes: the module the forward runs on, the
+optimizer, each rank's slice of the global batch, the gradient reduction (DDP skips it on all
+but the last micro-batch), the global gradient norm, and how checkpoints are written. The
+loss is the mean over ranks, bitwise identical on every rank (so is the gradient norm), so
+every rank's divergence guard reaches the same verdict. Every rank evaluates; rank 0 alone
+writes metrics, plots and the summary and shows the progress bar.
+
 Exact resume: a checkpoint holds everything the future of the run depends on: model,
 optimizer, scheduler, gradient scaler, the guard's counters, every RNG and the data
 position. On CPU, a run killed at any moment and resumed from its newest valid checkpoint
@@ -32,13 +40,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
+from gradwise.distributed import DistContext, RankSlice, init_distributed, shutdown
+from gradwise.distributed.strategies import make_strategy
+from gradwise.distributed.strategy import Strategy
 from gradwise.problems.workload import Target, Workload
 from gradwise.problems.workloads import WORKLOADS, make_workload
 from gradwise.schedules import ScheduleLR, make_schedule
-from gradwise.train.checkpoint import CheckpointManager, Skipped, rng_state, set_rng_state, write_atomically
+from gradwise.train.checkpoint import Skipped, rng_state, set_rng_state, write_atomically
 from gradwise.train.config import TrainConfig
 from gradwise.train.guards import DivergenceGuard, TrainingDiverged
 from gradwise.train.metrics import MetricsWriter, Throughput, read_records
@@ -64,6 +76,10 @@ class TrainResult:
     resumed_from_step: int | None
     skipped_checkpoints: list[Skipped] = field(default_factory=list)
     description: str = ""
+    strategy: str = "single"
+    processes: int = 1
+    bytes_communicated: int = 0
+    """This rank's payload bytes of gradient or parameter reduction over the run."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -79,6 +95,9 @@ class TrainResult:
             "rollbacks": self.rollbacks,
             "resumed_from_step": self.resumed_from_step,
             "skipped_checkpoints": [{"path": str(item.path), "reason": item.reason} for item in self.skipped_checkpoints],
+            "strategy": self.strategy,
+            "processes": self.processes,
+            "bytes_communicated": self.bytes_communicated,
         }
 
 
@@ -106,29 +125,27 @@ def check_run_folder(out: Path, config: TrainConfig, resume: bool) -> None:
         raise ValueError(f"{str(out)!r} already holds files; pass --resume to continue that run or choose a new folder")
 
 
-def global_grad_norm(named_parameters: list[tuple[str, nn.Parameter]]) -> tuple[float, list[str]]:
-    """The global gradient norm and the names of the parameters whose gradient is not finite."""
-    named = [(name, p.grad) for name, p in named_parameters if p.grad is not None]
-    if not named:
-        return 0.0, []
-    norms = torch._foreach_norm([grad for _, grad in named])
-    total = torch.linalg.vector_norm(torch.stack(norms)).item()
-    if math.isfinite(total):
-        return total, []
-    return total, [name for (name, _), norm in zip(named, norms, strict=True) if not torch.isfinite(norm)]
+def join_job(config: TrainConfig) -> DistContext | None:
+    """This process's place in a ``torch.distributed`` job, or ``None`` for a single-process run.
+
+    A process is in a job when a group exists (``run_processes``), when ``torchrun`` set
+    ``RANK``, or when a parallel strategy is named (then a missing endpoint is an error).
+    """
+    if dist.is_initialized() or "RANK" in os.environ or config.strategy not in (None, "single"):
+        return init_distributed(config.device)
+    return None
 
 
-def accumulate_gradients(workload: Workload, precision: Precision, scaler: torch.amp.GradScaler,
-                         accumulate: int, device: torch.device) -> tuple[float, int]:
+def accumulate_gradients(workload: Workload, model: nn.Module, strategy: Strategy, precision: Precision,
+                         scaler: torch.amp.GradScaler, accumulate: int, device: torch.device) -> tuple[float, int]:
     """Backward passes over ``accumulate`` micro-batches; returns their mean loss and the target count."""
     total_loss = torch.zeros((), device=device)
     items = 0
-    for _ in range(accumulate):
+    for index in range(accumulate):
         inputs, targets = (tensor.to(device, non_blocking=True) for tensor in workload.train_data.next_batch())
-        with precision.autocast():
-            loss = workload.loss(workload.model, (inputs, targets)) / accumulate
-        scaler.scale(loss).backward()
-        total_loss += loss.detach().float()
+        with strategy.micro_batch(last=index == accumulate - 1):
+            loss = strategy.forward_backward(workload.loss, model, (inputs, targets), precision, scaler, accumulate)
+        total_loss += loss.float()
         items += targets.numel()
     return total_loss.item(), items
 
@@ -144,49 +161,61 @@ class Trainer:
         self.progress = progress
         if self.out is not None:
             check_run_folder(self.out, config, resume)
-        torch.set_num_threads(config.threads or os.cpu_count() or 1)
-        self.device = resolve_device(config.device)
+        self.owns_group = not dist.is_initialized()
+        self.context = join_job(config)
+        self.strategy = strategy = make_strategy(config.strategy, config.strategy_options, self.context)
+        strategy.barrier()  # every rank has checked the run folder before rank 0 writes to it
+        processes_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(config.threads or max(1, (os.cpu_count() or 1) // processes_here))
+        self.device = resolve_device(config.device) if self.context is None else self.context.device
         self.precision = Precision(config.precision, self.device)
+        if config.precision not in strategy.precisions:
+            raise ValueError(f"strategy {strategy.name!r} runs in precision {' or '.join(strategy.precisions)}, "
+                             f"got {config.precision!r}")
+        # each data-parallel rank draws the global batch and keeps its rows; a workload passed in draws it too
         self.workload = workload or make_workload(
-            config.workload, config.batch_size, config.seed, config.data, **config.workload_options
+            config.workload, config.batch_size * strategy.dp_size, config.seed, config.data, **config.workload_options
         )
+        if strategy.dp_size > 1:
+            self.workload.train_data = RankSlice(self.workload.train_data, strategy.dp_rank, strategy.dp_size)
         self.model = self.workload.model.to(self.device)
-        self.named_parameters = [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(config.optimizer, self.model, config.lr, config.weight_decay,
-                                         config.optimizer_options)
+        self.forward_model = strategy.wrap_model(self.model)
+        self.trained = strategy.trained_module(self.model)
+        self.named_parameters = [(name, p) for name, p in self.trained.named_parameters() if p.requires_grad]
+        self.optimizer = strategy.wrap_optimizer(build_optimizer(config.optimizer, self.trained, config.lr,
+                                                                 config.weight_decay, config.optimizer_options))
         schedule = make_schedule(config.schedule, config.steps, config.warmup_steps, floor=config.lr_floor,
                                  T_0=max(1, (config.steps - config.warmup_steps) // 3))
         self.scheduler = ScheduleLR(self.optimizer, schedule)
         self.scaler = self.precision.grad_scaler()
         self.guard = DivergenceGuard(config.spike_factor, config.spike_window, config.max_consecutive_skips,
                                      config.rollback_lr_factor, config.max_rollbacks)
-        self.checkpoints = None if self.out is None else CheckpointManager(self.out / "checkpoints",
-                                                                           config.keep_checkpoints)
+        self.checkpoints = None if self.out is None else strategy.checkpoints(
+            self.out / "checkpoints", config.keep_checkpoints, self.trained, self.optimizer)
         self.step = 0
 
     # --- checkpoints -------------------------------------------------------------------
 
     def state(self) -> dict[str, Any]:
+        """The run's state besides the model and optimizer (which the checkpoints take from them)."""
         return {
-            "step": self.step,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "guard": self.guard.state_dict(),
             "data": self.workload.train_data.state_dict(),
             "rng": rng_state(),
+            "strategy": self.strategy.state_dict(),
         }
 
-    def load_state(self, state: dict[str, Any], *, rollback: bool = False) -> None:
-        """Restore a checkpoint; on a rollback keep the guard's counters and lower the lr to its scale."""
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+    def load_state(self, step: int, state: dict[str, Any], *, rollback: bool = False) -> None:
+        """Restore the rest of a checkpoint whose model and optimizer are loaded; on a rollback keep the
+        guard's counters and lower the lr to its scale."""
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.workload.train_data.load_state_dict(state["data"])
         set_rng_state(state["rng"])
-        self.step = state["step"]
+        self.strategy.load_state_dict(state["strategy"])
+        self.step = step
         if not rollback:
             self.guard.load_state_dict(state["guard"])
             return
@@ -205,32 +234,40 @@ class Trainer:
 
     def run(self) -> TrainResult:
         config, workload, model, optimizer = self.config, self.workload, self.model, self.optimizer
+        strategy = self.strategy
         started = time.perf_counter()
         resumed_from, skipped_checkpoints = None, []
         if self.checkpoints is not None and self.resume:
-            state, _, skipped_checkpoints = self.checkpoints.load_newest()
-            if state is not None:
-                self.load_state(state)
+            newest = self.checkpoints.load_newest()
+            skipped_checkpoints = self.checkpoints.skipped
+            if newest is not None:
+                self.load_state(*newest)
                 resumed_from = self.step
+        main = strategy.is_main
         metrics = None
-        if self.out is not None:
+        if self.out is not None and main:
             self.out.mkdir(parents=True, exist_ok=True)
             write_atomically(self.out / "config.json", json.dumps(config.to_dict(), indent=2).encode())
             metrics = MetricsWriter(self.out, workload.unit, list(workload.eval_metrics))
             metrics.start(resumed_from)
-            if resumed_from is None:
-                self.save_checkpoint()  # step 0: a rollback always has somewhere to go
+        if resumed_from is None:
+            self.save_checkpoint()  # step 0: a rollback always has somewhere to go
         throughput = Throughput()
-        bar = tqdm(total=config.steps, initial=self.step, unit="step", disable=not self.progress, dynamic_ncols=True)
+        bar = tqdm(total=config.steps, initial=self.step, unit="step", disable=not (self.progress and main),
+                   dynamic_ncols=True)
+        distributed = strategy.world_size > 1
         model.train()
         try:
             while self.step < config.steps:
                 lr = optimizer.param_groups[0]["lr"]
                 throughput.start()
-                loss, items = accumulate_gradients(workload, self.precision, self.scaler, config.accumulate,
-                                                   self.device)
+                loss, items = accumulate_gradients(workload, self.forward_model, strategy, self.precision, self.scaler,
+                                                   config.accumulate, self.device)
+                strategy.reduce_gradients()
                 self.scaler.unscale_(optimizer)
-                grad_norm, nonfinite = global_grad_norm(self.named_parameters)
+                grad_norm, nonfinite = strategy.grad_norm(self.named_parameters)
+                if distributed:
+                    loss, grad_norm = strategy.agree([loss, grad_norm])
 
                 if self.scaler.is_enabled() and math.isfinite(loss) and not math.isfinite(grad_norm):
                     event = "loss-scale-overflow"  # fp16: the scaler skips the step and halves the scale
@@ -246,10 +283,10 @@ class Trainer:
                     event = "skip-nonfinite" if verdict == "skip" else ""
                     if verdict == "update":
                         if config.clip_value is not None:
-                            torch.nn.utils.clip_grad_value_(model.parameters(), config.clip_value)
+                            torch.nn.utils.clip_grad_value_(self.trained.parameters(), config.clip_value)
                         if config.clip is not None:
-                            torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip, foreach=True)
-                        self.scaler.step(optimizer)
+                            strategy.clip_grad_norm_(list(self.trained.parameters()), config.clip)
+                        strategy.optimizer_step(self.scaler, optimizer)
                         self.scaler.update()
                 with warnings.catch_warnings():
                     # A skipped update (non-finite gradient, fp16 overflow) steps the schedule but not the
@@ -257,11 +294,14 @@ class Trainer:
                     warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
                     self.scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+                strategy.after_step()
                 self.step += 1
-                rate = throughput.stop(items)
+                rate = throughput.stop(items * strategy.dp_size)
 
                 record = {"kind": "train", "step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                           f"{workload.unit}_per_s": rate, "elapsed_s": time.perf_counter() - started, "event": event}
+                if distributed:
+                    record["bytes_communicated"] = strategy.bytes_communicated
                 if metrics is not None:
                     metrics.write(record)
                 bar.update(1)
@@ -272,12 +312,13 @@ class Trainer:
                     evaluation = self.evaluate(full=False)
                     if metrics is not None:
                         metrics.write({"kind": "eval", "step": self.step, **evaluation})
-                    bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in evaluation.items()))
+                    if main:
+                        bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in evaluation.items()))
                 if self.step % config.checkpoint_every == 0 or self.step == config.steps:
                     self.save_checkpoint()
         except TrainingDiverged as diverged:
             bar.close()
-            if self.out is not None:
+            if self.out is not None and main:
                 write_atomically(self.out / "report.json", json.dumps(diverged.report.to_dict(), indent=2).encode())
                 self.plot()
             raise
@@ -290,39 +331,51 @@ class Trainer:
             wall_time_s=time.perf_counter() - started, skipped_steps=self.guard.skipped_steps,
             rollbacks=list(self.guard.rollbacks), resumed_from_step=resumed_from,
             skipped_checkpoints=skipped_checkpoints, description=workload.description,
+            strategy=strategy.name, processes=strategy.world_size, bytes_communicated=strategy.bytes_communicated,
         )
-        if self.out is not None:
+        model_state = strategy.full_model_state(model) if self.out is not None else None
+        if self.out is not None and main:
             metrics.write({"kind": "eval", "step": self.step, "full": True, **final})
-            torch.save(model.state_dict(), self.out / "model.pt")
+            torch.save(model_state, self.out / "model.pt")
             write_atomically(self.out / "summary.json", json.dumps(result.to_dict(), indent=2).encode())
             self.plot()
         return result
 
     def evaluate(self, full: bool) -> dict[str, float]:
         """The workload's validation metrics: the quick estimate under the run's precision, the full one in fp32."""
+        model = self.strategy.evaluation_model(self.model)
         with torch.no_grad():
             if full:
-                return self.workload.evaluate(self.model, True)
+                return self.workload.evaluate(model, True)
             with self.precision.autocast():
-                return self.workload.evaluate(self.model, False)
+                return self.workload.evaluate(model, False)
 
     def roll_back(self, lr: float, metrics: MetricsWriter | None, bar: tqdm) -> None:
         """Go back to the newest valid checkpoint with a lower lr, or stop with the report."""
-        state = None if self.checkpoints is None else self.checkpoints.load_newest()[0]
-        if state is None or not self.guard.can_roll_back():
-            why = "no checkpoint to roll back to" if state is None else f"{len(self.guard.rollbacks)} rollbacks spent"
+        newest = None
+        if self.checkpoints is not None and self.guard.can_roll_back():
+            self.optimizer.zero_grad(set_to_none=True)
+            newest = self.checkpoints.load_newest()
+        if newest is None:
+            why = (f"{len(self.guard.rollbacks)} rollbacks spent" if self.checkpoints is not None
+                   and not self.guard.can_roll_back() else "no checkpoint to roll back to")
             raise TrainingDiverged(self.guard.report(self.step + 1, lr, f"{self.guard.reason}; {why}"))
         from_step = self.step + 1
-        self.guard.record_rollback(from_step, state["step"])
-        self.optimizer.zero_grad(set_to_none=True)
-        self.load_state(state, rollback=True)
+        self.guard.record_rollback(from_step, newest[0])
+        self.load_state(*newest, rollback=True)
         message = (f"step {from_step}: {self.guard.reason}; rolled back to step {self.step}, "
                    f"lr x{self.guard.lr_scale:g}")
-        bar.write(message)
+        if self.strategy.is_main:
+            bar.write(message)
         bar.n = self.step
         if metrics is not None:
             metrics.write({"kind": "rollback", "step": from_step, "event": "rollback", "to_step": self.step,
                            "lr_scale": self.guard.lr_scale, "reason": self.guard.reason})
+
+    def close(self) -> None:
+        """Leave the process group if this run joined it."""
+        if self.owns_group:
+            shutdown()
 
     def plot(self) -> None:
         records = read_records(self.out / "metrics.jsonl")
@@ -339,4 +392,8 @@ def train(config: TrainConfig, out: str | Path | None = None, *, resume: bool = 
     start when there is none). ``workload`` replaces the one ``config`` names (for tests and
     library use). Raises ``TrainingDiverged`` with a report when the guards give up.
     """
-    return Trainer(config, out, resume=resume, workload=workload, progress=progress).run()
+    trainer = Trainer(config, out, resume=resume, workload=workload, progress=progress)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()

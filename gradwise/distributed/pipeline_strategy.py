@@ -1,0 +1,124 @@
+"""The ``pp`` strategy of the loop: pipeline parallel ``tiny-gpt``, one stage per process.
+
+:class:`gradwise.distributed.pipeline.TinyGPTPipeline` cuts the blocks into ``world_size``
+stages and runs each batch through them in ``microbatches`` micro-batches (``schedule``
+``gpipe`` or ``1f1b``); every rank draws the same global batch and trains its stage's
+parameters (the optimizer is built on them). Gradient accumulation over ``accumulate``
+batches divides the summed gradients by ``accumulate`` (the pipeline's own backward gives
+each batch's mean-loss gradient). The global gradient norm is
+``sqrt(sum over stages ||g_stage||^2)``, the tied embedding/output matrix counted once (its
+two copies hold the same, summed gradient). For evaluation and ``model.pt`` every stage
+broadcasts its parameters into the whole model on every rank. Checkpoints: one file per
+rank (its stage and optimizer), resumable with the same world size. fp32 only (the stages'
+activation buffers are fp32). ``bytes_communicated`` counts the pipeline's messages
+(activations, their gradients, the tied gradient and the loss broadcast).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.optim import Optimizer
+
+from gradwise.distributed.pipeline import SCHEDULES, TinyGPTPipeline
+from gradwise.distributed.strategy import Strategy, clip_by_norm_, local_grad_norm
+from gradwise.problems.tiny_gpt import TinyGPT
+from gradwise.validation import check_choice, check_int
+
+BLOCK = re.compile(r"^blocks\.(\d+)\.")
+
+
+class PipelineStrategy(Strategy):
+    """One pipeline stage of TinyGPT per process."""
+
+    name = "pp"
+    min_world_size = 2
+    max_world_size = None
+    options = {"microbatches": 2, "schedule": "gpipe"}
+    workloads = ("tiny-gpt", "text")
+    precisions = ("fp32",)
+
+    @classmethod
+    def check_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        settings = super().check_options(options)
+        check_int("microbatches", settings["microbatches"], 1)
+        check_choice("schedule", settings["schedule"], SCHEDULES)
+        return settings
+
+    @property
+    def dp_rank(self) -> int:
+        return 0
+
+    @property
+    def dp_size(self) -> int:
+        return 1
+
+    def wrap_model(self, model: nn.Module) -> nn.Module:
+        if not isinstance(model, TinyGPT):
+            raise ValueError(f"strategy 'pp' cuts a tiny-gpt model into stages, got a {type(model).__name__}; "
+                             f"use --workload tiny-gpt (or text)")
+        self.whole = model
+        self.pipeline = TinyGPTPipeline(model, self.world_size, self.settings["microbatches"],
+                                        self.settings["schedule"])
+        self.accumulate = 1
+        return self.pipeline.module
+
+    def trained_module(self, model: nn.Module) -> nn.Module:
+        return self.pipeline.module
+
+    def forward_backward(self, loss, model, batch, precision, scaler, accumulate) -> torch.Tensor:
+        self.accumulate = accumulate
+        with self.counting():
+            value = self.pipeline.step(*batch)
+        return torch.tensor(value / accumulate, device=self.context.device)
+
+    @torch.no_grad()
+    def reduce_gradients(self) -> None:
+        if self.accumulate > 1:
+            for param in self.pipeline.module.parameters():
+                if param.grad is not None:
+                    param.grad.div_(self.accumulate)
+
+    def grad_norm(self, named_parameters: list[tuple[str, nn.Parameter]]) -> tuple[float, list[str]]:
+        first = self.pipeline.module.is_first
+        counted = [(name, p) for name, p in named_parameters if name != "output_weight" or first]
+        local, nonfinite = local_grad_norm(counted)
+        total = torch.tensor(local**2, dtype=torch.float64)
+        dist.all_reduce(total)
+        return total.sqrt().item(), nonfinite
+
+    def clip_grad_norm_(self, parameters: list[nn.Parameter], max_norm: float) -> None:
+        norm, _ = self.grad_norm(list(self.pipeline.module.named_parameters()))
+        clip_by_norm_(parameters, norm, max_norm)
+
+    def owner(self, name: str) -> int:
+        """The stage holding the whole model's parameter ``name``."""
+        if name.startswith(("token_embedding.", "position_embedding.")):
+            return 0
+        block = BLOCK.match(name)
+        if block is None:  # the final norm
+            return self.world_size - 1
+        return int(block.group(1)) // (len(self.whole.blocks) // self.world_size)
+
+    @torch.no_grad()
+    def gather_whole_model(self) -> None:
+        for name, param in self.whole.named_parameters():
+            dist.broadcast(param, src=self.owner(name))
+
+    def evaluation_model(self, model: nn.Module) -> nn.Module:
+        self.gather_whole_model()
+        return self.whole
+
+    def full_model_state(self, model: nn.Module) -> dict[str, Any]:
+        self.gather_whole_model()
+        return self.whole.state_dict()
+
+    def checkpoints(self, folder: Path, keep: int, model: nn.Module, optimizer: Optimizer) -> Any:
+        from gradwise.distributed.run_checkpoints import PerRankCheckpoints  # imports the training layer
+
+        return PerRankCheckpoints(folder, keep, model, optimizer, self.rank, self.world_size)

@@ -1,0 +1,111 @@
+"""Where a training run's checkpoints go on N processes: replicated, per rank, or sharded.
+
+The loop saves ``(step, model, optimizer, extra)`` and resumes with ``load_newest() ->
+(step, extra) | None``, which loads the model and optimizer in place (``extra`` is the rest
+of the run's state: scheduler, guard, data position, generators). ``skipped`` lists the
+checkpoints passed over, with the reason. Three layouts, by what the ranks hold:
+
+* :class:`ReplicatedCheckpoints`: every rank holds the same parameters and optimizer state
+  (one process, DDP, local SGD at its synchronisation points): rank 0 writes the usual
+  checksummed file (:class:`gradwise.train.checkpoint.CheckpointManager`) and every rank
+  reads it back.
+* :class:`PerRankCheckpoints`: the optimizer state is split over the ranks in a layout of
+  its own (ZeRO stages 1 and 2): every rank writes its own file in ``rank-00000/`` and
+  the run resumes from the newest step that verifies on every rank (same world size).
+* :class:`ShardedRunCheckpoints`: DTensor parameters (FSDP2, tensor parallel): one
+  ``torch.distributed.checkpoint`` folder written by all ranks
+  (:class:`gradwise.distributed.checkpoint.ShardedCheckpoints`), loadable with another
+  world size.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from gradwise.train.checkpoint import CheckpointManager, CorruptCheckpoint, Skipped, decode
+
+
+class ReplicatedCheckpoints:
+    """Rank 0 writes model, optimizer and ``extra`` in one file; every rank reads it."""
+
+    def __init__(self, folder: str | Path, keep: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 rank: int = 0, world_size: int = 1) -> None:
+        self.manager = CheckpointManager(folder, keep)
+        self.model, self.optimizer = model, optimizer
+        self.rank, self.world_size = rank, world_size
+        self.skipped: list[Skipped] = []
+
+    def save(self, step: int, extra: dict[str, Any]) -> None:
+        if self.rank == 0:
+            self.manager.save(step, {"step": step, "model": self.model.state_dict(),
+                                     "optimizer": self.optimizer.state_dict(), **extra})
+        if self.world_size > 1:
+            dist.barrier()  # no rank reads (a rollback) before the file is on disk
+
+    def load_newest(self) -> tuple[int, dict[str, Any]] | None:
+        state, _, self.skipped = self.manager.load_newest()
+        if state is None:
+            return None
+        self.model.load_state_dict(state.pop("model"))
+        self.optimizer.load_state_dict(state.pop("optimizer"))
+        return state.pop("step"), state
+
+
+class PerRankCheckpoints(ReplicatedCheckpoints):
+    """Every rank writes its own file (``folder/rank-00003/step-00000100.ckpt``); resume needs the same world size."""
+
+    def __init__(self, folder: str | Path, keep: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 rank: int, world_size: int) -> None:
+        super().__init__(Path(folder) / f"rank-{rank:05d}", keep, model, optimizer, rank, world_size)
+
+    def save(self, step: int, extra: dict[str, Any]) -> None:
+        self.manager.save(step, {"step": step, "model": self.model.state_dict(),
+                                 "optimizer": self.optimizer.state_dict(), **extra})
+        dist.barrier()
+
+    def load_newest(self) -> tuple[int, dict[str, Any]] | None:
+        valid: dict[int, dict[str, Any]] = {}
+        self.skipped = []
+        for step, path in self.manager.checkpoints():
+            try:
+                valid[step] = decode(path.read_bytes())
+            except CorruptCheckpoint as error:
+                self.skipped.append(Skipped(path, str(error)))
+            except Exception as error:  # a verified payload torch cannot read (e.g. written by another version)
+                self.skipped.append(Skipped(path, f"unreadable: {error}"))
+        everyone: list[list[int]] = [[] for _ in range(self.world_size)]
+        dist.all_gather_object(everyone, sorted(valid))
+        common = set.intersection(*(set(steps) for steps in everyone))
+        for step in sorted(set(valid) - common, reverse=True):
+            self.skipped.append(Skipped(self.manager.path(step), "not valid on every rank"))
+        if not common:
+            return None
+        state = valid[max(common)]
+        self.model.load_state_dict(state.pop("model"))
+        self.optimizer.load_state_dict(state.pop("optimizer"))
+        return state.pop("step"), state
+
+
+class ShardedRunCheckpoints:
+    """``ShardedCheckpoints`` bound to the run's model and optimizer (every call is a collective)."""
+
+    def __init__(self, folder: str | Path, keep: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        from gradwise.distributed.checkpoint import ShardedCheckpoints
+
+        self.checkpoints = ShardedCheckpoints(folder, keep)
+        self.model, self.optimizer = model, optimizer
+
+    @property
+    def skipped(self) -> list[Skipped]:
+        return self.checkpoints.skipped
+
+    def save(self, step: int, extra: dict[str, Any]) -> None:
+        self.checkpoints.save(step, self.model, self.optimizer, extra)
+
+    def load_newest(self) -> tuple[int, dict[str, Any]] | None:
+        return self.checkpoints.load_newest(self.model, self.optimizer)

@@ -1,0 +1,52 @@
+"""The parallel strategies by name: what ``gradwise train --strategy NAME`` runs.
+
+``STRATEGIES[name]`` is a :class:`gradwise.distributed.strategy.Strategy` subclass: ``single``
+(one process), ``ddp`` (:mod:`~gradwise.distributed.ddp`), ``zero1``, ``zero2``, ``fsdp``
+(:mod:`~gradwise.distributed.zero_strategies`), ``tp``
+(:mod:`~gradwise.distributed.tensor_parallel_strategy`), ``pp``
+(:mod:`~gradwise.distributed.pipeline_strategy`), ``localsgd``, ``diloco``
+(:mod:`~gradwise.distributed.local_sgd_strategies`). With no
+strategy named, one process runs ``single`` and N > 1 processes run ``ddp``.
+:func:`check_strategy` validates a name, its options and a world size before any process
+starts (the command line calls it before launching ``torchrun``); :func:`make_strategy`
+builds one inside a running job.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gradwise.distributed.context import DistContext
+from gradwise.distributed.ddp import DDPStrategy
+from gradwise.distributed.local_sgd_strategies import DiLoCoStrategy, LocalSGDStrategy
+from gradwise.distributed.pipeline_strategy import PipelineStrategy
+from gradwise.distributed.strategy import Strategy
+from gradwise.distributed.tensor_parallel_strategy import TensorParallelStrategy
+from gradwise.distributed.zero_strategies import FSDPStrategy, Zero2Strategy, ZeroStrategy
+from gradwise.validation import check_choice, check_int
+
+STRATEGIES: dict[str, type[Strategy]] = {
+    strategy.name: strategy
+    for strategy in (Strategy, DDPStrategy, ZeroStrategy, Zero2Strategy, FSDPStrategy, TensorParallelStrategy,
+                     PipelineStrategy, LocalSGDStrategy, DiLoCoStrategy)
+}
+
+
+def default_strategy(world_size: int) -> str:
+    """``single`` for one process, ``ddp`` for more."""
+    return "single" if world_size == 1 else "ddp"
+
+
+def check_strategy(name: str | None, options: dict[str, Any], world_size: int) -> str:
+    """The strategy's name (the default resolved) after checking its options and ``world_size``."""
+    check_int("world size", world_size, 1)
+    name = default_strategy(world_size) if name is None else name
+    strategy = STRATEGIES[check_choice("strategy", name, STRATEGIES)]
+    strategy.check_world_size(world_size, strategy.check_options(options))
+    return name
+
+
+def make_strategy(name: str | None, options: dict[str, Any], context: DistContext | None) -> Strategy:
+    """The strategy ``name`` (default by world size) for this process's place in the job."""
+    world_size = 1 if context is None else context.world_size
+    return STRATEGIES[check_strategy(name, options, world_size)](context, options)
