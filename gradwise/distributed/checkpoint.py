@@ -1,0 +1,325 @@
+"""Sharded checkpoints on ``torch.distributed.checkpoint``: atomic, verified, loadable with another world size.
+
+``ShardedCheckpoints(folder, keep)`` keeps the checkpoints of one distributed run in
+``folder/step-00000100/``. ``save`` is a collective: every rank writes its part of the
+model and optimizer state with ``torch.distributed.checkpoint`` (DCP), whose state dicts
+come from ``torch.distributed.checkpoint.state_dict.get_state_dict``. Those state dicts
+are keyed by parameter name (the fully qualified name, without DDP's ``module.`` prefix)
+and hold plain tensors for a replicated model (DDP; DCP writes each replicated tensor
+once) and ``DTensor`` shards for an FSDP2 model (``fully_shard``). DCP records where
+every shard sits in the global tensor, so a checkpoint written by N processes loads into
+M processes with any sharding: each rank reads the byte ranges its own shards need
+(the DCP documentation; Liang et al. 2024, "TorchTitan", arXiv:2410.06511, on its use for
+pre-training at scale). The folder must be one file system that every rank sees, as DCP's
+file-system writer assumes.
+
+Next to the DCP files every rank writes ``rank-00000.ckpt``: the run's ``extra`` state as
+that rank sees it (scheduler, guard, data position, ...) and its random number generators,
+in the checksummed format of :mod:`gradwise.train.checkpoint`. Loading into the same world
+size gives every rank its own ``extra`` and generators back, so the resumed run is bit for
+bit the uninterrupted one; loading into another world size gives every rank rank 0's
+``extra`` and leaves the generators as they are (there is no rank to map them to).
+
+Atomicity: a checkpoint is written into ``.step-00000100.tmp/``; after a barrier the
+ranks hash the written files (round robin), rank 0 writes ``manifest.json`` (step, world
+size, every file's size and SHA-256) and renames the folder to ``step-00000100``. A crash
+at any moment leaves the older checkpoints and at most a temporary folder; a folder that
+loses or changes a file later fails the manifest check. ``load_newest`` takes the newest
+checkpoint that verifies and lists those it passed over, with the reason, in ``skipped``.
+
+An optimizer that has taken no step yet (empty state) is saved as its hyperparameters
+only: ``get_state_dict`` would otherwise create its state with a zero-lr step, which
+changes the run (Adam's step count, for one). Loading such a checkpoint empties the
+optimizer's state, so a rollback to step 0 is exact too.
+
+Without a process group (one process, no ``torchrun``) the same calls work on one rank.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import re
+import shutil
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+
+from gradwise.train.checkpoint import (
+    Skipped,
+    decode,
+    encode,
+    rng_state,
+    set_rng_state,
+    write_atomically,
+)
+from gradwise.validation import check_int
+
+FORMAT = "gradwise-sharded-checkpoint/1"
+MANIFEST = "manifest.json"
+NAME = re.compile(r"^step-(\d{8,})$")
+TEMPORARY = re.compile(r"^\.step-(\d{8,})\.tmp$")
+HASH_CHUNK = 1 << 22
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+@contextmanager
+def _quiet_single_process():
+    """DCP warns that it assumes one process when there is no process group; here that is intended."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def _rank_and_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
+
+
+def _barrier() -> None:
+    if _distributed():
+        dist.barrier()
+
+
+def _broadcast(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank."""
+    if not _distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _gather(value: Any) -> list[Any]:
+    """Every rank's ``value``, on every rank, by rank."""
+    if not _distributed():
+        return [value]
+    values: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def _fsync_folder(folder: Path) -> None:
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def file_digest(path: Path) -> dict[str, Any]:
+    """A file's size in bytes and SHA-256, as the manifest records them."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(HASH_CHUNK):
+            digest.update(chunk)
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def rank_file(rank: int) -> str:
+    return f"rank-{rank:05d}.ckpt"
+
+
+def read_manifest(folder: Path, step: int) -> dict[str, Any]:
+    """The manifest of the checkpoint in ``folder``; ``ValueError`` says what is wrong with it."""
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise ValueError(f"incomplete: no {MANIFEST}")
+    try:
+        manifest = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"corrupt {MANIFEST}: {error}") from None
+    well_formed = isinstance(manifest, dict) and isinstance(manifest.get("files"), dict)
+    if not well_formed or manifest.get("format") != FORMAT:
+        raise ValueError(f"corrupt {MANIFEST}: not a {FORMAT} manifest")
+    if manifest.get("step") != step:
+        raise ValueError(f"corrupt {MANIFEST}: it names step {manifest.get('step')}, the folder step {step}")
+    return manifest
+
+
+def check_files(folder: Path, names: list[str], manifest: dict[str, Any]) -> str | None:
+    """What is wrong with the first of ``names`` that does not match the manifest, or ``None``."""
+    for name in names:
+        path, expected = folder / name, manifest["files"][name]
+        if not path.is_file():
+            return f"incomplete: {name} is missing"
+        size = path.stat().st_size
+        if size != expected["bytes"]:
+            return f"truncated: {name} has {size} of {expected['bytes']} bytes"
+        if file_digest(path)["sha256"] != expected["sha256"]:
+            return f"checksum mismatch in {name} (the file was modified)"
+    return None
+
+
+class ShardedCheckpoints:
+    """The sharded checkpoints of one run in ``folder``: ``step-00000100/``, the newest ``keep`` of them.
+
+    Example::
+
+        checkpoints = ShardedCheckpoints("run/checkpoints", keep=3)
+        resumed = checkpoints.load_newest(model, optimizer)   # collective
+        step, extra = resumed if resumed is not None else (0, {})
+        ...
+        checkpoints.save(step, model, optimizer, {"scheduler": scheduler.state_dict()})  # collective
+    """
+
+    def __init__(self, folder: str | Path, keep: int = 3) -> None:
+        self.folder = Path(folder)
+        self.keep = check_int("keep", keep, 1)
+        self.skipped: list[Skipped] = []
+        """The checkpoints the last ``load_newest`` passed over, newest first, with the reason."""
+
+    def path(self, step: int) -> Path:
+        return self.folder / f"step-{step:08d}"
+
+    def checkpoints(self) -> list[tuple[int, Path]]:
+        """``(step, folder)`` of every committed checkpoint, newest first (verified or not)."""
+        return self._matching(NAME)
+
+    def _matching(self, pattern: re.Pattern[str]) -> list[tuple[int, Path]]:
+        if not self.folder.is_dir():
+            return []
+        found = [(int(match.group(1)), path) for path in self.folder.iterdir() if (match := pattern.match(path.name))]
+        return sorted(found, reverse=True)
+
+    # --- saving ------------------------------------------------------------------------
+
+    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict[str, Any]) -> Path:
+        """Write the checkpoint of ``step`` on every rank (a collective) and keep the newest ``keep``.
+
+        ``extra`` is this rank's picklable run state (tensors, numbers, strings, lists,
+        tuples and dicts of them); the random number generators are saved per rank without
+        being asked. Returns the checkpoint's folder once it is committed on every rank.
+        """
+        check_int("step", step, 0)
+        rank, world_size = _rank_and_world()
+        fresh = all(_gather(not optimizer.state))
+        payload: dict[str, Any] = {"extra": extra, "rng": rng_state()}
+        if fresh:
+            payload["param_groups"] = [{k: v for k, v in group.items() if k != "params"}
+                                       for group in optimizer.param_groups]
+        try:  # refuse now, before writing anything, what could not be loaded back with weights_only=True
+            encoded = encode(payload)
+            decode(encoded)
+        except pickle.PickleError as error:
+            found = re.search(r"(Unsupported global: \S+ \S+|Can't pickle [^:]+)", str(error))
+            raise ValueError("extra must hold only tensors, numbers, strings, lists, tuples and dicts, got "
+                             f"{found.group(1) if found else type(error).__name__}") from None
+        final = self.path(step)
+        temporary = self.folder / f".{final.name}.tmp"
+        if rank == 0:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            for _, stale in self._matching(TEMPORARY):  # left by a save that crashed
+                shutil.rmtree(stale)
+            temporary.mkdir()
+        _barrier()
+
+        if fresh:
+            state = {"model": get_model_state_dict(model)}
+        else:
+            model_state, optimizer_state = get_state_dict(model, optimizer)
+            state = {"model": model_state, "optimizer": optimizer_state}
+        with _quiet_single_process():
+            dcp.save(state, checkpoint_id=temporary, no_dist=not _distributed())
+        write_atomically(temporary / rank_file(rank), encoded)
+        _barrier()
+
+        names = sorted(path.name for path in temporary.iterdir() if path.is_file())
+        mine = {name: file_digest(temporary / name) for name in names[rank::world_size]}
+        files = {name: entry for part in _gather(mine) for name, entry in part.items()}
+        if rank == 0:
+            manifest = {"format": FORMAT, "step": step, "world_size": world_size, "optimizer_state": not fresh,
+                        "files": files}
+            write_atomically(temporary / MANIFEST, json.dumps(manifest, indent=1).encode())
+            if final.exists():  # the same step saved again, e.g. by a run restarted before it
+                shutil.rmtree(final)
+            os.replace(temporary, final)
+            _fsync_folder(self.folder)
+            for _, old in self.checkpoints()[self.keep :]:
+                shutil.rmtree(old)
+        _barrier()
+        return final
+
+    # --- loading -----------------------------------------------------------------------
+
+    def newest_valid(self) -> tuple[int, dict[str, Any]] | None:
+        """The step and manifest of the newest checkpoint that verifies (a collective).
+
+        Rank 0 reads the manifests; the ranks check the files' sizes and digests round robin.
+        Sets ``skipped`` to the checkpoints passed over on the way, newest first.
+        """
+        rank, world_size = _rank_and_world()
+        committed, skipped = [], []
+        if rank == 0:
+            committed = self.checkpoints()
+            newest_committed = committed[0][0] if committed else -1
+            skipped = [Skipped(path, "incomplete: the save did not finish (temporary folder)")
+                       for step, path in self._matching(TEMPORARY) if step > newest_committed]
+        committed, self.skipped = _broadcast((committed, skipped))
+        for step, path in committed:
+            manifest, reason = None, None
+            if rank == 0:
+                try:
+                    manifest = read_manifest(path, step)
+                except ValueError as error:
+                    reason = str(error)
+            manifest, reason = _broadcast((manifest, reason))
+            if manifest is not None:
+                names = sorted(manifest["files"])
+                problems = [found for found in _gather(check_files(path, names[rank::world_size], manifest)) if found]
+                reason = problems[0] if problems else None
+            if reason is None:
+                return step, manifest
+            self.skipped.append(Skipped(path, reason))
+        return None
+
+    def load_newest(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, dict[str, Any]] | None:
+        """Load the newest checkpoint that verifies into ``model`` and ``optimizer`` (a collective).
+
+        Returns ``(step, extra)``, or ``None`` when there is no valid checkpoint (``skipped``
+        says why each one present was passed over). The model and optimizer are built as for
+        a fresh run (wrapped in DDP, sharded with ``fully_shard``, ... for this world size)
+        and have no gradients.
+        """
+        found = self.newest_valid()
+        if found is None:
+            return None
+        step, manifest = found
+        folder = self.path(step)
+        rank, world_size = _rank_and_world()
+        same_world = manifest["world_size"] == world_size
+        payload = decode((folder / rank_file(rank if same_world else 0)).read_bytes())
+
+        if manifest["optimizer_state"]:
+            model_state, optimizer_state = get_state_dict(model, optimizer)
+            state = {"model": model_state, "optimizer": optimizer_state}
+            with _quiet_single_process():
+                dcp.load(state, checkpoint_id=folder, no_dist=not _distributed())
+            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        else:
+            state = {"model": get_model_state_dict(model)}
+            with _quiet_single_process():
+                dcp.load(state, checkpoint_id=folder, no_dist=not _distributed())
+            set_model_state_dict(model, state["model"])
+            optimizer.state.clear()
+            for group, saved in zip(optimizer.param_groups, payload["param_groups"], strict=True):
+                group.update(saved)
+        if same_world:
+            set_rng_state(payload["rng"])
+        return step, payload["extra"]
