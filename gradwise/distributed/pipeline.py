@@ -31,12 +31,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
 from gradwise.problems.tiny_gpt import TinyGPT
 from gradwise.validation import check_choice, check_int, check_range
 
-SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
+SCHEDULES = ("gpipe", "1f1b")
+"""GPipe (Huang et al. 2019) and one-forward-one-backward (Narayanan et al. 2019, PipeDream-Flush)."""
 
 
 class TinyGPTStage(nn.Module):
@@ -119,10 +119,13 @@ class TinyGPTPipeline:
                                    self.stage_index == 0, self.stage_index == stages - 1)
         self.tied_shape = model.token_embedding.weight.shape
         self.device = model.token_embedding.weight.device
+        # imported here: torch.distributed.pipelining costs 0.7 s, which every other strategy would pay
+        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
         stage = PipelineStage(self.module, self.stage_index, stages, self.device, group=group)
-        self.schedule = SCHEDULES[schedule](stage, microbatches, loss_fn=partial(_micro_batch_loss,
-                                                                                 microbatches=microbatches),
-                                            scale_grads=False)
+        schedule_class = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[schedule]
+        self.schedule = schedule_class(stage, microbatches, scale_grads=False,
+                                       loss_fn=partial(_micro_batch_loss, microbatches=microbatches))
 
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
         """Forward and backward of one batch (every rank passes the same batch); returns its mean loss

@@ -46,10 +46,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from gradwise.distributed.context import DistContext
+from gradwise.optim.base import is_dtensor
 from gradwise.problems.data import Batch
 from gradwise.validation import check_choice
 
@@ -81,7 +81,7 @@ def sharded_grad_norm(named_parameters: list[tuple[str, nn.Parameter]]) -> tuple
     squares = []
     for _, grad in named:
         square = grad.detach().float().square().sum()
-        squares.append(square.full_tensor() if isinstance(square, DTensor) else square)
+        squares.append(square.full_tensor() if is_dtensor(square) else square)
     total = torch.stack(squares).sum().sqrt().item()
     if math.isfinite(total):
         return total, []
