@@ -15,20 +15,17 @@ head-wise order of :func:`gradwise.distributed.tensor_parallel.qkv_row_order`.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.optim import Optimizer
 
-from gradwise.distributed.strategy import Strategy, clip_by_norm_, sharded_grad_norm
+from gradwise.distributed.dtensor_strategy import DTensorStrategy
 from gradwise.distributed.tensor_parallel import average_gradients, data_tensor_mesh, parallelize_tiny_gpt
 from gradwise.problems.tiny_gpt import TinyGPT
 from gradwise.validation import check_int
 
 
-class TensorParallelStrategy(Strategy):
+class TensorParallelStrategy(DTensorStrategy):
     """Tensor parallel over groups of ``tp`` ranks, data parallel over ``world_size / tp`` such groups."""
 
     name = "tp"
@@ -77,17 +74,3 @@ class TensorParallelStrategy(Strategy):
             with self.counting():
                 average_gradients(self.model, self.mesh["dp"])
 
-    def grad_norm(self, named_parameters: list[tuple[str, nn.Parameter]]) -> tuple[float, list[str]]:
-        return sharded_grad_norm(named_parameters)
-
-    def clip_grad_norm_(self, parameters: list[nn.Parameter], max_norm: float) -> None:
-        norm, _ = sharded_grad_norm([("", p) for p in parameters])
-        clip_by_norm_(parameters, norm, max_norm)
-
-    def checkpoints(self, folder: Path, keep: int, model: nn.Module, optimizer: Optimizer) -> Any:
-        from gradwise.distributed.run_checkpoints import ShardedRunCheckpoints  # imports the training layer
-
-        return ShardedRunCheckpoints(folder, keep, model, optimizer)
-
-    def full_model_state(self, model: nn.Module) -> dict[str, Any]:
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -29,11 +29,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.optim import Optimizer
 
+from gradwise.distributed.dtensor_strategy import DTensorStrategy
 from gradwise.distributed.fsdp import shard_model
-from gradwise.distributed.strategy import Strategy, clip_by_norm_, local_grad_norm, sharded_grad_norm
+from gradwise.distributed.strategy import Strategy, local_grad_norm
 from gradwise.distributed.zero import ZeroOptimizer
 from gradwise.validation import check_choice
 
@@ -85,7 +85,7 @@ class Zero2Strategy(ZeroStrategy):
     stage = 2
 
 
-class FSDPStrategy(Strategy):
+class FSDPStrategy(DTensorStrategy):
     """ZeRO stage 3 through FSDP2: parameters, gradients and optimizer state sharded."""
 
     name = "fsdp"
@@ -110,17 +110,3 @@ class FSDPStrategy(Strategy):
         with self.counting():
             yield
 
-    def grad_norm(self, named_parameters: list[tuple[str, nn.Parameter]]) -> tuple[float, list[str]]:
-        return sharded_grad_norm(named_parameters)
-
-    def clip_grad_norm_(self, parameters: list[nn.Parameter], max_norm: float) -> None:
-        norm, _ = sharded_grad_norm([("", p) for p in parameters])
-        clip_by_norm_(parameters, norm, max_norm)
-
-    def checkpoints(self, folder: Path, keep: int, model: nn.Module, optimizer: Optimizer) -> Any:
-        from gradwise.distributed.run_checkpoints import ShardedRunCheckpoints  # imports the training layer
-
-        return ShardedRunCheckpoints(folder, keep, model, optimizer)
-
-    def full_model_state(self, model: nn.Module) -> dict[str, Any]:
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
