@@ -156,13 +156,16 @@ def replay(log: ServerLog, lr: float, staleness_aware: bool = False) -> list[flo
 
 
 def test_every_update_records_its_staleness_and_every_push_is_accounted_for(job):
-    for index, (_, options) in enumerate(sessions()):
+    for index, (problem, options) in enumerate(sessions()):
         log, _, pushes = run_of(job, index)
         assert len(log.staleness) == len(log.workers) == len(log.losses) == options["updates"]
         assert min(log.staleness) >= 0
         assert set(log.workers) <= set(range(1, WORKERS + 1))
         assert log.discarded == WORKERS - 1
         assert sum(pushes) == options["updates"] + log.dropped + log.discarded
+        size = 1 if problem == "quadratic" else 6  # float64 parameters
+        assert log.bytes_received == sum(pushes) * (8 + 8 * (1 + size))  # [version] + [loss, gradient]
+        assert log.bytes_sent == (WORKERS + sum(pushes)) * (16 + 8 * size)  # [version, stop] + parameters
 
 
 def test_arrival_order_staleness_is_the_true_delay(job):

@@ -13,11 +13,11 @@ import argparse
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+from gradwise.cli.launch import run_under_torchrun
 from gradwise.cli.parsing import UsageError
 from gradwise.distributed.strategies import STRATEGIES, check_strategy
 from gradwise.problems.workloads import WORKLOADS
@@ -158,30 +158,13 @@ def build_config(args: argparse.Namespace) -> tuple[TrainConfig, Path]:
     return dataclasses.replace(base, **given), out
 
 
-def without_launch_options(argv: list[str]) -> list[str]:
-    """``argv`` minus ``--nproc N`` and ``--max-restarts R`` (either spelled ``--name=value``)."""
-    kept, skip = [], False
-    for item in argv:
-        if skip:
-            skip = False
-        elif item in ("--nproc", "--max-restarts"):
-            skip = True
-        elif not item.startswith(("--nproc=", "--max-restarts=")):
-            kept.append(item)
-    return kept
-
-
 def launch(args: argparse.Namespace, config: TrainConfig, out: Path) -> int:
     """Check everything a worker would check, then run this command under torchrun with ``--nproc`` workers."""
     check_int("max_restarts", args.max_restarts, 0)
     config = resolved_config(config)
     check_strategy(config.strategy, config.strategy_options, args.nproc)
     check_run_folder(out, config, args.resume)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc),
-               "--max-restarts", str(args.max_restarts), "-m", "gradwise", *without_launch_options(args.argv)]
-    environment = dict(os.environ, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")  # restarts reuse no stale port
-    environment.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
-    return subprocess.run(command, env=environment, check=False).returncode
+    return run_under_torchrun(args.nproc, args.argv, args.max_restarts)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -80,6 +80,10 @@ class ServerLog:
     """Pushes staler than ``max_staleness``, not applied (the worker re-pulled)."""
     discarded: int = 0
     """Pushes that arrived after the last update, answered with stop."""
+    bytes_received: int = 0
+    """Bytes of every push received (headers included)."""
+    bytes_sent: int = 0
+    """Bytes of every parameter message sent (headers included)."""
 
 
 def _trainable(model: nn.Module) -> list[Tensor]:
@@ -133,6 +137,7 @@ class ParameterServer:
         self.params = _trainable(model)
         self.size = sum(p.numel() for p in self.params)
         self.dtype = self.params[0].dtype
+        self.push_bytes = 8 * PUSH_HEADER + (1 + self.size) * self.dtype.itemsize
         self.optimizer = optimizer
         self.version = 0
 
@@ -141,10 +146,11 @@ class ParameterServer:
         log = ServerLog()
         self.version = 0
         for worker in self.workers:
-            self._send_parameters(worker)
+            log.bytes_sent += self._send_parameters(worker)
         turns = deque(self.workers)
         while turns:
             worker, pulled, loss = self._receive_push(turns[0] if self.order == "round-robin" else None)
+            log.bytes_received += self.push_bytes
             turns.remove(worker)
             staleness = self.version - pulled
             if len(log.staleness) == self.updates:
@@ -157,7 +163,7 @@ class ParameterServer:
                 log.workers.append(worker)
                 log.losses.append(loss)
             stop = len(log.staleness) == self.updates
-            self._send_parameters(worker, stop)
+            log.bytes_sent += self._send_parameters(worker, stop)
             if not stop:
                 turns.append(worker)
         return log
@@ -182,9 +188,12 @@ class ParameterServer:
             group["lr"] = lr
         self.version += 1
 
-    def _send_parameters(self, worker: int, stop: bool = False) -> None:
+    def _send_parameters(self, worker: int, stop: bool = False) -> int:
+        """Send the current parameters (or stop) to ``worker``; returns the message's bytes."""
         flat = torch.cat([p.detach().reshape(-1).cpu() for p in self.params])
-        dist.send(_pack([self.version, int(stop)], flat), dst=worker, tag=PULL_TAG)
+        message = _pack([self.version, int(stop)], flat)
+        dist.send(message, dst=worker, tag=PULL_TAG)
+        return message.numel()
 
 
 class ParameterWorker:
