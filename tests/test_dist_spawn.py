@@ -93,3 +93,12 @@ def test_tensors_come_back_intact_after_the_processes_exit():
     for rank, result in enumerate(results):
         assert torch.equal(result["rank"], torch.full((3,), float(rank)))
         assert torch.equal(result["big"], torch.arange(100_000))
+
+
+def test_every_public_name_of_the_package_resolves():
+    import gradwise.distributed as package
+
+    for name in package.__all__:
+        assert getattr(package, name).__name__ == name
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        package.Nope  # noqa: B018
