@@ -1,17 +1,22 @@
-"""Where a training run's checkpoints go on N processes: replicated, per rank, or sharded.
+"""Where a training run's checkpoints go on N processes: replicated, consolidated, per rank, or sharded.
 
 The loop saves ``(step, model, optimizer, extra)`` and resumes with ``load_newest() ->
 (step, extra) | None``, which loads the model and optimizer in place (``extra`` is the rest
 of the run's state: scheduler, guard, data position, generators). ``skipped`` lists the
-checkpoints passed over, with the reason. Three layouts, by what the ranks hold:
+checkpoints passed over, with the reason. Four layouts, by what the ranks hold:
 
 * :class:`ReplicatedCheckpoints`: every rank holds the same parameters and optimizer state
   (one process, DDP, local SGD at its synchronisation points): rank 0 writes the usual
   checksummed file (:class:`gradwise.train.checkpoint.CheckpointManager`) and every rank
   reads it back.
-* :class:`PerRankCheckpoints`: the optimizer state is split over the ranks in a layout of
-  its own (ZeRO stages 1 and 2): every rank writes its own file in ``rank-00000/`` and
-  the run resumes from the newest step that verifies on every rank (same world size).
+* :class:`ConsolidatedCheckpoints`: the parameters are replicated but the optimizer state
+  is split over the ranks (ZeRO stages 1 and 2): the ranks gather it into the unsharded
+  optimizer's state_dict, rank 0 writes the same file as above, and every rank keeps its
+  part on loading, so N processes write what M processes (or one, unsharded) load.
+* :class:`PerRankCheckpoints`: each rank holds state of its own (pipeline stages, local
+  SGD's replicas between synchronisations): every rank writes its own file in
+  ``rank-00000/`` and the run resumes from the newest step that verifies on every rank
+  (same world size).
 * :class:`ShardedRunCheckpoints`: DTensor parameters (FSDP2, tensor parallel): one
   ``torch.distributed.checkpoint`` folder written by all ranks
   (:class:`gradwise.distributed.checkpoint.ShardedCheckpoints`), loadable with another
@@ -41,9 +46,10 @@ class ReplicatedCheckpoints:
         self.skipped: list[Skipped] = []
 
     def save(self, step: int, extra: dict[str, Any]) -> None:
+        optimizer_state = self._optimizer_state()
         if self.rank == 0:
             self.manager.save(step, {"step": step, "model": self.model.state_dict(),
-                                     "optimizer": self.optimizer.state_dict(), **extra})
+                                     "optimizer": optimizer_state, **extra})
         if self.world_size > 1:
             dist.barrier()  # no rank reads (a rollback) before the file is on disk
 
@@ -52,8 +58,26 @@ class ReplicatedCheckpoints:
         if state is None:
             return None
         self.model.load_state_dict(state.pop("model"))
-        self.optimizer.load_state_dict(state.pop("optimizer"))
+        self._load_optimizer(state.pop("optimizer"))
         return state.pop("step"), state
+
+    def _optimizer_state(self) -> dict[str, Any] | None:
+        """The optimizer's state_dict on rank 0 (the one that writes)."""
+        return self.optimizer.state_dict() if self.rank == 0 else None
+
+    def _load_optimizer(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state)
+
+
+class ConsolidatedCheckpoints(ReplicatedCheckpoints):
+    """A :class:`gradwise.distributed.zero.ZeroOptimizer`'s shards gathered into the unsharded
+    state_dict (a collective on every save), written by rank 0; each rank keeps its part on load."""
+
+    def _optimizer_state(self) -> dict[str, Any]:
+        return self.optimizer.consolidated_state_dict()
+
+    def _load_optimizer(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_consolidated_state_dict(state)
 
 
 class PerRankCheckpoints(ReplicatedCheckpoints):

@@ -36,6 +36,13 @@ Communication per step: stage 1 all-reduce :math:`2\Psi` + all-gather :math:`\Ps
 reduce-scatter :math:`\Psi` + all-gather :math:`\Psi` (:math:`\Psi` the parameter bytes,
 ring algorithms).
 
+Checkpoints: :meth:`ZeroOptimizer.state_dict` is this rank's shard (same world size to
+load); :meth:`ZeroOptimizer.consolidated_state_dict` gathers the shards into the state_dict
+of the unsharded optimizer (flat shards cut back into per-parameter tensors at their
+offsets, whole tensors from their owners), which
+:meth:`ZeroOptimizer.load_consolidated_state_dict` loads on any number of ranks, and a
+plain optimizer of the same class loads as well.
+
 Example (every rank runs this; each feeds its own rows of the global batch)::
 
     opt = ZeroOptimizer(gradwise.optim.AdamW(model.parameters(), lr=3e-4), stage=2)
@@ -158,6 +165,29 @@ def _copy_into_params(params: list[Tensor], flat: Tensor) -> None:
         offset += param.numel()
 
 
+def _on_cpu(entry: dict[str, Any]) -> dict[str, Any]:
+    return {key: value.detach().cpu() if isinstance(value, Tensor) else value for key, value in entry.items()}
+
+
+def _copied(entry: dict[str, Any]) -> dict[str, Any]:
+    """Own copies of the tensors: the local optimizer steps its state in place, which must not
+    reach the caller's state_dict."""
+    return {key: value.detach().clone() if isinstance(value, Tensor) else value for key, value in entry.items()}
+
+
+class _Piece:
+    """Elements ``[start, start + len(values))`` of one state tensor of a parameter, flattened."""
+
+    def __init__(self, start: int, values: Tensor) -> None:
+        self.start, self.values = start, values
+
+
+def _elementwise(key: str, value: Any, shared: frozenset[str]) -> bool:
+    """Whether state ``key`` holds one value per parameter element (the step counters and
+    other scalar state in ``shared`` are one value per parameter)."""
+    return isinstance(value, Tensor) and key not in shared
+
+
 class _FlatShard:
     """Rank ``rank``'s contiguous slice of the flat, padded buffer of ``params`` (one dtype and
     device): the tensor the local optimizer steps."""
@@ -236,6 +266,49 @@ class _ElementwiseLayout:
         for shard in self.shards:
             shard.shard.grad = None
         self._grad_buffers = []
+
+    def state_pieces(self, local: dict[int, dict[str, Any]], index: dict[int, int],
+                     shared: frozenset[str]) -> dict[int, dict[str, Any]]:
+        """This rank's part of each parameter's state, by global index: element-wise state as
+        :class:`_Piece` (the slice of the shard that falls in the parameter), the rest whole."""
+        pieces: dict[int, dict[str, Any]] = {}
+        for position, shard in enumerate(self.shards):
+            if position not in local:
+                continue
+            end, offset = shard.start + shard.numel, 0
+            for param in shard.params:
+                low, high = max(offset, shard.start), min(offset + param.numel(), end)
+                if low < high:
+                    pieces[index[id(param)]] = {
+                        key: _Piece(low - offset, value[low - shard.start : high - shard.start].detach().cpu())
+                        if _elementwise(key, value, shared) else _on_cpu({key: value})[key]
+                        for key, value in local[position].items()
+                    }
+                offset += param.numel()
+        return pieces
+
+    def local_state(self, saved: dict[int, dict[str, Any]], index: dict[int, int],
+                    shared: frozenset[str]) -> dict[int, dict[str, Any]]:
+        """The local optimizer's state (by its own index) cut from the unsharded ``saved``:
+        element-wise state laid end to end as in the flat buffer, zero-padded, and sliced."""
+        local: dict[int, dict[str, Any]] = {}
+        for position, shard in enumerate(self.shards):
+            entries = [saved.get(index[id(param)], {}) for param in shard.params]
+            keys = {key: value for entry in entries for key, value in entry.items()}
+            if not keys:
+                continue
+            local[position] = {}
+            for key, value in keys.items():
+                if not _elementwise(key, value, shared):
+                    local[position][key] = _copied({key: value})[key]
+                    continue
+                flat, offset = shard.shard.new_zeros(shard.padded), 0
+                for param, entry in zip(shard.params, entries):
+                    if key in entry:
+                        flat[offset : offset + param.numel()].copy_(entry[key].reshape(-1))
+                    offset += param.numel()
+                local[position][key] = flat[shard.start : shard.start + shard.numel].clone()
+        return local
 
 
 class _WholeTensorLayout:
@@ -324,6 +397,21 @@ class _WholeTensorLayout:
 
     def zero_grad(self) -> None:
         pass
+
+    def _local_params(self) -> list[Tensor]:
+        return [p for group in self.local_optimizer.param_groups for p in group["params"]]
+
+    def state_pieces(self, local: dict[int, dict[str, Any]], index: dict[int, int],
+                     shared: frozenset[str]) -> dict[int, dict[str, Any]]:
+        """The state of the tensors this rank owns, whole, by global index."""
+        params = self._local_params()
+        return {index[id(params[position])]: _on_cpu(entry) for position, entry in local.items()}
+
+    def local_state(self, saved: dict[int, dict[str, Any]], index: dict[int, int],
+                    shared: frozenset[str]) -> dict[int, dict[str, Any]]:
+        """The state of the tensors this rank owns, by the local optimizer's index."""
+        return {position: _copied(saved[index[id(param)]]) for position, param in enumerate(self._local_params())
+                if index[id(param)] in saved}
 
 
 class ZeroOptimizer(torch.optim.Optimizer):
@@ -437,5 +525,80 @@ class ZeroOptimizer(torch.optim.Optimizer):
                     f"state_dict {key} must be {getattr(self, key)} (this optimizer's), got {state_dict[key]}"
                 )
         self.local_optimizer.load_state_dict(state_dict["local"])
+        self.state = self.local_optimizer.state  # load_state_dict replaced the local optimizer's
         for outer, inner in zip(self.param_groups, self.local_optimizer.param_groups, strict=True):
             outer.update(_hyperparameters(inner))
+
+    def _index(self) -> dict[int, int]:
+        """Each parameter's index in the unsharded optimizer's state_dict (numbered as torch does)."""
+        index: dict[int, int] = {}
+        start = 0
+        for group in self.param_groups:
+            for position, param in enumerate(group["params"], start):
+                index.setdefault(id(param), position)
+            start += len(group["params"])
+        return index
+
+    def _shared_keys(self) -> frozenset[str]:
+        return frozenset(("step", *getattr(self.local_optimizer, "_scalar_state_keys", ())))
+
+    def consolidated_state_dict(self) -> dict[str, Any]:
+        """The state_dict the unsharded optimizer would have, on every rank (tensors on the CPU).
+
+        Collective: every rank's shard is gathered (``all_gather_object``), so each rank
+        briefly holds the whole state. Element-wise state is reassembled from the ranks'
+        slices of the flat buffers (the padding dropped), whole-tensor state comes from the
+        owners; the param groups carry the current hyperparameters. In the unsharded layout
+        a parameter that never had a gradient has no state; here it has the state of a zero
+        gradient, as the flat shard stepped it.
+        """
+        index, shared = self._index(), self._shared_keys()
+        pieces = self._layout.state_pieces(self.local_optimizer.state_dict()["state"], index, shared)
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, pieces, group=self.process_group)
+        params = {index[id(param)]: param for group in self.param_groups for param in group["params"]}
+        state: dict[int, dict[str, Any]] = {}
+        for rank_pieces in gathered:
+            for position, entry in rank_pieces.items():
+                merged = state.setdefault(position, {})
+                for key, value in entry.items():
+                    if isinstance(value, _Piece):
+                        param = params[position]
+                        flat = merged.setdefault(key, value.values.new_zeros(param.shape))
+                        flat.view(-1)[value.start : value.start + value.values.numel()] = value.values
+                    else:
+                        merged.setdefault(key, value)
+        param_groups = [{**_hyperparameters(group), "params": [index[id(p)] for p in group["params"]]}
+                        for group in self.param_groups]
+        return {"state": dict(sorted(state.items())), "param_groups": param_groups}
+
+    def load_consolidated_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Keep this rank's part of an unsharded optimizer's ``state_dict`` (from
+        :meth:`consolidated_state_dict` on any number of ranks, or from a plain optimizer of
+        the same class), and its hyperparameters. Parameters are matched by position in the
+        param groups, as ``torch.optim.Optimizer.load_state_dict`` does. Not collective."""
+        groups = state_dict["param_groups"]
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"state_dict param_groups must number {len(self.param_groups)} (this optimizer's), "
+                             f"got {len(groups)}")
+        for number, (saved, ours) in enumerate(zip(groups, self.param_groups)):
+            if len(saved["params"]) != len(ours["params"]):
+                raise ValueError(f"state_dict param_groups[{number}] must hold {len(ours['params'])} parameters "
+                                 f"(this optimizer's), got {len(saved['params'])}")
+        index = self._index()
+        saved_state = {
+            index[id(param)]: state_dict["state"][saved_id]
+            for saved_group, group in zip(groups, self.param_groups)
+            for saved_id, param in zip(saved_group["params"], group["params"])
+            if saved_id in state_dict["state"]
+        }
+        local = self._layout.local_state(saved_state, index, self._shared_keys())
+        local_groups = self.local_optimizer.state_dict()["param_groups"]
+        self.local_optimizer.load_state_dict({
+            "state": local,
+            "param_groups": [{**_hyperparameters(saved), "params": inner["params"]}
+                             for saved, inner in zip(groups, local_groups, strict=True)],
+        })
+        self.state = self.local_optimizer.state  # load_state_dict replaced the local optimizer's
+        for outer, saved in zip(self.param_groups, groups):
+            outer.update(_hyperparameters(saved))

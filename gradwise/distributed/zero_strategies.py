@@ -4,8 +4,8 @@
   reduces the gradients once per step (all-reduce for stage 1, reduce-scatter for stage 2),
   gives the global gradient norm, clips, updates this rank's shard and all-gathers the
   parameters. Non-final micro-batches need no ``no_sync``: nothing is communicated during
-  backward. Checkpoints: one file per rank (its optimizer shard), resumable with the same
-  world size.
+  backward. Checkpoints: the optimizer shards gathered into the unsharded optimizer's
+  state_dict, one file written by rank 0, loadable with another world size (or by one process).
 * ``fsdp``: :func:`gradwise.distributed.fsdp.shard_model` (FSDP2 ``fully_shard``), with
   ``reshard=false`` keeping the parameters gathered from forward to backward. The optimizer
   is built on the DTensor shards; non-final micro-batches skip the gradient reduce-scatter
@@ -73,9 +73,10 @@ class ZeroStrategy(Strategy):
             scaler.step(optimizer)
 
     def checkpoints(self, folder: Path, keep: int, model: nn.Module, optimizer: Optimizer) -> Any:
-        from gradwise.distributed.run_checkpoints import PerRankCheckpoints  # imports the training layer
+        # imported here: run_checkpoints imports the training layer
+        from gradwise.distributed.run_checkpoints import ConsolidatedCheckpoints
 
-        return PerRankCheckpoints(folder, keep, model, optimizer, self.rank, self.world_size)
+        return ConsolidatedCheckpoints(folder, keep, model, optimizer, self.rank, self.world_size)
 
 
 class Zero2Strategy(ZeroStrategy):
