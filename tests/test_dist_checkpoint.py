@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
@@ -97,18 +96,8 @@ def params(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name.removeprefix("module."): full(value) for name, value in model.named_parameters()}
 
 
-def packed(value) -> bytes:
-    """``value`` serialised: tensors travel back to the test as bytes, not as shared memory."""
-    buffer = io.BytesIO()
-    torch.save(value, buffer)
-    return buffer.getvalue()
 
-
-def unpacked(data: bytes):
-    return torch.load(io.BytesIO(data), weights_only=True)
-
-
-def two_ranks(rank: int, world_size: int, folder: str) -> bytes:
+def two_ranks(rank: int, world_size: int, folder: str) -> dict:
     """Per kind: an uninterrupted run that saves at SAVE_AT and at STEPS (then corrupted); a resume from
     the newest valid save (2 -> 2); a resume from the one-process save (1 -> 2). Then the uninterrupted
     ``gradwise train`` run that the kill test compares with."""
@@ -144,7 +133,7 @@ def two_ranks(rank: int, world_size: int, folder: str) -> bytes:
                          "resume": (step, extra), "resume_from_one": from_one,
                          "skipped": [(item.path.name, item.reason) for item in checkpoints.skipped]}
     train_run(RUN, Path(folder) / "uninterrupted")  # the reference for the kill test
-    return packed(results)
+    return results
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +145,7 @@ def runs(tmp_path_factory):
     ShardedCheckpoints(folder / "one", keep=2).save(SAVE_AT, model, optimizer, {"next": SAVE_AT})
     train(model, optimizer, SAVE_AT, STEPS)
     one = params(model)
-    two = [unpacked(result) for result in run_processes(two_ranks, 2, str(folder))]
+    two = run_processes(two_ranks, 2, str(folder))
     two_on_one = {}
     for kind in KINDS:
         model, optimizer = build("one process", 1)

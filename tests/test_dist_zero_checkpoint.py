@@ -6,7 +6,6 @@ a 2-process run resumes on 1 process to the parameters of the uninterrupted run.
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import pytest
@@ -27,16 +26,6 @@ NAdam's ``mu_product`` is scalar state), and Muon's whole tensors with its AdamW
 RUN = dict(workload="mlp", workload_options=dict(dim=8, hidden=16, train_examples=512, val_examples=128),
            steps=6, lr=1e-2, eval_every=1000, threads=1, schedule="cosine", warmup_steps=2, checkpoint_every=3)
 
-
-def packed(value) -> bytes:
-    """Tensors leave a worker as bytes (shared memory would leave with the worker)."""
-    buffer = io.BytesIO()
-    torch.save(value, buffer)
-    return buffer.getvalue()
-
-
-def unpacked(data: bytes):
-    return torch.load(io.BytesIO(data), weights_only=True)
 
 
 def checkpoint_cases(rank: int, world_size: int, folder: str) -> dict:
@@ -64,7 +53,7 @@ def checkpoint_cases(rank: int, world_size: int, folder: str) -> dict:
         zero.load_consolidated_state_dict(plain.state_dict())
         train(from_one, zero, range(STEPS - 1, STEPS), rank=rank, schedule=False)
         train(single, plain, range(STEPS - 1, STEPS), schedule=False)
-        results[name] = dict(consolidated=packed(consolidated), saved_model=packed(saved_model),
+        results[name] = dict(consolidated=consolidated, saved_model=saved_model,
                              straight=params_of(model), reloaded=params_of(reloaded),
                              from_one=params_of(from_one), single=params_of(single))
     Trainer(TrainConfig(**RUN, strategy="zero2", batch_size=GLOBAL_BATCH // world_size), Path(folder)).run()
@@ -90,7 +79,7 @@ def test_consolidated_state_is_the_unsharded_optimizers_state_dict(ranks, name, 
     train(model, plain, range(STEPS - 1), schedule=False)
     expected = plain.state_dict()
     for rank in results:
-        state = unpacked(rank[name]["consolidated"])
+        state = rank[name]["consolidated"]
         assert state["param_groups"] == expected["param_groups"]
         assert state["state"].keys() == expected["state"].keys()
         for index, entry in expected["state"].items():
@@ -105,9 +94,9 @@ def test_two_ranks_save_and_one_or_two_load_to_the_uninterrupted_parameters(rank
     case = results[0][name]
     # 2 -> 1: a plain optimizer on the global batch takes the last step from the consolidated state
     model = make_model()
-    model.load_state_dict(unpacked(case["saved_model"]))
+    model.load_state_dict(case["saved_model"])
     plain = OPTIMIZERS[name](model)
-    plain.load_state_dict(unpacked(case["consolidated"]))
+    plain.load_state_dict(case["consolidated"])
     train(model, plain, range(STEPS - 1, STEPS), schedule=False)
     assert_params_close(params_of(model), case["straight"])
     for rank in results:
