@@ -204,7 +204,7 @@ def run(args: argparse.Namespace) -> int:
               f"{result.bytes_communicated:,} bytes communicated per process")
     print(f"{result.steps} steps in {result.wall_time_s:.1f} s, {result.items_per_s:,.0f} {result.unit}/s "
           f"(training steps only), {result.skipped_steps} skipped updates, {len(result.rollbacks)} rollbacks")
-    print(f"final {target.metric} (whole validation split): {measured:.4f}; {target.baseline_name}: "
+    print(f"final {target.metric}: {measured:.4f}; {target.baseline_name}: "
           f"{target.baseline:.4f}; target {comparison} {target.value:.4f}: "
           f"{'reached' if result.target_reached else 'NOT reached'}")
     print(f"wrote {out}/metrics.jsonl, metrics.csv, training.png, summary.json, model.pt, checkpoints/")
