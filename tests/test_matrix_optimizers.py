@@ -201,6 +201,8 @@ INVALID = [
     (gw.KFAC, "stat_decay", 1.0),
     (gw.KFAC, "inverse_frequency", 0),
     (gw.KFAC, "momentum", 1.5),
+    (gw.KFAC, "stats_every", 0),
+    (gw.KFAC, "stats_every", 2.5),
     (gw.Sophia, "rho", 0.0),
     (gw.Sophia, "betas", (1.0, 0.99)),
     (gw.Sophia, "hessian_update_interval", 0),
@@ -554,6 +556,65 @@ def test_kfac_factors_equal_hand_computed() -> None:
     optimizer.step()
     a2 = torch.cat([x2.reshape(-1, 4), torch.ones(batch_rows, 1, dtype=torch.float64)], dim=1)
     torch.testing.assert_close(optimizer.state[linear.weight]["A"], 0.5 * first_a + 0.5 * a2.T @ a2 / batch_rows)
+
+
+def test_kfac_stats_every_updates_factors_only_on_due_steps(monkeypatch) -> None:
+    """With stats_every=3 the hooks compute factors on steps 0, 3, 6 only (never on the
+    others), and A, G are the stat_decay running average of exactly those batches'."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    first, second = model[0], model[2]
+    optimizer = gw.KFAC(model, lr=0.1, stat_decay=0.5, stats_every=3)
+    computed = []
+    original = gw.kfac.input_output_factors
+
+    def counting(layer, inputs, grads):
+        computed.append(layer)
+        return original(layer, inputs, grads)
+
+    monkeypatch.setattr(gw.kfac, "input_output_factors", counting)
+    expected: dict[nn.Module, dict[str, torch.Tensor]] = {first: {}, second: {}}
+    for step in range(8):
+        x = torch.randn(6, 4, dtype=torch.float64)
+        optimizer.zero_grad()
+        hidden = first(x)
+        hidden.retain_grad()
+        out = second(torch.tanh(hidden))
+        out.retain_grad()
+        (out**2).sum(1).mean().backward()
+        due = step % 3 == 0
+        assert optimizer.stats_due == due
+        assert len(computed) == 2 * (step // 3 + 1)
+        assert set(optimizer.pending_factors()) == ({first, second} if due else set())
+        before = {layer: optimizer.state[layer.weight].get("A", torch.empty(0)).clone() for layer in expected}
+        optimizer.step()
+        for layer, inputs, grad in ((first, x, hidden.grad), (second, torch.tanh(hidden).detach(), out.grad)):
+            state = optimizer.state[layer.weight]
+            if not due:
+                torch.testing.assert_close(state["A"], before[layer], rtol=0, atol=0)
+                continue
+            a = torch.cat([inputs, torch.ones(6, 1, dtype=torch.float64)], dim=1)
+            batch = {"A": a.T @ a / 6, "G": (6 * grad).T @ (6 * grad) / 6}
+            for key, value in batch.items():
+                expected[layer][key] = value if step == 0 else 0.5 * expected[layer][key] + 0.5 * value
+                torch.testing.assert_close(state[key], expected[layer][key])
+    assert optimizer.steps_taken == 8
+    restored = gw.KFAC(nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double(), stats_every=3)
+    restored.load_state_dict(optimizer.state_dict())
+    assert restored.steps_taken == 8 and not restored.stats_due
+
+
+def test_kfac_with_stats_every_reaches_least_squares_minimum() -> None:
+    x, y = regression_data()
+    model = regression_model(x, y)
+    trainer = next(t for t in TRAINERS if t.name == "KFAC")
+    optimizer = gw.KFAC(model, lr=0.5, damping=1e-4, inverse_frequency=1, stats_every=5)
+    for _ in range(trainer.steps):
+        trainer.step(optimizer, model, x, y)
+    with torch.no_grad():
+        gap = float(mse(model(x), y)) - least_squares_minimum(x, y)
+    assert optimizer.state[model.weight]["factor_updates"] == trainer.steps // 5
+    assert -1e-12 < gap < trainer.tol * max(1.0, least_squares_minimum(x, y))
 
 
 def test_kfac_reaches_least_squares_minimum_in_far_fewer_steps_than_sgd() -> None:

@@ -328,7 +328,7 @@ class _WholeTensorLayout:
         ]
         if isinstance(optimizer, KFAC):
             optimizer.remove_hooks()  # the local K-FAC records the layers from now on
-            self.local_optimizer = KFAC(optimizer.model, params=inner_groups)
+            self.local_optimizer = KFAC(optimizer.model, stats_every=optimizer.stats_every, params=inner_groups)
         else:
             self.local_optimizer = type(optimizer)(inner_groups)
         # Per dtype and device, per owning rank: the tensors that travel together.

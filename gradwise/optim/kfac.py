@@ -28,8 +28,12 @@ class KFAC(GradwiseOptimizer):
         g = \partial \ell / \partial s \ \text{(per example)},
 
     kept as running averages :math:`A \leftarrow \rho A + (1-\rho) \hat A` (``stat_decay``
-    :math:`\rho`; the first batch initialises them). Every ``inverse_frequency`` steps the
-    damped inverses are recomputed with factored Tikhonov damping,
+    :math:`\rho`; the first batch initialises them). The statistics are gathered on steps
+    :math:`0, k, 2k, \dots` only (``stats_every`` :math:`= k`), amortising their cost over
+    steps as section 8 of the paper does for the inverses; on the other steps the hooks
+    record nothing and the step preconditions with the factors it has. After every
+    ``inverse_frequency``-th factor update (every ``stats_every * inverse_frequency``
+    steps) the damped inverses are recomputed with factored Tikhonov damping,
     :math:`(A + \pi\sqrt\gamma I)^{-1}` and :math:`(G + \sqrt\gamma/\pi\, I)^{-1}`,
     :math:`\pi = \sqrt{(\operatorname{tr}A/\dim A) / (\operatorname{tr}G/\dim G)}`
     (section 6.3), and the step is
@@ -82,10 +86,12 @@ class KFAC(GradwiseOptimizer):
         *,
         stat_decay: float = 0.95,
         inverse_frequency: int = 10,
+        stats_every: int = 1,
         params: ParamsT | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        check_int("stats_every", stats_every, 1)
         defaults = dict(
             lr=lr,
             damping=damping,
@@ -100,6 +106,8 @@ class KFAC(GradwiseOptimizer):
         if any(id(p) not in owned for group in self.param_groups for p in group["params"]):
             raise ValueError("params must be parameters of model")
         self.model = model
+        self.stats_every = stats_every
+        self.steps_taken = 0  # step() calls so far: the statistics schedule
         self.layers = [m for m in model.modules() if isinstance(m, LAYERS)]
         self._pending: dict[nn.Module, dict[str, Tensor]] = {}
         self._fisher_captured: set[nn.Module] = set()
@@ -114,6 +122,12 @@ class KFAC(GradwiseOptimizer):
         check_range("stat_decay", group["stat_decay"], 0.0, 1.0, high_open=True)
         check_int("inverse_frequency", group["inverse_frequency"], 1)
 
+    @property
+    def stats_due(self) -> bool:
+        """Whether the hooks record statistics for the coming ``step()`` (a sampled-label
+        :meth:`fisher_backward` is only worth its cost when this holds)."""
+        return self.steps_taken % self.stats_every == 0
+
     def remove_hooks(self) -> None:
         """Stop recording statistics of the model's layers."""
         for handle in self._handles:
@@ -124,7 +138,7 @@ class KFAC(GradwiseOptimizer):
 
     def _record_layer(self, layer: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
         """Forward hook: keep the input, and hook the output's gradient."""
-        if layer.training and torch.is_grad_enabled() and output.requires_grad:
+        if self.stats_due and layer.training and torch.is_grad_enabled() and output.requires_grad:
             self._pending[layer] = {"input": inputs[0].detach()}
             output.register_hook(lambda grad, layer=layer: self._record_output_grad(layer, grad))
 
@@ -142,7 +156,8 @@ class KFAC(GradwiseOptimizer):
 
         For data parallelism: each rank's are means over its own rows of the batch, so
         averaging them over the ranks in place before ``step()`` gives the factors of the
-        global batch (:class:`gradwise.distributed.zero.ZeroOptimizer` does).
+        global batch (:class:`gradwise.distributed.zero.ZeroOptimizer` does). Empty on steps
+        when the statistics are not due (:attr:`stats_due`), on every rank alike.
         """
         return {layer: (pending["A"], pending["G"]) for layer, pending in self._pending.items() if "A" in pending}
 
@@ -186,7 +201,18 @@ class KFAC(GradwiseOptimizer):
             self._update(group, params, [directions.get(p, p.grad) for p in params])
         self._pending.clear()
         self._fisher_captured.clear()
+        self.steps_taken += 1
         return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state_dict plus ``steps_taken``, so a resumed run keeps the statistics schedule."""
+        return {**super().state_dict(), "steps_taken": self.steps_taken}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a :meth:`state_dict`; one without ``steps_taken`` (torch's layout, a
+        consolidated ZeRO one) restarts the statistics schedule at step 0."""
+        self.steps_taken = state_dict.get("steps_taken", 0)
+        super().load_state_dict(state_dict)
 
     def _preconditioned_gradients(self) -> dict[Tensor, Tensor]:
         directions: dict[Tensor, Tensor] = {}
