@@ -13,7 +13,8 @@ State bytes per parameter are measured from the state tensors (step counters exc
 set beside what the paper's method stores for these shapes.
 
 ``--tiny-gpt`` adds a whole training step (forward, backward, optimizer) of the ``tiny-gpt``
-model for each optimizer against AdamW.
+model for each optimizer against AdamW (K-FAC twice: statistics every step, its default, and
+every tenth step, ``stats_every=10``).
 
 Usage::
 
@@ -250,10 +251,11 @@ def tiny_gpt_benchmark(args) -> list[dict]:
             "Shampoo": lambda: gw.Shampoo(params, lr=LR, block_size=BLOCK, start_preconditioning_step=1),
             "SOAP": lambda: gw.SOAP(params, lr=LR, max_precond_dim=BLOCK, precondition_1d=False),
             "KFAC": lambda: gw.KFAC(model, lr=LR),
+            "KFAC stats/10": lambda: gw.KFAC(model, lr=LR, stats_every=10),
             "Sophia-G": lambda: gw.Sophia(params, lr=LR),
         }[name]()
 
-    names = ["AdamW", "Adafactor", "Muon (+AdamW)", "Shampoo", "SOAP", "KFAC", "Sophia-G"]
+    names = ["AdamW", "Adafactor", "Muon (+AdamW)", "Shampoo", "SOAP", "KFAC", "KFAC stats/10", "Sophia-G"]
     runs = []
     for name in names:
         torch.manual_seed(0)
