@@ -22,12 +22,11 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
 
-import torch
 import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+
+from gradwise.distributed.state_bytes import tensor_bytes
 
 ALL_REDUCE, ALL_GATHER, REDUCE_SCATTER, BROADCAST, POINT_TO_POINT = (
     "all-reduce", "all-gather", "reduce-scatter", "broadcast", "send/recv")
@@ -69,11 +68,6 @@ def ring_bytes(kind: str, payload: int, ranks: int) -> float:
     return float(payload)
 
 
-def _tensor_bytes(value: Any) -> int:
-    tensors, _ = tree_flatten(value)
-    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
-
-
 @dataclass
 class TrafficMeter(TorchDispatchMode):
     """Counts the collectives run inside ``with TrafficMeter() as meter:`` (see the module docstring).
@@ -101,7 +95,7 @@ class TrafficMeter(TorchDispatchMode):
         name = str(func.overloadpacket)
         if name in COLLECTIVES:
             kind, index = COLLECTIVES[name]
-            payload = _tensor_bytes(args[index])
+            payload = tensor_bytes(args[index])
             self.calls[kind] += 1
             self.payload_by_kind[kind] += payload
             self.payload_bytes += payload
