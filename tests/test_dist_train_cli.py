@@ -82,3 +82,14 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, monkeypatch, ar
     error = capsys.readouterr().err
     assert code == 2
     assert error.count("\n") == 1 and message in error, error
+
+
+def test_an_error_the_workers_find_is_one_line_not_torchruns_failure_report(tmp_path):
+    """bf16 compression is only refused inside the job (it depends on the backend): rank 0 says so
+    once, and the launcher returns the workers' exit code without torchrun's table and logs."""
+    result = launch("-m", "gradwise", "train", *MLP, "--steps", "2", "--out", str(tmp_path / "run"),
+                    "--nproc", "2", "--strategy-options", "compression=bf16")
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "gradwise train: error: compression 'bf16' needs the nccl backend (CUDA); this job runs on gloo; "
+        "use compression=fp16 or powersgd"], result.stderr

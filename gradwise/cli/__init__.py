@@ -8,6 +8,7 @@ library, print, plot. Bad input is one line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from gradwise import __version__
@@ -37,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.handler(args) or 0)
     except (UsageError, ValueError) as error:
-        print(f"gradwise {args.command}: error: {error}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank finds the same error: say it once
+            print(f"gradwise {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"gradwise {args.command}: interrupted", file=sys.stderr)
