@@ -81,3 +81,15 @@ def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:
         allowed = ", ".join(repr(option) for option in options)
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
     return value
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """Check that ``value`` is a bool (a string such as ``"False"`` would count as true)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def check_optional_bool(name: str, value: Any) -> bool | None:
+    """Check that ``value`` is None (let the library choose) or a bool."""
+    return None if value is None else check_bool(name, value)

@@ -261,7 +261,7 @@ def test_fuzzed_hyperparameters_are_accepted_or_named(case: Case, data) -> None:
     assert optimizer.param_groups[0][keyword] == value
 
 
-@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("case", [case for case in CASES if case.name not in ("SGD", "Adagrad")], ids=str)
 def test_skips_params_without_grad_and_rejects_sparse(case: Case) -> None:
     used, unused = torch.ones(3, requires_grad=True), torch.ones(3, requires_grad=True)
     optimizer = case.optimizer([used, unused], lr=0.1)

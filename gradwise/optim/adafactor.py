@@ -57,6 +57,8 @@ class Adafactor(GradwiseOptimizer):
         opt.step(); opt.zero_grad()
     """
 
+    _per_matrix = True
+
     def __init__(
         self,
         params: ParamsT,

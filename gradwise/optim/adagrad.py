@@ -10,10 +10,13 @@ from torch import Tensor
 from gradwise.optim.base import (
     GradwiseOptimizer,
     ParamsT,
+    addcdiv_scaled_,
     by_device_and_dtype,
     cache_blocks,
+    check_state_shapes,
     fused_kernel_applies,
     maybe_negate,
+    scalar_values,
     with_l2_penalty,
 )
 from gradwise.validation import check_range
@@ -34,9 +37,10 @@ class Adagrad(GradwiseOptimizer):
 
     State: the sum :math:`s` (4 bytes per fp32 parameter) and a step counter.
 
-    By default (``fused=None``) dense floating-point parameters on CPU or CUDA are updated
-    by torch's fused Adagrad kernel, which computes exactly this update; ``fused=False``
-    uses the ``torch._foreach_*`` path.
+    By default (``fused=None``) dense, contiguous floating-point parameters on CPU or CUDA
+    are updated by torch's fused Adagrad kernel, which computes exactly this update;
+    ``fused=False`` uses the ``torch._foreach_*`` path, ``foreach=False`` torch's
+    single-tensor path. Sparse gradients are supported (without weight decay), as in torch.
 
     Example::
 
@@ -53,8 +57,10 @@ class Adagrad(GradwiseOptimizer):
         weight_decay: float = 0.0,
         initial_accumulator_value: float = 0.0,
         eps: float = 1e-10,
+        foreach: bool | None = None,
         *,
         maximize: bool = False,
+        differentiable: bool = False,
         fused: bool | None = None,
     ) -> None:
         defaults = dict(
@@ -63,7 +69,9 @@ class Adagrad(GradwiseOptimizer):
             weight_decay=weight_decay,
             initial_accumulator_value=initial_accumulator_value,
             eps=eps,
+            foreach=foreach,
             maximize=maximize,
+            differentiable=differentiable,
             fused=fused,
         )
         super().__init__(params, defaults)
@@ -75,11 +83,39 @@ class Adagrad(GradwiseOptimizer):
         check_range("initial_accumulator_value", group["initial_accumulator_value"], 0.0)
         check_range("eps", group["eps"], 0.0)
 
-    def _update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+    def _sums(self, group: dict[str, Any], params: list[Tensor]) -> list[Tensor]:
         initial = group["initial_accumulator_value"]
-        sums = [self._state(p, "sum", lambda p: torch.full_like(p, initial)) for p in params]
+        return [self._state(p, "sum", lambda p: torch.full_like(p, initial)) for p in params]
+
+    def _sparse_update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+        """Sparse gradients (an ``nn.Embedding(sparse=True)``), as torch supports them: only
+        the accumulator entries and parameter rows present in the gradient change. Weight
+        decay would make the gradient dense, so it is refused (as torch refuses it)."""
+        if group["weight_decay"] != 0:
+            raise RuntimeError(
+                f"Adagrad: weight_decay={group['weight_decay']!r} is not compatible with sparse gradients"
+            )
+        sums = self._sums(group, params)
+        steps = self._step_counters(params, on_device=False)
+        torch._foreach_add_(steps, 1)
+        for param, grad, accumulated, step in zip(params, grads, sums, steps):
+            grad = (-grad if group["maximize"] else grad).coalesce()
+            indices, values = grad._indices(), grad._values()
+
+            def sparse_like(entries: Tensor) -> Tensor:
+                return torch.sparse_coo_tensor(indices, entries, grad.shape)
+
+            accumulated.add_(sparse_like(values.pow(2)))
+            scale = accumulated.sparse_mask(grad)._values().sqrt_().add_(group["eps"])
+            step_size = group["lr"] / (1 + (step.item() - 1) * group["lr_decay"])
+            param.add_(sparse_like(values / scale), alpha=-step_size)
+
+    def _update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+        sums = self._sums(group, params)
         fused = fused_kernel_applies(group, params, "Adagrad")
-        steps = self._step_counters(params, on_device=fused)
+        if fused:
+            check_state_shapes("Adagrad", params, sums)
+        steps = self._step_counters(params, on_device=fused or group.get("capturable", False))
         for device_lists in by_device_and_dtype(params, grads, sums, steps):
             if fused:
                 self._fused_update(group, *device_lists)
@@ -92,16 +128,17 @@ class Adagrad(GradwiseOptimizer):
     ) -> None:
         torch._foreach_add_(steps, 1)
         lr, lr_decay = group["lr"], group["lr_decay"]
-        minus_step_sizes = [-lr / (1 + (step.item() - 1) * lr_decay) for step in steps]
+        minus_step_sizes = [-lr / (1 + (t - 1) * lr_decay) for t in scalar_values(steps, group)]
         for params, grads, sums, minus_step_sizes in cache_blocks(params, grads, sums, minus_step_sizes):
             grads = maybe_negate(grads, group["maximize"])
             grads = with_l2_penalty(grads, params, group["weight_decay"])
             torch._foreach_addcmul_(sums, grads, grads, value=1)
             denominators = torch._foreach_sqrt(sums)
             torch._foreach_add_(denominators, group["eps"])
-            torch._foreach_addcdiv_(params, grads, denominators, minus_step_sizes)
+            addcdiv_scaled_(params, grads, denominators, minus_step_sizes)
 
     @staticmethod
+    @torch._disable_dynamo
     def _fused_update(
         group: dict[str, Any], params: list[Tensor], grads: list[Tensor], sums: list[Tensor], steps: list[Tensor]
     ) -> None:

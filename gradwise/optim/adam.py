@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -11,11 +10,14 @@ from torch import Tensor
 from gradwise.optim.base import (
     GradwiseOptimizer,
     ParamsT,
+    addcdiv_scaled_,
     apply_weight_decay,
     by_device_and_dtype,
     cache_blocks,
+    check_state_shapes,
     fused_kernel_applies,
     maybe_negate,
+    scalar_values,
     zeros_like,
 )
 from gradwise.validation import check_betas, check_range
@@ -70,9 +72,12 @@ class Adam(GradwiseOptimizer):
         weight_decay: float = 0.0,
         amsgrad: bool = False,
         *,
+        foreach: bool | None = None,
         maximize: bool = False,
-        decoupled_weight_decay: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
         fused: bool | None = None,
+        decoupled_weight_decay: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -80,9 +85,12 @@ class Adam(GradwiseOptimizer):
             eps=eps,
             weight_decay=weight_decay,
             amsgrad=amsgrad,
+            foreach=foreach,
             maximize=maximize,
-            decoupled_weight_decay=decoupled_weight_decay,
+            capturable=capturable,
+            differentiable=differentiable,
             fused=fused,
+            decoupled_weight_decay=decoupled_weight_decay,
         )
         super().__init__(params, defaults)
 
@@ -99,10 +107,12 @@ class Adam(GradwiseOptimizer):
             grads,
             [self._state(p, "exp_avg", zeros_like) for p in params],
             [self._state(p, "exp_avg_sq", zeros_like) for p in params],
-            self._step_counters(params, on_device=fused),
+            self._step_counters(params, on_device=fused or group["capturable"]),
         ]
         if group["amsgrad"]:
             lists.append([self._state(p, "max_exp_avg_sq", zeros_like) for p in params])
+        if fused:
+            check_state_shapes(type(self).__name__, params, *lists[2:4], *lists[5:])
         update = self._fused_update if fused else self._foreach_update
         for device_params, device_grads, exp_avgs, exp_avg_sqs, steps, *maxima in by_device_and_dtype(*lists):
             max_exp_avg_sqs = maxima[0] if maxima else []
@@ -120,9 +130,9 @@ class Adam(GradwiseOptimizer):
     ) -> None:
         lr, (beta1, beta2), weight_decay = group["lr"], group["betas"], group["weight_decay"]
         torch._foreach_add_(steps, 1)
-        counts = [step.item() for step in steps]
+        counts = scalar_values(steps, group)
         minus_step_sizes = [-lr / (1 - beta1**t) for t in counts]
-        bias_correction2_sqrts = [math.sqrt(1 - beta2**t) for t in counts]
+        bias_correction2_sqrts = [(1 - beta2**t) ** 0.5 for t in counts]
         columns = [params, grads, exp_avgs, exp_avg_sqs, minus_step_sizes, bias_correction2_sqrts]
         if group["amsgrad"]:
             columns.append(max_exp_avg_sqs)
@@ -139,9 +149,10 @@ class Adam(GradwiseOptimizer):
                 denominators = torch._foreach_sqrt(exp_avg_sqs)
             torch._foreach_div_(denominators, bias_correction2_sqrts)
             torch._foreach_add_(denominators, group["eps"])
-            torch._foreach_addcdiv_(params, exp_avgs, denominators, minus_step_sizes)
+            addcdiv_scaled_(params, exp_avgs, denominators, minus_step_sizes)
 
     @staticmethod
+    @torch._disable_dynamo
     def _fused_update(
         group: dict[str, Any],
         params: list[Tensor],
@@ -196,6 +207,9 @@ class AdamW(Adam):
         amsgrad: bool = False,
         *,
         maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
         fused: bool | None = None,
     ) -> None:
         super().__init__(
@@ -205,7 +219,13 @@ class AdamW(Adam):
             eps=eps,
             weight_decay=weight_decay,
             amsgrad=amsgrad,
+            foreach=foreach,
             maximize=maximize,
-            decoupled_weight_decay=True,
+            capturable=capturable,
+            differentiable=differentiable,
             fused=fused,
+            decoupled_weight_decay=True,
         )
+
+    # An AdamW is an AdamW whatever state_dict it loads (an Adam's says otherwise).
+    _forced_options = {"decoupled_weight_decay": True}

@@ -1,54 +1,153 @@
-"""The base class of gradwise's first-order optimizers.
+"""The base class of gradwise's optimizers: torch's whole optimizer contract, once.
 
 It keeps to the ``torch.optim.Optimizer`` contract and adds what every optimizer here
-shares:
+shares, so that each optimizer file holds only its math:
 
-- every param group (the defaults included) is validated when it is added, so a bad
-  hyperparameter is a ``ValueError`` naming it, whether given to the constructor or in a
-  group of its own;
-- ``step()`` collects the parameters that have a gradient (skipping ``None``, refusing
-  sparse gradients) and hands lists of tensors to ``_update``, which subclasses implement
-  with ``torch._foreach_*`` kernels (or torch's fused kernel for the same update);
+- hyperparameters are validated before the parameters are looked at (as torch does), and
+  every param group (the defaults included) when it is added: a bad value is a
+  ``ValueError`` naming it; bool options must be bools (``maximize="False"`` is refused);
+  a tensor ``lr`` must hold one element; ``betas`` are both floats or both tensors;
+- torch's keywords keep torch's meaning: ``foreach=False`` runs the same update one
+  parameter at a time (torch's single-tensor path), ``differentiable=True`` records the
+  update for autograd (so gradients flow through ``step()``), ``capturable=True`` keeps
+  step counters on the parameter's device and reads no scalar on the host, ``fused`` picks
+  torch's fused kernel where the optimizer has one (never together with ``foreach=True``
+  or ``differentiable=True``, as in torch);
+- ``step()`` collects the parameters that have a gradient (skipping ``None``), resolves a
+  tensor learning rate, and hands lists of tensors to ``_update``. A complex parameter is
+  optimized as its ``torch.view_as_real`` (torch's rule): ``_update`` sees real views of
+  the parameter, its gradient and its state, while the state is stored complex, as
+  torch.optim stores it. Sparse gradients go to ``_sparse_update`` where an optimizer
+  supports them (SGD, Adagrad), and raise a clear error elsewhere;
 - the step counter of each parameter lives where torch keeps it, so a ``state_dict`` from
   ``torch.optim`` loads here and vice versa: a float32 scalar on the CPU for the foreach
   path (reading it is not a device synchronisation), on the parameter's device for the
-  fused kernels, which read it there.
+  fused kernels and capturable steps, which read it there. A ``step`` saved as a Python
+  number (older torch checkpoints) is converted on load.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
+from gradwise.validation import check_bool, check_optional_bool
+
+ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tensor]]
 
 _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# Options that are switches: each must be a bool, never a truthy string or number.
+_BOOL_OPTIONS = ("maximize", "amsgrad", "nesterov", "centered", "decoupled_weight_decay", "differentiable", "capturable")
+# Options where None lets the library choose.
+_OPTIONAL_BOOL_OPTIONS = ("foreach", "fused")
+
+
+def check_common_options(group: dict[str, Any]) -> None:
+    """The checks every optimizer shares: switches, keyword combinations, tensor lr and betas."""
+    for key in _BOOL_OPTIONS:
+        if key in group:
+            check_bool(key, group[key])
+    for key in _OPTIONAL_BOOL_OPTIONS:
+        if key in group:
+            check_optional_bool(key, group[key])
+    if group.get("fused") and group.get("foreach"):
+        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+    if group.get("fused") and group.get("differentiable"):
+        raise RuntimeError("`fused` does not support `differentiable`")
+    lr = group.get("lr")
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(lr.shape)}")
+    betas = group.get("betas")
+    if isinstance(betas, (tuple, list)) and len({isinstance(beta, Tensor) for beta in betas}) > 1:
+        raise ValueError(f"betas must be either both floats or both Tensors, got {betas!r}")
+
+
+class RealViewState(MutableMapping):
+    """A complex parameter's state seen through ``torch.view_as_real``.
+
+    Reading a complex state tensor gives its real view (sharing memory, so in-place updates
+    land in the stored tensor); storing a real tensor shaped like the parameter's real view
+    stores its complex view. Scalars (step counters) pass through.
+    """
+
+    def __init__(self, state: dict[str, Any], real_shape: torch.Size) -> None:
+        self._state = state
+        self._real_shape = real_shape
+
+    def __getitem__(self, key: str) -> Any:
+        value = self._state[key]
+        return torch.view_as_real(value) if isinstance(value, Tensor) and value.is_complex() else value
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if isinstance(value, Tensor) and value.dim() > 0 and value.shape == self._real_shape:
+            value = torch.view_as_complex(value)
+        self._state[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        del self._state[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._state)
+
+    def __len__(self) -> int:
+        return len(self._state)
 
 
 class GradwiseOptimizer(Optimizer):
     """Base class: validated param groups and a ``step`` over lists of tensors."""
 
+    # Options a class forces whatever a loaded state_dict says (AdamW: decoupled decay).
+    _forced_options: dict[str, Any] = {}
+
+    # Whether the update treats each parameter as a matrix (Muon, Shampoo, SOAP, Adafactor,
+    # K-FAC) rather than element by element. Such an optimizer refuses complex parameters
+    # (as torch's Adafactor and Muon do: a real view would add a fake axis to the matrix)
+    # and leaves zero-size parameters alone (there is nothing to precondition).
+    _per_matrix: bool = False
+
+    def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
+        # Hyperparameters first, as torch checks them before it reads the parameters.
+        check_common_options(defaults)
+        self._validate_defaults(defaults)
+        self._complex_owners: dict[Tensor, Tensor] = {}
+        super().__init__(params, defaults)
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
+        check_common_options(self.param_groups[-1])
         self._validate(self.param_groups[-1])
 
     def _validate(self, group: dict[str, Any]) -> None:
         """Raise ``ValueError`` for any invalid hyperparameter of ``group``."""
         raise NotImplementedError
 
+    def _validate_defaults(self, defaults: dict[str, Any]) -> None:
+        """Validate the constructor's hyperparameters before any parameter is read; a class
+        whose defaults hold a value that only a param group resolves overrides this."""
+        self._validate(defaults)
+
     def _update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
         """Apply one update to ``params`` (all with gradients ``grads``) of ``group``."""
         raise NotImplementedError
+
+    def _sparse_update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+        """Apply one update with sparse gradients; optimizers that support them override this."""
+        raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
 
     # Scalar state kept in its own dtype on the CPU. torch's load_state_dict casts every
     # state tensor but "step" to its parameter's dtype, which would round such a scalar
     # (for bf16 parameters) and change the arithmetic after a resume.
     _scalar_state_keys: tuple[str, ...] = ()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_complex_owners", {})
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
@@ -62,12 +161,17 @@ class GradwiseOptimizer(Optimizer):
         for saved_id, param in zip(saved_ids, params):
             for key, value in scalars.get(saved_id, {}).items():
                 self.state[param][key] = value.detach().clone()
+            state = self.state.get(param, {})
+            if isinstance(state.get("step"), (int, float)):  # saved by an older torch
+                state["step"] = torch.tensor(float(state["step"]), dtype=scalar_dtype())
         # A state_dict from another optimizer (say torch.optim's) may lack some options.
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
+            group.update(self._forced_options)
+            check_common_options(group)
+            self._validate(group)
 
-    @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Perform one optimization step; ``closure`` re-evaluates the loss if given."""
         loss = None
@@ -75,18 +179,71 @@ class GradwiseOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            grads = [p.grad for p in params]
-            if any(grad.is_sparse for grad in grads):
-                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-            self._update(group, params, grads)
+            with torch.set_grad_enabled(group.get("differentiable", False)):
+                self._step_group(group)
         return loss
+
+    def _step_group(self, group: dict[str, Any]) -> None:
+        """Sort ``group``'s gradients (dense, sparse, none) and update the parameters."""
+        params, grads, sparse_params, sparse_grads = [], [], [], []
+        for param in group["params"]:
+            if param.grad is None:
+                continue
+            if param.grad.is_sparse:
+                sparse_params.append(param)
+                sparse_grads.append(param.grad)
+            else:
+                params.append(param)
+                # A strided gradient (assigned by hand) is read in its own layout only by
+                # the foreach kernels; a contiguous copy serves every path.
+                grads.append(param.grad if param.grad.is_contiguous() else param.grad.contiguous())
+        if self._per_matrix:
+            if any(param.is_complex() for param in params):
+                raise RuntimeError(f"{type(self).__name__} does not support complex parameters")
+            if any(param.numel() == 0 for param in params):
+                kept = [i for i, param in enumerate(params) if param.numel() > 0]
+                params, grads = [params[i] for i in kept], [grads[i] for i in kept]
+        group = resolve_tensor_hyperparameters(group)
+        if sparse_params:
+            self._sparse_update(group, sparse_params, sparse_grads)
+        if not params:
+            return
+        params, grads = self._real_views(params, grads)
+        try:
+            if group.get("foreach") is False or group.get("differentiable"):
+                for param, grad in zip(params, grads):  # torch's single-tensor path
+                    self._update(group, [param], [grad])
+            else:
+                self._update(group, params, grads)
+        finally:
+            self._complex_owners.clear()
+
+    def _real_views(self, params: list[Tensor], grads: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """Complex parameters and their gradients as real views (torch's rule for complex
+        parameters); their state is then reached through :meth:`param_state`."""
+        if not any(param.is_complex() for param in params):
+            return params, grads
+        views, view_grads = [], []
+        for param, grad in zip(params, grads):
+            if param.is_complex():
+                view = torch.view_as_real(param)
+                self._complex_owners[view] = param
+                param, grad = view, torch.view_as_real(grad)
+            views.append(param)
+            view_grads.append(grad)
+        return views, view_grads
+
+    def param_state(self, param: Tensor) -> MutableMapping:
+        """The state of ``param``: for the real view of a complex parameter, its owner's state
+        seen through real views."""
+        owner = self._complex_owners.get(param)
+        if owner is None:
+            return self.state[param]
+        return RealViewState(self.state[owner], param.shape)
 
     def _state(self, param: Tensor, key: str, make: Callable[[Tensor], Tensor]) -> Tensor:
         """The state tensor ``key`` of ``param``, created by ``make(param)`` on first use."""
-        state = self.state[param]
+        state = self.param_state(param)
         if key not in state:
             state[key] = make(param)
         return state[key]
@@ -94,13 +251,13 @@ class GradwiseOptimizer(Optimizer):
     def _step_counters(self, params: list[Tensor], on_device: bool) -> list[Tensor]:
         """Each parameter's step counter (a scalar tensor), created at zero.
 
-        ``on_device`` keeps it on the parameter's device as float32 (for fused kernels);
-        otherwise it lives on the CPU with dtype :func:`scalar_dtype`, as in torch's
-        foreach implementations.
+        ``on_device`` keeps it on the parameter's device as float32 (for fused kernels and
+        capturable steps); otherwise it lives on the CPU with dtype :func:`scalar_dtype`, as in
+        torch's foreach implementations.
         """
         counters = []
         for param in params:
-            state = self.state[param]
+            state = self.param_state(param)
             device = param.device if on_device else torch.device("cpu")
             step = state.get("step")
             if step is None:
@@ -110,6 +267,65 @@ class GradwiseOptimizer(Optimizer):
                 step = state["step"] = step.to(device)
             counters.append(step)
         return counters
+
+
+def resolve_tensor_hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
+    """``group`` with a tensor ``lr`` or tensor ``betas`` read as Python numbers.
+
+    torch accepts 1-element tensors so that a scheduler can change them in place; the
+    update reads their value once per step (one host read of a 1-element tensor). Gradients
+    do not flow into a tensor ``lr`` through ``differentiable=True`` (a documented
+    difference from torch).
+    """
+    lr, betas = group.get("lr"), group.get("betas")
+    tensor_lr = isinstance(lr, Tensor)
+    tensor_betas = isinstance(betas, (tuple, list)) and any(isinstance(beta, Tensor) for beta in betas)
+    if not (tensor_lr or tensor_betas):
+        return group
+    resolved = dict(group)
+    if tensor_lr:
+        resolved["lr"] = lr.item()
+    if tensor_betas:
+        resolved["betas"] = tuple(beta.item() if isinstance(beta, Tensor) else beta for beta in betas)
+    return resolved
+
+
+def scalar_values(scalars: list[Tensor], group: dict[str, Any]) -> list[Any]:
+    """Scalar state (step counts, running products) for the update arithmetic: Python
+    numbers normally (these scalars live on the CPU, so reading them costs nothing), the
+    tensors themselves under ``torch.compile`` (no graph break) or ``capturable`` (no host
+    synchronisation); the arithmetic is written to take either."""
+    if group.get("capturable") or torch.compiler.is_compiling():
+        return list(scalars)
+    return [scalar.item() for scalar in scalars]
+
+
+def addcdiv_scaled_(params: list[Tensor], numerators: list[Tensor], denominators: list[Tensor], scales: list[Any]) -> None:
+    """``params[i] += scales[i] * numerators[i] / denominators[i]`` in place.
+
+    ``scales`` are numbers, or 0-d tensors (see :func:`scalar_values`); torch's foreach
+    kernels take per-tensor scalars only as numbers, so tensor scales divide the
+    denominators instead (as torch's capturable paths do).
+    """
+    if scales and isinstance(scales[0], Tensor):
+        torch._foreach_addcdiv_(params, numerators, torch._foreach_div(denominators, scales))
+    else:
+        torch._foreach_addcdiv_(params, numerators, denominators, scales)
+
+
+def check_state_shapes(optimizer: str, params: list[Tensor], *states: list[Tensor]) -> None:
+    """Refuse element-wise state shaped unlike its parameter before a fused kernel runs.
+
+    torch's fused kernels index state and parameter alike without checking, so a state
+    loaded from other parameters corrupts the heap; torch's default path raises instead.
+    """
+    for column in states:
+        for param, state in zip(params, column):
+            if state.shape != param.shape:
+                raise RuntimeError(
+                    f"{optimizer}: a state tensor of shape {tuple(state.shape)} belongs to a parameter of shape "
+                    f"{tuple(param.shape)}; was the state_dict saved for other parameters?"
+                )
 
 
 def scalar_dtype() -> torch.dtype:
@@ -153,22 +369,37 @@ def by_device_and_dtype(*tensor_lists: list[Tensor]) -> Iterator[tuple[list[Tens
 def fused_kernel_applies(group: dict[str, Any], params: list[Tensor], optimizer: str, dtensors: bool = False) -> bool:
     """Whether ``group``'s ``fused`` option and ``params`` select torch's fused kernel.
 
-    ``fused=None`` (the default) uses it when every parameter is a dense floating-point
-    tensor on a CPU or CUDA device; ``fused=True`` demands it; ``fused=False`` never uses it.
-    DTensors (FSDP2 shards) qualify only where ``dtensors`` says torch registers the kernel
-    for them (Adam's and AdamW's); elsewhere they take the foreach path.
+    ``fused=None`` (the default) uses it when every parameter is a dense, contiguous
+    floating-point tensor on a CPU or CUDA device, unless the group asks for torch's
+    single-tensor path (``foreach=False``), a differentiable or capturable step, or the step
+    is being compiled (inductor fuses the foreach path itself, and cannot trace the fused
+    kernel). ``fused=True`` demands it; ``fused=False`` never uses it. DTensors (FSDP2
+    shards) qualify only where ``dtensors`` says torch registers the kernel for them
+    (Adam's and AdamW's); elsewhere they take the foreach path.
+
+    Strided parameters never take it: torch's fused CPU kernels index a strided parameter as
+    if it were contiguous (torch's own ``Adam(fused=True)`` is off by 0.42 after three steps
+    on ``base[:, ::2]``), so they go to the foreach path, which respects strides.
     """
     fused = group["fused"]
     if fused is False:
         return False
+    if fused is None and (
+        group.get("foreach") is False
+        or group.get("differentiable")
+        or group.get("capturable")
+        or torch.compiler.is_compiling()
+    ):
+        return False
     supported = all(
         p.device.type in ("cpu", "cuda") and p.dtype in _FUSED_DTYPES and not torch.is_complex(p)
         and (dtensors or not is_dtensor(p))
+        and (is_dtensor(p) or p.is_contiguous())
         for p in params
     )
     if fused and not supported:
         raise RuntimeError(
-            f"{optimizer}(fused=True) needs dense float16/bfloat16/float32/float64 parameters "
+            f"{optimizer}(fused=True) needs dense, contiguous float16/bfloat16/float32/float64 parameters "
             "on a CPU or CUDA device (not DTensors); pass fused=None to fall back to the foreach path"
         )
     return supported

@@ -76,6 +76,8 @@ class KFAC(GradwiseOptimizer):
     momentum buffer (4 bytes per fp32 parameter) when ``momentum > 0``.
     """
 
+    _per_matrix = True
+
     def __init__(
         self,
         model: nn.Module,

@@ -70,7 +70,7 @@ class Lion(GradwiseOptimizer):
         check_range("lr", group["lr"], 0.0)
         check_betas("betas", group["betas"])
         check_range("weight_decay", group["weight_decay"], 0.0)
-        if group["fused"] and not all(p.is_contiguous() for p in group["params"]):
+        if group["fused"] and not all(p.is_contiguous() for p in group.get("params", ())):
             raise ValueError("Lion(fused=True) needs contiguous parameters, got a non-contiguous one")
 
     def _update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:

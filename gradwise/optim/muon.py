@@ -215,6 +215,10 @@ class Muon(GradwiseOptimizer):
         check_range("adamw_eps", group["adamw_eps"], 0.0)
         check_choice("use_muon", group["use_muon"], (True, False))
 
+    def _validate_defaults(self, defaults: dict[str, Any]) -> None:
+        # use_muon=None lets each group be routed when it is added; the rest is checked now.
+        self._validate({**defaults, "use_muon": defaults["use_muon"] is not False})
+
     def _update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
         if group["use_muon"]:
             self._muon_update(group, params, grads)

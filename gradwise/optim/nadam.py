@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -12,11 +11,13 @@ from gradwise.optim.adam import update_moments
 from gradwise.optim.base import (
     GradwiseOptimizer,
     ParamsT,
+    addcdiv_scaled_,
     apply_weight_decay,
     by_device_and_dtype,
     cache_blocks,
     maybe_negate,
     scalar_dtype,
+    scalar_values,
     zeros_like,
 )
 from gradwise.validation import check_betas, check_range
@@ -61,7 +62,10 @@ class NAdam(GradwiseOptimizer):
         momentum_decay: float = 4e-3,
         decoupled_weight_decay: bool = False,
         *,
+        foreach: bool | None = None,
         maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -70,7 +74,10 @@ class NAdam(GradwiseOptimizer):
             weight_decay=weight_decay,
             momentum_decay=momentum_decay,
             decoupled_weight_decay=decoupled_weight_decay,
+            foreach=foreach,
             maximize=maximize,
+            capturable=capturable,
+            differentiable=differentiable,
         )
         super().__init__(params, defaults)
 
@@ -108,12 +115,12 @@ class NAdam(GradwiseOptimizer):
         lr, (beta1, beta2), weight_decay = group["lr"], group["betas"], group["weight_decay"]
         psi = group["momentum_decay"]
         torch._foreach_add_(steps, 1)
-        counts = [step.item() for step in steps]
+        counts = scalar_values(steps, group)
         mus = [beta1 * (1.0 - 0.5 * 0.96 ** (t * psi)) for t in counts]
         next_mus = [beta1 * (1.0 - 0.5 * 0.96 ** ((t + 1) * psi)) for t in counts]
         torch._foreach_mul_(mu_products, mus)
-        products = [product.item() for product in mu_products]
-        bias_correction2_sqrts = [math.sqrt(1 - beta2**t) for t in counts]
+        products = scalar_values(mu_products, group)
+        bias_correction2_sqrts = [(1 - beta2**t) ** 0.5 for t in counts]
         grad_step_sizes = [-lr * (1 - mu) / (1 - product) for mu, product in zip(mus, products)]
         momentum_step_sizes = [
             -lr * next_mu / (1 - product * next_mu) for next_mu, product in zip(next_mus, products)
@@ -128,5 +135,5 @@ class NAdam(GradwiseOptimizer):
             denominators = torch._foreach_sqrt(exp_avg_sqs)
             torch._foreach_div_(denominators, bias_correction2_sqrts)
             torch._foreach_add_(denominators, group["eps"])
-            torch._foreach_addcdiv_(params, grads, denominators, grad_step_sizes)
-            torch._foreach_addcdiv_(params, exp_avgs, denominators, momentum_step_sizes)
+            addcdiv_scaled_(params, grads, denominators, grad_step_sizes)
+            addcdiv_scaled_(params, exp_avgs, denominators, momentum_step_sizes)

@@ -12,6 +12,7 @@ from gradwise.optim.base import (
     ParamsT,
     by_device_and_dtype,
     cache_blocks,
+    check_state_shapes,
     fused_kernel_applies,
     maybe_negate,
     with_l2_penalty,
@@ -38,9 +39,10 @@ class SGD(GradwiseOptimizer):
     State: one buffer per parameter (4 bytes per fp32 parameter) when ``momentum > 0``,
     none otherwise.
 
-    By default (``fused=None``) dense floating-point parameters on CPU or CUDA are updated
-    by torch's fused SGD kernel, which computes exactly this update; ``fused=False`` uses
-    the ``torch._foreach_*`` path.
+    By default (``fused=None``) dense, contiguous floating-point parameters on CPU or CUDA
+    are updated by torch's fused SGD kernel, which computes exactly this update;
+    ``fused=False`` uses the ``torch._foreach_*`` path, ``foreach=False`` torch's
+    single-tensor path. Sparse gradients are supported without momentum and weight decay.
 
     Example::
 
@@ -59,6 +61,8 @@ class SGD(GradwiseOptimizer):
         nesterov: bool = False,
         *,
         maximize: bool = False,
+        foreach: bool | None = None,
+        differentiable: bool = False,
         fused: bool | None = None,
     ) -> None:
         defaults = dict(
@@ -68,6 +72,8 @@ class SGD(GradwiseOptimizer):
             weight_decay=weight_decay,
             nesterov=nesterov,
             maximize=maximize,
+            foreach=foreach,
+            differentiable=differentiable,
             fused=fused,
         )
         super().__init__(params, defaults)
@@ -83,8 +89,21 @@ class SGD(GradwiseOptimizer):
                 f"momentum={group['momentum']!r}, dampening={group['dampening']!r}"
             )
 
+    def _sparse_update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+        """Sparse gradients (an ``nn.Embedding(sparse=True)``), as torch supports them:
+        only the rows present in the gradient move; without momentum or weight decay, which
+        would make the step dense."""
+        if group["momentum"] != 0 or group["weight_decay"] != 0:
+            raise RuntimeError(
+                "SGD supports sparse gradients only with momentum=0 and weight_decay=0, got "
+                f"momentum={group['momentum']!r}, weight_decay={group['weight_decay']!r}"
+            )
+        step = group["lr"] if group["maximize"] else -group["lr"]
+        for param, grad in zip(params, grads):
+            param.add_(grad, alpha=step)
+
     def _update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
-        buffers = [self.state[p].get("momentum_buffer") for p in params]
+        buffers = [self.param_state(p).get("momentum_buffer") for p in params]
         if fused_kernel_applies(group, params, "SGD"):
             self._fused_update(group, params, grads, buffers)
             return
@@ -95,7 +114,7 @@ class SGD(GradwiseOptimizer):
         fresh = [buffer is None for buffer in buffers]
         for i, param in enumerate(params):
             if fresh[i]:
-                buffers[i] = self.state[param]["momentum_buffer"] = torch.empty_like(param)
+                buffers[i] = self.param_state(param)["momentum_buffer"] = torch.empty_like(param)
         for device_lists in by_device_and_dtype(params, grads, buffers, fresh):
             self._foreach_update(group, *device_lists)
 
@@ -135,8 +154,9 @@ class SGD(GradwiseOptimizer):
             return
         new = [i for i, buffer in enumerate(buffers) if buffer is None]
         old = [i for i, buffer in enumerate(buffers) if buffer is not None]
+        check_state_shapes("SGD", [params[i] for i in old], [buffers[i] for i in old])
         for i in new:
-            buffers[i] = self.state[params[i]]["momentum_buffer"] = torch.empty_like(params[i])
+            buffers[i] = self.param_state(params[i])["momentum_buffer"] = torch.empty_like(params[i])
         for indices, first_step in ((new, True), (old, False)):
             if indices:
                 self._fused_call(

@@ -54,11 +54,26 @@ def from_blocks(blocks: Tensor, row_layout: tuple[int, int], col_layout: tuple[i
     return matrix[:rows, :cols]
 
 
+def symmetric_eigh(matrices: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``torch.linalg.eigh`` of a batch of symmetric matrices, computed in ``dtype``.
+
+    A non-finite statistic (from a NaN or infinite gradient) has no eigendecomposition;
+    rather than a linear-algebra error, its eigenvalues and eigenvectors are NaN, so the
+    matrices it preconditions turn NaN as their gradient did (a deliberate choice: the
+    training loop's guard is what skips non-finite steps). One host read per refresh.
+    """
+    matrices = matrices.to(dtype)
+    if not bool(torch.isfinite(matrices).all()):
+        nan = torch.full_like(matrices, torch.nan)
+        return nan[..., 0], nan
+    return torch.linalg.eigh(matrices)
+
+
 def inverse_root(factors: Tensor, exponent: float, eps: float, dtype: torch.dtype) -> Tensor:
     r""":math:`(F + \epsilon I)^{-1/p}` for each symmetric PSD matrix of the batch ``factors``,
     with ``exponent`` :math:`= 1/p`, by an eigendecomposition in ``dtype``. Eigenvalues that
     rounding made negative are taken as zero before :math:`\epsilon` is added."""
-    eigenvalues, eigenvectors = torch.linalg.eigh(factors.to(dtype))
+    eigenvalues, eigenvectors = symmetric_eigh(factors, dtype)
     scale = eigenvalues.clamp_(min=0).add_(eps).pow_(-exponent)
     return ((eigenvectors * scale.unsqueeze(-2)) @ eigenvectors.mT).to(factors.dtype)
 
@@ -117,6 +132,8 @@ class Shampoo(GradwiseOptimizer):
         loss_fn(model(x), y).backward()
         opt.step(); opt.zero_grad()
     """
+
+    _per_matrix = True
 
     def __init__(
         self,

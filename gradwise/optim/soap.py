@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from gradwise.optim.base import GradwiseOptimizer, ParamsT, scalar_dtype
-from gradwise.optim.shampoo import EIGH_DTYPES, matrix_view_shape
+from gradwise.optim.shampoo import EIGH_DTYPES, matrix_view_shape, symmetric_eigh
 from gradwise.validation import check_betas, check_choice, check_int, check_range
 
 
@@ -54,6 +54,8 @@ class SOAP(GradwiseOptimizer):
         loss_fn(model(x), y).backward()
         opt.step(); opt.zero_grad()
     """
+
+    _per_matrix = True
 
     def __init__(
         self,
@@ -137,7 +139,7 @@ class SOAP(GradwiseOptimizer):
         _accumulate(state, matrix, shampoo_beta)
         for side in ("left", "right"):
             if side in state:
-                _, eigenvectors = torch.linalg.eigh(state[side].to(group["eigh_dtype"]))
+                _, eigenvectors = symmetric_eigh(state[side], group["eigh_dtype"])
                 state[f"{side}_basis"] = eigenvectors.flip(-1).to(matrix.dtype)  # descending eigenvalues
 
     @staticmethod
@@ -152,7 +154,9 @@ class SOAP(GradwiseOptimizer):
             estimates = (basis * product).sum(0)  # diag(Q^T F Q)
             order = torch.argsort(estimates, descending=True)
             state["exp_avg_sq"] = state["exp_avg_sq"].index_select(dim, order)
-            state[f"{side}_basis"], _ = torch.linalg.qr(product[:, order])
+            # torch has no half-precision QR: bf16/fp16 bases are orthogonalised in float32.
+            basis, _ = torch.linalg.qr(product[:, order].to(torch.promote_types(product.dtype, torch.float32)))
+            state[f"{side}_basis"] = basis.to(product.dtype)
         state["exp_avg"] = _rotate(exp_avg, state.get("left_basis"), state.get("right_basis"))
 
 

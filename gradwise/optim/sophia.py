@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gradwise.optim.base import GradwiseOptimizer, ParamsT, maybe_negate, scalar_dtype, zeros_like
+from gradwise.optim.base import GradwiseOptimizer, ParamsT, maybe_negate, zeros_like
 from gradwise.validation import check_betas, check_int, check_range
 
 
@@ -121,10 +121,7 @@ class Sophia(GradwiseOptimizer):
     def _update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
         lr, (beta1, _) = group["lr"], group["betas"]
         grads = maybe_negate(grads, group["maximize"])
-        for param in params:
-            if "step" not in self.state[param]:
-                self.state[param]["step"] = torch.zeros((), dtype=scalar_dtype())
-        torch._foreach_add_([self.state[p]["step"] for p in params], 1)
+        torch._foreach_add_(self._step_counters(params, on_device=False), 1)
         exp_avgs = [self._state(p, "exp_avg", zeros_like) for p in params]
         hessians = [self._state(p, "hessian", zeros_like) for p in params]
         torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
