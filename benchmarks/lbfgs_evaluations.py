@@ -51,7 +51,7 @@ def main() -> None:
             scipy.optimize.rosen, start, jac=scipy.optimize.rosen_der, method="L-BFGS-B",
             options=dict(maxcor=10, gtol=1e-5, ftol=0.0, maxiter=100_000, maxfun=100_000),
         )
-        ours, our_distance = count(gw.LBFGS, start)
+        ours, our_distance = count(gw.LBFGS, start, line_search_fn="more_thuente")
         theirs, their_distance = count(torch.optim.LBFGS, start, line_search_fn="strong_wolfe")
         row = dict(
             dim=dim, scipy=int(reference.nfev), gradwise=ours, torch=theirs,

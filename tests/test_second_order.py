@@ -101,7 +101,8 @@ def test_newton_cg_with_a_subsampled_hessian_converges_on_least_squares():
 def lbfgs_evaluations(dim: int, history_size: int) -> tuple[int, float]:
     x = torch.tensor(rosenbrock_start(dim), requires_grad=True)
     optimizer = gw.LBFGS(
-        [x], history_size=history_size, max_iter=100_000, max_eval=100_000, tolerance_grad=1e-5, tolerance_change=0.0
+        [x], history_size=history_size, max_iter=100_000, max_eval=100_000, tolerance_grad=1e-5, tolerance_change=0.0,
+        line_search_fn="more_thuente",
     )
 
     def closure():

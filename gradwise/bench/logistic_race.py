@@ -95,7 +95,10 @@ class _Recorder:
 def solve_to_optimum(problem: SparseLogistic) -> tuple[float, torch.Tensor]:
     """``(F*, w*)`` by L-BFGS (history 30) to a gradient inf-norm of 1e-11 (or until rounding stops it)."""
     w = problem.initial_point().requires_grad_()
-    optimizer = LBFGS([w], history_size=30, max_iter=5000, max_eval=20000, tolerance_grad=1e-11, tolerance_change=0.0)
+    optimizer = LBFGS(
+        [w], history_size=30, max_iter=5000, max_eval=20000, tolerance_grad=1e-11, tolerance_change=0.0,
+        line_search_fn="more_thuente",
+    )
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
@@ -194,7 +197,10 @@ def _run_sqn(problem, w, record: _Recorder, batch_size: int, generator) -> str:
 
 
 def _run_lbfgs(problem, w, record: _Recorder, batch_size: int, generator) -> str:
-    optimizer = LBFGS([w], history_size=10, max_iter=100_000, max_eval=100_000, tolerance_grad=0.0, tolerance_change=0.0)
+    optimizer = LBFGS(
+        [w], history_size=10, max_iter=100_000, max_eval=100_000, tolerance_grad=0.0, tolerance_change=0.0,
+        line_search_fn="more_thuente",
+    )
     best = math.inf
 
     class Budget(Exception):

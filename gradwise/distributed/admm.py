@@ -77,7 +77,7 @@ def _local_solve(objective: Callable[[Tensor], Tensor], start: Tensor, target: T
         for _ in range(iterations):
             newton.step(augmented)
     else:
-        lbfgs = LBFGS([x], max_iter=iterations, tolerance_grad=0.0, tolerance_change=0.0)
+        lbfgs = LBFGS([x], max_iter=iterations, tolerance_grad=0.0, tolerance_change=0.0, line_search_fn="more_thuente")
 
         def closure() -> Tensor:
             lbfgs.zero_grad()

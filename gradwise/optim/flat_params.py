@@ -2,7 +2,9 @@
 
 Line-search and second-order methods (``LBFGS``, ``Newton``, ``NewtonCG``, ``SQN``) reason
 about the whole parameter vector: they gather gradients into one vector, move the
-parameters along one direction, and restore a saved point.
+parameters along one direction, and restore a saved point. A complex parameter is seen as
+its ``torch.view_as_real`` (torch's rule, as torch.optim.LBFGS does): two real coordinates
+per element.
 """
 
 from __future__ import annotations
@@ -18,39 +20,45 @@ class FlatParams:
 
     def __init__(self, params: Sequence[Tensor]) -> None:
         self.params = list(params)
-        self.numel = sum(p.numel() for p in self.params)
+        self.numel = sum(_real(p).numel() for p in self.params)
 
     def values(self) -> Tensor:
         """A copy of the parameters as one vector."""
-        return torch.cat([p.detach().reshape(-1) for p in self.params])
+        return torch.cat([_real(p.detach()).reshape(-1) for p in self.params])
 
     def grads(self) -> Tensor:
-        """The parameters' ``.grad`` as one vector (zeros where a gradient is ``None``)."""
+        """The parameters' ``.grad`` as one vector (zeros where a gradient is ``None``; a
+        sparse gradient densified, as torch.optim.LBFGS does)."""
         pieces = []
         for p in self.params:
             if p.grad is None:
-                pieces.append(p.new_zeros(p.numel()))
-            elif p.grad.is_sparse:
-                raise RuntimeError("sparse gradients are not supported")
+                pieces.append(_real(p).new_zeros(_real(p).numel()))
             else:
-                pieces.append(p.grad.reshape(-1))
+                grad = p.grad.to_dense() if p.grad.is_sparse else p.grad
+                pieces.append(_real(grad).reshape(-1))
         return torch.cat(pieces)
 
     def pieces(self, vector: Tensor) -> list[Tensor]:
         """Views of ``vector`` shaped like the parameters."""
-        return [piece.view_as(p) for piece, p in zip(vector.split([p.numel() for p in self.params]), self.params)]
+        reals = [_real(p) for p in self.params]
+        return [piece.view_as(p) for piece, p in zip(vector.split([p.numel() for p in reals]), reals)]
 
     @torch.no_grad()
     def assign(self, vector: Tensor) -> None:
         """Set the parameters to ``vector``."""
         for p, piece in zip(self.params, self.pieces(vector)):
-            p.copy_(piece)
+            _real(p).copy_(piece)
 
     @torch.no_grad()
     def add_(self, vector: Tensor, alpha: float = 1.0) -> None:
         """Move the parameters by ``alpha * vector`` in place."""
         for p, piece in zip(self.params, self.pieces(vector)):
-            p.add_(piece, alpha=alpha)
+            _real(p).add_(piece, alpha=alpha)
+
+
+def _real(tensor: Tensor) -> Tensor:
+    """``tensor``, or its real view (sharing memory) if it is complex."""
+    return torch.view_as_real(tensor) if tensor.is_complex() else tensor
 
 
 def single_group_params(optimizer: torch.optim.Optimizer) -> FlatParams:

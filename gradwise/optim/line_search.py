@@ -10,11 +10,17 @@ r"""Line searches along a direction :math:`d` for :math:`\phi(t) = f(x + t d)`.
 
   hold. It evaluates :math:`\phi` only where the interpolation points, which makes it
   frugal with function evaluations.
+- :func:`bracketing_wolfe_search`: the search of minFunc (Schmidt 2005) that torch.optim.LBFGS
+  ports: extrapolate by cubic interpolation until an interval brackets a strong Wolfe point,
+  then zoom into it (Nocedal & Wright 2006, Alg. 3.5-3.6). Its arithmetic follows torch's,
+  so an L-BFGS driven by it takes torch's iterates.
 - :func:`backtracking_search`: Armijo backtracking, :math:`t \leftarrow \rho t` until
   sufficient decrease.
 
 ``phi(t)`` returns ``(value, slope, payload)``; the payload (say, the gradient at the trial
 point) is returned for the accepted step so the caller need not re-evaluate there.
+:func:`bracketing_wolfe_search` also takes slopes (and steps) as 0-d tensors and then
+computes with them as torch does, in their dtype.
 """
 
 from __future__ import annotations
@@ -22,7 +28,9 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
+
+from torch import Tensor
 
 Phi = Callable[[float], tuple[float, float, Any]]
 
@@ -177,6 +185,133 @@ def strong_wolfe_search(
         if bracketed and (step <= stmin or step >= stmax or stmax - stmin <= xtol * stmax):
             break
     return LineSearchResult(best[0], best[1], best[2], best[3], evaluations, False)
+
+
+class _Point(NamedTuple):
+    step: float
+    value: float
+    slope: float
+    payload: Any
+
+
+def _cubic_step(
+    t1: float, f1: float, g1: float, t2: float, f2: float, g2: float, bounds: tuple[float, float] | None = None
+) -> float:
+    """The minimiser of the cubic through (t1, f1, g1) and (t2, f2, g2), clipped to ``bounds``
+    (default: the interval between the points); the middle of the bounds when the cubic has
+    no minimiser (or the points coincide). minFunc's ``polyinterp`` for two points, as torch
+    computes it."""
+    low, high = bounds if bounds is not None else ((t1, t2) if t1 <= t2 else (t2, t1))
+    if t1 == t2:
+        return (low + high) / 2.0
+    d1 = g1 + g2 - 3 * (f1 - f2) / (t1 - t2)
+    square = d1**2 - g1 * g2
+    if not square >= 0:
+        return (low + high) / 2.0
+    d2 = square.sqrt() if isinstance(square, Tensor) else math.sqrt(square)
+    if t1 <= t2:
+        denominator = g2 - g1 + 2 * d2
+        minimiser = t2 - (t2 - t1) * ((g2 + d2 - d1) / denominator) if denominator != 0 else math.nan
+    else:
+        denominator = g1 - g2 + 2 * d2
+        minimiser = t1 - (t1 - t2) * ((g1 + d2 - d1) / denominator) if denominator != 0 else math.nan
+    if math.isnan(minimiser):
+        return (low + high) / 2.0
+    return min(max(minimiser, low), high)
+
+
+def bracketing_wolfe_search(  # noqa: C901 (one algorithm)
+    phi: Phi,
+    value0: float,
+    slope0: float,
+    step: float,
+    payload0: Any,
+    *,
+    c1: float = 1e-4,
+    c2: float = 0.9,
+    tolerance: float = 1e-9,
+    direction_scale: float = 1.0,
+    max_evaluations: int = 25,
+) -> LineSearchResult:
+    """Strong Wolfe search by bracketing and zoom (minFunc's ``WolfeLineSearch``, as
+    ``torch.optim.LBFGS`` runs it, with torch's defaults ``c1=1e-4``, ``c2=0.9``).
+
+    Bracketing: from ``step``, extrapolate with the cubic through the last two points
+    (clipped to ``[t + 0.01 (t - t_prev), 10 t]``) until a point fails sufficient decrease,
+    stops decreasing, has a non-negative slope (an interval now brackets a Wolfe point) or
+    satisfies the strong Wolfe conditions. Zoom: cubic interpolation inside the interval,
+    moved to 10% of its width from an end when it lands too close to one twice running,
+    until the conditions hold, the interval is shorter than ``tolerance`` (measured as
+    ``width * direction_scale``, the largest change of a coordinate; torch: ``max|d|``) or
+    ``max_evaluations`` evaluations are spent. ``payload0`` is the payload of the point
+    ``t = 0`` (the search may return it when the budget runs out). Returns the lowest point
+    of the final interval; ``converged`` says whether it satisfies the conditions.
+    """
+    evaluations = 0
+
+    def evaluate(t: float) -> _Point:
+        nonlocal evaluations
+        evaluations += 1
+        value, slope, payload = phi(t)
+        return _Point(t, value, slope, payload)
+
+    def sufficient_decrease(point: _Point) -> bool:
+        return point.value <= value0 + c1 * point.step * slope0
+
+    def curvature(point: _Point) -> bool:
+        return abs(point.slope) <= -c2 * slope0
+
+    origin = _Point(0.0, value0, slope0, payload0)
+    previous, point = origin, evaluate(step)
+    iteration, done = 0, False
+    bracket: list[_Point] = []
+    while iteration < max_evaluations:
+        if not sufficient_decrease(point) or (iteration > 1 and point.value >= previous.value):
+            bracket = [previous, point]
+            break
+        if curvature(point):
+            bracket, done = [point], True
+            break
+        if point.slope >= 0:
+            bracket = [previous, point]
+            break
+        bounds = (point.step + 0.01 * (point.step - previous.step), point.step * 10)
+        trial = _cubic_step(*previous[:3], *point[:3], bounds=bounds)
+        previous, point = point, evaluate(trial)
+        iteration += 1
+    if iteration == max_evaluations:
+        bracket = [origin, point]
+
+    low, high = (0, 1) if bracket[0].value <= bracket[-1].value else (1, 0)
+    insufficient_progress = False
+    while not done and iteration < max_evaluations:
+        left, right = min(bracket[0].step, bracket[1].step), max(bracket[0].step, bracket[1].step)
+        if abs(bracket[1].step - bracket[0].step) * direction_scale < tolerance:
+            break
+        trial = _cubic_step(*bracket[0][:3], *bracket[1][:3])
+        margin = 0.1 * (right - left)
+        if min(right - trial, trial - left) < margin:
+            # Too close to an end: accept once, then move 10% of the width inside.
+            if insufficient_progress or trial >= right or trial <= left:
+                trial = right - margin if abs(trial - right) < abs(trial - left) else left + margin
+                insufficient_progress = False
+            else:
+                insufficient_progress = True
+        else:
+            insufficient_progress = False
+        point = evaluate(trial)
+        iteration += 1
+        if not sufficient_decrease(point) or point.value >= bracket[low].value:
+            bracket[high] = point
+            low, high = (0, 1) if bracket[0].value <= bracket[1].value else (1, 0)
+        else:
+            if curvature(point):
+                done = True
+            elif point.slope * (bracket[high].step - bracket[low].step) >= 0:
+                bracket[high] = bracket[low]
+            bracket[low] = point
+    best = bracket[low]
+    return LineSearchResult(best.step, best.value, best.slope, best.payload, evaluations, done)
 
 
 def backtracking_search(

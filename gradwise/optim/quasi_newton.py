@@ -19,16 +19,22 @@ import torch
 from torch import Tensor
 
 
-def lbfgs_direction(grad: Tensor, s_history: Sequence[Tensor], y_history: Sequence[Tensor], gamma: float) -> Tensor:
-    """``-H grad`` for the L-BFGS matrix of the pairs (oldest first) with initial scaling ``gamma``."""
-    rhos = [1.0 / float(torch.vdot(y, s)) for s, y in zip(s_history, y_history)]
-    alphas = [0.0] * len(rhos)
+def lbfgs_direction(
+    grad: Tensor, s_history: Sequence[Tensor], y_history: Sequence[Tensor], gamma: float | Tensor
+) -> Tensor:
+    """``-H grad`` for the L-BFGS matrix of the pairs (oldest first) with initial scaling ``gamma``.
+
+    The scalars stay 0-d tensors of the vectors' dtype, as in torch.optim.LBFGS, so the
+    rounding (in float32, say) is torch's and :class:`~gradwise.optim.LBFGS` keeps torch's
+    iterates."""
+    rhos = [1.0 / torch.vdot(y, s) for s, y in zip(s_history, y_history)]
+    alphas: list[Tensor] = [grad.new_zeros(())] * len(rhos)
     q = grad.neg()
     for i in range(len(rhos) - 1, -1, -1):
-        alphas[i] = float(torch.vdot(s_history[i], q)) * rhos[i]
+        alphas[i] = torch.vdot(s_history[i], q) * rhos[i]
         q.add_(y_history[i], alpha=-alphas[i])
     r = q.mul_(gamma)
     for i in range(len(rhos)):
-        beta = float(torch.vdot(y_history[i], r)) * rhos[i]
+        beta = torch.vdot(y_history[i], r) * rhos[i]
         r.add_(s_history[i], alpha=alphas[i] - beta)
     return r
