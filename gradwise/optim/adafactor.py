@@ -70,6 +70,7 @@ class Adafactor(GradwiseOptimizer):
         *,
         beta1: float | None = None,
         relative_step: bool = True,
+        foreach: bool | None = None,
         maximize: bool = False,
     ) -> None:
         defaults = dict(
@@ -80,6 +81,7 @@ class Adafactor(GradwiseOptimizer):
             weight_decay=weight_decay,
             beta1=beta1,
             relative_step=relative_step,
+            foreach=foreach,
             maximize=maximize,
         )
         super().__init__(params, defaults)

@@ -16,6 +16,7 @@ from gradwise.optim.base import (
     check_state_shapes,
     fused_kernel_applies,
     maybe_negate,
+    roots_to_edit,
     scalar_values,
     with_l2_penalty,
 )
@@ -133,7 +134,7 @@ class Adagrad(GradwiseOptimizer):
             grads = maybe_negate(grads, group["maximize"])
             grads = with_l2_penalty(grads, params, group["weight_decay"])
             torch._foreach_addcmul_(sums, grads, grads, value=1)
-            denominators = torch._foreach_sqrt(sums)
+            denominators = roots_to_edit(sums, group["differentiable"])
             torch._foreach_add_(denominators, group["eps"])
             addcdiv_scaled_(params, grads, denominators, minus_step_sizes)
 

@@ -17,6 +17,7 @@ from gradwise.optim.base import (
     check_state_shapes,
     fused_kernel_applies,
     maybe_negate,
+    roots_to_edit,
     scalar_values,
     zeros_like,
 )
@@ -113,7 +114,7 @@ class Adam(GradwiseOptimizer):
             lists.append([self._state(p, "max_exp_avg_sq", zeros_like) for p in params])
         if fused:
             check_state_shapes(type(self).__name__, params, *lists[2:4], *lists[5:])
-        update = self._fused_update if fused else self._foreach_update
+        update = Adam._fused_update if fused else Adam._foreach_update  # also Muon's AdamW groups
         for device_params, device_grads, exp_avgs, exp_avg_sqs, steps, *maxima in by_device_and_dtype(*lists):
             max_exp_avg_sqs = maxima[0] if maxima else []
             update(group, device_params, device_grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps)
@@ -144,9 +145,9 @@ class Adam(GradwiseOptimizer):
             update_moments(exp_avgs, exp_avg_sqs, grads, beta1, beta2)
             if maxima:
                 torch._foreach_maximum_(maxima[0], exp_avg_sqs)
-                denominators = torch._foreach_sqrt(maxima[0])
+                denominators = roots_to_edit(maxima[0], group.get("differentiable", False))
             else:
-                denominators = torch._foreach_sqrt(exp_avg_sqs)
+                denominators = roots_to_edit(exp_avg_sqs, group.get("differentiable", False))
             torch._foreach_div_(denominators, bias_correction2_sqrts)
             torch._foreach_add_(denominators, group["eps"])
             addcdiv_scaled_(params, exp_avgs, denominators, minus_step_sizes)

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.optim.optimizer import _get_capturable_supported_devices
 
 from gradwise.validation import check_bool, check_optional_bool
 
@@ -203,6 +204,8 @@ class GradwiseOptimizer(Optimizer):
             if any(param.numel() == 0 for param in params):
                 kept = [i for i, param in enumerate(params) if param.numel() > 0]
                 params, grads = [params[i] for i in kept], [grads[i] for i in kept]
+        if group.get("capturable"):
+            check_capturable_devices(type(self).__name__, params + sparse_params)
         group = resolve_tensor_hyperparameters(group)
         if sparse_params:
             self._sparse_update(group, sparse_params, sparse_grads)
@@ -267,6 +270,18 @@ class GradwiseOptimizer(Optimizer):
                 step = state["step"] = step.to(device)
             counters.append(step)
         return counters
+
+
+def check_capturable_devices(optimizer: str, params: list[Tensor]) -> None:
+    """``capturable=True`` is for steps captured in a CUDA graph: like torch, refuse it for
+    parameters on a device that cannot capture (the CPU)."""
+    supported = _get_capturable_supported_devices(supports_xla=False)
+    devices = sorted({param.device.type for param in params} - set(supported))
+    if devices:
+        raise RuntimeError(
+            f"{optimizer}(capturable=True) needs parameters on one of {supported}, got {', '.join(devices)}; "
+            "pass capturable=False"
+        )
 
 
 def resolve_tensor_hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
@@ -444,6 +459,14 @@ def cache_blocks(*columns: list, block_numel: int = CPU_BLOCK_NUMEL) -> Iterator
                 block, filled = [[] for _ in columns], 0
     if block[0]:
         yield tuple(block)
+
+
+def roots_to_edit(tensors: list[Tensor], differentiable: bool) -> list[Tensor]:
+    """Element-wise square roots that the caller goes on to modify in place (adding eps,
+    dividing by a bias correction). The backward of a square root reads its output, so under
+    ``differentiable=True`` the edits go to a copy rather than to the recorded output."""
+    roots = torch._foreach_sqrt(tensors)
+    return [root.clone() for root in roots] if differentiable else list(roots)
 
 
 def maybe_negate(grads: list[Tensor], maximize: bool) -> list[Tensor]:

@@ -16,6 +16,7 @@ from gradwise.optim.base import (
     by_device_and_dtype,
     cache_blocks,
     maybe_negate,
+    roots_to_edit,
     scalar_dtype,
     scalar_values,
     zeros_like,
@@ -132,7 +133,7 @@ class NAdam(GradwiseOptimizer):
             grads = maybe_negate(grads, group["maximize"])
             grads = apply_weight_decay(params, grads, lr, weight_decay, group["decoupled_weight_decay"])
             update_moments(exp_avgs, exp_avg_sqs, grads, beta1, beta2)
-            denominators = torch._foreach_sqrt(exp_avg_sqs)
+            denominators = roots_to_edit(exp_avg_sqs, group["differentiable"])
             torch._foreach_div_(denominators, bias_correction2_sqrts)
             torch._foreach_add_(denominators, group["eps"])
             addcdiv_scaled_(params, grads, denominators, grad_step_sizes)

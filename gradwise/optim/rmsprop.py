@@ -13,6 +13,7 @@ from gradwise.optim.base import (
     by_device_and_dtype,
     cache_blocks,
     maybe_negate,
+    roots_to_edit,
     with_l2_penalty,
     zeros_like,
 )
@@ -112,10 +113,10 @@ class RMSprop(GradwiseOptimizer):
             torch._foreach_addcmul_(square_avgs, grads, grads, value=1 - alpha)
             if grad_avgs is not None:
                 torch._foreach_lerp_(grad_avgs, grads, 1 - alpha)
-                denominators = torch._foreach_addcmul(square_avgs, grad_avgs, grad_avgs, value=-1)
-                torch._foreach_sqrt_(denominators)
+                variances = torch._foreach_addcmul(square_avgs, grad_avgs, grad_avgs, value=-1)
+                denominators = roots_to_edit(variances, group["differentiable"])
             else:
-                denominators = torch._foreach_sqrt(square_avgs)
+                denominators = roots_to_edit(square_avgs, group["differentiable"])
             torch._foreach_add_(denominators, eps)
             if buffers is not None:
                 torch._foreach_mul_(buffers, group["momentum"])
