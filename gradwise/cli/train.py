@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 from pathlib import Path
@@ -22,8 +21,9 @@ from gradwise.cli.parsing import UsageError
 from gradwise.distributed.strategies import STRATEGIES, check_strategy
 from gradwise.problems.workloads import WORKLOADS
 from gradwise.schedules import SCHEDULES
-from gradwise.train import OPTIMIZERS, PRECISIONS, TrainConfig, TrainingDiverged, train
-from gradwise.train.loop import check_run_folder, resolved_config
+from gradwise.train import OPTIMIZERS, PRECISIONS, NonFiniteWeights, TrainConfig, TrainingDiverged, train
+from gradwise.train.config import CHANGEABLE, check_allowed_changes, settings_difference
+from gradwise.train.loop import check_run_folder, read_saved_config, resolved_config
 from gradwise.validation import check_int
 
 DESCRIPTION = """\
@@ -134,7 +134,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add("--max-restarts", type=int, default=0, metavar="R",
         help="with --nproc: times torchrun restarts the workers after a failure; they resume (default: 0)")
     add("--out", type=Path, default=None, metavar="DIR", help="run folder (default: runs/WORKLOAD)")
-    add("--resume", action="store_true", default=False, help="continue the run in --out from its newest valid checkpoint")
+    add("--resume", action="store_true", default=False,
+        help="continue the run in --out from its newest usable checkpoint, with the settings it was written under")
+    add("--allow-change", type=lambda text: [part.strip() for part in text.split(",") if part.strip()], default=[],
+        metavar="NAMES", help=f"with --resume: settings that may differ from the run's, of {', '.join(CHANGEABLE)}")
     add("--no-progress", action="store_true", default=False, help="no progress bar")
     parser.set_defaults(handler=run)
 
@@ -145,16 +148,15 @@ def build_config(args: argparse.Namespace) -> tuple[TrainConfig, Path]:
     base = TrainConfig.from_toml(args.config) if args.config is not None else TrainConfig()
     workload = given.get("workload", base.workload)
     out = args.out if args.out is not None else Path("runs") / workload
-    saved = out / "config.json"
-    if args.resume and saved.exists():
-        config = TrainConfig.from_dict(json.loads(saved.read_text()), source=str(saved))
-        for name, value in given.items():
-            if getattr(config, name) != value:
-                raise UsageError(
-                    f"--resume: the run in {str(out)!r} has {name}={getattr(config, name)!r}, not {value!r}; "
-                    f"resume with its own settings"
-                )
-        return config, out
+    allowed = check_allowed_changes(args.allow_change)
+    if allowed and not args.resume:
+        raise UsageError("--allow-change goes with --resume")
+    saved = read_saved_config(out) if args.resume else None
+    if saved is not None:
+        config = TrainConfig.from_dict(saved, source=str(out / "config.json"))
+        if (difference := settings_difference(config.to_dict(), given, allowed)) is not None:
+            raise UsageError(f"--resume: the run in {str(out)!r} was {difference}; resume with its own settings")
+        return dataclasses.replace(config, **{name: value for name, value in given.items() if name in allowed}), out
     return dataclasses.replace(base, **given), out
 
 
@@ -163,7 +165,7 @@ def launch(args: argparse.Namespace, config: TrainConfig, out: Path) -> int:
     check_int("max_restarts", args.max_restarts, 0)
     config = resolved_config(config)
     check_strategy(config.strategy, config.strategy_options, args.nproc)
-    check_run_folder(out, config, args.resume)
+    check_run_folder(out, config, args.resume, check_allowed_changes(args.allow_change))
     return run_under_torchrun(args.nproc, args.argv, args.max_restarts)
 
 
@@ -183,11 +185,15 @@ def run(args: argparse.Namespace) -> int:
         check_strategy(config.strategy, config.strategy_options, 1)
     main = int(os.environ.get("RANK", "0")) == 0
     try:
-        result = train(config, out, resume=args.resume, progress=not args.no_progress)
+        result = train(config, out, resume=args.resume, progress=not args.no_progress, allow_changes=args.allow_change)
     except TrainingDiverged as diverged:
         if main:
             print(str(diverged.report), file=sys.stderr)
             print(f"wrote {out / 'report.json'} and {out / 'training.png'}", file=sys.stderr)
+        return 1
+    except (NonFiniteWeights, OSError) as failed:  # runtime failures, not bad input: exit 1
+        if main:
+            print(f"gradwise train: error: {failed}", file=sys.stderr)
         return 1
     if not main:
         return 0

@@ -21,6 +21,12 @@ checkpoints passed over, with the reason. Four layouts, by what the ranks hold:
   ``torch.distributed.checkpoint`` folder written by all ranks
   (:class:`gradwise.distributed.checkpoint.ShardedCheckpoints`), loadable with another
   world size.
+
+Every layout loads the same way: newest first, a checkpoint is used only if it verifies,
+the caller's ``accept(extra)`` has no objection (the training loop compares the settings
+it was written under), its state fits the model and optimizer, and its weights and
+optimizer state are finite; otherwise it is skipped with the reason and the next older
+one is tried. A failed save (a full disk) raises one ``OSError`` on every rank.
 """
 
 from __future__ import annotations
@@ -32,7 +38,24 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from gradwise.train.checkpoint import CheckpointManager, CorruptCheckpoint, Skipped, decode
+from gradwise.train.checkpoint import (
+    Accept,
+    CheckpointManager,
+    CorruptCheckpoint,
+    Skipped,
+    first_nonfinite,
+    read_checkpoint,
+)
+
+
+def _usable(payload: dict[str, Any], accept: Accept | None) -> str | None:
+    """Why a decoded single-file checkpoint cannot be used (before loading it), or ``None``."""
+    reason = accept({key: value for key, value in payload.items() if key not in ("model", "optimizer")}) \
+        if accept is not None else None
+    if reason is None and (found := first_nonfinite({"model": payload.get("model"),
+                                                    "optimizer": payload.get("optimizer")})) is not None:
+        reason = f"non-finite values in {found}"
+    return reason
 
 
 class ReplicatedCheckpoints:
@@ -47,19 +70,45 @@ class ReplicatedCheckpoints:
 
     def save(self, step: int, extra: dict[str, Any]) -> None:
         optimizer_state = self._optimizer_state()
+        failure = None
         if self.rank == 0:
-            self.manager.save(step, {"step": step, "model": self.model.state_dict(),
-                                     "optimizer": optimizer_state, **extra})
-        if self.world_size > 1:
-            dist.barrier()  # no rank reads (a rollback) before the file is on disk
+            try:
+                self.manager.save(step, {"step": step, "model": self.model.state_dict(),
+                                         "optimizer": optimizer_state, **extra})
+            except OSError as error:
+                failure = str(error)
+        if self.world_size > 1:  # no rank reads (a rollback) before the file is on disk; all hear of a failure
+            box = [failure]
+            dist.broadcast_object_list(box, src=0)
+            failure = box[0]
+        if failure is not None:
+            raise OSError(failure)
 
-    def load_newest(self) -> tuple[int, dict[str, Any]] | None:
-        state, _, self.skipped = self.manager.load_newest()
-        if state is None:
-            return None
-        self.model.load_state_dict(state.pop("model"))
-        self._load_optimizer(state.pop("optimizer"))
-        return state.pop("step"), state
+    def load_newest(self, accept: Accept | None = None) -> tuple[int, dict[str, Any]] | None:
+        """The newest usable checkpoint loaded into the model and optimizer: ``(step, extra)``, or ``None``.
+
+        Every rank reads the same file and so reaches the same verdicts.
+        """
+        self.skipped = []
+        for _, path in self.manager.checkpoints():
+            try:
+                state = read_checkpoint(path)
+                reason = _usable(state, accept) or self._load(state)
+            except CorruptCheckpoint as error:
+                reason = str(error)
+            if reason is None:
+                return state.pop("step"), state
+            self.skipped.append(Skipped(path, reason))
+        return None
+
+    def _load(self, state: dict[str, Any]) -> str | None:
+        """Load the model and optimizer from ``state`` (popping them); the reason it does not fit, or ``None``."""
+        try:
+            self.model.load_state_dict(state.pop("model"))
+            self._load_optimizer(state.pop("optimizer"))
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as error:
+            return f"does not fit this model and optimizer: {str(error).strip().splitlines()[0]}"
+        return None
 
     def _optimizer_state(self) -> dict[str, Any] | None:
         """The optimizer's state_dict on rank 0 (the one that writes)."""
@@ -88,31 +137,44 @@ class PerRankCheckpoints(ReplicatedCheckpoints):
         super().__init__(Path(folder) / f"rank-{rank:05d}", keep, model, optimizer, rank, world_size)
 
     def save(self, step: int, extra: dict[str, Any]) -> None:
-        self.manager.save(step, {"step": step, "model": self.model.state_dict(),
-                                 "optimizer": self.optimizer.state_dict(), **extra})
-        dist.barrier()
+        failure = None
+        try:
+            self.manager.save(step, {"step": step, "model": self.model.state_dict(),
+                                     "optimizer": self.optimizer.state_dict(), **extra})
+        except OSError as error:
+            failure = str(error)
+        failures = [None] * self.world_size
+        dist.all_gather_object(failures, failure)
+        if (first := next((found for found in failures if found), None)) is not None:
+            raise OSError(first)
 
-    def load_newest(self) -> tuple[int, dict[str, Any]] | None:
+    def load_newest(self, accept: Accept | None = None) -> tuple[int, dict[str, Any]] | None:
+        """The newest step usable on every rank, loaded; ``None`` if there is none."""
         valid: dict[int, dict[str, Any]] = {}
         self.skipped = []
         for step, path in self.manager.checkpoints():
             try:
-                valid[step] = decode(path.read_bytes())
+                state = read_checkpoint(path)
+                reason = _usable(state, accept)
             except CorruptCheckpoint as error:
-                self.skipped.append(Skipped(path, str(error)))
-            except Exception as error:  # a verified payload torch cannot read (e.g. written by another version)
-                self.skipped.append(Skipped(path, f"unreadable: {error}"))
+                reason = str(error)
+            if reason is None:
+                valid[step] = state
+            else:
+                self.skipped.append(Skipped(path, reason))
         everyone: list[list[int]] = [[] for _ in range(self.world_size)]
         dist.all_gather_object(everyone, sorted(valid))
         common = set.intersection(*(set(steps) for steps in everyone))
         for step in sorted(set(valid) - common, reverse=True):
             self.skipped.append(Skipped(self.manager.path(step), "not valid on every rank"))
-        if not common:
-            return None
-        state = valid[max(common)]
-        self.model.load_state_dict(state.pop("model"))
-        self.optimizer.load_state_dict(state.pop("optimizer"))
-        return state.pop("step"), state
+        for step in sorted(common, reverse=True):
+            state = valid[step]
+            reasons: list[str | None] = [None] * self.world_size
+            dist.all_gather_object(reasons, self._load(state))
+            if (reason := next((found for found in reasons if found), None)) is None:
+                return state.pop("step"), state
+            self.skipped.append(Skipped(self.manager.path(step), reason))
+        return None
 
 
 class ShardedRunCheckpoints:
@@ -131,5 +193,5 @@ class ShardedRunCheckpoints:
     def save(self, step: int, extra: dict[str, Any]) -> None:
         self.checkpoints.save(step, self.model, self.optimizer, extra)
 
-    def load_newest(self) -> tuple[int, dict[str, Any]] | None:
-        return self.checkpoints.load_newest(self.model, self.optimizer)
+    def load_newest(self, accept: Accept | None = None) -> tuple[int, dict[str, Any]] | None:
+        return self.checkpoints.load_newest(self.model, self.optimizer, accept)

@@ -12,7 +12,7 @@ Example::
 
 from gradwise.train.checkpoint import CheckpointManager, CorruptCheckpoint
 from gradwise.train.config import TrainConfig
-from gradwise.train.guards import DivergenceGuard, DivergenceReport, TrainingDiverged
+from gradwise.train.guards import DivergenceGuard, DivergenceReport, NonFiniteWeights, TrainingDiverged
 from gradwise.train.loop import Trainer, TrainResult, train
 from gradwise.train.optimizers import OPTIMIZERS, build_optimizer
 from gradwise.train.precision import PRECISIONS, Precision
@@ -24,6 +24,7 @@ __all__ = [
     "CorruptCheckpoint",
     "DivergenceGuard",
     "DivergenceReport",
+    "NonFiniteWeights",
     "Precision",
     "TrainConfig",
     "TrainResult",

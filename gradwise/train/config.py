@@ -17,7 +17,9 @@ its top level, with ``workload_options`` and ``optimizer_options`` as tables::
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -166,3 +168,41 @@ class TrainConfig:
         except tomllib.TOMLDecodeError as error:
             raise ValueError(f"config file {str(path)!r} is not valid TOML: {error}") from None
         return cls.from_dict(values, source=str(path))
+
+
+CHANGEABLE = {
+    "steps": "the schedule is rebuilt over the new length; the run goes on from its step",
+    "world_size": "the checkpoint is resharded (or its optimizer state re-split) over the new processes",
+    "strategy": "sharded checkpoints reshard; a replicated or ZeRO checkpoint loads into any data-parallel strategy",
+    "strategy_options": "how the processes communicate, not what they compute",
+    "batch_size": "per process: with another world_size, keep batch_size x world_size to keep the run's batch",
+    "threads": "CPU threads (the last bits of a sum may differ)",
+    "eval_every": "when the run evaluates",
+    "checkpoint_every": "when the run checkpoints",
+    "keep_checkpoints": "how many checkpoints are kept",
+}
+"""The settings a resumed run may change, each only when named (``--allow-change``), and why it can be honoured.
+Every other setting (workload, data, optimizer and its options, lr, schedule, precision, seed, guards, ...)
+must be the one the checkpoint was written under: its state means nothing under another."""
+
+
+def check_allowed_changes(names: Iterable[str]) -> frozenset[str]:
+    """``names`` as a set, each one a key of :data:`CHANGEABLE`."""
+    names = frozenset(names)
+    for name in sorted(names):
+        if name not in CHANGEABLE:
+            raise ValueError(f"allow_change: {name!r} cannot change on resume; changeable: {', '.join(CHANGEABLE)}")
+    return names
+
+
+def settings_difference(saved: Any, current: dict[str, Any], allowed: Iterable[str] = ()) -> str | None:
+    """The first setting of ``current`` that ``saved`` (a run's recorded settings) has otherwise, as one
+    phrase, or ``None``. Compared as JSON values (a tuple equals a list); ``allowed`` names are not compared."""
+    if not isinstance(saved, dict):
+        return "it records no settings"
+    normal = json.loads(json.dumps({**saved}, default=str))
+    for name, value in json.loads(json.dumps(current, default=str)).items():
+        if name not in allowed and normal.get(name, "(none)") != value:
+            hint = f" (--allow-change {name} to continue with {value!r})" if name in CHANGEABLE else ""
+            return f"written with {name}={normal.get(name, '(none)')!r}, not {value!r}{hint}"
+    return None

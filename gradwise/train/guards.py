@@ -72,6 +72,11 @@ class TrainingDiverged(RuntimeError):
         self.report = report
 
 
+class NonFiniteWeights(RuntimeError):
+    """Raised by the loop when a run ends with a NaN or an infinity in its weights or optimizer state:
+    such a run is a failure whatever its guards saw (a few skipped steps need not add up to a rollback)."""
+
+
 @dataclass
 class DivergenceGuard:
     """Tracks loss and gradient norm every step and decides update, skip, rollback or stop."""

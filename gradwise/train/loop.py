@@ -26,10 +26,23 @@ optimizer, scheduler, gradient scaler, the guard's counters, every RNG and the d
 position. On CPU, a run killed at any moment and resumed from its newest valid checkpoint
 produces bit for bit the losses and parameters of a run never interrupted (with the same
 number of threads).
+
+Resume honours only what it can: every checkpoint records the settings it was written
+under (the resolved config and the world size), and one written under other settings is
+skipped, as is one whose weights or optimizer state are not finite; ``resume=True`` with no
+usable checkpoint is refused, never a silent fresh start over an existing run. Settings
+named in ``allow_changes`` (:data:`gradwise.train.config.CHANGEABLE`) may differ on purpose.
+
+Divergence: no checkpoint is written while the weights are unhealthy (an update was just
+skipped for a non-finite loss or gradient, or a parameter or optimizer-state tensor holds
+a NaN or an infinity), so a rollback returns to weights that trained; a run whose final
+weights are not finite raises :class:`NonFiniteWeights` and writes no ``model.pt`` or
+``summary.json``.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -50,9 +63,9 @@ from gradwise.distributed.strategy import Strategy
 from gradwise.problems.workload import Target, Workload
 from gradwise.problems.workloads import WORKLOADS, make_workload
 from gradwise.schedules import ScheduleLR, make_schedule
-from gradwise.train.checkpoint import Skipped, rng_state, set_rng_state, write_atomically
-from gradwise.train.config import TrainConfig
-from gradwise.train.guards import DivergenceGuard, TrainingDiverged
+from gradwise.train.checkpoint import Skipped, first_nonfinite, rng_state, set_rng_state, write_atomically
+from gradwise.train.config import TrainConfig, check_allowed_changes, settings_difference
+from gradwise.train.guards import DivergenceGuard, NonFiniteWeights, TrainingDiverged
 from gradwise.train.metrics import MetricsWriter, Throughput, read_records
 from gradwise.train.optimizers import build_optimizer
 from gradwise.train.plots import plot_training
@@ -115,12 +128,34 @@ def resolved_config(config: TrainConfig) -> TrainConfig:
     return config.with_workload_defaults(WORKLOADS[config.workload].defaults)
 
 
-def check_run_folder(out: Path, config: TrainConfig, resume: bool) -> None:
-    """Refuse to write over an existing run, or to resume one with different settings."""
+def read_saved_config(out: Path) -> dict[str, Any] | None:
+    """The settings in a run folder's ``config.json`` (``None`` if there is none); one-line ``ValueError`` if unreadable."""
     saved = out / "config.json"
+    if not saved.exists():
+        return None
+    try:
+        values = json.loads(saved.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{str(saved)!r} is unreadable: {error}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{str(saved)!r} does not hold a run's settings")
+    return values
+
+
+def check_run_folder(out: Path, config: TrainConfig, resume: bool, allow_changes: frozenset[str] = frozenset()) -> None:
+    """Refuse to write over an existing run, to resume where there is no run, or to resume one with other
+    settings than its own (except those in ``allow_changes``)."""
     if resume:
-        if saved.exists() and json.loads(saved.read_text()) != json.loads(json.dumps(config.to_dict())):
-            raise ValueError(f"{str(out)!r} holds a run with other settings; resume it with the same ones")
+        checkpoints = out / "checkpoints"
+        if not out.is_dir() or not any(out.iterdir()):
+            raise ValueError(f"--resume: {str(out)!r} holds no run to resume "
+                             f"({'an empty folder' if out.is_dir() else 'not a folder' if out.exists() else 'no such folder'})")
+        if not checkpoints.is_dir():
+            raise ValueError(f"--resume: {str(out)!r} holds no run to resume ({str(checkpoints)!r} "
+                             f"{'is not a folder' if checkpoints.exists() else 'is missing'})")
+        saved = read_saved_config(out)
+        if saved is not None and (difference := settings_difference(saved, config.to_dict(), allow_changes)):
+            raise ValueError(f"--resume: the run in {str(out)!r} was {difference}; resume with its own settings")
     elif out.exists() and any(out.iterdir()):
         raise ValueError(f"{str(out)!r} already holds files; pass --resume to continue that run or choose a new folder")
 
@@ -154,17 +189,20 @@ class Trainer:
     """One run: the pieces built from a config, and ``run()``, the loop."""
 
     def __init__(self, config: TrainConfig, out: str | Path | None = None, *, resume: bool = False,
-                 workload: Workload | None = None, progress: bool = False) -> None:
+                 workload: Workload | None = None, progress: bool = False, allow_changes: Any = ()) -> None:
         self.config = config = resolved_config(config)
         self.out = None if out is None else Path(out)
         self.resume = resume
         self.progress = progress
+        self.allow_changes = check_allowed_changes(allow_changes)
         if self.out is not None:
-            check_run_folder(self.out, config, resume)
+            check_run_folder(self.out, config, resume, self.allow_changes)
         self.owns_group = not dist.is_initialized()
         self.context = join_job(config)
         self.strategy = strategy = make_strategy(config.strategy, config.strategy_options, self.context)
         strategy.barrier()  # every rank has checked the run folder before rank 0 writes to it
+        self.settings = {**config.to_dict(), "world_size": strategy.world_size}
+        """What every checkpoint records and a resume compares: the resolved config and the world size."""
         processes_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         torch.set_num_threads(config.threads or max(1, (os.cpu_count() or 1) // processes_here))
         self.device = resolve_device(config.device) if self.context is None else self.context.device
@@ -205,12 +243,29 @@ class Trainer:
             "data": self.workload.train_data.state_dict(),
             "rng": rng_state(),
             "strategy": self.strategy.state_dict(),
+            "settings": self.settings,
         }
+
+    def accept(self, state: dict[str, Any]) -> str | None:
+        """Why a checkpoint (its run state) cannot be resumed by this run: written under other settings."""
+        return settings_difference(state.get("settings"), self.settings, self.allow_changes)
+
+    def nonfinite_weights(self) -> str | None:
+        """A parameter or optimizer-state tensor holding a NaN or an infinity on any rank, or ``None`` (a collective)."""
+        found = first_nonfinite({"parameter": dict(self.named_parameters),
+                                 "optimizer state": list(self.optimizer.state.values())})
+        if self.strategy.world_size > 1 and self.strategy.agree([float(found is not None)])[0] > 0:
+            found = found or "a tensor on another rank"
+        return found
 
     def load_state(self, step: int, state: dict[str, Any], *, rollback: bool = False) -> None:
         """Restore the rest of a checkpoint whose model and optimizer are loaded; on a rollback keep the
         guard's counters and lower the lr to its scale."""
-        self.scheduler.load_state_dict(state["scheduler"])
+        scheduler_state = state["scheduler"]
+        if "steps" in self.allow_changes:  # the schedule is rebuilt over the new length: its lr here replaces the saved
+            multiplier = self.scheduler.schedule(scheduler_state["last_epoch"])
+            scheduler_state = {**scheduler_state, "_last_lr": [base * multiplier for base in scheduler_state["base_lrs"]]}
+        self.scheduler.load_state_dict(scheduler_state)
         self.scaler.load_state_dict(state["scaler"])
         self.workload.train_data.load_state_dict(state["data"])
         set_rng_state(state["rng"])
@@ -226,9 +281,16 @@ class Trainer:
             group["initial_lr"] *= ratio
             group["lr"] *= ratio
 
-    def save_checkpoint(self) -> None:
-        if self.checkpoints is not None:
-            self.checkpoints.save(self.step, self.state())
+    def save_checkpoint(self) -> str | None:
+        """Checkpoint the run unless its weights are unhealthy; returns why it was not written, or ``None``."""
+        if self.checkpoints is None:
+            return None
+        if self.guard.consecutive_skips:
+            return f"the last {self.guard.consecutive_skips} updates were skipped for non-finite loss or gradients"
+        if (found := self.nonfinite_weights()) is not None:
+            return f"non-finite values in {found}"
+        self.checkpoints.save(self.step, self.state())
+        return None
 
     # --- the loop ----------------------------------------------------------------------
 
@@ -238,11 +300,15 @@ class Trainer:
         started = time.perf_counter()
         resumed_from, skipped_checkpoints = None, []
         if self.checkpoints is not None and self.resume:
-            newest = self.checkpoints.load_newest()
+            newest = self.checkpoints.load_newest(self.accept)
             skipped_checkpoints = self.checkpoints.skipped
-            if newest is not None:
-                self.load_state(*newest)
-                resumed_from = self.step
+            if newest is None:
+                raise ValueError(nothing_to_resume(self.out / "checkpoints", skipped_checkpoints))
+            if newest[0] > config.steps:
+                raise ValueError(f"--resume: the newest usable checkpoint is of step {newest[0]}, past "
+                                 f"steps={config.steps}; give --steps {newest[0]} or more")
+            self.load_state(*newest)
+            resumed_from = self.step
         main = strategy.is_main
         metrics = None
         if self.out is not None and main:
@@ -315,7 +381,10 @@ class Trainer:
                     if main:
                         bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in evaluation.items()))
                 if self.step % config.checkpoint_every == 0 or self.step == config.steps:
-                    self.save_checkpoint()
+                    not_written = self.save_checkpoint()
+                    if metrics is not None and not_written is not None:
+                        metrics.write({"kind": "checkpoint", "step": self.step, "event": "checkpoint-not-written",
+                                       "reason": not_written})
         except TrainingDiverged as diverged:
             bar.close()
             if self.out is not None and main:
@@ -323,6 +392,10 @@ class Trainer:
                 self.plot()
             raise
         bar.close()
+        if (found := self.nonfinite_weights()) is not None:
+            raise NonFiniteWeights(f"the weights are not finite after step {self.step} (non-finite values in "
+                                   f"{found}): the run failed, no model.pt or summary.json was written; its "
+                                   "newest checkpoint holds the last finite weights")
 
         final = self.evaluate(full=True)
         result = TrainResult(
@@ -336,7 +409,9 @@ class Trainer:
         model_state = strategy.full_model_state(model) if self.out is not None else None
         if self.out is not None and main:
             metrics.write({"kind": "eval", "step": self.step, "full": True, **final})
-            torch.save(model_state, self.out / "model.pt")
+            buffer = io.BytesIO()
+            torch.save(model_state, buffer)
+            write_atomically(self.out / "model.pt", buffer.getvalue())
             write_atomically(self.out / "summary.json", json.dumps(result.to_dict(), indent=2).encode())
             self.plot()
         return result
@@ -355,7 +430,7 @@ class Trainer:
         newest = None
         if self.checkpoints is not None and self.guard.can_roll_back():
             self.optimizer.zero_grad(set_to_none=True)
-            newest = self.checkpoints.load_newest()
+            newest = self.checkpoints.load_newest(self.accept)
         if newest is None:
             why = (f"{len(self.guard.rollbacks)} rollbacks spent" if self.checkpoints is not None
                    and not self.guard.can_roll_back() else "no checkpoint to roll back to")
@@ -384,15 +459,27 @@ class Trainer:
         plot_training(records, self.out / "training.png", title, "val_loss" if "val_loss" in metrics else metrics[0])
 
 
+def nothing_to_resume(folder: Path, skipped: list[Skipped]) -> str:
+    """The one line that refuses a resume with no usable checkpoint, saying what was found."""
+    if not skipped:
+        return f"--resume: {str(folder)!r} holds no checkpoint"
+    found = "; ".join(f"{item.path.name}: {item.reason}" for item in skipped[:3])
+    more = f"; and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+    return f"--resume: no checkpoint in {str(folder)!r} can be resumed ({found}{more})"
+
+
 def train(config: TrainConfig, out: str | Path | None = None, *, resume: bool = False,
-          workload: Workload | None = None, progress: bool = False) -> TrainResult:
+          workload: Workload | None = None, progress: bool = False, allow_changes: Any = ()) -> TrainResult:
     """Train as ``config`` says; checkpoints, metrics and plots go to ``out`` (none when ``None``).
 
-    ``resume=True`` continues from the newest checkpoint in ``out`` that verifies (a fresh
-    start when there is none). ``workload`` replaces the one ``config`` names (for tests and
-    library use). Raises ``TrainingDiverged`` with a report when the guards give up.
+    ``resume=True`` continues from the newest usable checkpoint in ``out`` (one that verifies,
+    was written under the same settings, except those named in ``allow_changes``, and holds
+    finite weights); with none, a ``ValueError`` says what was found. ``workload`` replaces
+    the one ``config`` names (for tests and library use). Raises ``TrainingDiverged`` with a
+    report when the guards give up, ``NonFiniteWeights`` when the run ends with non-finite
+    weights, ``OSError`` when a file cannot be written (the checkpoints before it stay intact).
     """
-    trainer = Trainer(config, out, resume=resume, workload=workload, progress=progress)
+    trainer = Trainer(config, out, resume=resume, workload=workload, progress=progress, allow_changes=allow_changes)
     try:
         return trainer.run()
     finally:
