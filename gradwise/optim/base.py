@@ -147,7 +147,13 @@ class GradwiseOptimizer(Optimizer):
     _scalar_state_keys: tuple[str, ...] = ()
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        # torch's __setstate__ (run by load_state_dict and unpickling) adds "differentiable"
+        # to every optimizer's defaults; one that has no such option keeps its groups' keys.
+        defaults = self.__dict__.get("defaults", state.get("defaults", {}))
+        had_differentiable = "differentiable" in defaults
         super().__setstate__(state)
+        if not had_differentiable:
+            self.defaults.pop("differentiable", None)
         self.__dict__.setdefault("_complex_owners", {})
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
