@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gradwise.optim.base import GradwiseOptimizer, ParamsT, scalar_dtype, zeros_like
+from gradwise.optim.base import GradwiseOptimizer, ParamsT, maybe_negate, scalar_dtype, zeros_like
 from gradwise.validation import check_choice, check_int, check_range
 
 GRAFTS = (None, "sgd", "adagrad", "adam")
@@ -152,6 +152,7 @@ class Shampoo(GradwiseOptimizer):
         graft_beta2: float = 0.999,
         graft_eps: float = 1e-10,
         eigh_dtype: torch.dtype = torch.float32,
+        maximize: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -167,6 +168,7 @@ class Shampoo(GradwiseOptimizer):
             graft_beta2=graft_beta2,
             graft_eps=graft_eps,
             eigh_dtype=eigh_dtype,
+            maximize=maximize,
         )
         super().__init__(params, defaults)
 
@@ -188,6 +190,7 @@ class Shampoo(GradwiseOptimizer):
 
     def _update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
         lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
+        grads = maybe_negate(grads, group["maximize"])
         directions = [self._direction(group, param, grad) for param, grad in zip(params, grads)]
         if weight_decay != 0:
             torch._foreach_mul_(params, 1 - lr * weight_decay)

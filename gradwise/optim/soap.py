@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gradwise.optim.base import GradwiseOptimizer, ParamsT, scalar_dtype
+from gradwise.optim.base import GradwiseOptimizer, ParamsT, maybe_negate, scalar_dtype
 from gradwise.optim.shampoo import EIGH_DTYPES, matrix_view_shape, symmetric_eigh
 from gradwise.validation import check_betas, check_choice, check_int, check_range
 
@@ -70,6 +70,7 @@ class SOAP(GradwiseOptimizer):
         max_precond_dim: int = 10000,
         precondition_1d: bool = True,
         eigh_dtype: torch.dtype = torch.float32,
+        maximize: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -81,6 +82,7 @@ class SOAP(GradwiseOptimizer):
             max_precond_dim=max_precond_dim,
             precondition_1d=precondition_1d,
             eigh_dtype=eigh_dtype,
+            maximize=maximize,
         )
         super().__init__(params, defaults)
 
@@ -96,7 +98,7 @@ class SOAP(GradwiseOptimizer):
         check_choice("eigh_dtype", group["eigh_dtype"], EIGH_DTYPES)
 
     def _update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
-        for param, grad in zip(params, grads):
+        for param, grad in zip(params, maybe_negate(grads, group["maximize"])):
             self._step_one(group, param, grad)
 
     def _step_one(self, group: dict[str, Any], param: Tensor, grad: Tensor) -> None:
