@@ -113,7 +113,8 @@ def test_a_zero2_run_on_two_processes_resumes_on_one_to_the_same_parameters(rank
     (resumed_folder / "checkpoints").mkdir(parents=True)
     (resumed_folder / "checkpoints" / "step-00000003.ckpt").write_bytes(
         (folder / "checkpoints" / "step-00000003.ckpt").read_bytes())
-    trainer = Trainer(TrainConfig(**RUN, batch_size=GLOBAL_BATCH), resumed_folder, resume=True)
+    trainer = Trainer(TrainConfig(**RUN, batch_size=GLOBAL_BATCH), resumed_folder, resume=True,
+                      allow_changes={"strategy", "world_size", "batch_size"})  # the same global batch on one process
     result = trainer.run()
     assert result.resumed_from_step == 3
     for key, value in trainer.model.state_dict().items():
