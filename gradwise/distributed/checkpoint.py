@@ -64,7 +64,7 @@ import re
 import shutil
 import warnings
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PosixPath
 from typing import Any
 
 import torch
@@ -112,8 +112,7 @@ METADATA_CLASSES = {
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): dcp_filesystem._StorageInfo,
     ("torch", "Size"): torch.Size,
     ("torch.serialization", "_get_layout"): torch.serialization._get_layout,  # a name -> torch.strided, ...
-    ("pathlib", "PosixPath"): Path("/").__class__,  # StorageMeta.checkpoint_id
-    ("pathlib", "PurePosixPath"): __import__("pathlib").PurePosixPath,
+    ("pathlib", "PosixPath"): PosixPath,  # StorageMeta.checkpoint_id
 } | {
     ("torch", name): value for name, value in vars(torch).items() if isinstance(value, torch.dtype)
 }
