@@ -185,25 +185,32 @@ class GradwiseOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        directions = self._directions()
         for group in self.param_groups:
             with torch.set_grad_enabled(group.get("differentiable", False)):
-                self._step_group(group)
+                self._step_group(group, directions)
         return loss
 
-    def _step_group(self, group: dict[str, Any]) -> None:
+    def _directions(self) -> dict[Tensor, Tensor]:
+        """Directions that replace some parameters' gradients in this step (K-FAC's
+        preconditioned gradients); computed once per step, after the closure ran."""
+        return {}
+
+    def _step_group(self, group: dict[str, Any], directions: dict[Tensor, Tensor]) -> None:
         """Sort ``group``'s gradients (dense, sparse, none) and update the parameters."""
         params, grads, sparse_params, sparse_grads = [], [], [], []
         for param in group["params"]:
             if param.grad is None:
                 continue
-            if param.grad.is_sparse:
+            grad = directions.get(param, param.grad)
+            if grad.is_sparse:
                 sparse_params.append(param)
-                sparse_grads.append(param.grad)
+                sparse_grads.append(grad)
             else:
                 params.append(param)
                 # A strided gradient (assigned by hand) is read in its own layout only by
                 # the foreach kernels; a contiguous copy serves every path.
-                grads.append(param.grad if param.grad.is_contiguous() else param.grad.contiguous())
+                grads.append(grad if grad.is_contiguous() else grad.contiguous())
         if self._per_matrix:
             if any(param.is_complex() for param in params):
                 raise RuntimeError(f"{type(self).__name__} does not support complex parameters")

@@ -189,22 +189,15 @@ class KFAC(GradwiseOptimizer):
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: D102 - the base class documents it
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        directions = self._preconditioned_gradients()
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            if any(p.grad.is_sparse for p in params):
-                raise RuntimeError("KFAC does not support sparse gradients")
-            self._update(group, params, [directions.get(p, p.grad) for p in params])
+        loss = super().step(closure)
         self._pending.clear()
         self._fisher_captured.clear()
         self.steps_taken += 1
         return loss
+
+    def _directions(self) -> dict[Tensor, Tensor]:
+        self._preconditioned = self._preconditioned_gradients()
+        return self._preconditioned
 
     def state_dict(self) -> dict[str, Any]:
         """torch's state_dict plus ``steps_taken``, so a resumed run keeps the statistics schedule."""
@@ -256,7 +249,7 @@ class KFAC(GradwiseOptimizer):
     def _update(self, group: dict[str, Any], params: list[Tensor], directions: list[Tensor]) -> None:
         lr, momentum = group["lr"], group["momentum"]
         # Preconditioned directions already carry the L2 term; raw gradients add it here.
-        raw = [i for i, (p, d) in enumerate(zip(params, directions)) if d is p.grad]
+        raw = [i for i, p in enumerate(params) if p not in self._preconditioned]
         if group["weight_decay"] != 0 and raw:
             for i in raw:
                 directions[i] = directions[i] + group["weight_decay"] * params[i]
