@@ -264,6 +264,22 @@ class GradwiseOptimizer(Optimizer):
             state[key] = make(param)
         return state[key]
 
+    def _momentum_step(
+        self, params: list[Tensor], directions: list[Tensor], lr: float, momentum: float, nesterov: bool = False
+    ) -> None:
+        r"""Heavy-ball momentum on precomputed directions :math:`d` (Shampoo's, K-FAC's):
+        :math:`b \leftarrow \mu b + d`, then :math:`\theta \leftarrow \theta - \eta b`, or
+        :math:`\theta - \eta (d + \mu b)` with Nesterov; a plain step when :math:`\mu = 0`.
+        The buffer is the state ``momentum_buffer``, as in ``torch.optim.SGD``."""
+        if momentum == 0:
+            torch._foreach_add_(params, directions, alpha=-lr)
+            return
+        buffers = [self._state(p, "momentum_buffer", zeros_like) for p in params]
+        torch._foreach_mul_(buffers, momentum)
+        torch._foreach_add_(buffers, directions)
+        steps = torch._foreach_add(directions, buffers, alpha=momentum) if nesterov else buffers
+        torch._foreach_add_(params, steps, alpha=-lr)
+
     def _step_counters(self, params: list[Tensor], on_device: bool) -> list[Tensor]:
         """Each parameter's step counter (a scalar tensor), created at zero.
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gradwise.optim.base import GradwiseOptimizer, ParamsT, zeros_like
+from gradwise.optim.base import GradwiseOptimizer, ParamsT
 from gradwise.validation import check_int, check_range
 
 LAYERS = (nn.Linear, nn.Conv2d)
@@ -253,13 +253,7 @@ class KFAC(GradwiseOptimizer):
         if group["weight_decay"] != 0 and raw:
             for i in raw:
                 directions[i] = directions[i] + group["weight_decay"] * params[i]
-        if momentum == 0:
-            torch._foreach_add_(params, directions, alpha=-lr)
-            return
-        buffers = [self._state(p, "momentum_buffer", zeros_like) for p in params]
-        torch._foreach_mul_(buffers, momentum)
-        torch._foreach_add_(buffers, directions)
-        torch._foreach_add_(params, buffers, alpha=-lr)
+        self._momentum_step(params, directions, lr, momentum)
 
 
 def input_output_factors(layer: nn.Module, inputs: Tensor, grad_outputs: Tensor) -> tuple[Tensor, Tensor]:

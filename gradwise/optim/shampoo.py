@@ -194,16 +194,7 @@ class Shampoo(GradwiseOptimizer):
         directions = [self._direction(group, param, grad) for param, grad in zip(params, grads)]
         if weight_decay != 0:
             torch._foreach_mul_(params, 1 - lr * weight_decay)
-        if momentum == 0:
-            torch._foreach_add_(params, directions, alpha=-lr)
-            return
-        buffers = [self._state(p, "momentum_buffer", zeros_like) for p in params]
-        torch._foreach_mul_(buffers, momentum)
-        torch._foreach_add_(buffers, directions)
-        if group["nesterov"]:
-            torch._foreach_add_(directions, buffers, alpha=momentum)
-            buffers = directions
-        torch._foreach_add_(params, buffers, alpha=-lr)
+        self._momentum_step(params, directions, lr, momentum, group["nesterov"])
 
     def _direction(self, group: dict[str, Any], param: Tensor, grad: Tensor) -> Tensor:
         """Update the statistics of ``param`` with ``grad``; return its step direction."""
