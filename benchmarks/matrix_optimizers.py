@@ -121,7 +121,11 @@ def implementations() -> list[Implementation]:
         Implementation("Muon", "torch", lambda p: torch.optim.Muon(p, lr=LR), True, reference=True),
         Implementation("Muon", "pytorch-optimizer", lambda p: po.Muon([{"params": p, "use_muon": True}], lr=LR), True),
         Implementation("Muon", "heavyball", lambda p: heavyball.Muon(p, lr=LR), True),
-        Implementation("Muon + AdamW (all)", "gradwise", lambda p: gw.Muon(p, lr=LR, adamw_lr=LR)),
+        Implementation(
+            "Muon + AdamW (all)", "gradwise",
+            lambda p: gw.Muon([{"params": [t for t in p if t.ndim >= 2]}, {"params": [t for t in p if t.ndim < 2], "use_muon": False}],
+                              lr=LR, adamw_lr=LR),
+        ),
         Implementation(
             "Shampoo", "gradwise", lambda p: gw.Shampoo(p, lr=LR, block_size=BLOCK, precondition_frequency=refresh,
                                                         start_preconditioning_step=1),

@@ -95,11 +95,23 @@ def _params(model, groups):
     return model.parameters() if groups is None else groups
 
 
+def _muon_groups(model, groups):
+    """Muon's groups: matrices to Muon, a group of vectors to its AdamW (use_muon=False)."""
+    groups = [{"params": [p for p in model.parameters()]}] if groups is None else groups
+    routed = []
+    for group in groups:
+        matrices = [p for p in group["params"] if p.ndim >= 2]
+        vectors = [p for p in group["params"] if p.ndim < 2]
+        routed += [{**group, "params": matrices}] if matrices else []
+        routed += [{**group, "params": vectors, "use_muon": False}] if vectors else []
+    return routed
+
+
 TRAINERS = [
     Trainer("Adafactor", lambda m, g: gw.Adafactor(_params(m, g), lr=0.1, relative_step=False, beta1=0.9), 600, decay=True),
     Trainer(
         "Muon",
-        lambda m, g: gw.Muon(_params(m, g), lr=0.02, weight_decay=0.0, adamw_lr=0.05, ns_dtype=torch.float64),
+        lambda m, g: gw.Muon(_muon_groups(m, g), lr=0.02, weight_decay=0.0, adamw_lr=0.05, ns_dtype=torch.float64),
         800,
         decay=True,
     ),
@@ -181,7 +193,7 @@ INVALID = [
     (gw.Muon, "ns_coefficients", (1.0, 2.0)),
     (gw.Muon, "adjust_lr_fn", "bogus"),
     (gw.Muon, "ns_dtype", torch.int32),
-    (gw.Muon, "betas", (0.9, 1.0)),
+    (gw.Muon, "adamw_betas", (0.9, 1.0)),
     (gw.Muon, "adamw_lr", -1.0),
     (gw.Shampoo, "lr", -1.0),
     (gw.Shampoo, "beta2", 0.0),
@@ -371,9 +383,9 @@ def test_muon_routed_to_adamw_equals_adamw() -> None:
     shapes = [(4, 6), (6,), (3, 2, 2), ()]
     ours = [torch.randn(s, generator=generator, dtype=torch.float64).requires_grad_() for s in shapes]
     theirs = [p.detach().clone().requires_grad_() for p in ours]
-    options = dict(lr=0.01, betas=(0.8, 0.97), weight_decay=0.1)
-    ours_opt = gw.Muon([{"params": ours, "use_muon": False, **options}], adamw_eps=1e-7)
-    torch_opt = torch.optim.AdamW(theirs, eps=1e-7, **options)
+    options = dict(lr=0.01, weight_decay=0.1)
+    ours_opt = gw.Muon([{"params": ours, "use_muon": False, "adamw_betas": (0.8, 0.97), **options}], adamw_eps=1e-7)
+    torch_opt = torch.optim.AdamW(theirs, eps=1e-7, betas=(0.8, 0.97), **options)
     for step in range(20):
         for params, opt in ((ours, ours_opt), (theirs, torch_opt)):
             opt.zero_grad()
@@ -389,11 +401,12 @@ def test_muon_routes_embeddings_head_and_vectors_to_adamw() -> None:
     muon, adamw = groups[0]["params"], groups[1]["params"]
     assert {id(p) for p in muon} == {id(model[1].weight), id(model[3].weight)}
     assert len(adamw) == len(list(model.parameters())) - 2 and groups[1]["lr"] == 1e-3
-    # Plain parameters: split by shape, vectors to AdamW with adamw_lr.
-    optimizer = gw.Muon(model.parameters(), lr=0.02, adamw_lr=3e-4)
+    # A group routed to AdamW without an lr of its own takes adamw_lr.
+    matrices = [p for p in model.parameters() if p.ndim >= 2]
+    vectors = [p for p in model.parameters() if p.ndim < 2]
+    optimizer = gw.Muon([{"params": matrices}, {"params": vectors, "use_muon": False}], lr=0.02, adamw_lr=3e-4)
     by_route = {group["use_muon"]: group for group in optimizer.param_groups}
-    assert all(p.ndim >= 2 for p in by_route[True]["params"]) and by_route[True]["lr"] == 0.02
-    assert all(p.ndim < 2 for p in by_route[False]["params"]) and by_route[False]["lr"] == 3e-4
+    assert by_route[None]["lr"] == 0.02 and by_route[False]["lr"] == 3e-4
     tokens = torch.randint(0, 50, (4, 7))
     F.cross_entropy(model(tokens).flatten(0, 1), tokens.flatten()).backward()
     optimizer.step()

@@ -67,7 +67,11 @@ def trained_optimizer(cls: type, options: dict, dtype: torch.dtype = torch.float
     model = FlatLinear().to(dtype) if name in ("Newton", "NewtonCG") else SmallNet().to(dtype)
     x = torch.randn(8, 2, 4, 4, dtype=dtype)
     y = torch.randint(5, (8,))
-    optimizer = cls(model, **options) if name == "KFAC" else cls(model.parameters(), **options)
+    params = model.parameters()
+    if name == "Muon":  # like torch's, Muon refuses vectors: they go to its AdamW, as the planner's shape rule says
+        params = [{"params": [p for p in model.parameters() if p.ndim >= 2]},
+                  {"params": [p for p in model.parameters() if p.ndim < 2], "use_muon": False}]
+    optimizer = cls(model, **options) if name == "KFAC" else cls(params, **options)
 
     def loss():
         return nn.functional.cross_entropy(model(x), y)

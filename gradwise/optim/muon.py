@@ -10,13 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from gradwise.optim.adam import Adam
-from gradwise.optim.base import (
-    GradwiseOptimizer,
-    ParamsT,
-    fused_kernel_applies,
-    is_dtensor,
-    zeros_like,
-)
+from gradwise.optim.base import GradwiseOptimizer, ParamsT, is_dtensor, maybe_negate, zeros_like
 from gradwise.validation import check_betas, check_choice, check_int, check_range
 
 # Keller Jordan's quintic coefficients, chosen to maximise the slope at zero.
@@ -112,8 +106,9 @@ class Muon(GradwiseOptimizer):
             \operatorname{NS}_k(\tilde B_t),
 
     with :func:`newton_schulz` for :math:`\operatorname{NS}_k` and the shape scaling
-    :math:`s` of :func:`adjusted_lr`. Same update, defaults and state as
-    ``torch.optim.Muon`` for 2-D parameters, which it extends:
+    :math:`s` of :func:`adjusted_lr`. Same arguments, defaults, update, state and
+    ``state_dict`` as ``torch.optim.Muon`` (whose state_dicts load here and the other way),
+    which it extends:
 
     - a 3-D weight is a batch of matrices, each orthogonalised on its own (per head, per
       expert); a 4-D convolution weight is flattened to ``(out, in * kh * kw)``;
@@ -121,17 +116,28 @@ class Muon(GradwiseOptimizer):
     - a matrix sharded as a DTensor (FSDP2, :func:`gradwise.distributed.fsdp.shard_model`)
       is gathered whole for Newton-Schulz (which needs every row), and each rank adds its
       own shard of the result;
+    - ``maximize=True`` ascends (the gradient is negated), as torch's other optimizers;
     - **routing**: parameters that should not be orthogonalised (embeddings, the output
-      head, biases and gains) are stepped by an internal AdamW, so one ``Muon`` takes all
-      of a model's parameters. A param group chooses with ``use_muon``: ``True`` (Muon;
-      a vector counts as a ``1 x n`` matrix, so Muon steps along its normalised momentum),
-      ``False`` (AdamW, with the group's
-      ``lr`` (``adamw_lr`` if the group has none), ``betas``, ``adamw_eps`` and
-      ``weight_decay``), or ``None`` (the default): the
-      group is split by shape, matrices and larger to Muon, vectors and scalars to AdamW
-      with ``lr=adamw_lr`` (a group of vectors only is an AdamW group with its own ``lr``
-      if it has one). Shape cannot tell an embedding or an output head from a hidden
-      matrix; :func:`muon_param_groups` routes those by module.
+      head, biases and gains) can be stepped by an internal AdamW, so one ``Muon`` takes all
+      of a model's parameters; :func:`muon_param_groups` builds the groups. A param group
+      chooses with ``use_muon``: ``None`` (the default) is torch's Muon, which refuses a
+      parameter with fewer than 2 dimensions (a ``ValueError``, as torch); ``True`` is Muon
+      too, and counts a vector as a ``1 x n`` matrix (Muon then steps along its normalised
+      momentum); ``False`` is AdamW, with the group's ``lr`` (``adamw_lr`` if the group has
+      none), ``adamw_betas``, ``adamw_eps``, ``weight_decay`` and ``maximize``, through
+      :class:`~gradwise.optim.Adam`'s own update.
+
+    AdamW's betas are named ``adamw_betas``, not ``betas``, so that a torch scheduler that
+    cycles momentum (``OneCycleLR(cycle_momentum=True)`` looks for ``betas`` first, then
+    ``momentum``) cycles Muon's ``momentum``; AdamW groups keep their ``adamw_betas``.
+
+    Deliberate choices: complex parameters are refused at ``step()`` (a ``RuntimeError``, as
+    torch: a real view would add a fake axis to the matrix); zero-size parameters are
+    skipped; bf16/fp16 parameters are updated in their dtype from the ``ns_dtype``
+    orthogonalisation. A non-finite gradient element makes its whole matrix's update
+    non-finite, as in torch (Newton-Schulz mixes every element, and checking would cost a
+    host synchronisation per step): guard the step (``gradwise.train`` skips non-finite
+    gradients) or clip.
 
     State: the momentum buffer (4 bytes per fp32 parameter) for Muon parameters; AdamW's
     two moments and step (8 bytes) for the others, with AdamW's layout.
@@ -143,10 +149,12 @@ class Muon(GradwiseOptimizer):
         opt.step(); opt.zero_grad()
     """
 
+    _per_matrix = True
+
     def __init__(
         self,
         params: ParamsT,
-        lr: float = 1e-3,
+        lr: float | Tensor = 1e-3,
         weight_decay: float = 0.1,
         momentum: float = 0.95,
         nesterov: bool = True,
@@ -155,9 +163,10 @@ class Muon(GradwiseOptimizer):
         ns_steps: int = 5,
         adjust_lr_fn: str | None = None,
         *,
+        maximize: bool = False,
         ns_dtype: torch.dtype = torch.bfloat16,
         adamw_lr: float = 3e-4,
-        betas: tuple[float, float] = (0.9, 0.95),
+        adamw_betas: tuple[float, float] = (0.9, 0.95),
         adamw_eps: float = 1e-8,
         use_muon: bool | None = None,
     ) -> None:
@@ -170,35 +179,23 @@ class Muon(GradwiseOptimizer):
             eps=eps,
             ns_steps=ns_steps,
             adjust_lr_fn=adjust_lr_fn,
+            maximize=maximize,
             ns_dtype=ns_dtype,
             adamw_lr=adamw_lr,
-            betas=betas,
+            adamw_betas=adamw_betas,
             adamw_eps=adamw_eps,
             use_muon=use_muon,
         )
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        use_muon = param_group.get("use_muon", self.defaults["use_muon"])
-        adamw_lr = param_group.get("adamw_lr", self.defaults["adamw_lr"])
-        if use_muon is not None:
-            lr = {"lr": param_group.get("lr", adamw_lr)} if use_muon is False else {}
-            super().add_param_group({**param_group, "use_muon": use_muon, **lr})
-            return
-        params = param_group["params"]
-        params = [params] if isinstance(params, Tensor) else list(params)
-        matrices = [p for p in params if p.ndim >= 2]
-        others = [p for p in params if p.ndim < 2]
-        if not matrices and others:  # nothing to split: an AdamW group, as with use_muon=False
-            super().add_param_group({**param_group, "use_muon": False, "lr": param_group.get("lr", adamw_lr)})
-            return
-        if matrices:
-            super().add_param_group({**param_group, "params": matrices, "use_muon": True})
-        if others:
-            super().add_param_group({**param_group, "params": others, "use_muon": False, "lr": adamw_lr})
+        # An AdamW group without an lr of its own steps with adamw_lr, not Muon's lr.
+        if param_group.get("use_muon", self.defaults["use_muon"]) is False and "lr" not in param_group:
+            param_group = {**param_group, "lr": param_group.get("adamw_lr", self.defaults["adamw_lr"])}
+        super().add_param_group(param_group)
 
     def _validate(self, group: dict[str, Any]) -> None:
-        check_range("adamw_lr", group["adamw_lr"], 0.0)  # first: an AdamW group's lr comes from it
+        check_range("adamw_lr", group["adamw_lr"], 0.0)
         check_range("lr", group["lr"], 0.0)
         check_range("weight_decay", group["weight_decay"], 0.0)
         check_range("momentum", group["momentum"], 0.0, 1.0, high_open=True)
@@ -209,21 +206,29 @@ class Muon(GradwiseOptimizer):
             check_range(f"ns_coefficients[{index}]", value)
         check_range("eps", group["eps"], 0.0, low_open=True)
         check_int("ns_steps", group["ns_steps"], 1, 99)
-        check_choice("adjust_lr_fn", group["adjust_lr_fn"], ADJUST_LR_FNS)
+        if group["adjust_lr_fn"] not in ADJUST_LR_FNS:  # torch's message, which torch's tests match
+            raise ValueError(
+                f"Adjust learning rate function {group['adjust_lr_fn']} is not supported: adjust_lr_fn must be "
+                f"one of {', '.join(map(repr, ADJUST_LR_FNS))}"
+            )
         check_choice("ns_dtype", group["ns_dtype"], NS_DTYPES)
-        check_betas("betas", group["betas"])
+        check_betas("adamw_betas", group["adamw_betas"])
         check_range("adamw_eps", group["adamw_eps"], 0.0)
-        check_choice("use_muon", group["use_muon"], (True, False))
-
-    def _validate_defaults(self, defaults: dict[str, Any]) -> None:
-        # use_muon=None lets each group be routed when it is added; the rest is checked now.
-        self._validate({**defaults, "use_muon": defaults["use_muon"] is not False})
+        check_choice("use_muon", group["use_muon"], (None, True, False))
+        if group["use_muon"] is None:
+            for param in group.get("params", ()):
+                if param.ndim < 2:
+                    raise ValueError(
+                        f"Muon only supports 2D parameters (and 3-D/4-D weights as matrices) whereas we found a "
+                        f"parameter with size: {tuple(param.shape)}; route vectors to the internal AdamW with "
+                        "muon_param_groups(model) or a group with use_muon=False"
+                    )
 
     def _update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
-        if group["use_muon"]:
-            self._muon_update(group, params, grads)
-        else:
+        if group["use_muon"] is False:
             self._adamw_update(group, params, grads)
+        else:
+            self._muon_update(group, params, maybe_negate(grads, group["maximize"]))
 
     def _muon_update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
         lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
@@ -255,19 +260,18 @@ class Muon(GradwiseOptimizer):
     def _adamw_update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
         adamw = {
             "lr": group["lr"],
-            "betas": group["betas"],
+            "betas": group["adamw_betas"],
             "eps": group["adamw_eps"],
             "weight_decay": group["weight_decay"],
             "amsgrad": False,
-            "maximize": False,
+            "maximize": group["maximize"],
             "decoupled_weight_decay": True,
+            "foreach": None,
             "fused": None,
+            "capturable": False,
+            "differentiable": False,
         }
-        fused = fused_kernel_applies(adamw, params, "Muon's AdamW", dtensors=True)
-        update = Adam._fused_update if fused else Adam._foreach_update
-        exp_avgs = [self._state(p, "exp_avg", zeros_like) for p in params]
-        exp_avg_sqs = [self._state(p, "exp_avg_sq", zeros_like) for p in params]
-        update(adamw, params, grads, exp_avgs, exp_avg_sqs, [], self._step_counters(params, on_device=fused))
+        Adam._update(self, adamw, params, grads)  # type: ignore[arg-type]  (Adam's update on Muon's state)
 
 
 def local_part(full: Tensor, like: Tensor) -> Tensor:
