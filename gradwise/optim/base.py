@@ -217,7 +217,9 @@ class GradwiseOptimizer(Optimizer):
             if any(param.numel() == 0 for param in params):
                 kept = [i for i, param in enumerate(params) if param.numel() > 0]
                 params, grads = [params[i] for i in kept], [grads[i] for i in kept]
-        if group.get("capturable"):
+        # Dynamo shows every param group to the traced step with capturable=True (its
+        # OptimizerVariable), whatever the device: only an eager step checks the devices.
+        if group.get("capturable") and not torch.compiler.is_compiling():
             check_capturable_devices(type(self).__name__, params + sparse_params)
         group = resolve_tensor_hyperparameters(group)
         if sparse_params:
