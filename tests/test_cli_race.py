@@ -102,7 +102,7 @@ def test_no_plots_and_no_json_writes_nothing(tmp_path, capsys):
         (["--lr", "adam=nan"], "lr of adam must be > 0"),
         (["--dim", "1"], "dim must be an integer >= 2, got 1"),
         (["--kappa", "0.5"], "kappa must be >= 1"),
-        (["--seed", "-3"], "seed must be an integer >= 0"),
+        (["--seed", "-3"], "seed must be an integer in [0, "),
         (["--colour"], "unrecognized arguments: --colour"),
     ],
 )
@@ -120,7 +120,7 @@ def test_out_must_not_be_a_file(tmp_path, capsys):
     target = tmp_path / "file"
     target.write_text("")
     code, _, stderr = invoke(["race", "--out", str(target)], capsys)
-    assert code == 2 and "is not a directory" in stderr and len(stderr.splitlines()) == 1
+    assert code == 2 and "is not a folder" in stderr and len(stderr.splitlines()) == 1
 
 
 def test_help(capsys):

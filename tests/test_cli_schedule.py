@@ -127,5 +127,7 @@ def test_unparseable_arguments_exit_2_with_one_line(tmp_path, capsys, arguments)
 def test_out_that_is_a_file_is_a_usage_error(tmp_path, capsys):
     blocker = tmp_path / "out"
     blocker.write_text("not a folder")
-    assert run_schedule(tmp_path) == 2
-    assert "--out: cannot create" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # refused by the --out type, when the options are parsed
+        run_schedule(tmp_path)
+    assert exit_info.value.code == 2
+    assert "--out: " in (err := capsys.readouterr().err) and "exists and is not a folder" in err

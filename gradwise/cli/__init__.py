@@ -2,7 +2,8 @@
 
 Each subcommand module exposes ``register(subparsers)``, which adds its parser and sets
 ``handler`` to a function ``args -> int``. The command line stays thin: parse, call the
-library, print, plot. Bad input is one line on stderr and exit code 2.
+library, print, plot. Bad input is one line on stderr and exit code 2; a failure of the
+machine (disk full, a lost worker) one line and exit code 1 (:func:`explain`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import sys
 
 from gradwise import __version__
 from gradwise.cli import distributed, plan, race, schedule, train
-from gradwise.cli.parsing import OneLineErrorParser, UsageError
+from gradwise.cli.launch import lost_peer
+from gradwise.cli.parsing import OneLineErrorParser, UsageError, out_of_memory
 
 SUBCOMMANDS = (race, schedule, plan, train, distributed)
 
@@ -31,19 +33,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def explain(error: Exception, args: argparse.Namespace) -> tuple[int, str] | None:
+    """The exit code and the one line for an error the command line knows, else ``None`` (a bug: traceback).
+
+    Bad input (``UsageError``, ``ValueError``, a request too large for memory) is exit 2; a
+    failure of the machine or of another process (an ``OSError`` such as a full disk, a
+    worker that lost its peers) is exit 1.
+    """
+    if isinstance(error, (UsageError, ValueError)):
+        return 2, str(error)
+    if (message := out_of_memory(error)) is not None:
+        return 2, message
+    if (message := lost_peer(error, getattr(args, "run_folder", None))) is not None:
+        return 1, message
+    if isinstance(error, OSError):
+        where = f": {error.filename!r}" if error.filename is not None else ""
+        return 1, f"{error.strerror or error}{where}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what a relaunch (train --nproc) repeats
     try:
         return int(args.handler(args) or 0)
-    except (UsageError, ValueError) as error:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank finds the same error: say it once
-            print(f"gradwise {args.command}: error: {error}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"gradwise {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:
+        explained = explain(error, args)
+        if explained is None:
+            raise
+        code, message = explained
+        # under torchrun every rank finds the same bad input: rank 0 says it; a lost peer is each rank's own news
+        if code == 1 or os.environ.get("RANK", "0") == "0":
+            print(f"gradwise {args.command}: error: {message}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

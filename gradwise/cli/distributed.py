@@ -36,7 +36,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from gradwise.cli.launch import run_under_torchrun
-from gradwise.cli.parsing import OneLineErrorParser, UsageError
+from gradwise.cli.parsing import OneLineErrorParser, UsageError, check_output_folder, output_folder
 from gradwise.distributed import DistContext, RankSlice, init_distributed, shutdown
 from gradwise.distributed.admm import LOCAL_SOLVERS, consensus_admm
 from gradwise.distributed.federated import FedAvg
@@ -49,6 +49,7 @@ from gradwise.distributed.parameter_server import (
 from gradwise.distributed.split_learning import SplitClient, SplitServer
 from gradwise.problems.workloads import WORKLOADS, make_workload
 from gradwise.train import OPTIMIZERS, build_optimizer
+from gradwise.train.config import LARGEST_SEED
 from gradwise.validation import check_int, check_range
 
 DESCRIPTION = """\
@@ -476,7 +477,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         sub.add_argument("--nproc", type=int, default=None, metavar="N",
                          help="processes on this machine: runs this command under torchrun with N of them")
         sub.add_argument("--seed", type=int, default=0, help="seed of the model, the data and the draws (default: 0)")
-        sub.add_argument("--out", type=Path, default=None, metavar="DIR",
+        sub.add_argument("--out", type=output_folder, default=None, metavar="DIR",
                          help=f"folder for the summary and the plot (default: runs/{method.name})")
         method.add_options(sub)
         sub.set_defaults(handler=run, method=method)
@@ -488,13 +489,15 @@ def check_ranks(method: Method, name: str, value: int) -> None:
 
 def run(args: argparse.Namespace) -> int:
     method: Method = args.method
-    check_int("seed", args.seed, 0)
+    check_int("seed", args.seed, 0, LARGEST_SEED)
     method.check(args)
+    out = args.out if args.out is not None else check_output_folder(str(Path("runs") / method.name))
+    args.run_folder = out  # where a worker that loses its peers keeps its traceback
     if args.nproc is not None:
         if "RANK" in os.environ:
             raise UsageError("--nproc launches torchrun; under torchrun leave it out")
         check_ranks(method, "nproc", args.nproc)
-        return run_under_torchrun(args.nproc, args.argv)
+        return run_under_torchrun(args.nproc, args.argv, folder=out)
     if "RANK" not in os.environ:
         raise UsageError(f"{method.name} runs on several processes: give --nproc N, or launch with "
                          f"torchrun --nproc-per-node N -m gradwise distributed {method.name} ...")
@@ -511,7 +514,6 @@ def run(args: argparse.Namespace) -> int:
     summary: dict[str, Any] = {}
     for part in results:
         summary.update(part or {})
-    out = args.out if args.out is not None else Path("runs") / method.name
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     written = method.report(summary, out)

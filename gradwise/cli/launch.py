@@ -9,15 +9,22 @@ see the team's FACTS.md).
 
 A worker that stops with an exit code has already said why on stderr (a one-line error, a
 divergence report or a traceback), so the launcher returns that code and adds nothing:
-torchrun's failure table and log lines would bury the one line under forty. Only a worker
-killed by a signal, which could say nothing, gets torchrun's report.
+torchrun's failure table and log lines would bury the one line under forty. A worker killed
+by a signal could say nothing: the launcher says in two lines which rank died of which
+signal, and keeps torchrun's full report in ``RUN/logs/torchrun-failure.log``. The
+workers that survive it find their collectives broken (gloo: "Connection reset by peer"):
+each says so in one line (:func:`lost_peer`) and keeps its traceback in
+``RUN/logs/rank-R-attempt-A.log``, whether or not torchrun then restarts the job.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
+import traceback
+from pathlib import Path
 
 LAUNCH_OPTIONS = ("--nproc", "--max-restarts")
 
@@ -35,8 +42,49 @@ def without_launch_options(argv: list[str]) -> list[str]:
     return kept
 
 
-def run_under_torchrun(nproc: int, argv: list[str], max_restarts: int = 0) -> int:
-    """Run ``gradwise argv`` (launch options removed) on ``nproc`` processes; returns the job's exit code."""
+def keep_log(folder: Path | None, name: str, text: str) -> str:
+    """Write ``text`` to ``folder/logs/name``; returns where it went, for the one line that points to it."""
+    if folder is None:
+        return "not kept (no run folder)"
+    path = Path(folder) / "logs" / name
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    except OSError as error:
+        return f"not kept ({error.strerror})"
+    return f"in {path}"
+
+
+def lost_peer(error: BaseException, folder: Path | None) -> str | None:
+    """Under torchrun: one line for a collective broken by another process's death, else ``None``.
+
+    gloo raises a ``RuntimeError`` ("Read error ...: Connection reset by peer") on every rank
+    still waiting for the one that died. That is the consequence, not the cause (torchrun's
+    report names the cause), so the traceback goes to the run folder's ``logs/`` and the line
+    says what torchrun does next (``TORCHELASTIC_MAX_RESTARTS`` and ``..._RESTART_COUNT``).
+    """
+    if "RANK" not in os.environ or not isinstance(error, RuntimeError):
+        return None
+    import torch.distributed as dist
+
+    text = str(error)
+    if not (isinstance(error, dist.DistError) or "gloo" in text or "by peer" in text):
+        return None
+    rank, attempt = os.environ["RANK"], int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+    report = "".join(traceback.format_exception(error))
+    kept = keep_log(folder, f"rank-{rank}-attempt-{attempt}.log", report)
+    reason = re.search(r"(Connection \w+ by peer|Timed out[^.]*|Socket closed)", text)
+    after = (f"torchrun restarts the job from the newest checkpoint (restart {attempt + 1} of {restarts})"
+             if attempt < restarts else "no restarts left")
+    return (f"rank {rank} lost contact with the other processes "
+            f"({reason.group(1) if reason else text[:80]}); {after}; traceback {kept}")
+
+
+def run_under_torchrun(nproc: int, argv: list[str], max_restarts: int = 0, folder: Path | None = None) -> int:
+    """Run ``gradwise argv`` (launch options removed) on ``nproc`` processes; returns the job's exit code.
+
+    ``folder`` (the run's output folder) receives torchrun's report when a worker dies of a signal."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
@@ -51,6 +99,9 @@ def run_under_torchrun(nproc: int, argv: list[str], max_restarts: int = 0) -> in
         rank, failure = failed.get_first_failure()
         if failure.exitcode > 0:
             return failure.exitcode
-        print(failed.format_msg(), file=sys.stderr)
+        kept = keep_log(folder, "torchrun-failure.log", failed.format_msg() + "\n")
+        after = f"after {max_restarts} restart{'s' * (max_restarts != 1)}" if max_restarts else "with --max-restarts 0"
+        print(f"gradwise: rank {rank} (pid {failure.pid}) was killed by {failure.signal_name()}; the job stopped "
+              f"{after}\ngradwise: torchrun's report {kept}", file=sys.stderr)
         return 1
     return 0

@@ -58,16 +58,21 @@ def wants_logistic(problems: str) -> bool:
     return names == [PROBLEM]
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run the logistic race, print its table, write the plot (and JSON)."""
+def check_arguments(args: argparse.Namespace) -> None:
+    """Check this race's options (also when another race runs: a wrong value is refused, not ignored)."""
     methods = parse_list(args.methods)
+    if not methods:
+        raise UsageError("--methods needs at least one method")
     for method in methods:
         check_choice("method", method, METHODS)
     check_range("epochs", args.epochs, 0.0, low_open=True)
     check_int("batch-size", args.batch_size, 1)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the logistic race, print its table, write the plot (and JSON); the options are checked."""
+    methods = parse_list(args.methods)
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {args.out!r} exists and is not a directory")
     size = FULL_SIZE if args.full_size else DEFAULT_SIZE
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")

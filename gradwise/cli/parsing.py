@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 from typing import NoReturn
 
 
@@ -36,3 +38,63 @@ def parse_key_values(text: str, name: str) -> dict[str, float]:
 def parse_list(text: str) -> list[str]:
     """Parse ``"a, b,c"`` into ``["a", "b", "c"]`` (lower case, empty items dropped)."""
     return [part.strip().lower() for part in text.split(",") if part.strip()]
+
+
+def output_folder(text: str) -> Path:
+    """An argparse ``type`` for ``--out``: a folder this command can create or write in.
+
+    Checked when the command line is parsed, before anything runs, so that a bad ``--out``
+    is one line and exit 2 rather than a traceback after the work is done: an existing
+    file (``/dev/null`` included) or a path under a file is refused, and a missing folder
+    is created and removed again, which is the only test that holds for root and for file
+    systems such as ``/proc`` whose permission bits do not tell.
+    """
+    try:
+        return check_output_folder(text)
+    except UsageError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def check_output_folder(text: str) -> Path:
+    """:func:`output_folder`'s checks, for a folder that was not given but computed (a default)."""
+    if not text.strip():
+        raise UsageError("the folder name is empty")
+    path = Path(text)
+    try:
+        if path.exists():
+            if not path.is_dir():
+                raise UsageError(f"{text!r} exists and is not a folder")
+            if not os.access(path, os.W_OK | os.X_OK):
+                raise UsageError(f"cannot write in {text!r}")
+            return path
+        missing = [path]
+        while not missing[-1].parent.exists() and missing[-1].parent != missing[-1]:
+            missing.append(missing[-1].parent)
+        existing = missing[-1].parent
+        if not existing.is_dir():
+            raise UsageError(f"{text!r} is under {str(existing)!r}, which is not a folder")
+        path.mkdir(parents=True)
+        for created in missing:  # deepest first: only what this check made
+            created.rmdir()
+    except OSError as error:  # cannot create it, a name too long, a loop of links, ...
+        raise UsageError(f"cannot create {text!r}: {error.strerror}") from None
+    return path
+
+
+def out_of_memory(error: BaseException) -> str | None:
+    """One line for an allocation that failed (``MemoryError`` or torch's allocator error), else ``None``.
+
+    torch reports a failed CPU allocation as a ``RuntimeError`` from ``DefaultCPUAllocator``
+    ("can't allocate memory: you tried to allocate N bytes"); CUDA as ``OutOfMemoryError``.
+    """
+    import re
+
+    text = str(error)
+    if not (isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError"
+            or (isinstance(error, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text))):
+        return None
+    size = re.search(r"allocate (\d+) bytes", text) or re.search(r"allocate ([\d.]+ [KMGT]i?B)", text)
+    amount = "" if size is None else (
+        f": tried to allocate {int(size.group(1)) / 1e9:.3g} GB" if size.group(1).isdigit() else
+        f": tried to allocate {size.group(1)}")
+    return f"out of memory{amount}; ask for less (a smaller batch, model or problem)"

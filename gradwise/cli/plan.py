@@ -7,9 +7,10 @@ import json
 import math
 from pathlib import Path
 
-from gradwise.cli.parsing import OneLineErrorParser, UsageError, parse_key_values, parse_list
+from gradwise.cli.parsing import OneLineErrorParser, UsageError, output_folder, parse_key_values, parse_list
 from gradwise.plan import batch_size, failures, memory, network, plots, stability, step_time
 from gradwise.plan.communication import AlphaBeta
+from gradwise.train.config import LARGEST_SEED
 from gradwise.validation import check_choice, check_int, check_range
 
 GB = 1e9
@@ -44,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _common(parser: argparse.ArgumentParser, plot: bool) -> None:
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON instead of the table")
     if plot:
-        parser.add_argument("--out", type=Path, default=Path(DEFAULT_OUT), metavar="DIR",
+        parser.add_argument("--out", type=output_folder, default=Path(DEFAULT_OUT), metavar="DIR",
                             help=f"folder for the plot (default: {DEFAULT_OUT})")
         parser.add_argument("--no-plot", action="store_true", help="write no plot")
 
@@ -108,12 +109,16 @@ def _memory(args: argparse.Namespace) -> int:
     check_choice("precision", args.precision, memory.PRECISIONS)
     check_choice("zero", args.zero, memory.ZERO_STAGES)
     check_int("devices", args.devices, 1)
+    if args.params is not None:
+        check_range("params", args.params, 1.0)
+    for name in ("layers", "width", "heads", "vocab", "seq_len", "micro_batch"):  # used or not: a typo is refused
+        if getattr(args, name) is not None:
+            check_int(name.replace("_", "-"), getattr(args, name), 1)
     fmt = memory.PRECISIONS[args.precision]
     architecture = args.layers is not None
     if args.params is None and not (architecture and args.width):
         raise UsageError("give --params, or --layers and --width (and --vocab) of a transformer")
     if args.params is not None:
-        check_range("params", args.params, 1.0)
         width = args.width if args.width is not None else memory.default_width(args.params)
         shapes = memory.square_matrix_shapes(args.params, width)
     else:
@@ -202,8 +207,17 @@ def _add_step(models) -> None:
     parser.set_defaults(handler=_step)
 
 
+def _per_format(text: str, option: str) -> dict[str, float]:
+    """``--speedup``/``--step-factor``: each format a known one and each factor > 0, whether or not compared."""
+    values = parse_key_values(text, option)
+    for name, value in values.items():
+        check_choice(f"{option} format", name, memory.PRECISIONS)
+        check_range(f"{option} of {name}", value, 0.0, low_open=True)
+    return values
+
+
 def _throughputs(args: argparse.Namespace, names: list[str]) -> tuple[dict[str, float], str]:
-    speedups = {**DEFAULT_SPEEDUPS, **parse_key_values(args.speedup, "--speedup")}
+    speedups = {**DEFAULT_SPEEDUPS, **_per_format(args.speedup, "--speedup")}
     if args.throughput.strip().lower() == "measure":
         import torch
 
@@ -229,6 +243,9 @@ def _step(args: argparse.Namespace) -> int:
     check_int("devices", args.devices, 1)
     check_range("tokens", args.tokens, 1.0)
     check_range("bucket-mb", args.bucket_mb, 0.0, low_open=True)
+    check_range("steps", args.steps, 1.0)
+    check_range("bandwidth", args.bandwidth, 0.0, low_open=True)
+    check_choice("zero", args.zero, memory.ZERO_STAGES)
     names = parse_list(args.precisions)
     if not names:
         raise UsageError("--precisions needs at least one number format")
@@ -236,10 +253,9 @@ def _step(args: argparse.Namespace) -> int:
         check_choice("precision", name, memory.PRECISIONS)
     link = AlphaBeta.from_link(check_range("latency", args.latency, 0.0), args.bandwidth)
     throughputs, source = _throughputs(args, names)
-    factors = parse_key_values(args.step_factor, "--step-factor")
+    factors = _per_format(args.step_factor, "--step-factor")
     counts = sorted({2**k for k in range(int(math.log2(args.devices)) + 1)} | {args.devices})
     options = dict(overlap=not args.no_overlap, bucket_bytes=args.bucket_mb * 2**20, zero_stage=args.zero)
-    check_choice("zero", args.zero, memory.ZERO_STAGES)
     table_rows, curves, shares, json_rows = [], {n: [] for n in names}, {n: [] for n in names}, []
     for devices in counts:
         plans = step_time.compare_formats(args.params, args.tokens, devices, link, throughputs, args.steps,
@@ -332,6 +348,9 @@ def _batch(args: argparse.Namespace) -> int:
     check_range("delta", args.delta, 0.0, 1.0, low_open=True, high_open=True)
     check_int("examples", args.examples, 2)
     check_int("samples", args.samples, 1)
+    check_range("base-lr", args.base_lr, 0.0, low_open=True)
+    check_int("base-batch", args.base_batch, 1)
+    check_int("seed", args.seed, 0, LARGEST_SEED)
     model, inputs, targets, loss_fn = batch_size.workload_examples(args.workload, args.examples, args.seed)
     per_example = batch_size.per_example_gradients(model, loss_fn, inputs, targets)
     stats = batch_size.gradient_statistics(per_example)
@@ -463,6 +482,11 @@ def _network(args: argparse.Namespace) -> int:
     if args.sinks is not None:  # parse_list lower-cases; match node names case-insensitively
         lookup = {name.lower(): name for name in topology.nodes}
         args.sinks = [lookup.get(sink, sink) for sink in args.sinks]
+        if not args.sinks:
+            raise UsageError("--sinks names no node")
+    for role, name in [("--source", args.source), *(("--sinks", sink) for sink in args.sinks or [])]:
+        if name is not None and name not in topology.nodes:  # refused even where no max flow is computed
+            raise UsageError(f"{role}: {name!r} is not a node of the topology (nodes: {', '.join(topology.nodes)})")
     payload: dict = {"nodes": topology.nodes}
     parts = []
     if any(link.latency is not None for link in topology.links):
@@ -507,6 +531,7 @@ def _add_failures(models) -> None:
 
 
 def _failures(args: argparse.Namespace) -> int:
+    check_range("alpha", args.alpha, 0.0, 1.0, low_open=True, high_open=True)
     result = failures.dependence_test(failures.read_jobs(args.jobs), args.alpha)
     payload = {
         "hardware": result.hardware, "outcomes": result.outcomes, "observed": result.observed.tolist(),

@@ -15,8 +15,9 @@ from gradwise.bench.plots import plot_race
 from gradwise.bench.race import planned_runs, race
 from gradwise.bench.report import format_table, to_json
 from gradwise.cli import logistic_race
-from gradwise.cli.parsing import UsageError, parse_key_values, parse_list
+from gradwise.cli.parsing import UsageError, check_output_folder, output_folder, parse_key_values, parse_list
 from gradwise.problems import PROBLEMS, Problem
+from gradwise.train.config import LARGEST_SEED
 from gradwise.validation import check_choice, check_int, check_range
 
 DEFAULT_PROBLEMS = ("rosenbrock", "beale", "quadratic")
@@ -105,7 +106,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="target for f(x) - f*, for 'steps to tol' and the ranking (default: %(default)g)",
     )
     parser.add_argument(
-        "--out", default=DEFAULT_OUT, metavar="DIR", help="directory for plots and JSON (default: %(default)s)"
+        "--out", type=output_folder, default=Path(DEFAULT_OUT), metavar="DIR",
+        help="directory for plots and JSON (default: %(default)s)"
     )
     parser.add_argument("--json", action="store_true", help="also write the tables as DIR/race.json")
     parser.add_argument("--no-plots", action="store_true", help="write no PNGs")
@@ -139,23 +141,39 @@ def build_problems(names: list[str], dim: int | None, kappa: float | None, seed:
     return problems
 
 
-def run(args: argparse.Namespace) -> int:
-    """Check the arguments, run the race, print the tables and write the files; return 0."""
-    if logistic_race.wants_logistic(args.problems):
-        return logistic_race.run(args)
-    optimizers = [get_optimizer(name) for name in _names(args.optimizers, "--optimizers", "optimizer", OPTIMIZERS)]
-    problems = build_problems(_names(args.problems, "--problems", "problem", PROBLEMS), args.dim, args.kappa, args.seed)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {args.out!r} exists and is not a directory")
+def check_arguments(args: argparse.Namespace) -> dict[str, float]:
+    """Check every option, whichever race runs and whether or not a problem uses it (an option that
+    is ignored without a word hides a typo); returns the fixed learning rates of ``--lr``."""
+    optimizers = _names(args.optimizers, "--optimizers", "optimizer", OPTIMIZERS)
+    if not logistic_race.wants_logistic(args.problems):
+        _names(args.problems, "--problems", "problem", PROBLEMS)
+    if args.dim is not None:
+        check_int("dim", args.dim, 2)
+    if args.kappa is not None:
+        check_range("kappa", args.kappa, 1.0)
+    if args.seed is not None:
+        check_int("seed", args.seed, 0, LARGEST_SEED)
     check_int("steps", args.steps, 1)
     check_int("sweep-points", args.sweep_points, 1)
     check_range("tol", args.tol, 0.0)
     lrs = parse_key_values(args.lr, "--lr")
     for name, lr in lrs.items():
-        if name not in {spec.name for spec in optimizers}:
+        if name not in optimizers:
             raise UsageError(f"--lr sets {name!r}, which is not in --optimizers")
         check_range(f"lr of {name}", lr, 0.0, low_open=True)
+    logistic_race.check_arguments(args)
+    check_output_folder(str(args.out))
+    return lrs
+
+
+def run(args: argparse.Namespace) -> int:
+    """Check the arguments, run the race, print the tables and write the files; return 0."""
+    lrs = check_arguments(args)
+    if logistic_race.wants_logistic(args.problems):
+        return logistic_race.run(args)
+    optimizers = [get_optimizer(name) for name in parse_list(args.optimizers)]
+    problems = build_problems(parse_list(args.problems), args.dim, args.kappa, args.seed)
+    out = Path(args.out)
 
     total = planned_runs(len(problems), optimizers, args.sweep_points, lrs)
     with tqdm(total=total, desc="race", unit="run", file=sys.stderr, disable=None, leave=False) as bar:

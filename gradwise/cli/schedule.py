@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from gradwise.cli.parsing import UsageError, parse_list
+from gradwise.cli.parsing import UsageError, output_folder, parse_list
 from gradwise.schedules import SCHEDULES, WSD_TAILS, area_under, make_schedule
 
 DESCRIPTION = """\
@@ -66,7 +66,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="comma-separated steps at which to print the lr "
         "(default: 0, half the warmup, the warmup, half the total, the last step)",
     )
-    parser.add_argument("--out", type=Path, default=Path("schedule-results"), metavar="DIR",
+    parser.add_argument("--out", type=output_folder, default=Path("schedule-results"), metavar="DIR",
                         help="folder for schedules.png and schedules.json (default: schedule-results)")
     parser.add_argument("--json", action="store_true", help="also write the table as schedules.json")
     parser.set_defaults(handler=run)

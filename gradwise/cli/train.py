@@ -12,12 +12,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
 from gradwise.cli.launch import run_under_torchrun
-from gradwise.cli.parsing import UsageError
+from gradwise.cli.parsing import UsageError, check_output_folder, out_of_memory, output_folder
 from gradwise.distributed.strategies import STRATEGIES, check_strategy
 from gradwise.problems.workloads import WORKLOADS
 from gradwise.schedules import SCHEDULES
@@ -133,7 +135,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="strategy settings, e.g. compression=powersgd,rank=2 for ddp")
     add("--max-restarts", type=int, default=0, metavar="R",
         help="with --nproc: times torchrun restarts the workers after a failure; they resume (default: 0)")
-    add("--out", type=Path, default=None, metavar="DIR", help="run folder (default: runs/WORKLOAD)")
+    add("--out", type=output_folder, default=None, metavar="DIR", help="run folder (default: runs/WORKLOAD)")
     add("--resume", action="store_true", default=False,
         help="continue the run in --out from its newest usable checkpoint, with the settings it was written under")
     add("--allow-change", type=lambda text: [part.strip() for part in text.split(",") if part.strip()], default=[],
@@ -166,24 +168,38 @@ def launch(args: argparse.Namespace, config: TrainConfig, out: Path) -> int:
     config = resolved_config(config)
     check_strategy(config.strategy, config.strategy_options, args.nproc)
     check_run_folder(out, config, args.resume, check_allowed_changes(args.allow_change))
-    return run_under_torchrun(args.nproc, args.argv, args.max_restarts)
+    return run_under_torchrun(args.nproc, args.argv, args.max_restarts, out)
+
+
+def discard_unstarted_run(out: Path) -> None:
+    """Remove ``out``, made by this command, if it holds no checkpoint past step 0: a run refused at its
+    first step (out of memory) leaves nothing behind, and the same command with a smaller size can start
+    afresh. A folder with later checkpoints is kept: they are work that ``--resume`` can continue."""
+    progress = [path for path in out.rglob("step-*") if int(re.sub(r"\D", "", path.name) or 0) > 0]
+    if not progress:
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def run(args: argparse.Namespace) -> int:
+    check_int("max_restarts", args.max_restarts, 0)
     if args.nproc is not None:
         check_int("nproc", args.nproc, 1)
         if "RANK" in os.environ:
             raise UsageError("--nproc launches torchrun; under torchrun leave it out")
-    elif args.max_restarts:
-        raise UsageError("--max-restarts needs --nproc N (under torchrun, give --max-restarts to torchrun)")
+    if args.max_restarts and (args.nproc or 1) == 1:
+        raise UsageError("--max-restarts needs --nproc N with N > 1 (under torchrun, give --max-restarts to torchrun)")
     if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
         args.resume = True  # a worker restarted by torchrun continues from the newest checkpoint
     config, out = build_config(args)
+    args.run_folder = out  # where a worker that loses its peers keeps its traceback
+    if args.out is None:
+        check_output_folder(str(out))  # the default runs/WORKLOAD: the same checks as a given --out
     if args.nproc is not None and args.nproc > 1:
         return launch(args, config, out)
     if args.nproc == 1:
         check_strategy(config.strategy, config.strategy_options, 1)
     main = int(os.environ.get("RANK", "0")) == 0
+    fresh = not out.exists()
     try:
         result = train(config, out, resume=args.resume, progress=not args.no_progress, allow_changes=args.allow_change)
     except TrainingDiverged as diverged:
@@ -195,6 +211,10 @@ def run(args: argparse.Namespace) -> int:
         if main:
             print(f"gradwise train: error: {failed}", file=sys.stderr)
         return 1
+    except Exception as error:
+        if fresh and "RANK" not in os.environ and out_of_memory(error) is not None:
+            discard_unstarted_run(out)
+        raise  # cli.main turns it into one line
     if not main:
         return 0
     for skipped in result.skipped_checkpoints:

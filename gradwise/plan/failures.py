@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gradwise.user_files import MAX_TABLE_BYTES, read_user_text
 from gradwise.validation import check_range
 
 REQUIRED_COLUMNS = ("hardware", "outcome")
@@ -58,10 +59,14 @@ class FailureTest:
 def read_jobs(path: str | Path) -> list[tuple[str, str]]:
     """(hardware, outcome) of every job in a CSV file with those columns (others ignored)."""
     path = Path(path)
+    text = read_user_text(path, "jobs", MAX_TABLE_BYTES)  # a regular file of bounded size
     try:
-        text = path.read_text()
-    except OSError as error:
-        raise ValueError(f"jobs: cannot read {str(path)!r}: {error.strerror}") from None
+        return _jobs(path, text)
+    except csv.Error as error:
+        raise ValueError(f"jobs: {path.name} is not valid CSV: {error}") from None
+
+
+def _jobs(path: Path, text: str) -> list[tuple[str, str]]:
     reader = csv.DictReader(text.splitlines())
     columns = {(name or "").strip().lower() for name in reader.fieldnames or []}
     for column in REQUIRED_COLUMNS:
@@ -69,7 +74,8 @@ def read_jobs(path: str | Path) -> list[tuple[str, str]]:
             raise ValueError(f"jobs: {path.name} has no {column!r} column (columns: {sorted(columns)})")
     jobs = []
     for line, row in enumerate(reader, start=2):
-        record = {(key or "").strip().lower(): (value or "").strip() for key, value in row.items()}
+        record = {key.strip().lower(): (value or "").strip()  # key None: the surplus cells of a long row
+                  for key, value in row.items() if key is not None}
         for column in REQUIRED_COLUMNS:
             if not record.get(column):
                 raise ValueError(f"jobs: {path.name} line {line}: {column} is empty")

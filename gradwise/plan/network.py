@@ -38,6 +38,8 @@ import numpy as np
 from scipy.sparse import csr_array
 from scipy.sparse.csgraph import breadth_first_order, connected_components, maximum_flow, minimum_spanning_tree
 
+from gradwise.user_files import MAX_TABLE_BYTES, read_user_text
+
 WEIGHT_COLUMNS = ("cost", "latency")
 INT32_BUDGET = 2**30
 
@@ -98,17 +100,29 @@ def _link(record: dict, where: str) -> Link:
 
 
 def read_topology(path: str | Path) -> Topology:
-    """Read a topology from a ``.json`` or ``.csv`` file (see the module docstring)."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as error:
-        raise ValueError(f"topology: cannot read {str(path)!r}: {error.strerror}") from None
+    """Read a topology from a ``.json`` or ``.csv`` file (see the module docstring); it must have links,
+    and the source and sinks it names must be ends of them."""
+    topology = _parse_topology(Path(path))
+    if not topology.links:
+        raise ValueError(f"topology: {Path(path).name} has no links")
+    ends = {name for link in topology.links for name in (link.source, link.target)}
+    for role, name in [("source", topology.source), *(("sinks", sink) for sink in topology.sinks)]:
+        if name is not None and name not in ends:
+            raise ValueError(f"topology.{role}: {name!r} is not the end of any link")
+    return topology
+
+
+def _parse_topology(path: Path) -> Topology:
+    if path.suffix.lower() not in (".json", ".csv"):
+        raise ValueError(f"topology: {path.name} must end in .json or .csv")
+    text = read_user_text(path, "topology", MAX_TABLE_BYTES)  # a regular file of bounded size
     if path.suffix.lower() == ".json":
         try:
             data = json.loads(text)
         except json.JSONDecodeError as error:
             raise ValueError(f"topology: {path.name} is not valid JSON: {error.msg} at line {error.lineno}") from None
+        except RecursionError:
+            raise ValueError(f"topology: {path.name} nests JSON too deeply") from None
         if not isinstance(data, dict) or not isinstance(data.get("links"), list):
             raise ValueError("topology.links is missing: expected a list of links")
         links = [_link(record, f"topology.links[{i}]") for i, record in enumerate(data["links"])]
@@ -118,21 +132,26 @@ def read_topology(path: str | Path) -> Topology:
         source = data.get("source")
         return Topology(links, None if source is None else str(source), [str(s) for s in sinks],
                         bool(data.get("directed", False)))
-    if path.suffix.lower() == ".csv":
-        reader = csv.DictReader(text.splitlines())
-        columns = {name.strip().lower() for name in reader.fieldnames or []}
-        missing = {"from", "to"} - columns
-        if missing or not (columns & {"latency", "cost", "bandwidth"}):
-            raise ValueError(
-                f"topology: {path.name} needs the columns from,to and latency (or cost) and/or bandwidth, "
-                f"got {sorted(columns)}"
-            )
-        links = []
-        for line, row in enumerate(reader, start=2):
-            record = {key.strip().lower(): value for key, value in row.items() if key is not None}
-            links.append(_link(record, f"topology line {line}"))
-        return Topology(links)
-    raise ValueError(f"topology: {path.name} must end in .json or .csv")
+    try:
+        return _csv_topology(path, text)
+    except csv.Error as error:
+        raise ValueError(f"topology: {path.name} is not valid CSV: {error}") from None
+
+
+def _csv_topology(path: Path, text: str) -> Topology:
+    reader = csv.DictReader(text.splitlines())
+    columns = {name.strip().lower() for name in reader.fieldnames or []}
+    missing = {"from", "to"} - columns
+    if missing or not (columns & {"latency", "cost", "bandwidth"}):
+        raise ValueError(
+            f"topology: {path.name} needs the columns from,to and latency (or cost) and/or bandwidth, "
+            f"got {sorted(columns)}"
+        )
+    links = []
+    for line, row in enumerate(reader, start=2):
+        record = {key.strip().lower(): value for key, value in row.items() if key is not None}
+        links.append(_link(record, f"topology line {line}"))
+    return Topology(links)
 
 
 def _index(topology: Topology) -> dict[str, int]:
@@ -217,6 +236,9 @@ def max_flow(topology: Topology, source: str | None = None, sinks: list[str] | N
     result = maximum_flow(graph, index[source], super_sink, method="dinic")
     flow = result.flow.toarray()
     dense = graph.toarray()
+    cut_off = [sink for sink in sinks if flow[index[sink], super_sink] == 0]
+    if cut_off:  # a flow of 0 bytes/s answers no question: the topology is not what was meant
+        raise ValueError(f"sink {cut_off[0]!r} cannot be reached from source {source!r} over links with a bandwidth")
 
     # The minimum cut: nodes reachable from the source in the residual graph, and the links leaving them.
     residual = csr_array(np.where(dense - flow > 0, 1, 0))

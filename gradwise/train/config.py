@@ -19,15 +19,24 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from gradwise.schedules import SCHEDULES
-from gradwise.train.optimizers import OPTIMIZERS
+from gradwise.train.optimizers import OPTIMIZERS, check_optimizer_options
 from gradwise.train.precision import PRECISIONS
+from gradwise.user_files import MAX_CONFIG_BYTES, check_user_file, read_user_text
 from gradwise.validation import check_choice, check_int, check_range
+
+LARGEST_SEED = 2**63 - 1
+"""torch's generators take a signed or unsigned 64-bit seed; a run adds small offsets to it."""
+LARGEST_CLIP_VALUE = float(torch.finfo(torch.float32).max)
+"""Gradients are float32 (or narrower): clamping them to a larger bound overflows in torch."""
 
 
 @dataclass
@@ -89,8 +98,7 @@ class TrainConfig:
         if not isinstance(self.data, list) or not all(isinstance(path, str) for path in self.data):
             raise ValueError(f"data must be a list of file paths, got {self.data!r}")
         for path in self.data:
-            if not Path(path).is_file():
-                raise ValueError(f"data file {path!r} does not exist")
+            check_user_file(path, "data file")
         if self.lr is not None:
             check_range("lr", self.lr, 0.0, low_open=True)
         check_range("weight_decay", self.weight_decay, 0.0)
@@ -105,13 +113,13 @@ class TrainConfig:
         if self.clip is not None:
             check_range("clip", self.clip, 0.0, low_open=True)
         if self.clip_value is not None:
-            check_range("clip_value", self.clip_value, 0.0, low_open=True)
+            check_range("clip_value", self.clip_value, 0.0, LARGEST_CLIP_VALUE, low_open=True)
         if self.precision is not None:
             check_choice("precision", self.precision, PRECISIONS)
         check_choice("device", self.device, ("cpu", "cuda", "auto"))
-        if self.threads is not None:
-            check_int("threads", self.threads, 1)
-        check_int("seed", self.seed, 0)
+        if self.threads is not None:  # more threads than cores only slows torch; 1e5 exhausts OpenMP's memory
+            check_int("threads", self.threads, 1, os.cpu_count() or 1)
+        check_int("seed", self.seed, 0, LARGEST_SEED)
         if self.eval_every is not None:
             check_int("eval_every", self.eval_every, 1)
         check_int("checkpoint_every", self.checkpoint_every, 1)
@@ -121,6 +129,7 @@ class TrainConfig:
         check_int("max_consecutive_skips", self.max_consecutive_skips, 1)
         check_range("rollback_lr_factor", self.rollback_lr_factor, 0.0, 1.0, low_open=True, high_open=True)
         check_int("max_rollbacks", self.max_rollbacks, 0)
+        check_optimizer_options(self.optimizer, self.optimizer_options)
         if self.strategy is not None:
             from gradwise.distributed.strategies import STRATEGIES  # torch.distributed, only when asked for
 
@@ -160,13 +169,13 @@ class TrainConfig:
         import tomllib
 
         path = Path(path)
+        text = read_user_text(path, "config file", MAX_CONFIG_BYTES)  # a regular file of bounded size
         try:
-            with path.open("rb") as file:
-                values = tomllib.load(file)
-        except FileNotFoundError:
-            raise ValueError(f"config file {str(path)!r} does not exist") from None
+            values = tomllib.loads(text)
         except tomllib.TOMLDecodeError as error:
             raise ValueError(f"config file {str(path)!r} is not valid TOML: {error}") from None
+        except RecursionError:
+            raise ValueError(f"config file {str(path)!r} nests arrays or tables too deeply") from None
         return cls.from_dict(values, source=str(path))
 
 
