@@ -140,6 +140,8 @@ def run(args: argparse.Namespace) -> int:
     warmup = args.warmup if args.warmup is not None else total // 10
     t0 = args.t0 if args.t0 is not None else _default_t0(total, warmup, args.t_mult)
     options = dict(floor=args.floor, decay_fraction=args.decay_fraction, tail=args.tail, T_0=t0, T_mult=args.t_mult)
+    for name in SCHEDULES:  # every option checked by the schedules that take it, shown or not: a typo is refused
+        make_schedule(name, total, warmup, **options)
     schedules = {name: make_schedule(name, total, warmup, **options) for name in names}
     steps = _report_steps(args.at, total, warmup)
 
