@@ -248,7 +248,7 @@ def test_low_precision_parameters_descend(dtype, search) -> None:
 
     run = Run(gw.LBFGS, torch.zeros(16, dtype=dtype), loss, line_search_fn=search, max_iter=10)
     run.steps(2)
-    assert run.x.dtype == dtype and float(loss(run.x)) < 0.01 * float(loss(torch.zeros(16)))
+    assert run.x.dtype == dtype and float(loss(run.x.detach())) < 0.01 * float(loss(torch.zeros(16)))
 
 
 def test_named_parameters_are_accepted() -> None:
@@ -309,3 +309,32 @@ def test_deepcopy_continues_identically() -> None:
     twin = Run(gw.LBFGS, run.x.detach(), line_search_fn="strong_wolfe", max_iter=3)
     twin.optimizer.load_state_dict(copy.deepcopy(run.optimizer.state_dict()))
     assert_same_trajectory(run.steps(3), twin.steps(3), rtol=0, atol=0)
+
+
+def test_a_second_param_group_is_refused() -> None:
+    x, y = torch.zeros(2, requires_grad=True), torch.zeros(3, requires_grad=True)
+    with pytest.raises(ValueError, match="LBFGS supports a single param group"):
+        gw.LBFGS([{"params": [x]}, {"params": [y]}])
+    optimizer = gw.LBFGS([x])
+    with pytest.raises(ValueError, match="LBFGS supports a single param group"):
+        optimizer.add_param_group({"params": [y]})
+
+
+def test_sparse_gradients_are_densified_as_torch_does() -> None:
+    runs = []
+    for cls in (gw.LBFGS, torch.optim.LBFGS):
+        embedding = torch.nn.Embedding(5, 3, sparse=True, dtype=torch.float64)
+        with torch.no_grad():
+            embedding.weight.copy_(torch.arange(15, dtype=torch.float64).view(5, 3) / 10)
+        optimizer = cls(embedding.parameters(), line_search_fn="strong_wolfe", max_iter=5)
+
+        def closure(optimizer=optimizer, embedding=embedding):
+            optimizer.zero_grad()
+            loss = (embedding(torch.tensor([0, 2, 2])) - 1).square().sum()
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+        assert embedding.weight.grad.is_sparse
+        runs.append(embedding.weight.detach())
+    torch.testing.assert_close(runs[0], runs[1], rtol=1e-12, atol=1e-14)

@@ -101,8 +101,13 @@ class LBFGS(GradwiseOptimizer):
             line_search_fn=line_search_fn,
         )
         super().__init__(params, defaults)
-        if len(self.param_groups) != 1:
-            raise ValueError(f"LBFGS supports a single param group, got {len(self.param_groups)}")
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        # One flat vector of parameters, one history: a second group (at construction or
+        # later) is refused, as torch.optim.LBFGS refuses per-parameter options.
+        if self.param_groups:
+            raise ValueError("LBFGS supports a single param group, got a second one")
+        super().add_param_group(param_group)
 
     def _validate(self, group: dict[str, Any]) -> None:
         check_range("lr", group["lr"], 0.0, low_open=True)
