@@ -112,6 +112,11 @@ class GradwiseOptimizer(Optimizer):
     # and leaves zero-size parameters alone (there is nothing to precondition).
     _per_matrix: bool = False
 
+    def _updates_matrices(self, group: dict[str, Any]) -> bool:
+        """Whether ``group``'s update is per matrix (see ``_per_matrix``); an optimizer that
+        mixes kinds of groups (Muon with its AdamW groups) decides per group."""
+        return self._per_matrix
+
     def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
         # Hyperparameters first, as torch checks them before it reads the parameters.
         check_common_options(defaults)
@@ -211,7 +216,7 @@ class GradwiseOptimizer(Optimizer):
                 # A strided gradient (assigned by hand) is read in its own layout only by
                 # the foreach kernels; a contiguous copy serves every path.
                 grads.append(grad if grad.is_contiguous() else grad.contiguous())
-        if self._per_matrix:
+        if self._updates_matrices(group):
             if any(param.is_complex() for param in params):
                 raise RuntimeError(f"{type(self).__name__} does not support complex parameters")
             if any(param.numel() == 0 for param in params):

@@ -151,6 +151,10 @@ class Muon(GradwiseOptimizer):
 
     _per_matrix = True
 
+    def _updates_matrices(self, group: dict[str, Any]) -> bool:
+        # The AdamW groups are element-wise: complex parameters there go as real views.
+        return bool(group["use_muon"])
+
     def __init__(
         self,
         params: ParamsT,
