@@ -153,7 +153,7 @@ class Muon(GradwiseOptimizer):
 
     def _updates_matrices(self, group: dict[str, Any]) -> bool:
         # The AdamW groups are element-wise: complex parameters there go as real views.
-        return bool(group["use_muon"])
+        return group["use_muon"] is not False
 
     def __init__(
         self,
