@@ -302,3 +302,30 @@ def test_no_checkpoint_is_written_during_skipped_steps_so_every_rollback_returns
     assert len(refused) == 4 and {record["step"] for record in refused} == {5}
     assert all(record["reason"].endswith("updates were skipped for non-finite loss or gradients")
                for record in refused)
+
+
+# --- a worker torchrun restarted ----------------------------------------------------------------
+
+def test_a_restart_before_the_first_checkpoint_starts_afresh_in_the_jobs_folder(run, monkeypatch, capsys) -> None:
+    """torchrun's restart resumes; when the failed attempt died before any checkpoint (only its
+    config.json and logs exist), the restarted workers start the run afresh instead of refusing."""
+    shutil.rmtree(run / "checkpoints")
+    (run / "checkpoints").mkdir()
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert main(["train", *FAST, "--out", str(run)]) == 0
+    assert "resumed" not in capsys.readouterr().out
+    assert sorted(p.name for p in (run / "checkpoints").iterdir())[-1] == checkpoint(run, 12).name
+
+
+def test_a_restart_after_a_checkpoint_resumes_from_it(run, monkeypatch, capsys) -> None:
+    checkpoint(run, 12).unlink()
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert main(["train", *FAST, "--out", str(run)]) == 0
+    assert "resumed from the checkpoint of step 8" in capsys.readouterr().out
+
+
+def test_a_restart_whose_checkpoints_are_all_corrupt_is_refused(run, monkeypatch, capsys) -> None:
+    truncate_all(run)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert main(["train", *FAST, "--out", str(run)]) == 2
+    assert "can be resumed" in one_line(capsys)

@@ -188,7 +188,8 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError("--nproc launches torchrun; under torchrun leave it out")
     if args.max_restarts and (args.nproc or 1) == 1:
         raise UsageError("--max-restarts needs --nproc N with N > 1 (under torchrun, give --max-restarts to torchrun)")
-    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    if restarted:
         args.resume = True  # a worker restarted by torchrun continues from the newest checkpoint
     config, out = build_config(args)
     args.run_folder = out  # where a worker that loses its peers keeps its traceback
@@ -201,7 +202,8 @@ def run(args: argparse.Namespace) -> int:
     main = int(os.environ.get("RANK", "0")) == 0
     fresh = not out.exists()
     try:
-        result = train(config, out, resume=args.resume, progress=not args.no_progress, allow_changes=args.allow_change)
+        result = train(config, out, resume=args.resume, progress=not args.no_progress, allow_changes=args.allow_change,
+                       restarted=restarted)
     except TrainingDiverged as diverged:
         if main:
             print(str(diverged.report), file=sys.stderr)

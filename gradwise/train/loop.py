@@ -160,6 +160,12 @@ def check_run_folder(out: Path, config: TrainConfig, resume: bool, allow_changes
         raise ValueError(f"{str(out)!r} already holds files; pass --resume to continue that run or choose a new folder")
 
 
+def holds_checkpoints(out: Path) -> bool:
+    """Whether ``out/checkpoints`` holds any checkpoint (usable or not), single-file or sharded."""
+    checkpoints = out / "checkpoints"
+    return checkpoints.is_dir() and any(entry.name.startswith("step-") for entry in checkpoints.iterdir())
+
+
 def join_job(config: TrainConfig) -> DistContext | None:
     """This process's place in a ``torch.distributed`` job, or ``None`` for a single-process run.
 
@@ -189,14 +195,20 @@ class Trainer:
     """One run: the pieces built from a config, and ``run()``, the loop."""
 
     def __init__(self, config: TrainConfig, out: str | Path | None = None, *, resume: bool = False,
-                 workload: Workload | None = None, progress: bool = False, allow_changes: Any = ()) -> None:
+                 workload: Workload | None = None, progress: bool = False, allow_changes: Any = (),
+                 restarted: bool = False) -> None:
         self.config = config = resolved_config(config)
         self.out = None if out is None else Path(out)
+        self.allow_changes = check_allowed_changes(allow_changes)
+        if restarted and self.out is not None and not holds_checkpoints(self.out):
+            # torchrun restarted this job's workers before any checkpoint was written: the
+            # folder is this job's own (its first attempt needed it empty or resumable), so
+            # the run starts afresh there rather than refusing to resume.
+            resume = False
+        elif self.out is not None:
+            check_run_folder(self.out, config, resume, self.allow_changes)
         self.resume = resume
         self.progress = progress
-        self.allow_changes = check_allowed_changes(allow_changes)
-        if self.out is not None:
-            check_run_folder(self.out, config, resume, self.allow_changes)
         self.owns_group = not dist.is_initialized()
         self.context = join_job(config)
         self.strategy = strategy = make_strategy(config.strategy, config.strategy_options, self.context)
@@ -469,7 +481,8 @@ def nothing_to_resume(folder: Path, skipped: list[Skipped]) -> str:
 
 
 def train(config: TrainConfig, out: str | Path | None = None, *, resume: bool = False,
-          workload: Workload | None = None, progress: bool = False, allow_changes: Any = ()) -> TrainResult:
+          workload: Workload | None = None, progress: bool = False, allow_changes: Any = (),
+          restarted: bool = False) -> TrainResult:
     """Train as ``config`` says; checkpoints, metrics and plots go to ``out`` (none when ``None``).
 
     ``resume=True`` continues from the newest usable checkpoint in ``out`` (one that verifies,
@@ -478,8 +491,11 @@ def train(config: TrainConfig, out: str | Path | None = None, *, resume: bool = 
     the one ``config`` names (for tests and library use). Raises ``TrainingDiverged`` with a
     report when the guards give up, ``NonFiniteWeights`` when the run ends with non-finite
     weights, ``OSError`` when a file cannot be written (the checkpoints before it stay intact).
+    ``restarted=True`` (a worker torchrun restarted) resumes like ``resume=True`` once the job
+    has written a checkpoint, and starts afresh in the job's own folder before that.
     """
-    trainer = Trainer(config, out, resume=resume, workload=workload, progress=progress, allow_changes=allow_changes)
+    trainer = Trainer(config, out, resume=resume, workload=workload, progress=progress, allow_changes=allow_changes,
+                      restarted=restarted)
     try:
         return trainer.run()
     finally:
