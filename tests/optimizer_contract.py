@@ -1,0 +1,407 @@
+"""The contract table: one entry per optimizer that ``gradwise.optim`` exports.
+
+As torch's ``OptimizerInfo`` database (``torch.testing._internal.common_optimizers``) does
+for torch.optim, each entry says how its optimizer is driven, which torch.optim class has
+the same algorithm (its *twin*), and which inputs it supports; ``tests/test_contract.py``
+runs one set of contract checks over every entry. What an entry does not claim is either
+refused with a clear error (checked) or not part of its contract, and ``notes`` says why.
+
+Drives (how a training loop calls the optimizer):
+
+- ``step``: ``loss.backward(); opt.step()``;
+- ``closure``: ``opt.step(closure)``, the closure zeroes the gradients, calls ``backward()``
+  and returns the loss (LBFGS);
+- ``loss_closure``: ``opt.step(closure)``, the closure returns the loss *without*
+  ``backward()`` (Newton; NewtonCG also gets ``hessian_closure`` on a mini-batch);
+- ``hessian_closure``: ``loss.backward(); opt.step(hessian_closure=...)`` (SQN);
+- ``model``: built from the model, whose layers it hooks (K-FAC);
+- ``sophia``: ``update_hessian(estimates)`` when ``hessian_update_due``, then a plain step;
+- ``slot``: ``opt.step(slot, closure)`` with the sample's index (SAGA);
+- ``snapshot``: ``update_snapshot(full_closure)`` every epoch, then ``opt.step(closure)`` (SVRG).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+import gradwise.optim as gw
+
+DRIVES = ("step", "closure", "loss_closure", "hessian_closure", "model", "sophia", "slot", "snapshot")
+
+# Inputs an entry may claim (see test_contract.py for the check behind each).
+SUPPORTS = frozenset({
+    "complex",         # a complex parameter is optimized as its view_as_real
+    "sparse",          # sparse gradients, as torch's SGD and Adagrad take them
+    "strided",         # non-contiguous parameters, equal to the same values stored contiguously
+    "foreach",         # foreach=False / True: torch's single-tensor and multi-tensor paths
+    "fused",           # fused=True: a fused kernel for the same update
+    "differentiable",  # differentiable=True: gradients flow through step()
+    "capturable",      # capturable=True behaves as torch's on the CPU
+    "bfloat16",
+    "float16",
+    "compile",         # torch.compile of the step
+    "maximize",
+    "param_groups",    # more than one param group (else add_param_group must refuse)
+})
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    optimizer: type[torch.optim.Optimizer]
+    drive: str
+    # Constructor options of the contract checks: chosen so that a few steps of a tiny model
+    # exercise the whole algorithm (preconditioners refreshed, curvature pairs formed).
+    kwargs: dict[str, Any]
+    supports: frozenset[str]
+    torch_twin: type[torch.optim.Optimizer] | None = None
+    # Random valid hyperparameters (for the randomised parity run against the twin).
+    sample: Callable[[np.random.Generator], dict[str, Any]] | None = None
+    # (keyword, invalid value) pairs, each of which must raise a ValueError naming it.
+    invalid: list[tuple[str, Any]] = field(default_factory=list)
+    # Implementation paths to test, as constructor options: {} is the default path.
+    paths: tuple[dict[str, Any], ...] = ({},)
+    # Options torch.optim reads from its constructor only (it ignores a per-group value).
+    constructor_only: tuple[str, ...] = ()
+    # Which of the model's parameters the twin accepts: "all", or "matrices" (torch's Muon).
+    twin_params: str = "all"
+    # Vectors go in a param group of their own (Muon's internal AdamW, use_muon=False).
+    vectors_apart: bool = False
+    # Relative tolerance between a compiled and an eager step (float32 step counters in
+    # the graph: 1e-6 for torch's own Adam; bf16 Newton-Schulz: 3e-3 for torch's own Muon).
+    compile_tolerance: float = 1e-4
+    # torch's optim_db hyperparameter sets (by desc) and error inputs (by desc) that do not
+    # apply to gradwise's class, each with the reason.
+    skip_torch_inputs: dict[str, str] = field(default_factory=dict)
+    skip_error_inputs: dict[str, str] = field(default_factory=dict)
+    # Learning rate for the convergence check on a quadratic (None: converged elsewhere).
+    converge_lr: float | None = None
+    # Why an input is not claimed, by SUPPORTS key.
+    notes: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        assert self.drive in DRIVES, self.drive
+        assert self.supports <= SUPPORTS, self.supports - SUPPORTS
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def _log_uniform(rng: np.random.Generator, low: float, high: float) -> float:
+    return float(np.exp(rng.uniform(np.log(low), np.log(high))))
+
+
+def _maybe_decay(rng: np.random.Generator, low: float = 1e-5, high: float = 1e-1) -> float:
+    return float(rng.choice([0.0, _log_uniform(rng, low, high)]))
+
+
+def _sgd(rng: np.random.Generator) -> dict[str, Any]:
+    momentum = float(rng.choice([0.0, rng.uniform(0.1, 0.99)]))
+    nesterov = bool(momentum > 0 and rng.random() < 0.5)
+    return dict(
+        lr=_log_uniform(rng, 1e-4, 1e-1),
+        momentum=momentum,
+        dampening=0.0 if nesterov else float(rng.choice([0.0, rng.uniform(0, 0.9)])),
+        nesterov=nesterov,
+        weight_decay=_maybe_decay(rng),
+        maximize=bool(rng.random() < 0.2),
+    )
+
+
+def _adagrad(rng: np.random.Generator) -> dict[str, Any]:
+    return dict(
+        lr=_log_uniform(rng, 1e-3, 1e-1),
+        lr_decay=_maybe_decay(rng, 1e-4, 1e-1),
+        weight_decay=_maybe_decay(rng),
+        initial_accumulator_value=float(rng.choice([0.0, rng.uniform(0, 1)])),
+        eps=_log_uniform(rng, 1e-10, 1e-6),
+        maximize=bool(rng.random() < 0.2),
+    )
+
+
+def _rmsprop(rng: np.random.Generator) -> dict[str, Any]:
+    return dict(
+        lr=_log_uniform(rng, 1e-4, 1e-2),
+        alpha=rng.uniform(0.8, 0.999),
+        eps=_log_uniform(rng, 1e-8, 1e-4),
+        weight_decay=_maybe_decay(rng),
+        momentum=float(rng.choice([0.0, rng.uniform(0.1, 0.95)])),
+        centered=bool(rng.random() < 0.5),
+        maximize=bool(rng.random() < 0.2),
+    )
+
+
+def _betas(rng: np.random.Generator) -> tuple[float, float]:
+    return (float(rng.uniform(0.5, 0.99)), float(rng.uniform(0.9, 0.9999)))
+
+
+def _adam(rng: np.random.Generator) -> dict[str, Any]:
+    return dict(
+        lr=_log_uniform(rng, 1e-4, 1e-1),
+        betas=_betas(rng),
+        eps=_log_uniform(rng, 1e-10, 1e-6),
+        weight_decay=_maybe_decay(rng),
+        amsgrad=bool(rng.random() < 0.5),
+        maximize=bool(rng.random() < 0.2),
+    )
+
+
+def _nadam(rng: np.random.Generator) -> dict[str, Any]:
+    return dict(
+        lr=_log_uniform(rng, 1e-4, 1e-1),
+        betas=_betas(rng),
+        eps=_log_uniform(rng, 1e-10, 1e-6),
+        weight_decay=_maybe_decay(rng),
+        momentum_decay=_log_uniform(rng, 1e-4, 1e-2),
+        decoupled_weight_decay=bool(rng.random() < 0.5),
+        maximize=bool(rng.random() < 0.2),
+    )
+
+
+def _lion(rng: np.random.Generator) -> dict[str, Any]:
+    return dict(
+        lr=_log_uniform(rng, 1e-5, 1e-2),
+        betas=_betas(rng),
+        weight_decay=_maybe_decay(rng, 1e-3, 1.0),
+        maximize=bool(rng.random() < 0.2),
+    )
+
+
+_LR_INVALID = [("lr", -0.1), ("lr", float("nan")), ("lr", float("inf")), ("lr", "fast")]
+_BETAS_INVALID = [("betas", (1.0, 0.999)), ("betas", (0.9, -0.1)), ("betas", (0.9,)), ("eps", -1e-8)]
+_BOOL_INVALID = [("maximize", "False")]  # a string is truthy: a bool option must be a bool
+
+# Every element-wise optimizer with a torch twin: all of torch's keywords and inputs.
+_TORCH_ELEMENTWISE = frozenset({
+    "complex", "strided", "foreach", "differentiable", "capturable", "bfloat16", "float16",
+    "compile", "maximize", "param_groups",
+})
+_LOW_PRECISION = frozenset({"bfloat16", "float16"})
+_FLAT_NOTE = (
+    "works on the flat parameter vector in the parameters' dtype: Cholesky, CG and line "
+    "searches in bf16/fp16 are not meaningful; use float32 or float64"
+)
+_PER_MATRIX_COMPLEX = (
+    "preconditions each parameter as a matrix: the real view of a complex matrix would add a "
+    "fake axis, so complex parameters are refused at step() (as torch's Muon and Adafactor do)"
+)
+_SINGLE_GROUP = "one param group: the method treats all parameters as one vector"
+_NOT_COMPILED = "step() runs closures, line searches or host-side control flow; compile the model, not the step"
+_TORCH_WOLFE = (
+    "gradwise's strong Wolfe search is Moré-Thuente (L-BFGS-B's), torch's is its own "
+    "bracketing zoom: both meet the strong Wolfe conditions, the iterates differ"
+)
+
+ENTRIES: list[Entry] = [
+    Entry(
+        "SGD", gw.SGD, "step", {"lr": 0.1, "momentum": 0.9},
+        _TORCH_ELEMENTWISE | {"sparse", "fused"},
+        torch_twin=torch.optim.SGD, sample=_sgd,
+        invalid=_LR_INVALID + _BOOL_INVALID
+        + [("momentum", -0.5), ("dampening", 1.5), ("weight_decay", -1e-4), ("nesterov", True)],
+        paths=({}, {"fused": False}, {"foreach": False}),
+        converge_lr=0.1,
+    ),
+    Entry(
+        "Adagrad", gw.Adagrad, "step", {"lr": 0.1},
+        _TORCH_ELEMENTWISE | {"sparse", "fused"},
+        torch_twin=torch.optim.Adagrad, sample=_adagrad,
+        invalid=_LR_INVALID + _BOOL_INVALID
+        + [("lr_decay", -1.0), ("weight_decay", -1.0), ("initial_accumulator_value", -1.0), ("eps", -1.0)],
+        paths=({}, {"fused": False}, {"foreach": False}),
+        constructor_only=("initial_accumulator_value",),
+        converge_lr=0.5,
+    ),
+    Entry(
+        "RMSprop", gw.RMSprop, "step", {"lr": 0.01, "momentum": 0.5},
+        _TORCH_ELEMENTWISE,
+        torch_twin=torch.optim.RMSprop, sample=_rmsprop,
+        invalid=_LR_INVALID + _BOOL_INVALID
+        + [("alpha", 1.5), ("alpha", -0.1), ("eps", -1.0), ("momentum", -0.9), ("weight_decay", -1.0)],
+        paths=({}, {"foreach": False}),
+        converge_lr=0.01,
+        notes={"fused": "torch has no fused RMSprop", "sparse": "torch's RMSprop refuses sparse gradients"},
+    ),
+    Entry(
+        "Adam", gw.Adam, "step", {"lr": 0.05},
+        _TORCH_ELEMENTWISE | {"fused"},
+        torch_twin=torch.optim.Adam, sample=_adam,
+        invalid=_LR_INVALID + _BETAS_INVALID + _BOOL_INVALID + [("weight_decay", -1.0)],
+        paths=({}, {"fused": False}, {"foreach": False}),
+        converge_lr=0.05,
+        notes={"sparse": "torch's Adam refuses sparse gradients (SparseAdam is another algorithm)"},
+    ),
+    Entry(
+        "AdamW", gw.AdamW, "step", {"lr": 0.05, "weight_decay": 0.1},
+        _TORCH_ELEMENTWISE | {"fused"},
+        torch_twin=torch.optim.AdamW, sample=_adam,
+        invalid=_LR_INVALID + _BETAS_INVALID + _BOOL_INVALID + [("weight_decay", -1.0)],
+        paths=({}, {"fused": False}, {"foreach": False}),
+        converge_lr=0.05,
+        notes={"sparse": "torch's AdamW refuses sparse gradients"},
+    ),
+    Entry(
+        "NAdam", gw.NAdam, "step", {"lr": 0.05},
+        _TORCH_ELEMENTWISE,
+        torch_twin=torch.optim.NAdam, sample=_nadam,
+        invalid=_LR_INVALID + _BETAS_INVALID + _BOOL_INVALID + [("weight_decay", -1.0), ("momentum_decay", -1e-3)],
+        paths=({}, {"foreach": False}),
+        converge_lr=0.05,
+        notes={"fused": "torch has no fused NAdam", "sparse": "torch's NAdam refuses sparse gradients"},
+    ),
+    Entry(
+        "Lion", gw.Lion, "step", {"lr": 0.01},
+        frozenset({"complex", "strided", "fused", "bfloat16", "float16", "compile", "maximize", "param_groups"}),
+        sample=_lion,
+        invalid=_LR_INVALID + _BOOL_INVALID + [("betas", (0.9, 1.0)), ("betas", (-0.1, 0.99)), ("weight_decay", -1.0)],
+        paths=({}, {"fused": True}),
+        converge_lr=0.01,
+        notes={
+            "foreach": "no torch twin: torch's keywords are promised for the optimizers torch has",
+            "differentiable": "no torch twin (see foreach)",
+            "capturable": "no torch twin (see foreach)",
+        },
+    ),
+    Entry(
+        "Adafactor", gw.Adafactor, "step", {"lr": 0.01},
+        frozenset({"strided", "foreach", "bfloat16", "float16", "compile", "maximize", "param_groups"}),
+        torch_twin=torch.optim.Adafactor,
+        invalid=_LR_INVALID + _BOOL_INVALID + [("beta2_decay", 0.8), ("d", 0.5), ("weight_decay", -1.0), ("eps", (-1e-30, 1e-3))],
+        notes={
+            "complex": "torch's Adafactor refuses complex parameters (its error input is checked)",
+            "differentiable": "torch's Adafactor has no differentiable path",
+            "capturable": "torch's Adafactor has no capturable path",
+        },
+    ),
+    Entry(
+        "Muon", gw.Muon, "step", {"lr": 0.02},
+        frozenset({"strided", "bfloat16", "float16", "compile", "maximize", "param_groups"}),
+        torch_twin=torch.optim.Muon, twin_params="matrices", vectors_apart=True, compile_tolerance=2**-7,
+        invalid=_LR_INVALID + [("momentum", 1.0), ("weight_decay", -0.1), ("ns_steps", 0), ("eps", 0.0),
+                               ("adjust_lr_fn", "arbitrary"), ("adamw_lr", -1.0)],
+        skip_error_inputs={
+            "only support 2D parameters": "gradwise's Muon orthogonalises a 3-D weight per matrix and a 4-D "
+            "convolution weight flattened (documented extension of torch's 2-D Muon)",
+        },
+        notes={
+            "complex": "torch's Muon refuses complex parameters (its error input is checked)",
+            "foreach": "torch's Muon has no foreach/differentiable/capturable keywords",
+        },
+    ),
+    Entry(
+        "Shampoo", gw.Shampoo, "step",
+        {"lr": 0.01, "momentum": 0.5, "start_preconditioning_step": 1, "precondition_frequency": 2},
+        frozenset({"strided", "bfloat16", "float16", "compile", "maximize", "param_groups"}),
+        invalid=_LR_INVALID + [("momentum", 1.0), ("beta2", 0.0), ("eps", 0.0), ("block_size", 0),
+                               ("graft", "adamw"), ("precondition_frequency", 0)],
+        notes={"complex": _PER_MATRIX_COMPLEX},
+    ),
+    Entry(
+        "SOAP", gw.SOAP, "step", {"lr": 0.01, "precondition_frequency": 2},
+        frozenset({"strided", "bfloat16", "float16", "compile", "maximize", "param_groups"}),
+        invalid=_LR_INVALID + _BETAS_INVALID + [("weight_decay", -1.0), ("precondition_frequency", 0),
+                                                ("max_precond_dim", 0), ("shampoo_beta", 1.0)],
+        notes={"complex": _PER_MATRIX_COMPLEX},
+    ),
+    Entry(
+        "KFAC", gw.KFAC, "model", {"lr": 0.05, "momentum": 0.5, "inverse_frequency": 1},
+        frozenset({"strided", "param_groups"}),
+        invalid=_LR_INVALID + [("damping", 0.0), ("momentum", 1.0), ("stat_decay", 1.0), ("inverse_frequency", 0),
+                               ("stats_every", 0)],
+        notes={
+            "complex": "Kronecker factors of complex layers are not the view_as_real problem: refused",
+            "bfloat16": "the damped inverses need float32 or float64 factors",
+            "float16": "the damped inverses need float32 or float64 factors",
+            "compile": "statistics come from module hooks: compile the model, not the step",
+            "maximize": "the Fisher preconditioner assumes a loss being minimised",
+        },
+    ),
+    Entry(
+        "Sophia", gw.Sophia, "sophia", {"lr": 0.01, "hessian_update_interval": 2},
+        frozenset({"complex", "strided", "bfloat16", "float16", "compile", "maximize", "param_groups"}),
+        invalid=_LR_INVALID + _BOOL_INVALID + [("betas", (1.0, 0.99)), ("rho", 0.0), ("eps", 0.0),
+                                               ("weight_decay", -1.0), ("hessian_update_interval", 0)],
+    ),
+    Entry(
+        "LBFGS", gw.LBFGS, "closure", {"lr": 0.5, "max_iter": 4},
+        frozenset({"complex", "strided", "sparse"}),
+        torch_twin=torch.optim.LBFGS,
+        invalid=_LR_INVALID + [("max_iter", 0), ("history_size", 0), ("tolerance_change", -1.0),
+                               ("line_search_fn", "armijo")],
+        skip_torch_inputs={"strong_wolfe": _TORCH_WOLFE},
+        skip_error_inputs={
+            desc: "gradwise's LBFGS refuses any second param group first (ValueError: supports a single param group)"
+            for desc in ("duplicate parameters should not occur across param groups either",
+                         "all optimizer param groups should be with/without names.")
+        },
+        notes={
+            "param_groups": _SINGLE_GROUP + " (as torch's LBFGS)",
+            "bfloat16": _FLAT_NOTE, "float16": _FLAT_NOTE, "compile": _NOT_COMPILED,
+            "maximize": "torch's LBFGS has no maximize",
+        },
+    ),
+    Entry(
+        "Newton", gw.Newton, "loss_closure", {},
+        frozenset({"complex", "strided"}),
+        invalid=_LR_INVALID + [("damping", -1.0), ("line_search", "yes")],
+        notes={"param_groups": _SINGLE_GROUP, "bfloat16": _FLAT_NOTE, "float16": _FLAT_NOTE,
+               "compile": _NOT_COMPILED, "maximize": "Newton's step goes to a stationary point either way"},
+    ),
+    Entry(
+        "NewtonCG", gw.NewtonCG, "loss_closure", {"cg_max_iter": 10},
+        frozenset({"complex", "strided"}),
+        invalid=_LR_INVALID + [("damping", 0.0), ("damping_increase", 1.0), ("damping_decrease", 1.0),
+                               ("cg_max_iter", 0), ("cg_tol", 1.5), ("line_search", "yes")],
+        notes={"param_groups": _SINGLE_GROUP, "bfloat16": _FLAT_NOTE, "float16": _FLAT_NOTE,
+               "compile": _NOT_COMPILED, "maximize": "minimises its closure's loss"},
+    ),
+    Entry(
+        "SQN", gw.SQN, "hessian_closure", {"lr": 0.1, "update_interval": 2},
+        frozenset({"complex", "strided", "sparse"}),
+        invalid=_LR_INVALID + [("history_size", 0), ("update_interval", 0)],
+        notes={"param_groups": _SINGLE_GROUP, "bfloat16": _FLAT_NOTE, "float16": _FLAT_NOTE,
+               "compile": _NOT_COMPILED, "maximize": "minimises its loss"},
+    ),
+    Entry(
+        "SVRG", gw.SVRG, "snapshot", {"lr": 0.1},
+        frozenset({"complex", "strided", "param_groups"}),
+        invalid=_LR_INVALID,
+        notes={"compile": _NOT_COMPILED, "bfloat16": "variance reduction cancels gradient differences "
+               "that bf16/fp16 rounding swamps", "float16": "see bfloat16", "maximize": "minimises its loss"},
+    ),
+    Entry(
+        "SAGA", gw.SAGA, "slot", {"lr": 0.1, "num_slots": 4},
+        frozenset({"complex", "strided", "param_groups"}),
+        invalid=_LR_INVALID + [("num_slots", 0)],
+        notes={"compile": _NOT_COMPILED, "bfloat16": "variance reduction cancels gradient differences "
+               "that bf16/fp16 rounding swamps", "float16": "see bfloat16", "maximize": "minimises its loss"},
+    ),
+]
+
+BY_NAME = {entry.name: entry for entry in ENTRIES}
+
+
+def exported_optimizers() -> dict[str, type]:
+    """Every class in ``gradwise.optim.__all__`` that is an optimizer (the base class aside)."""
+    exported = {name: getattr(gw, name) for name in gw.__all__}
+    return {
+        name: value for name, value in exported.items()
+        if isinstance(value, type) and issubclass(value, torch.optim.Optimizer) and value is not gw.GradwiseOptimizer
+    }
+
+
+def entries_with(*supports: str) -> list[Entry]:
+    return [entry for entry in ENTRIES if set(supports) <= entry.supports]
+
+
+def entries_without(support: str) -> list[Entry]:
+    return [entry for entry in ENTRIES if support not in entry.supports]
+
+
+def twins() -> list[Entry]:
+    return [entry for entry in ENTRIES if entry.torch_twin is not None]
