@@ -41,11 +41,11 @@ from tqdm import tqdm
 from gradwise import optim
 from gradwise.bench.machine import describe_machine
 from gradwise.distributed import RankSlice, run_processes
-from gradwise.distributed.fsdp import shard_model
-from gradwise.distributed.local_sgd import DiLoCo
-from gradwise.distributed.traffic import TrafficMeter
 from gradwise.distributed.state_bytes import optimizer_state_bytes
-from gradwise.distributed.zero import ZeroOptimizer
+from gradwise.distributed.strategies.fsdp import shard_model
+from gradwise.distributed.strategies.periodic_averaging import DiLoCo
+from gradwise.distributed.strategies.zero_optimizer import ZeroOptimizer
+from gradwise.distributed.traffic import TrafficMeter
 from gradwise.problems.corpus import stdlib_corpus
 from gradwise.problems.data import RandomWindows
 from gradwise.problems.tiny_gpt import TinyGPT

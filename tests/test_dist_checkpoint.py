@@ -17,9 +17,9 @@ from torch.distributed.checkpoint.state_dict import get_state_dict
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
+from gradwise.checkpoints.sharded import ShardedCheckpoints
 from gradwise.distributed import run_processes
-from gradwise.distributed.checkpoint import ShardedCheckpoints
-from gradwise.distributed.fsdp import shard_model
+from gradwise.distributed.strategies.fsdp import shard_model
 from gradwise.optim import AdamW
 from gradwise.train import TrainConfig
 from gradwise.train import train as train_run

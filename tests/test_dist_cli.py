@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from gradwise.cli import main
-from gradwise.distributed.federated_logistic import FederatedLogistic
+from gradwise.distributed.algorithms.federated_logistic import FederatedLogistic
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(240)]
 

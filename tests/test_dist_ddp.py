@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from gradwise.distributed import DistContext, run_processes
-from gradwise.distributed.ddp import DDPStrategy
-from gradwise.distributed.strategies import check_strategy, make_strategy
+from gradwise.distributed.strategies.ddp import DDPStrategy
+from gradwise.distributed.strategies.registry import check_strategy, make_strategy
 from gradwise.train import TrainConfig, Trainer
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(120)]

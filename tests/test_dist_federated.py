@@ -7,10 +7,10 @@ import torch
 from torch import nn
 
 from gradwise.distributed import run_processes
-from gradwise.distributed.admm import consensus_admm
-from gradwise.distributed.federated import FedAvg
-from gradwise.distributed.federated_logistic import FederatedLogistic
-from gradwise.distributed.split_learning import SplitClient, SplitServer
+from gradwise.distributed.algorithms.admm import consensus_admm
+from gradwise.distributed.algorithms.federated import FedAvg
+from gradwise.distributed.algorithms.federated_logistic import FederatedLogistic
+from gradwise.distributed.algorithms.split_learning import SplitClient, SplitServer
 from gradwise.distributed.traffic import TrafficMeter
 from gradwise.optim import Adam
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from gradwise.distributed import run_processes
-from gradwise.distributed.fsdp import shard_model
 from gradwise.distributed.state_bytes import optimizer_state_bytes
+from gradwise.distributed.strategies.fsdp import shard_model
 from gradwise.optim import SGD, AdamW, Lion, Muon, muon_param_groups
 from gradwise.problems.tiny_gpt import TinyGPT, next_byte_loss
 

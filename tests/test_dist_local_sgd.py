@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from gradwise.distributed import RankSlice, run_processes
-from gradwise.distributed.local_sgd import DiLoCo, LocalSGD
+from gradwise.distributed.strategies.periodic_averaging import DiLoCo, LocalSGD
 from gradwise.optim import SGD, AdamW
 from gradwise.problems.workloads import make_workload
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from gradwise.distributed import run_processes
-from gradwise.distributed.parameter_server import (
+from gradwise.distributed.algorithms.parameter_server import (
     ParameterServer,
     ParameterWorker,
     ServerLog,

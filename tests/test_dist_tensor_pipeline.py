@@ -15,15 +15,11 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.debug import CommDebugMode
 
 from gradwise.distributed import RankSlice, run_processes
-from gradwise.distributed.tensor_parallel import (
-    average_gradients,
-    data_tensor_mesh,
-    parallelize_tiny_gpt,
-    qkv_row_order,
-)
+from gradwise.distributed.mesh import average_gradients, data_tensor_mesh
 from gradwise.optim import AdamW
 from gradwise.problems.data import RandomWindows
 from gradwise.problems.tiny_gpt import TinyGPT
+from gradwise.problems.tiny_gpt_tensor_parallel import parallelize_tiny_gpt, qkv_row_order
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(120),
               pytest.mark.filterwarnings("ignore:Full backward hook is firing")]
@@ -117,7 +113,7 @@ def count_all_reduces(rank: int, world_size: int) -> tuple[int, int]:
 
 def train_pipeline(rank: int, world_size: int) -> list[dict]:
     """GPipe with 2 micro-batches, 1F1B with 4, and GPipe accumulating the gradients of two half batches."""
-    from gradwise.distributed.pipeline import TinyGPTPipeline  # not at the top: 0.7 s of CPU per 4-rank process
+    from gradwise.problems.tiny_gpt_pipeline import TinyGPTPipeline  # not at the top: 0.7 s of CPU per 4-rank process
 
     runs = []
     for schedule, microbatches, accumulation in (("gpipe", 2, 1), ("1f1b", 4, 1), ("gpipe", 2, 2)):
@@ -142,7 +138,7 @@ def train_pipeline(rank: int, world_size: int) -> list[dict]:
 
 
 def bad_inputs(rank: int, world_size: int) -> list[str]:
-    from gradwise.distributed.pipeline import TinyGPTPipeline  # not at the top: 0.7 s of CPU per 4-rank process
+    from gradwise.problems.tiny_gpt_pipeline import TinyGPTPipeline  # not at the top: 0.7 s of CPU per 4-rank process
 
     attempts = [
         lambda: parallelize_tiny_gpt(TinyGPT(SEQ_LEN, D_MODEL, 1, 1), init_device_mesh("cpu", (2,))),

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from gradwise.distributed import run_processes
-from gradwise.distributed.strategies import check_strategy
+from gradwise.distributed.strategies.registry import check_strategy
 from gradwise.train import TrainConfig, Trainer
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(180)]

@@ -16,7 +16,7 @@ from torch import nn
 
 from gradwise.distributed import run_processes
 from gradwise.distributed.state_bytes import optimizer_state_bytes
-from gradwise.distributed.zero import ZeroOptimizer, assign_whole_tensors
+from gradwise.distributed.strategies.zero_optimizer import ZeroOptimizer, assign_whole_tensors
 from gradwise.optim import (
     KFAC,
     LBFGS,

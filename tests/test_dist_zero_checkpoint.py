@@ -12,10 +12,10 @@ import pytest
 import torch
 from test_dist_zero import GLOBAL_BATCH, OPTIMIZERS, STEPS, make_model, params_of, train
 
+from gradwise.checkpoints.atomic import decode
 from gradwise.distributed import run_processes
-from gradwise.distributed.zero import ZeroOptimizer
+from gradwise.distributed.strategies.zero_optimizer import ZeroOptimizer
 from gradwise.train import TrainConfig, Trainer
-from gradwise.train.checkpoint import decode
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(120)]
 

@@ -21,16 +21,16 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
-from gradwise.cli import main
-from gradwise.distributed.checkpoint import (
+from gradwise.checkpoints.atomic import CheckpointManager, CorruptCheckpoint, decode, encode, load_refusal
+from gradwise.checkpoints.sharded import (
     METADATA,
     ShardedCheckpoints,
     UnsafeMetadata,
     file_digest,
     read_metadata,
 )
+from gradwise.cli import main
 from gradwise.optim import AdamW
-from gradwise.train.checkpoint import CheckpointManager, CorruptCheckpoint, decode, encode, load_refusal
 
 REPO = Path(__file__).resolve().parents[1]
 

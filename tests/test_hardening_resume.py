@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from gradwise.checkpoints.atomic import CheckpointManager, decode, encode, write_atomically
+from gradwise.checkpoints.sharded import ShardedCheckpoints
 from gradwise.cli import main
-from gradwise.distributed.checkpoint import ShardedCheckpoints
-from gradwise.train.checkpoint import CheckpointManager, decode, encode, write_atomically
 from gradwise.train.config import settings_difference
 
 FAST = ["--workload", "mlp", "--steps", "12", "--eval-every", "100", "--checkpoint-every", "4", "--threads", "1",

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from gradwise.train.checkpoint import CheckpointManager, CorruptCheckpoint, decode, encode, rng_state, set_rng_state
+from gradwise.checkpoints.atomic import CheckpointManager, CorruptCheckpoint, decode, encode, rng_state, set_rng_state
 
 
 def payload(step: int) -> dict:

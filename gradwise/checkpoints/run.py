@@ -7,7 +7,7 @@ checkpoints passed over, with the reason. Four layouts, by what the ranks hold:
 
 * :class:`ReplicatedCheckpoints`: every rank holds the same parameters and optimizer state
   (one process, DDP, local SGD at its synchronisation points): rank 0 writes the usual
-  checksummed file (:class:`gradwise.train.checkpoint.CheckpointManager`) and every rank
+  checksummed file (:class:`gradwise.checkpoints.atomic.CheckpointManager`) and every rank
   reads it back.
 * :class:`ConsolidatedCheckpoints`: the parameters are replicated but the optimizer state
   is split over the ranks (ZeRO stages 1 and 2): the ranks gather it into the unsharded
@@ -19,7 +19,7 @@ checkpoints passed over, with the reason. Four layouts, by what the ranks hold:
   (same world size).
 * :class:`ShardedRunCheckpoints`: DTensor parameters (FSDP2, tensor parallel): one
   ``torch.distributed.checkpoint`` folder written by all ranks
-  (:class:`gradwise.distributed.checkpoint.ShardedCheckpoints`), loadable with another
+  (:class:`gradwise.checkpoints.sharded.ShardedCheckpoints`), loadable with another
   world size.
 
 Every layout loads the same way: newest first, a checkpoint is used only if it verifies,
@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from gradwise.train.checkpoint import (
+from gradwise.checkpoints.atomic import (
     Accept,
     CheckpointManager,
     CorruptCheckpoint,
@@ -119,7 +119,7 @@ class ReplicatedCheckpoints:
 
 
 class ConsolidatedCheckpoints(ReplicatedCheckpoints):
-    """A :class:`gradwise.distributed.zero.ZeroOptimizer`'s shards gathered into the unsharded
+    """A :class:`gradwise.distributed.strategies.zero_optimizer.ZeroOptimizer`'s shards gathered into the unsharded
     state_dict (a collective on every save), written by rank 0; each rank keeps its part on load."""
 
     def _optimizer_state(self) -> dict[str, Any]:
@@ -181,7 +181,7 @@ class ShardedRunCheckpoints:
     """``ShardedCheckpoints`` bound to the run's model and optimizer (every call is a collective)."""
 
     def __init__(self, folder: str | Path, keep: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        from gradwise.distributed.checkpoint import ShardedCheckpoints
+        from gradwise.checkpoints.sharded import ShardedCheckpoints
 
         self.checkpoints = ShardedCheckpoints(folder, keep)
         self.model, self.optimizer = model, optimizer

@@ -15,7 +15,7 @@ file-system writer assumes.
 
 Next to the DCP files every rank writes ``rank-00000.ckpt``: the run's ``extra`` state as
 that rank sees it (scheduler, guard, data position, ...) and its random number generators,
-in the checksummed format of :mod:`gradwise.train.checkpoint`. Loading into the same world
+in the checksummed format of :mod:`gradwise.checkpoints.atomic`. Loading into the same world
 size gives every rank its own ``extra`` and generators back, so the resumed run is bit for
 bit the uninterrupted one; loading into another world size gives every rank rank 0's
 ``extra`` and leaves the generators as they are (there is no rank to map them to).
@@ -82,7 +82,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from gradwise.train.checkpoint import (
+from gradwise.checkpoints.atomic import (
     Accept,
     CorruptCheckpoint,
     Skipped,

@@ -3,13 +3,13 @@
 Each subcommand runs one job on a ``torch.distributed`` process group (gloo, CPU) and has
 rank 0 print a summary and write ``summary.json`` and a plot to ``--out``:
 
-- ``parameter-server``: asynchronous SGD (:mod:`gradwise.distributed.parameter_server`);
+- ``parameter-server``: asynchronous SGD (:mod:`gradwise.distributed.algorithms.parameter_server`);
   rank 0 serves, ranks 1..N-1 work on their own slices of the ``logreg`` or ``mlp`` data.
-- ``fedavg``: federated averaging (:mod:`gradwise.distributed.federated`) and ``admm``:
-  consensus ADMM (:mod:`gradwise.distributed.admm`), every rank one client of the
-  label-skewed logistic regression of :mod:`gradwise.distributed.federated_logistic`,
+- ``fedavg``: federated averaging (:mod:`gradwise.distributed.algorithms.federated`) and ``admm``:
+  consensus ADMM (:mod:`gradwise.distributed.algorithms.admm`), every rank one client of the
+  label-skewed logistic regression of :mod:`gradwise.distributed.algorithms.federated_logistic`,
   judged against its centralised optimum.
-- ``split``: split learning (:mod:`gradwise.distributed.split_learning`) of the ``mlp``
+- ``split``: split learning (:mod:`gradwise.distributed.algorithms.split_learning`) of the ``mlp``
   workload; rank 0 holds the inputs and the layers before the cut, rank 1 the rest and the
   labels.
 
@@ -38,15 +38,15 @@ from torch import nn
 from gradwise.cli.launch import run_under_torchrun
 from gradwise.cli.parsing import OneLineErrorParser, UsageError, check_output_folder, output_folder
 from gradwise.distributed import DistContext, RankSlice, init_distributed, shutdown
-from gradwise.distributed.admm import LOCAL_SOLVERS, consensus_admm
-from gradwise.distributed.federated import FedAvg
-from gradwise.distributed.federated_logistic import FederatedLogistic
-from gradwise.distributed.parameter_server import (
+from gradwise.distributed.algorithms.admm import LOCAL_SOLVERS, consensus_admm
+from gradwise.distributed.algorithms.federated import FedAvg
+from gradwise.distributed.algorithms.federated_logistic import FederatedLogistic
+from gradwise.distributed.algorithms.parameter_server import (
     ORDERS,
     ParameterServer,
     ParameterWorker,
 )
-from gradwise.distributed.split_learning import SplitClient, SplitServer
+from gradwise.distributed.algorithms.split_learning import SplitClient, SplitServer
 from gradwise.problems.workloads import WORKLOADS, make_workload
 from gradwise.train import OPTIMIZERS, build_optimizer
 from gradwise.train.config import LARGEST_SEED

@@ -20,7 +20,7 @@ from typing import Any
 
 from gradwise.cli.launch import run_under_torchrun
 from gradwise.cli.parsing import UsageError, check_output_folder, out_of_memory, output_folder
-from gradwise.distributed.strategies import STRATEGIES, check_strategy
+from gradwise.distributed.strategies.registry import STRATEGIES, check_strategy
 from gradwise.problems.workloads import WORKLOADS
 from gradwise.schedules import SCHEDULES
 from gradwise.train import OPTIMIZERS, PRECISIONS, NonFiniteWeights, TrainConfig, TrainingDiverged, train

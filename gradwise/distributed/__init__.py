@@ -27,15 +27,29 @@ from gradwise.distributed.data import RankSlice
 from gradwise.distributed.spawn import WorkerFailed, run_processes
 
 LAZY = {
-    "ZeroOptimizer": "zero", "shard_model": "fsdp", "optimizer_state_bytes": "state_bytes",
-    "parallelize_tiny_gpt": "tensor_parallel", "data_tensor_mesh": "tensor_parallel",
-    "TinyGPTPipeline": "pipeline", "LocalSGD": "local_sgd", "DiLoCo": "local_sgd",
-    "ParameterServer": "parameter_server", "ParameterWorker": "parameter_server", "ServerLog": "parameter_server",
-    "FedAvg": "federated", "consensus_admm": "admm", "ADMMResult": "admm", "SplitClient": "split_learning",
-    "SplitServer": "split_learning", "FederatedLogistic": "federated_logistic",
-    "ShardedCheckpoints": "checkpoint", "TrafficMeter": "traffic",
+    "ZeroOptimizer": "gradwise.distributed.strategies.zero_optimizer",
+    "shard_model": "gradwise.distributed.strategies.fsdp",
+    "optimizer_state_bytes": "gradwise.distributed.state_bytes",
+    "parallelize_tiny_gpt": "gradwise.problems.tiny_gpt_tensor_parallel",
+    "data_tensor_mesh": "gradwise.distributed.mesh",
+    "TinyGPTPipeline": "gradwise.problems.tiny_gpt_pipeline",
+    "LocalSGD": "gradwise.distributed.strategies.periodic_averaging",
+    "DiLoCo": "gradwise.distributed.strategies.periodic_averaging",
+    "ParameterServer": "gradwise.distributed.algorithms.parameter_server",
+    "ParameterWorker": "gradwise.distributed.algorithms.parameter_server",
+    "ServerLog": "gradwise.distributed.algorithms.parameter_server",
+    "FedAvg": "gradwise.distributed.algorithms.federated",
+    "consensus_admm": "gradwise.distributed.algorithms.admm",
+    "ADMMResult": "gradwise.distributed.algorithms.admm",
+    "SplitClient": "gradwise.distributed.algorithms.split_learning",
+    "SplitServer": "gradwise.distributed.algorithms.split_learning",
+    "FederatedLogistic": "gradwise.distributed.algorithms.federated_logistic",
+    "ShardedCheckpoints": "gradwise.checkpoints.sharded",
+    "TrafficMeter": "gradwise.distributed.traffic",
 }
-"""Public name -> the module of ``gradwise.distributed`` that defines it (imported on first use)."""
+"""Public name -> the module that defines it (imported on first use). The model-specific
+parallel plans live beside the model in :mod:`gradwise.problems`, the sharded checkpoints in
+:mod:`gradwise.checkpoints`; they are re-exported here because a distributed user looks here."""
 
 __all__ = ["DistContext", "RankSlice", "WorkerFailed", "init_distributed", "run_processes", "shutdown", *LAZY]
 
@@ -43,4 +57,4 @@ __all__ = ["DistContext", "RankSlice", "WorkerFailed", "init_distributed", "run_
 def __getattr__(name: str) -> Any:
     if name not in LAZY:
         raise AttributeError(f"module 'gradwise.distributed' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"gradwise.distributed.{LAZY[name]}"), name)
+    return getattr(importlib.import_module(LAZY[name]), name)

@@ -9,7 +9,21 @@ import torch
 from torch import Tensor
 
 from gradwise.optim.base import GradwiseOptimizer, ParamsT, maybe_negate, scalar_dtype, zeros_like
+from gradwise.optim.description import Description, Preset, StateSize, numel
 from gradwise.validation import check_range
+
+
+def _adafactor_state(shape, options) -> StateSize:
+    """Shazeer & Stern 2018 (arXiv:1804.04235): a tensor of two or more dimensions keeps a row
+    and a column second moment over its last two dimensions (per leading index); a vector
+    keeps a full one. Optional first moment (``beta1``). A step counter."""
+    if len(shape) >= 2:
+        *leading, rows, cols = shape
+        second = math.prod(leading) * (rows + cols)
+    else:
+        second = numel(shape)
+    first = numel(shape) if options.get("beta1") is not None else 0
+    return StateSize(second + first, scalars=1)
 
 
 class Adafactor(GradwiseOptimizer):
@@ -58,6 +72,17 @@ class Adafactor(GradwiseOptimizer):
     """
 
     _per_matrix = True
+
+    description = Description(
+        drive="step",
+        sharding="tensor",  # row and column statistics need the whole tensor
+        state=_adafactor_state,
+        lr_range=(1e-4, 1.0),
+        presets={
+            "adafactor": Preset("Adafactor (relative step, update clipping)", train={}, race={}),
+            "adafactor-momentum": Preset("Adafactor with a first moment (beta1 0.9)", {"beta1": 0.9}),
+        },
+    )
 
     def __init__(
         self,

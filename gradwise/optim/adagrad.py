@@ -20,6 +20,7 @@ from gradwise.optim.base import (
     scalar_values,
     with_l2_penalty,
 )
+from gradwise.optim.description import Description, Preset, moments
 from gradwise.validation import check_range
 
 
@@ -49,6 +50,14 @@ class Adagrad(GradwiseOptimizer):
         loss_fn(model(x), y).backward()
         opt.step(); opt.zero_grad()
     """
+
+    description = Description(
+        drive="step",
+        sharding="element",
+        state=moments(1, scalars=1),  # sum of squares; step
+        lr_range=(10**-2.5, 10**1.5),  # steps shrink like lr / sqrt(t): larger rates than Adam's
+        presets={"adagrad": Preset("Adagrad", train={}, race={}, race_default=True)},
+    )
 
     def __init__(
         self,

@@ -21,6 +21,7 @@ from gradwise.optim.base import (
     scalar_values,
     zeros_like,
 )
+from gradwise.optim.description import Description, Preset, StateSize, numel
 from gradwise.validation import check_betas, check_range
 
 
@@ -31,6 +32,11 @@ def update_moments(
     torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+
+
+def _adam_state(shape, options) -> StateSize:
+    """Two moments (three with ``amsgrad``: the running maximum) and a step counter."""
+    return StateSize((3 if options.get("amsgrad", False) else 2) * numel(shape), scalars=1)
 
 
 class Adam(GradwiseOptimizer):
@@ -63,6 +69,17 @@ class Adam(GradwiseOptimizer):
         loss_fn(model(x), y).backward()
         opt.step(); opt.zero_grad()
     """
+
+    description = Description(
+        drive="step",
+        sharding="element",
+        state=_adam_state,
+        lr_range=(1e-3, 10.0),  # steps are at most about lr per coordinate, whatever the gradient's scale
+        presets={
+            "adam": Preset("Adam", train={}, race={}, race_default=True),
+            "adam-amsgrad": Preset("Adam with AMSGrad", {"amsgrad": True}),
+        },
+    )
 
     def __init__(
         self,
@@ -197,6 +214,18 @@ class AdamW(Adam):
         opt = gradwise.optim.AdamW(groups, lr=3e-4, betas=(0.9, 0.95))
         loss_fn(model(x), y).backward(); opt.step(); opt.zero_grad()
     """
+
+    description = Description(
+        drive="step",
+        sharding="element",
+        state=_adam_state,
+        lr_range=(1e-3, 10.0),
+        presets={
+            # training uses the betas of GPT-style training (nanoGPT) rather than the paper's
+            "adamw": Preset("AdamW (decoupled weight decay 0.01)", train={"betas": (0.9, 0.95)}, race={}, race_default=True),
+            "adamw-amsgrad": Preset("AdamW with AMSGrad", {"amsgrad": True}),
+        },
+    )
 
     def __init__(
         self,

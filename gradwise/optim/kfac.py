@@ -10,9 +10,25 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gradwise.optim.base import GradwiseOptimizer, ParamsT
+from gradwise.optim.description import Description, Preset, StateSize, numel
 from gradwise.validation import check_int, check_range
 
 LAYERS = (nn.Linear, nn.Conv2d)
+
+
+def _kfac_state(shape, options) -> StateSize:
+    """Martens & Grosse 2015 (arXiv:1503.05671): per ``nn.Linear``/``nn.Conv2d`` weight
+    (d_out x d_in, d_in counting the kernel), the factors A ((d_in + 1)^2 with the bias
+    folded in) and G (d_out^2) and their damped inverses; biases, norms and other vectors
+    keep none; a momentum buffer for every tensor when ``momentum > 0``. The rule assumes
+    that every tensor of two or more dimensions is such a layer's weight with a bias (the
+    default of both layers): a bias-free layer has d_in^2 in A, an embedding no factors."""
+    factors = 0
+    if len(shape) >= 2:
+        fan_in = numel(shape[1:]) + 1
+        factors = 2 * (fan_in * fan_in + shape[0] * shape[0])
+    momentum = numel(shape) if options.get("momentum", 0.0) != 0 else 0
+    return StateSize(factors + momentum)
 
 
 class KFAC(GradwiseOptimizer):
@@ -77,6 +93,13 @@ class KFAC(GradwiseOptimizer):
     """
 
     _per_matrix = True
+
+    description = Description(
+        drive="model",
+        sharding="layer",  # a weight and its bias share the layer's factors
+        state=_kfac_state,
+        presets={"kfac": Preset("K-FAC (Kronecker-factored curvature of a model's layers)")},
+    )
 
     def __init__(
         self,
@@ -158,7 +181,7 @@ class KFAC(GradwiseOptimizer):
 
         For data parallelism: each rank's are means over its own rows of the batch, so
         averaging them over the ranks in place before ``step()`` gives the factors of the
-        global batch (:class:`gradwise.distributed.zero.ZeroOptimizer` does). Empty on steps
+        global batch (:class:`gradwise.distributed.strategies.zero_optimizer.ZeroOptimizer` does). Empty on steps
         when the statistics are not due (:attr:`stats_due`), on every rank alike.
         """
         return {layer: (pending["A"], pending["G"]) for layer, pending in self._pending.items() if "A" in pending}

@@ -11,9 +11,10 @@ import torch
 from torch import Tensor
 
 from gradwise.optim.base import GradwiseOptimizer, ParamsT
+from gradwise.optim.description import Description, Preset
 from gradwise.optim.flat_params import single_group_params
 from gradwise.optim.line_search import bracketing_wolfe_search, strong_wolfe_search
-from gradwise.optim.quasi_newton import lbfgs_direction
+from gradwise.optim.quasi_newton import history_state, lbfgs_direction
 from gradwise.validation import check_choice, check_int, check_range
 
 LINE_SEARCHES = (None, "strong_wolfe", "more_thuente")
@@ -77,6 +78,14 @@ class LBFGS(GradwiseOptimizer):
             opt.zero_grad(); loss = loss_fn(model(x), y); loss.backward(); return loss
         opt.step(closure)
     """
+
+    description = Description(
+        drive="closure",
+        sharding=None,
+        state=history_state,
+        flat_state=True,
+        presets={"lbfgs": Preset("L-BFGS with a history of 10", {"history_size": 10})},
+    )
 
     def __init__(
         self,

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from gradwise.optim.adam import Adam
 from gradwise.optim.base import GradwiseOptimizer, ParamsT, is_dtensor, maybe_negate, zeros_like
+from gradwise.optim.description import Description, Preset, StateSize, numel
 from gradwise.validation import check_betas, check_choice, check_int, check_range
 
 # Keller Jordan's quintic coefficients, chosen to maximise the slope at zero.
@@ -92,6 +93,16 @@ def adjusted_lr(lr: float, adjust_lr_fn: str | None, rows: int, cols: int) -> fl
     return lr * math.sqrt(max(1.0, rows / cols))
 
 
+def _muon_state(shape, options) -> StateSize:
+    """Jordan et al. 2024: a momentum buffer for the matrices Muon orthogonalises; the tensors
+    it routes to its internal AdamW (by default those of fewer than two dimensions, or a
+    group's ``use_muon``) keep AdamW's two moments and step."""
+    use_muon = options.get("use_muon")
+    if use_muon is None:
+        use_muon = len(shape) >= 2
+    return StateSize(numel(shape)) if use_muon else StateSize(2 * numel(shape), scalars=1)
+
+
 class Muon(GradwiseOptimizer):
     r"""Muon, MomentUm Orthogonalized by Newton-Schulz (Jordan et al. 2024,
     https://kellerjordan.github.io/posts/muon/; Liu et al. 2025, arXiv:2502.16982), for
@@ -113,7 +124,7 @@ class Muon(GradwiseOptimizer):
     - a 3-D weight is a batch of matrices, each orthogonalised on its own (per head, per
       expert); a 4-D convolution weight is flattened to ``(out, in * kh * kw)``;
     - matrices of one shape go through Newton-Schulz together, as one batched product;
-    - a matrix sharded as a DTensor (FSDP2, :func:`gradwise.distributed.fsdp.shard_model`)
+    - a matrix sharded as a DTensor (FSDP2, :func:`gradwise.distributed.strategies.fsdp.shard_model`)
       is gathered whole for Newton-Schulz (which needs every row), and each rank adds its
       own shard of the result;
     - ``maximize=True`` ascends (the gradient is negated), as torch's other optimizers;
@@ -154,6 +165,21 @@ class Muon(GradwiseOptimizer):
     def _updates_matrices(self, group: dict[str, Any]) -> bool:
         # The AdamW groups are element-wise: complex parameters there go as real views.
         return group["use_muon"] is not False
+
+    description = Description(
+        drive="step",
+        sharding="tensor",  # the orthogonalisation needs the whole matrix
+        state=_muon_state,
+        lr_range=(1e-3, 10.0),
+        presets={
+            # the race's points are vectors: Muon sees each as a 1 x n matrix (use_muon), and
+            # there is nothing to regularise
+            "muon": Preset(
+                "Muon on the point as a 1 x n matrix: normalised Nesterov momentum",
+                race={"use_muon": True, "weight_decay": 0.0},
+            ),
+        },
+    )
 
     def __init__(
         self,

@@ -21,6 +21,7 @@ from gradwise.optim.base import (
     scalar_values,
     zeros_like,
 )
+from gradwise.optim.description import Description, Preset, moments
 from gradwise.validation import check_betas, check_range
 
 
@@ -52,6 +53,14 @@ class NAdam(GradwiseOptimizer):
         loss_fn(model(x), y).backward()
         opt.step(); opt.zero_grad()
     """
+
+    description = Description(
+        drive="step",
+        sharding="element",
+        state=moments(2, scalars=2),  # moments; step and the product of the mu_t
+        lr_range=(1e-3, 10.0),
+        presets={"nadam": Preset("NAdam (Adam with Nesterov momentum)", train={}, race={})},
+    )
 
     def __init__(
         self,

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from gradwise.optim.base import GradwiseOptimizer, ParamsT
+from gradwise.optim.description import Description, Preset, StateSize
 from gradwise.optim.flat_params import FlatParams, single_group_params
 from gradwise.optim.line_search import backtracking_search
 from gradwise.validation import check_int, check_range
@@ -60,6 +61,12 @@ def _armijo(closure: Closure, flat: FlatParams, start: Tensor, direction: Tensor
     return result
 
 
+def _no_tensor_state(shape, options) -> StateSize:
+    """Newton and Newton-CG keep only counters (Python numbers) between steps; the dense
+    Hessian (Newton: numel^2 values) or the CG vectors live within a step."""
+    return StateSize(0)
+
+
 class Newton(GradwiseOptimizer):
     r"""Newton's method with the dense Hessian and a Cholesky solve, for small problems.
 
@@ -81,6 +88,8 @@ class Newton(GradwiseOptimizer):
         for _ in range(20):
             opt.step(lambda: f(x))      # the closure returns the loss; no backward()
     """
+
+    description = Description(drive="closure", sharding=None, state=_no_tensor_state, flat_state=True)
 
     def __init__(self, params: ParamsT, lr: float = 1.0, damping: float = 0.0, line_search: bool = True) -> None:
         super().__init__(params, dict(lr=lr, damping=damping, line_search=line_search))
@@ -161,6 +170,14 @@ class NewtonCG(GradwiseOptimizer):
         opt = gradwise.optim.NewtonCG(model.parameters())
         opt.step(lambda: loss_fn(model(x), y), hessian_closure=lambda: loss_fn(model(x[:64]), y[:64]))
     """
+
+    description = Description(
+        drive="hessian_closure",
+        sharding=None,
+        state=_no_tensor_state,
+        flat_state=True,
+        presets={"newton-cg": Preset("Newton-CG (truncated conjugate gradient)")},
+    )
 
     def __init__(
         self,

@@ -13,10 +13,13 @@ and the search direction is :math:`-r`. The memory is ``2 m`` vectors of the par
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
+
+from gradwise.optim.description import StateSize
 
 
 def lbfgs_direction(
@@ -38,3 +41,11 @@ def lbfgs_direction(
         beta = torch.vdot(y_history[i], r) * rhos[i]
         r.add_(s_history[i], alpha=alphas[i] - beta)
     return r
+
+
+def history_state(shape: tuple[int, ...], options: Mapping[str, Any]) -> StateSize:
+    """State of L-BFGS (Nocedal 1980; Liu & Nocedal 1989) and stochastic quasi-Newton (Byrd et
+    al. 2016, arXiv:1401.7020) over a flat param group of ``shape == (numel,)``:
+    ``history_size`` pairs (s, y) and two more vectors (L-BFGS: the last gradient and
+    direction; SQN: the running sum of iterates and the last average), at a full history."""
+    return StateSize((2 * options.get("history_size", 100) + 2) * shape[0])

@@ -17,7 +17,15 @@ from gradwise.optim.base import (
     with_l2_penalty,
     zeros_like,
 )
+from gradwise.optim.description import Description, Preset, StateSize, numel
 from gradwise.validation import check_range
+
+
+def _rmsprop_state(shape, options) -> StateSize:
+    """The square average, plus the gradient average when ``centered`` and a momentum buffer
+    when ``momentum > 0``; a step counter."""
+    buffers = 1 + bool(options.get("centered", False)) + (options.get("momentum", 0) > 0)
+    return StateSize(buffers * numel(shape), scalars=1)
 
 
 class RMSprop(GradwiseOptimizer):
@@ -47,6 +55,18 @@ class RMSprop(GradwiseOptimizer):
         loss_fn(model(x), y).backward()
         opt.step(); opt.zero_grad()
     """
+
+    description = Description(
+        drive="step",
+        sharding="element",
+        state=_rmsprop_state,
+        lr_range=(1e-4, 1.0),  # no bias correction: first steps are lr / sqrt(1 - alpha) = 10 lr
+        presets={
+            "rmsprop": Preset("RMSprop (alpha 0.99, no bias correction)", train={}, race={}, race_default=True),
+            "rmsprop-centered": Preset("RMSprop, centered", {"centered": True}),
+            "rmsprop-momentum": Preset("RMSprop, centered, momentum 0.9", {"centered": True, "momentum": 0.9}),
+        },
+    )
 
     def __init__(
         self,

@@ -8,8 +8,14 @@ from typing import Any
 import torch
 
 from gradwise.optim.base import GradwiseOptimizer, ParamsT
+from gradwise.optim.description import Description, Preset, StateSize, numel
 from gradwise.optim.svrg import gradients_of
 from gradwise.validation import check_int, check_range
+
+
+def _saga_state(shape, options) -> StateSize:
+    """Defazio et al. 2014 (arXiv:1407.0202): a gradient per slot and their mean."""
+    return StateSize((options.get("num_slots", 1) + 1) * numel(shape))
 
 
 class SAGA(GradwiseOptimizer):
@@ -45,6 +51,13 @@ class SAGA(GradwiseOptimizer):
             j = int(torch.randint(len(batches), ()))
             opt.step(j, lambda: batch_loss(w, batches[j]))
     """
+
+    description = Description(
+        drive="sample_index",
+        sharding=None,
+        state=_saga_state,
+        presets={"saga": Preset("SAGA (a stored gradient per sample)")},
+    )
 
     def __init__(self, params: ParamsT, lr: float = 0.01, num_slots: int = 1) -> None:
         super().__init__(params, dict(lr=lr, num_slots=num_slots))

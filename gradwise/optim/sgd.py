@@ -17,7 +17,13 @@ from gradwise.optim.base import (
     maybe_negate,
     with_l2_penalty,
 )
+from gradwise.optim.description import Description, Preset, StateSize, numel
 from gradwise.validation import check_range
+
+
+def _sgd_state(shape, options) -> StateSize:
+    """A momentum buffer when ``momentum`` is nonzero; nothing otherwise."""
+    return StateSize(numel(shape) if options.get("momentum", 0) != 0 else 0)
 
 
 class SGD(GradwiseOptimizer):
@@ -50,6 +56,22 @@ class SGD(GradwiseOptimizer):
         loss_fn(model(x), y).backward()
         opt.step(); opt.zero_grad()
     """
+
+    description = Description(
+        drive="step",
+        sharding="element",
+        state=_sgd_state,
+        # steps of lr * gradient: the best rate is about 1 / L, from about 1e-3 on Rosenbrock's
+        # valley to 1 on the unit-scale quadratic
+        lr_range=(10**-3.5, 10**0.5),
+        presets={
+            "sgd": Preset("gradient descent", train={}, race={}, race_default=True),
+            "momentum": Preset("SGD with heavy-ball momentum 0.9", {"momentum": 0.9}, train={}, race={}, race_default=True),
+            "nesterov": Preset(
+                "SGD with Nesterov momentum 0.9", {"momentum": 0.9, "nesterov": True}, train={}, race={}, race_default=True
+            ),
+        },
+    )
 
     def __init__(
         self,

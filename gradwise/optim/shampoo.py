@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from gradwise.optim.base import GradwiseOptimizer, ParamsT, maybe_negate, scalar_dtype, zeros_like
+from gradwise.optim.description import Description, Preset, StateSize, numel
 from gradwise.validation import check_choice, check_int, check_range
 
 GRAFTS = (None, "sgd", "adagrad", "adam")
@@ -18,11 +19,16 @@ EIGH_DTYPES = (torch.float64, torch.float32)
 def matrix_view_shape(param: Tensor) -> tuple[int, int]:
     """The 2-D shape a tensor is preconditioned as: ``(shape[0], rest)``; a vector is a
     row ``(1, n)`` and a scalar ``(1, 1)``."""
-    if param.ndim == 0:
+    return matrix_view(tuple(param.shape))
+
+
+def matrix_view(shape: tuple[int, ...]) -> tuple[int, int]:
+    """:func:`matrix_view_shape` of a tensor of ``shape``."""
+    if len(shape) == 0:
         return 1, 1
-    if param.ndim == 1:
-        return 1, param.shape[0]
-    return param.shape[0], param[0].numel()
+    if len(shape) == 1:
+        return 1, shape[0]
+    return shape[0], numel(shape[1:])
 
 
 def block_layout(size: int, block_size: int) -> tuple[int, int]:
@@ -86,6 +92,21 @@ def accumulate_factor(factor: Tensor, blocks: Tensor, beta2: float, left: bool) 
     torch.baddbmm(factor, first, second, beta=beta2, alpha=alpha, out=factor)
 
 
+def _shampoo_state(shape, options) -> StateSize:
+    """Gupta, Koren & Singer 2018 (arXiv:1802.09568), blocked as in Anil et al. 2020
+    (arXiv:2002.09018): the tensor's matrix view is cut into blocks of at most
+    ``block_size``; per block, a left statistic L (bm x bm) and a right one R (bn x bn) with
+    their inverse roots (a side of size 1 has none); an Adagrad or Adam grafting accumulator;
+    a momentum buffer when ``momentum > 0``; a step counter."""
+    rows, cols = matrix_view(shape)
+    block = options.get("block_size", 1024)
+    (row_blocks, bm), (col_blocks, bn) = block_layout(rows, block), block_layout(cols, block)
+    factors = sum(2 * size * size for size in (bm, bn) if size > 1) * row_blocks * col_blocks
+    graft = numel(shape) if options.get("graft", "adagrad") in ("adagrad", "adam") else 0
+    momentum = numel(shape) if options.get("momentum", 0.0) != 0 else 0
+    return StateSize(factors + graft + momentum, scalars=1)
+
+
 class Shampoo(GradwiseOptimizer):
     r"""Shampoo (Gupta, Koren & Singer 2018, "Shampoo: Preconditioned Stochastic Tensor
     Optimization", arXiv:1802.09568), with the blocking, start step and grafting of
@@ -134,6 +155,17 @@ class Shampoo(GradwiseOptimizer):
     """
 
     _per_matrix = True
+
+    description = Description(
+        drive="step",
+        sharding="tensor",  # the factors and their roots need the whole matrix
+        state=_shampoo_state,
+        lr_range=(10**-2.5, 10**1.5),  # Adagrad grafting: Adagrad's range
+        presets={
+            "shampoo": Preset("Shampoo (Adagrad grafting, roots every 10 steps)", train={}, race={}),
+            "shampoo-momentum": Preset("Shampoo with momentum 0.9", {"momentum": 0.9}),
+        },
+    )
 
     def __init__(
         self,

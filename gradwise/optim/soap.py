@@ -9,8 +9,20 @@ import torch
 from torch import Tensor
 
 from gradwise.optim.base import GradwiseOptimizer, ParamsT, maybe_negate, scalar_dtype
-from gradwise.optim.shampoo import EIGH_DTYPES, matrix_view_shape, symmetric_eigh
+from gradwise.optim.description import Description, Preset, StateSize, numel
+from gradwise.optim.shampoo import EIGH_DTYPES, matrix_view, matrix_view_shape, symmetric_eigh
 from gradwise.validation import check_betas, check_choice, check_int, check_range
+
+
+def _soap_state(shape, options) -> StateSize:
+    """Vyas et al. 2024 (arXiv:2409.11321): Adam's two moments in the eigenbasis of Shampoo's
+    factors; per side of the matrix view (of size 2 to ``max_precond_dim``) a statistic and its
+    eigenvectors (vectors and scalars only with ``precondition_1d``); a step counter."""
+    rows, cols = matrix_view(shape)
+    limit = options.get("max_precond_dim", 10000)
+    rotated = len(shape) >= 2 or options.get("precondition_1d", True)
+    factors = sum(2 * size * size for size in (rows, cols) if rotated and 1 < size <= limit)
+    return StateSize(2 * numel(shape) + factors, scalars=1)
 
 
 class SOAP(GradwiseOptimizer):
@@ -56,6 +68,18 @@ class SOAP(GradwiseOptimizer):
     """
 
     _per_matrix = True
+
+    description = Description(
+        drive="step",
+        sharding="tensor",  # the eigenbases need the whole matrix
+        state=_soap_state,
+        lr_range=(1e-3, 10.0),  # Adam in a rotated basis: Adam's range
+        presets={
+            # the race's test functions have nothing to regularise
+            "soap": Preset("SOAP (Adam in Shampoo's eigenbasis)", train={}, race={"weight_decay": 0.0}),
+            "soap-no-1d": Preset("SOAP without rotating vectors", {"precondition_1d": False}),
+        },
+    )
 
     def __init__(
         self,

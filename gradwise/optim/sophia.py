@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from gradwise.optim.base import GradwiseOptimizer, ParamsT, maybe_negate, zeros_like
+from gradwise.optim.description import Description, Preset, moments
 from gradwise.validation import check_betas, check_int, check_range
 
 
@@ -48,6 +49,19 @@ class Sophia(GradwiseOptimizer):
 
     State: :math:`m` and :math:`h` (8 bytes per fp32 parameter, Adam's) and a step counter.
     """
+
+    description = Description(
+        drive="hessian_refresh",
+        sharding="tensor",  # update_hessian is handed whole parameters
+        state=moments(2, scalars=1),  # momentum, Hessian diagonal estimate; step
+        lr_range=(1e-4, 1.0),
+        presets={
+            # rho 1: the test functions' curvature is of order one; nothing to regularise
+            "sophia": Preset(
+                "Sophia-H (Hutchinson diagonal every 10 steps, rho 1)", race={"rho": 1.0, "weight_decay": 0.0}
+            ),
+        },
+    )
 
     def __init__(
         self,

@@ -10,8 +10,9 @@ import torch
 from torch import Tensor
 
 from gradwise.optim.base import GradwiseOptimizer, ParamsT
+from gradwise.optim.description import Description, Preset
 from gradwise.optim.flat_params import single_group_params
-from gradwise.optim.quasi_newton import lbfgs_direction
+from gradwise.optim.quasi_newton import history_state, lbfgs_direction
 from gradwise.validation import check_int, check_range
 
 
@@ -49,6 +50,14 @@ class SQN(GradwiseOptimizer):
         loss_fn(model(xb), yb).backward()
         opt.step(hessian_closure=lambda: loss_fn(model(xh), yh)); opt.zero_grad()
     """
+
+    description = Description(
+        drive="hessian_closure",
+        sharding=None,
+        state=history_state,
+        flat_state=True,
+        presets={"sqn": Preset("stochastic quasi-Newton (Byrd et al. 2016)")},
+    )
 
     def __init__(self, params: ParamsT, lr: float = 0.1, history_size: int = 10, update_interval: int = 10) -> None:
         super().__init__(params, dict(lr=lr, history_size=history_size, update_interval=update_interval))

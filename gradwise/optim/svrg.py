@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from gradwise.optim.base import GradwiseOptimizer, ParamsT
+from gradwise.optim.description import Description, Preset, moments
 from gradwise.validation import check_range
 
 Closure = Callable[[], Any]
@@ -57,6 +58,13 @@ class SVRG(GradwiseOptimizer):
             for xb, yb in loader:
                 opt.step(lambda: batch_loss_closure(xb, yb))
     """
+
+    description = Description(
+        drive="closure",
+        sharding=None,
+        state=moments(2),  # the snapshot and its full gradient (Johnson & Zhang 2013)
+        presets={"svrg": Preset("SVRG (stochastic variance-reduced gradient)")},
+    )
 
     def __init__(self, params: ParamsT, lr: float = 0.01) -> None:
         super().__init__(params, dict(lr=lr))

@@ -1,4 +1,4 @@
-"""Tensor parallelism for :class:`~gradwise.problems.tiny_gpt.TinyGPT`, and its composition with data parallelism.
+"""Tensor parallelism for :class:`~gradwise.problems.tiny_gpt.TinyGPT` (the model-specific plan; the mesh helpers are in :mod:`gradwise.distributed.mesh`).
 
 Megatron-LM's layout (Shoeybi et al. 2019, arXiv:1909.08053, section 3) on
 ``torch.distributed.tensor.parallel``: in every block the first Linear of each pair is split
@@ -25,23 +25,21 @@ unchanged (element-wise optimizers and orthogonalisation commute with it) but th
 :func:`qkv_row_order` gives the permutation.
 
 Data parallelism over a second mesh dimension (a ``(dp, tp)`` mesh from
-:func:`data_tensor_mesh`): each row of the mesh is one tensor-parallel model replica fed its
+:func:`gradwise.distributed.mesh.data_tensor_mesh`): each row of the mesh is one tensor-parallel model replica fed its
 slice of the global batch (:class:`~gradwise.distributed.data.RankSlice` with the dp rank),
-and :func:`average_gradients` averages the gradients' local shards over the dp group before
+and :func:`gradwise.distributed.mesh.average_gradients` averages the gradients' local shards over the dp group before
 the optimizer step, which then equals the step of one process on the global batch.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, distribute_module
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from gradwise.problems.tiny_gpt import TinyGPT
-from gradwise.validation import check_int
 
 
 def qkv_row_order(d_model: int, tp: int) -> torch.Tensor:
@@ -91,36 +89,3 @@ def _replicated_inputs(module: nn.Module, inputs: tuple, mesh: DeviceMesh) -> tu
 
 def _local_output(module: nn.Module, output: DTensor, mesh: DeviceMesh) -> torch.Tensor:
     return output.to_local()
-
-
-def data_tensor_mesh(dp: int, tp: int, device_type: str = "cpu") -> DeviceMesh:
-    """The ``(dp, tp)`` mesh with dimensions named ``"dp"`` and ``"tp"``: ranks ``r tp .. r tp + tp - 1``
-    form tensor-parallel group ``r``. The world size must be ``dp * tp``."""
-    check_int("dp", dp, 1)
-    check_int("tp", tp, 1)
-    world_size = dist.get_world_size()
-    if dp * tp != world_size:
-        raise ValueError(f"dp x tp must equal the world size, got dp={dp}, tp={tp} for world size {world_size}")
-    return init_device_mesh(device_type, (dp, tp), mesh_dim_names=("dp", "tp"))
-
-
-@torch.no_grad()
-def average_gradients(model: nn.Module, dp_mesh: DeviceMesh) -> None:
-    """Average every gradient over the data-parallel ``dp_mesh`` (one-dimensional), in place.
-
-    A ``DTensor`` gradient's local shard is averaged with the shards of the same
-    coordinate in the other replicas; all gradients travel in one flat all-reduce per dtype.
-    """
-    if dp_mesh.ndim != 1:
-        raise ValueError(f"dp_mesh must be one-dimensional, got a mesh of shape {tuple(dp_mesh.shape)}")
-    locals_by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for param in model.parameters():
-        if param.grad is not None:
-            grad = param.grad.to_local() if isinstance(param.grad, DTensor) else param.grad
-            locals_by_dtype.setdefault(grad.dtype, []).append(grad)
-    for grads in locals_by_dtype.values():
-        flat = torch.cat([grad.reshape(-1) for grad in grads])
-        dist.all_reduce(flat, group=dp_mesh.get_group())
-        flat /= dp_mesh.size()
-        for grad, average in zip(grads, flat.split([grad.numel() for grad in grads])):
-            grad.copy_(average.view_as(grad))

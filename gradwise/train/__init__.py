@@ -1,8 +1,8 @@
 """The training layer: the loop and its parts, one file per concept.
 
 ``loop`` (the loop), ``config`` (the settings), ``optimizers`` (by name), ``precision``
-(fp32/bf16/fp16), ``checkpoint`` (atomic, checksummed, exact resume), ``guards``
-(divergence), ``metrics`` (JSONL/CSV, throughput), ``plots`` (the end-of-run figure).
+(fp32/bf16/fp16), ``guards`` (divergence), ``metrics`` (JSONL/CSV, throughput), ``plots``
+(the end-of-run figure). Checkpoints are a layer of their own below it (:mod:`gradwise.checkpoints`).
 Example::
 
     from gradwise.train import TrainConfig, train
@@ -10,7 +10,7 @@ Example::
     print(result.final_metrics, result.target_reached)
 """
 
-from gradwise.train.checkpoint import CheckpointManager, CorruptCheckpoint
+from gradwise.checkpoints.atomic import CheckpointManager, CorruptCheckpoint
 from gradwise.train.config import TrainConfig
 from gradwise.train.guards import DivergenceGuard, DivergenceReport, NonFiniteWeights, TrainingDiverged
 from gradwise.train.loop import Trainer, TrainResult, train

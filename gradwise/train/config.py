@@ -80,7 +80,7 @@ class TrainConfig:
     rollback_lr_factor: float = 0.5
     max_rollbacks: int = 3
     strategy: str | None = None
-    """How N processes share the work (``gradwise.distributed.strategies.STRATEGIES``); None:
+    """How N processes share the work (``gradwise.distributed.strategies.registry.STRATEGIES``); None:
     ``single`` for one process, ``ddp`` for more. Its options (and the world size) are checked
     when the job starts."""
     strategy_options: dict[str, Any] = field(default_factory=dict)
@@ -131,7 +131,7 @@ class TrainConfig:
         check_int("max_rollbacks", self.max_rollbacks, 0)
         check_optimizer_options(self.optimizer, self.optimizer_options)
         if self.strategy is not None:
-            from gradwise.distributed.strategies import STRATEGIES  # torch.distributed, only when asked for
+            from gradwise.distributed.strategies.registry import STRATEGIES  # torch.distributed, only when asked for
 
             strategy = STRATEGIES[check_choice("strategy", self.strategy, STRATEGIES)]
             strategy.check_options(self.strategy_options)

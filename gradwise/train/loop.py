@@ -14,7 +14,7 @@ and which tensors are not finite, the divergence guard's verdict, clipping by va
 every ``eval_every`` steps an evaluation and every ``checkpoint_every`` steps a checkpoint.
 
 On N processes (``torchrun``, or ``gradwise train --nproc N``) a strategy
-(:mod:`gradwise.distributed.strategy`) says what changes: the module the forward runs on, the
+(:mod:`gradwise.distributed.strategies.base`) says what changes: the module the forward runs on, the
 optimizer, each rank's slice of the global batch, the gradient reduction (DDP skips it on all
 but the last micro-batch), the global gradient norm, and how checkpoints are written. The
 loss is the mean over ranks, bitwise identical on every rank (so is the gradient norm), so
@@ -57,13 +57,13 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
+from gradwise.checkpoints.atomic import Skipped, first_nonfinite, rng_state, set_rng_state, write_atomically
 from gradwise.distributed import DistContext, RankSlice, init_distributed, shutdown
-from gradwise.distributed.strategies import make_strategy
-from gradwise.distributed.strategy import Strategy
+from gradwise.distributed.strategies.base import Strategy
+from gradwise.distributed.strategies.registry import make_strategy
 from gradwise.problems.workload import Target, Workload
 from gradwise.problems.workloads import WORKLOADS, make_workload
 from gradwise.schedules import ScheduleLR, make_schedule
-from gradwise.train.checkpoint import Skipped, first_nonfinite, rng_state, set_rng_state, write_atomically
 from gradwise.train.config import TrainConfig, check_allowed_changes, settings_difference
 from gradwise.train.guards import DivergenceGuard, NonFiniteWeights, TrainingDiverged
 from gradwise.train.metrics import MetricsWriter, Throughput, read_records
@@ -191,6 +191,18 @@ def accumulate_gradients(workload: Workload, model: nn.Module, strategy: Strateg
     return total_loss.item(), items
 
 
+@dataclass
+class StepTaken:
+    """What one pass of the loop did: the step's loss and gradient norm (as every rank agrees), the
+    targets it trained on (this rank's) and its event: ``""`` (an update), ``"skip-nonfinite"``,
+    ``"loss-scale-overflow"`` or ``"rollback"`` (nothing stepped; the run goes back to a checkpoint)."""
+
+    loss: float
+    grad_norm: float
+    items: int
+    event: str
+
+
 class Trainer:
     """One run: the pieces built from a config, and ``run()``, the loop."""
 
@@ -243,6 +255,12 @@ class Trainer:
         self.checkpoints = None if self.out is None else strategy.checkpoints(
             self.out / "checkpoints", config.keep_checkpoints, self.trained, self.optimizer)
         self.step = 0
+        self.skipped_checkpoints: list[Skipped] = []
+        """Checkpoints a resume passed over, and why."""
+        self.metrics: MetricsWriter | None = None
+        """The run folder's metrics (rank 0 of a run with a folder; opened by ``run``)."""
+        self.bar: tqdm | None = None
+        self.started = 0.0
 
     # --- checkpoints -------------------------------------------------------------------
 
@@ -273,11 +291,8 @@ class Trainer:
     def load_state(self, step: int, state: dict[str, Any], *, rollback: bool = False) -> None:
         """Restore the rest of a checkpoint whose model and optimizer are loaded; on a rollback keep the
         guard's counters and lower the lr to its scale."""
-        scheduler_state = state["scheduler"]
-        if "steps" in self.allow_changes:  # the schedule is rebuilt over the new length: its lr here replaces the saved
-            multiplier = self.scheduler.schedule(scheduler_state["last_epoch"])
-            scheduler_state = {**scheduler_state, "_last_lr": [base * multiplier for base in scheduler_state["base_lrs"]]}
-        self.scheduler.load_state_dict(scheduler_state)
+        # with "steps" allowed to change, the schedule is rebuilt over the new length: its lr here replaces the saved
+        self.scheduler.load_state_dict(state["scheduler"], rescheduled="steps" in self.allow_changes)
         self.scaler.load_state_dict(state["scaler"])
         self.workload.train_data.load_state_dict(state["data"])
         set_rng_state(state["rng"])
@@ -286,12 +301,7 @@ class Trainer:
         if not rollback:
             self.guard.load_state_dict(state["guard"])
             return
-        ratio = self.guard.lr_scale / state["guard"]["lr_scale"]
-        self.scheduler.base_lrs = [base * ratio for base in self.scheduler.base_lrs]
-        self.scheduler._last_lr = [lr * ratio for lr in self.scheduler._last_lr]
-        for group in self.optimizer.param_groups:
-            group["initial_lr"] *= ratio
-            group["lr"] *= ratio
+        self.scheduler.rescale(self.guard.lr_scale / state["guard"]["lr_scale"])
 
     def save_checkpoint(self) -> str | None:
         """Checkpoint the run unless its weights are unhealthy; returns why it was not written, or ``None``."""
@@ -307,120 +317,152 @@ class Trainer:
     # --- the loop ----------------------------------------------------------------------
 
     def run(self) -> TrainResult:
-        config, workload, model, optimizer = self.config, self.workload, self.model, self.optimizer
-        strategy = self.strategy
-        started = time.perf_counter()
-        resumed_from, skipped_checkpoints = None, []
-        if self.checkpoints is not None and self.resume:
-            newest = self.checkpoints.load_newest(self.accept)
-            skipped_checkpoints = self.checkpoints.skipped
-            if newest is None:
-                raise ValueError(nothing_to_resume(self.out / "checkpoints", skipped_checkpoints))
-            if newest[0] > config.steps:
-                raise ValueError(f"--resume: the newest usable checkpoint is of step {newest[0]}, past "
-                                 f"steps={config.steps}; give --steps {newest[0]} or more")
-            self.load_state(*newest)
-            resumed_from = self.step
-        main = strategy.is_main
-        metrics = None
-        if self.out is not None and main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            write_atomically(self.out / "config.json", json.dumps(config.to_dict(), indent=2).encode())
-            metrics = MetricsWriter(self.out, workload.unit, list(workload.eval_metrics))
-            metrics.start(resumed_from)
+        """Train from the newest checkpoint (``resume``) or from the start to ``config.steps``, then finish."""
+        self.started = time.perf_counter()
+        resumed_from = self.resume_run() if self.resume and self.checkpoints is not None else None
+        self.open_outputs(resumed_from)
         if resumed_from is None:
             self.save_checkpoint()  # step 0: a rollback always has somewhere to go
         throughput = Throughput()
-        bar = tqdm(total=config.steps, initial=self.step, unit="step", disable=not (self.progress and main),
-                   dynamic_ncols=True)
-        distributed = strategy.world_size > 1
-        model.train()
+        self.model.train()
         try:
-            while self.step < config.steps:
-                lr = optimizer.param_groups[0]["lr"]
+            while self.step < self.config.steps:
+                lr = self.optimizer.param_groups[0]["lr"]
                 throughput.start()
-                loss, items = accumulate_gradients(workload, self.forward_model, strategy, self.precision, self.scaler,
-                                                   config.accumulate, self.device)
-                strategy.reduce_gradients()
-                self.scaler.unscale_(optimizer)
-                grad_norm, nonfinite = strategy.grad_norm(self.named_parameters)
-                if distributed:
-                    loss, grad_norm = strategy.agree([loss, grad_norm])
-
-                if self.scaler.is_enabled() and math.isfinite(loss) and not math.isfinite(grad_norm):
-                    event = "loss-scale-overflow"  # fp16: the scaler skips the step and halves the scale
-                    self.scaler.step(optimizer)
-                    self.scaler.update()
-                else:
-                    verdict = self.guard.check(self.step + 1, loss, grad_norm, nonfinite)  # 1-based, as logged
-                    if verdict != "update":
-                        self.scaler.update()  # fp16: closes this step's unscale_ (no-op for bf16/fp32)
-                    if verdict == "rollback":
-                        self.roll_back(lr, metrics, bar)
-                        continue
-                    event = "skip-nonfinite" if verdict == "skip" else ""
-                    if verdict == "update":
-                        if config.clip_value is not None:
-                            torch.nn.utils.clip_grad_value_(self.trained.parameters(), config.clip_value)
-                        if config.clip is not None:
-                            strategy.clip_grad_norm_(list(self.trained.parameters()), config.clip)
-                        strategy.optimizer_step(self.scaler, optimizer)
-                        self.scaler.update()
-                with warnings.catch_warnings():
-                    # A skipped update (non-finite gradient, fp16 overflow) steps the schedule but not the
-                    # optimizer, on purpose: the schedule is a function of the step, not of the updates.
-                    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
-                    self.scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                strategy.after_step()
-                self.step += 1
-                rate = throughput.stop(items * strategy.dp_size)
-
-                record = {"kind": "train", "step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                          f"{workload.unit}_per_s": rate, "elapsed_s": time.perf_counter() - started, "event": event}
-                if distributed:
-                    record["bytes_communicated"] = strategy.bytes_communicated
-                if metrics is not None:
-                    metrics.write(record)
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", gnorm=f"{grad_norm:.3g}",
-                                **{f"{workload.unit[:3]}/s": f"{throughput.rate:,.0f}"}, refresh=False)
-
-                if self.step % config.eval_every == 0 and self.step < config.steps:
-                    evaluation = self.evaluate(full=False)
-                    if metrics is not None:
-                        metrics.write({"kind": "eval", "step": self.step, **evaluation})
-                    if main:
-                        bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in evaluation.items()))
-                if self.step % config.checkpoint_every == 0 or self.step == config.steps:
-                    not_written = self.save_checkpoint()
-                    if metrics is not None and not_written is not None:
-                        metrics.write({"kind": "checkpoint", "step": self.step, "event": "checkpoint-not-written",
-                                       "reason": not_written})
+                step = self.train_step()
+                if step.event == "rollback":
+                    self.roll_back(lr)
+                    continue
+                self.log_step(step, lr, throughput.stop(step.items * self.strategy.dp_size), throughput.rate)
+                if self.step % self.config.eval_every == 0 and self.step < self.config.steps:
+                    self.log_evaluation()
+                if self.step % self.config.checkpoint_every == 0 or self.step == self.config.steps:
+                    self.log_checkpoint()
         except TrainingDiverged as diverged:
-            bar.close()
-            if self.out is not None and main:
-                write_atomically(self.out / "report.json", json.dumps(diverged.report.to_dict(), indent=2).encode())
-                self.plot()
+            self.bar.close()
+            self.write_report(diverged)
             raise
-        bar.close()
+        self.bar.close()
+        return self.finish(resumed_from, throughput.rate)
+
+    def resume_run(self) -> int:
+        """Load the newest usable checkpoint; returns its step. One-line ``ValueError`` when there is none."""
+        newest = self.checkpoints.load_newest(self.accept)
+        self.skipped_checkpoints = self.checkpoints.skipped
+        if newest is None:
+            raise ValueError(nothing_to_resume(self.out / "checkpoints", self.skipped_checkpoints))
+        if newest[0] > self.config.steps:
+            raise ValueError(f"--resume: the newest usable checkpoint is of step {newest[0]}, past "
+                             f"steps={self.config.steps}; give --steps {newest[0]} or more")
+        self.load_state(*newest)
+        return self.step
+
+    def open_outputs(self, resumed_from: int | None) -> None:
+        """The run folder's config.json and metrics (rank 0 of a run with a folder) and the progress bar."""
+        main = self.strategy.is_main
+        if self.out is not None and main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_atomically(self.out / "config.json", json.dumps(self.config.to_dict(), indent=2).encode())
+            self.metrics = MetricsWriter(self.out, self.workload.unit, list(self.workload.eval_metrics))
+            self.metrics.start(resumed_from)
+        self.bar = tqdm(total=self.config.steps, initial=self.step, unit="step",
+                        disable=not (self.progress and main), dynamic_ncols=True)
+
+    def train_step(self) -> StepTaken:
+        """One step: the micro-batches' gradients, reduced and unscaled, then the guarded update and the
+        schedule's step. On a rollback verdict nothing is updated or stepped (``event == "rollback"``)."""
+        loss, items = accumulate_gradients(self.workload, self.forward_model, self.strategy, self.precision,
+                                           self.scaler, self.config.accumulate, self.device)
+        self.strategy.reduce_gradients()
+        self.scaler.unscale_(self.optimizer)
+        grad_norm, nonfinite = self.strategy.grad_norm(self.named_parameters)
+        if self.strategy.world_size > 1:
+            loss, grad_norm = self.strategy.agree([loss, grad_norm])
+        event = self.guarded_update(loss, grad_norm, nonfinite)
+        if event != "rollback":
+            with warnings.catch_warnings():
+                # A skipped update (non-finite gradient, fp16 overflow) steps the schedule but not the
+                # optimizer, on purpose: the schedule is a function of the step, not of the updates.
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+                self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.strategy.after_step()
+            self.step += 1
+        return StepTaken(loss, grad_norm, items, event)
+
+    def guarded_update(self, loss: float, grad_norm: float, nonfinite: Any) -> str:
+        """Update the weights unless the scaler or the guard says otherwise; returns the step's event:
+        ``""`` (updated), ``"loss-scale-overflow"``, ``"skip-nonfinite"`` or ``"rollback"``."""
+        scaler, optimizer = self.scaler, self.optimizer
+        if scaler.is_enabled() and math.isfinite(loss) and not math.isfinite(grad_norm):
+            scaler.step(optimizer)  # fp16 overflow: the scaler skips the step and halves the scale
+            scaler.update()
+            return "loss-scale-overflow"
+        verdict = self.guard.check(self.step + 1, loss, grad_norm, nonfinite)  # 1-based, as logged
+        if verdict != "update":
+            scaler.update()  # fp16: closes this step's unscale_ (no-op for bf16/fp32)
+            return "skip-nonfinite" if verdict == "skip" else "rollback"
+        if self.config.clip_value is not None:
+            torch.nn.utils.clip_grad_value_(self.trained.parameters(), self.config.clip_value)
+        if self.config.clip is not None:
+            self.strategy.clip_grad_norm_(list(self.trained.parameters()), self.config.clip)
+        self.strategy.optimizer_step(scaler, optimizer)
+        scaler.update()
+        return ""
+
+    def log_step(self, step: StepTaken, lr: float, rate: float, mean_rate: float) -> None:
+        """The step's metrics record (rank 0) and the progress bar."""
+        unit = self.workload.unit
+        record = {"kind": "train", "step": self.step, "loss": step.loss, "lr": lr, "grad_norm": step.grad_norm,
+                  f"{unit}_per_s": rate, "elapsed_s": time.perf_counter() - self.started, "event": step.event}
+        if self.strategy.world_size > 1:
+            record["bytes_communicated"] = self.strategy.bytes_communicated
+        if self.metrics is not None:
+            self.metrics.write(record)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{step.loss:.4f}", lr=f"{lr:.2e}", gnorm=f"{step.grad_norm:.3g}",
+                             **{f"{unit[:3]}/s": f"{mean_rate:,.0f}"}, refresh=False)
+
+    def log_evaluation(self) -> None:
+        """The quick evaluation of ``eval_every``: a metrics record and a line under the bar."""
+        evaluation = self.evaluate(full=False)
+        if self.metrics is not None:
+            self.metrics.write({"kind": "eval", "step": self.step, **evaluation})
+        if self.strategy.is_main:
+            self.bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in evaluation.items()))
+
+    def log_checkpoint(self) -> None:
+        """Checkpoint the run; a checkpoint not written (unhealthy weights) is a metrics record saying why."""
+        not_written = self.save_checkpoint()
+        if self.metrics is not None and not_written is not None:
+            self.metrics.write({"kind": "checkpoint", "step": self.step, "event": "checkpoint-not-written",
+                                "reason": not_written})
+
+    def write_report(self, diverged: TrainingDiverged) -> None:
+        """A diverged run's report.json and plot (rank 0 of a run with a folder)."""
+        if self.out is not None and self.strategy.is_main:
+            write_atomically(self.out / "report.json", json.dumps(diverged.report.to_dict(), indent=2).encode())
+            self.plot()
+
+    def finish(self, resumed_from: int | None, items_per_s: float) -> TrainResult:
+        """Refuse non-finite final weights, evaluate in full, and write model.pt, summary.json and the plot."""
         if (found := self.nonfinite_weights()) is not None:
             raise NonFiniteWeights(f"the weights are not finite after step {self.step} (non-finite values in "
                                    f"{found}): the run failed, no model.pt or summary.json was written; its "
                                    "newest checkpoint holds the last finite weights")
-
+        workload, strategy = self.workload, self.strategy
         final = self.evaluate(full=True)
         result = TrainResult(
             workload=workload.name, steps=self.step, final_metrics=final, target=workload.target,
-            target_reached=workload.target.reached(final), items_per_s=throughput.rate, unit=workload.unit,
-            wall_time_s=time.perf_counter() - started, skipped_steps=self.guard.skipped_steps,
+            target_reached=workload.target.reached(final), items_per_s=items_per_s, unit=workload.unit,
+            wall_time_s=time.perf_counter() - self.started, skipped_steps=self.guard.skipped_steps,
             rollbacks=list(self.guard.rollbacks), resumed_from_step=resumed_from,
-            skipped_checkpoints=skipped_checkpoints, description=workload.description,
+            skipped_checkpoints=self.skipped_checkpoints, description=workload.description,
             strategy=strategy.name, processes=strategy.world_size, bytes_communicated=strategy.bytes_communicated,
         )
-        model_state = strategy.full_model_state(model) if self.out is not None else None
-        if self.out is not None and main:
-            metrics.write({"kind": "eval", "step": self.step, "full": True, **final})
+        model_state = strategy.full_model_state(self.model) if self.out is not None else None
+        if self.out is not None and strategy.is_main:
+            self.metrics.write({"kind": "eval", "step": self.step, "full": True, **final})
             buffer = io.BytesIO()
             torch.save(model_state, buffer)
             write_atomically(self.out / "model.pt", buffer.getvalue())
@@ -437,7 +479,7 @@ class Trainer:
             with self.precision.autocast():
                 return self.workload.evaluate(model, False)
 
-    def roll_back(self, lr: float, metrics: MetricsWriter | None, bar: tqdm) -> None:
+    def roll_back(self, lr: float) -> None:
         """Go back to the newest valid checkpoint with a lower lr, or stop with the report."""
         newest = None
         if self.checkpoints is not None and self.guard.can_roll_back():
@@ -453,10 +495,10 @@ class Trainer:
         message = (f"step {from_step}: {self.guard.reason}; rolled back to step {self.step}, "
                    f"lr x{self.guard.lr_scale:g}")
         if self.strategy.is_main:
-            bar.write(message)
-        bar.n = self.step
-        if metrics is not None:
-            metrics.write({"kind": "rollback", "step": from_step, "event": "rollback", "to_step": self.step,
+            self.bar.write(message)
+        self.bar.n = self.step
+        if self.metrics is not None:
+            self.metrics.write({"kind": "rollback", "step": from_step, "event": "rollback", "to_step": self.step,
                            "lr_scale": self.guard.lr_scale, "reason": self.guard.reason})
 
     def close(self) -> None:

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gradwise.train.checkpoint import write_atomically
+from gradwise.checkpoints.atomic import write_atomically
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:

@@ -28,7 +28,7 @@ each point where running on many processes changes something:
 * ``full_model_state(model)``: the whole model's state dict for ``model.pt`` (a collective
   for sharded parameters).
 * ``checkpoints(folder, keep, model, optimizer)``: where checkpoints go
-  (:mod:`gradwise.distributed.run_checkpoints`): rank 0 writes one file when the state is
+  (:mod:`gradwise.checkpoints.run`): rank 0 writes one file when the state is
   replicated (the default), every rank its own file or its DCP shards otherwise.
 
 This base class is the single-process strategy (``single``): every hook is the identity,
@@ -48,6 +48,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.optim import Optimizer
 
+from gradwise.checkpoints.run import ReplicatedCheckpoints
 from gradwise.distributed.context import DistContext
 from gradwise.optim.base import is_dtensor
 from gradwise.problems.data import Batch
@@ -231,7 +232,6 @@ class Strategy:
 
     def checkpoints(self, folder: Path, keep: int, model: nn.Module, optimizer: Optimizer) -> Any:
         """The run's checkpoints: one file written by rank 0, as the state is the same on every rank."""
-        from gradwise.distributed.run_checkpoints import ReplicatedCheckpoints  # imports the training layer
 
         return ReplicatedCheckpoints(folder, keep, model, optimizer, self.rank, self.world_size)
 

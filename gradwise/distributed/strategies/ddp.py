@@ -34,7 +34,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_
 from torch.nn.parallel import DistributedDataParallel
 
 from gradwise.distributed.context import DistContext
-from gradwise.distributed.strategy import Strategy
+from gradwise.distributed.strategies.base import Strategy
 from gradwise.validation import check_choice, check_int
 
 COMPRESSIONS = ("none", "fp16", "bf16", "powersgd")

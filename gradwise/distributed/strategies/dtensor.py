@@ -1,7 +1,7 @@
 """What the strategies whose parameters are DTensors (``fsdp``, ``tp``) share.
 
 A DTensor parameter's gradient is a DTensor too: its norm is reduced over the mesh
-(:func:`~gradwise.distributed.strategy.sharded_grad_norm`), clipping scales every shard by
+(:func:`~gradwise.distributed.strategies.base.sharded_grad_norm`), clipping scales every shard by
 the one global factor, checkpoints are ``torch.distributed.checkpoint`` shards that load
 into another world size, and ``model.pt`` needs the full tensors gathered (a collective).
 """
@@ -15,7 +15,8 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.optim import Optimizer
 
-from gradwise.distributed.strategy import Strategy, clip_by_norm_, sharded_grad_norm
+from gradwise.checkpoints.run import ShardedRunCheckpoints
+from gradwise.distributed.strategies.base import Strategy, clip_by_norm_, sharded_grad_norm
 
 
 class DTensorStrategy(Strategy):
@@ -29,7 +30,6 @@ class DTensorStrategy(Strategy):
         clip_by_norm_(parameters, norm, max_norm)
 
     def checkpoints(self, folder: Path, keep: int, model: nn.Module, optimizer: Optimizer) -> Any:
-        from gradwise.distributed.run_checkpoints import ShardedRunCheckpoints  # imports the training layer
 
         return ShardedRunCheckpoints(folder, keep, model, optimizer)
 

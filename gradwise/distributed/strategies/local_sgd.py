@@ -2,8 +2,8 @@
 
 Each rank trains its own replica of the model with the run's optimizer on its slice of
 the data (no DDP wrapper, no gradient reduction); after every ``sync_every`` steps the
-replicas average their parameter change (:class:`gradwise.distributed.local_sgd.LocalSGD`)
-or feed it to an outer Nesterov step (:class:`gradwise.distributed.local_sgd.DiLoCo`,
+replicas average their parameter change (:class:`gradwise.distributed.strategies.periodic_averaging.LocalSGD`)
+or feed it to an outer Nesterov step (:class:`gradwise.distributed.strategies.periodic_averaging.DiLoCo`,
 ``outer_lr``, ``outer_momentum``). The logged loss and gradient norm are the means over the
 replicas; clipping acts on each replica's own gradient. Checkpoints: one file per rank (the
 replicas differ between synchronisations), resumable with the same world size.
@@ -17,8 +17,9 @@ from typing import Any
 from torch import nn
 from torch.optim import Optimizer
 
-from gradwise.distributed.local_sgd import DiLoCo, LocalSGD
-from gradwise.distributed.strategy import Strategy
+from gradwise.checkpoints.run import PerRankCheckpoints
+from gradwise.distributed.strategies.base import Strategy
+from gradwise.distributed.strategies.periodic_averaging import DiLoCo, LocalSGD
 from gradwise.validation import check_int, check_range
 
 
@@ -46,7 +47,6 @@ class LocalSGDStrategy(Strategy):
         self.bytes_communicated = self.sync.bytes_communicated
 
     def checkpoints(self, folder: Path, keep: int, model: nn.Module, optimizer: Optimizer) -> Any:
-        from gradwise.distributed.run_checkpoints import PerRankCheckpoints  # imports the training layer
 
         return PerRankCheckpoints(folder, keep, model, optimizer, self.rank, self.world_size)
 

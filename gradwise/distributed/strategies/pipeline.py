@@ -1,6 +1,6 @@
 """The ``pp`` strategy of the loop: pipeline parallel ``tiny-gpt``, one stage per process.
 
-:class:`gradwise.distributed.pipeline.TinyGPTPipeline` cuts the blocks into ``world_size``
+:class:`gradwise.problems.tiny_gpt_pipeline.TinyGPTPipeline` cuts the blocks into ``world_size``
 stages and runs each batch through them in ``microbatches`` micro-batches (``schedule``
 ``gpipe`` or ``1f1b``); every rank draws the same global batch and trains its stage's
 parameters (the optimizer is built on them). Gradient accumulation over ``accumulate``
@@ -25,9 +25,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.optim import Optimizer
 
-from gradwise.distributed.pipeline import SCHEDULES, TinyGPTPipeline
-from gradwise.distributed.strategy import Strategy, clip_by_norm_, local_grad_norm
+from gradwise.checkpoints.run import PerRankCheckpoints
+from gradwise.distributed.strategies.base import Strategy, clip_by_norm_, local_grad_norm
 from gradwise.problems.tiny_gpt import TinyGPT
+from gradwise.problems.tiny_gpt_pipeline import SCHEDULES, TinyGPTPipeline
 from gradwise.validation import check_choice, check_int
 
 BLOCK = re.compile(r"^blocks\.(\d+)\.")
@@ -119,6 +120,5 @@ class PipelineStrategy(Strategy):
         return self.whole.state_dict()
 
     def checkpoints(self, folder: Path, keep: int, model: nn.Module, optimizer: Optimizer) -> Any:
-        from gradwise.distributed.run_checkpoints import PerRankCheckpoints  # imports the training layer
 
         return PerRankCheckpoints(folder, keep, model, optimizer, self.rank, self.world_size)

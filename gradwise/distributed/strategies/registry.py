@@ -1,11 +1,11 @@
 """The parallel strategies by name: what ``gradwise train --strategy NAME`` runs.
 
-``STRATEGIES[name]`` is a :class:`gradwise.distributed.strategy.Strategy` subclass: ``single``
-(one process), ``ddp`` (:mod:`~gradwise.distributed.ddp`), ``zero1``, ``zero2``, ``fsdp``
-(:mod:`~gradwise.distributed.zero_strategies`), ``tp``
-(:mod:`~gradwise.distributed.tensor_parallel_strategy`), ``pp``
-(:mod:`~gradwise.distributed.pipeline_strategy`), ``localsgd``, ``diloco``
-(:mod:`~gradwise.distributed.local_sgd_strategies`). With no
+``STRATEGIES[name]`` is a :class:`gradwise.distributed.strategies.base.Strategy` subclass: ``single``
+(one process), ``ddp`` (:mod:`~gradwise.distributed.strategies.ddp`), ``zero1``, ``zero2``, ``fsdp``
+(:mod:`~gradwise.distributed.strategies.zero`), ``tp``
+(:mod:`~gradwise.distributed.strategies.tensor_parallel`), ``pp``
+(:mod:`~gradwise.distributed.strategies.pipeline`), ``localsgd``, ``diloco``
+(:mod:`~gradwise.distributed.strategies.local_sgd`). With no
 strategy named, one process runs ``single`` and N > 1 processes run ``ddp``.
 :func:`check_strategy` validates a name, its options and a world size before any process
 starts (the command line calls it before launching ``torchrun``); :func:`make_strategy`
@@ -17,12 +17,12 @@ from __future__ import annotations
 from typing import Any
 
 from gradwise.distributed.context import DistContext
-from gradwise.distributed.ddp import DDPStrategy
-from gradwise.distributed.local_sgd_strategies import DiLoCoStrategy, LocalSGDStrategy
-from gradwise.distributed.pipeline_strategy import PipelineStrategy
-from gradwise.distributed.strategy import Strategy
-from gradwise.distributed.tensor_parallel_strategy import TensorParallelStrategy
-from gradwise.distributed.zero_strategies import FSDPStrategy, Zero2Strategy, ZeroStrategy
+from gradwise.distributed.strategies.base import Strategy
+from gradwise.distributed.strategies.ddp import DDPStrategy
+from gradwise.distributed.strategies.local_sgd import DiLoCoStrategy, LocalSGDStrategy
+from gradwise.distributed.strategies.pipeline import PipelineStrategy
+from gradwise.distributed.strategies.tensor_parallel import TensorParallelStrategy
+from gradwise.distributed.strategies.zero import FSDPStrategy, Zero2Strategy, ZeroStrategy
 from gradwise.validation import check_choice, check_int
 
 STRATEGIES: dict[str, type[Strategy]] = {

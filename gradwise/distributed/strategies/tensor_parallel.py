@@ -1,16 +1,16 @@
 """The ``tp`` strategy of the loop: tensor parallel ``tiny-gpt``, composed with data parallelism.
 
-The world is a ``(dp, tp)`` mesh (:func:`gradwise.distributed.tensor_parallel.data_tensor_mesh`,
+The world is a ``(dp, tp)`` mesh (:func:`gradwise.distributed.mesh.data_tensor_mesh`,
 ``strategy_options tp=T``, default: every process in one tensor-parallel group): each row of
 ``tp`` ranks holds one replica of the model split in Megatron's layout
-(:func:`gradwise.distributed.tensor_parallel.parallelize_tiny_gpt`) and feeds it the same
+(:func:`gradwise.problems.tiny_gpt_tensor_parallel.parallelize_tiny_gpt`) and feeds it the same
 rows; the ``dp`` replicas split the global batch and average their gradients after the
-backward passes (:func:`gradwise.distributed.tensor_parallel.average_gradients`, counted in
+backward passes (:func:`gradwise.distributed.mesh.average_gradients`, counted in
 ``bytes_communicated``; the activations' all-reduces inside the forward and backward are
 the tensor-parallel part and are not). The world size must be a multiple of ``tp`` and the
 heads must split evenly over it. Checkpoints: ``torch.distributed.checkpoint`` (DTensor
 shards); ``model.pt`` holds the gathered tensors, with each block's ``qkv`` rows in the
-head-wise order of :func:`gradwise.distributed.tensor_parallel.qkv_row_order`.
+head-wise order of :func:`gradwise.problems.tiny_gpt_tensor_parallel.qkv_row_order`.
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ from typing import Any
 
 from torch import nn
 
-from gradwise.distributed.dtensor_strategy import DTensorStrategy
-from gradwise.distributed.tensor_parallel import average_gradients, data_tensor_mesh, parallelize_tiny_gpt
+from gradwise.distributed.mesh import average_gradients, data_tensor_mesh
+from gradwise.distributed.strategies.dtensor import DTensorStrategy
 from gradwise.problems.tiny_gpt import TinyGPT
+from gradwise.problems.tiny_gpt_tensor_parallel import parallelize_tiny_gpt
 from gradwise.validation import check_int
 
 

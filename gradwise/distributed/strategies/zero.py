@@ -1,12 +1,12 @@
 """The sharded data-parallel strategies of the loop: ``zero1``, ``zero2`` and ``fsdp`` (ZeRO stage 3).
 
-* ``zero1``/``zero2``: the model is not wrapped; :class:`gradwise.distributed.zero.ZeroOptimizer`
+* ``zero1``/``zero2``: the model is not wrapped; :class:`gradwise.distributed.strategies.zero_optimizer.ZeroOptimizer`
   reduces the gradients once per step (all-reduce for stage 1, reduce-scatter for stage 2),
   gives the global gradient norm, clips, updates this rank's shard and all-gathers the
   parameters. Non-final micro-batches need no ``no_sync``: nothing is communicated during
   backward. Checkpoints: the optimizer shards gathered into the unsharded optimizer's
   state_dict, one file written by rank 0, loadable with another world size (or by one process).
-* ``fsdp``: :func:`gradwise.distributed.fsdp.shard_model` (FSDP2 ``fully_shard``), with
+* ``fsdp``: :func:`gradwise.distributed.strategies.fsdp.shard_model` (FSDP2 ``fully_shard``), with
   ``reshard=false`` keeping the parameters gathered from forward to backward. The optimizer
   is built on the DTensor shards; non-final micro-batches skip the gradient reduce-scatter
   (``set_requires_gradient_sync(False)``). Checkpoints: ``torch.distributed.checkpoint``,
@@ -31,10 +31,11 @@ import torch.distributed as dist
 from torch import nn
 from torch.optim import Optimizer
 
-from gradwise.distributed.dtensor_strategy import DTensorStrategy
-from gradwise.distributed.fsdp import shard_model
-from gradwise.distributed.strategy import Strategy, local_grad_norm
-from gradwise.distributed.zero import ZeroOptimizer
+from gradwise.checkpoints.run import ConsolidatedCheckpoints
+from gradwise.distributed.strategies.base import Strategy, local_grad_norm
+from gradwise.distributed.strategies.dtensor import DTensorStrategy
+from gradwise.distributed.strategies.fsdp import shard_model
+from gradwise.distributed.strategies.zero_optimizer import ZeroOptimizer
 from gradwise.validation import check_choice
 
 
@@ -73,8 +74,6 @@ class ZeroStrategy(Strategy):
             scaler.step(optimizer)
 
     def checkpoints(self, folder: Path, keep: int, model: nn.Module, optimizer: Optimizer) -> Any:
-        # imported here: run_checkpoints imports the training layer
-        from gradwise.distributed.run_checkpoints import ConsolidatedCheckpoints
 
         return ConsolidatedCheckpoints(folder, keep, model, optimizer, self.rank, self.world_size)
 
