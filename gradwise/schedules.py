@@ -322,11 +322,18 @@ class ScheduleLR(LRScheduler):
         """The scheduler's state: every attribute except the optimizer and the schedule."""
         return {key: value for key, value in self.__dict__.items() if key not in ("optimizer", "schedule")}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Resume from :meth:`state_dict`, checking that this scheduler's schedule matches it."""
+    def load_state_dict(self, state_dict: dict[str, Any], *, rescheduled: bool = False) -> None:
+        """Resume from :meth:`state_dict`, checking that this scheduler's schedule matches it.
+
+        ``rescheduled=True`` is for a run whose schedule changed on purpose (a resumed run of
+        another length): the step and the base lrs are the checkpoint's, the lrs this
+        scheduler's schedule gives at that step, and nothing is compared.
+        """
         step = state_dict["last_epoch"]
         multiplier = self.schedule(step)
         lrs = [base_lr * multiplier for base_lr in state_dict["base_lrs"]]
+        if rescheduled:
+            state_dict = {**state_dict, "_last_lr": lrs}
         for index, (lr, recorded) in enumerate(zip(lrs, state_dict["_last_lr"], strict=True)):
             if not math.isclose(float(lr), float(recorded), rel_tol=1e-9, abs_tol=1e-15):
                 raise ValueError(
@@ -340,3 +347,20 @@ class ScheduleLR(LRScheduler):
                 group["lr"].fill_(float(lr))
             else:
                 group["lr"] = lr
+
+    def rescale(self, factor: float) -> None:
+        """Multiply every learning rate of the run by ``factor`` from now on: the base lrs, the last
+        lrs and each param group's ``initial_lr`` and ``lr`` (a tensor lr in place).
+
+        The schedule's shape and step are kept, so the lr of every later step is ``factor`` times
+        what it would have been; this is how a divergence guard lowers the lr after a rollback.
+        """
+        check_range("factor", factor, 0.0, low_open=True)
+        self.base_lrs = [base * factor for base in self.base_lrs]
+        self._last_lr = [lr * factor for lr in self._last_lr]
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] *= factor
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].mul_(factor)
+            else:
+                group["lr"] *= factor

@@ -462,3 +462,37 @@ def test_resume_with_a_different_schedule_is_refused():
     with pytest.raises(ValueError, match="build the scheduler with the schedule it was saved with"):
         fresh_scheduler.load_state_dict(state)
     assert fresh_scheduler.last_epoch == 0
+
+
+@pytest.mark.parametrize("lr", [0.02, torch.tensor(0.02)], ids=["float", "tensor"])
+def test_schedule_lr_rescale_scales_every_later_lr(lr):
+    schedule = cosine(total_steps=40, warmup_steps=4, floor=0.1)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=lr)
+    scheduler = ScheduleLR(optimizer, schedule)
+    before = lr_sequence(optimizer, scheduler, 10)
+    group_lr = optimizer.param_groups[0]["lr"]
+    scheduler.rescale(0.25)
+    if isinstance(lr, torch.Tensor):
+        assert optimizer.param_groups[0]["lr"] is group_lr  # a tensor lr is scaled in place
+    after = lr_sequence(optimizer, scheduler, 30)
+    assert_allclose(before + after, [[0.02 * schedule(s) * (1 if s < 10 else 0.25)] for s in range(40)], rtol=1e-6)
+    assert scheduler.get_last_lr() == pytest.approx([0.02 * 0.25 * schedule(40)])
+    assert float(optimizer.param_groups[0]["initial_lr"]) == pytest.approx(0.005)
+    for factor in (0.0, -1.0, math.nan):
+        with pytest.raises(ValueError, match="^factor must be"):
+            scheduler.rescale(factor)
+
+
+def test_schedule_lr_rescheduled_load_takes_the_lr_of_the_new_schedule():
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1)
+    scheduler = ScheduleLR(optimizer, cosine(total_steps=20, warmup_steps=2))
+    lr_sequence(optimizer, scheduler, 8)
+    state = scheduler.state_dict()
+    longer = cosine(total_steps=50, warmup_steps=2)
+    resumed_optimizer = torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1)
+    resumed = ScheduleLR(resumed_optimizer, longer)
+    with pytest.raises(ValueError, match="build the scheduler with the schedule"):
+        resumed.load_state_dict(state)
+    resumed.load_state_dict(state, rescheduled=True)
+    assert resumed.last_epoch == 8 and resumed_optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * longer(8))
+    assert resumed.get_last_lr() == pytest.approx([0.1 * longer(8)])
