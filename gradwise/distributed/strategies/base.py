@@ -41,7 +41,7 @@ import contextlib
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 import torch.distributed as dist
@@ -54,8 +54,15 @@ from gradwise.optim.base import is_dtensor
 from gradwise.problems.data import Batch
 from gradwise.validation import check_choice
 
-if TYPE_CHECKING:  # the training layer imports this module
-    from gradwise.train.precision import Precision
+
+class Autocast(Protocol):
+    """What a strategy needs of the run's number format: the context for the forward pass.
+
+    :class:`gradwise.train.precision.Precision` is one; it is named here structurally because
+    the training layer sits above this one and imports it, never the other way round.
+    """
+
+    def autocast(self) -> contextlib.AbstractContextManager: ...
 
 
 def local_grad_norm(named_parameters: list[tuple[str, nn.Parameter]]) -> tuple[float, list[str]]:
@@ -171,7 +178,7 @@ class Strategy:
         return model
 
     def forward_backward(self, loss: Callable[[nn.Module, Batch], torch.Tensor], model: nn.Module, batch: Batch,
-                         precision: Precision, scaler: torch.amp.GradScaler, accumulate: int) -> torch.Tensor:
+                         precision: Autocast, scaler: torch.amp.GradScaler, accumulate: int) -> torch.Tensor:
         """Backward of ``loss / accumulate`` on one micro-batch; returns that loss, detached."""
         with precision.autocast():
             value = loss(model, batch) / accumulate
