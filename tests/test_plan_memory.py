@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import gradwise.optim
+from gradwise.optim.description import Description
 from gradwise.plan import memory
 
 GB = 1e9
@@ -26,7 +27,7 @@ def exported_optimizers() -> list[type]:
 
 def configurations(cls: type) -> list[dict]:
     """The class's defaults and every planner preset built on it."""
-    presets = [dict(p.options) for p in memory.OPTIMIZERS.values() if p.class_name == cls.__name__]
+    presets = [dict(preset.options) for preset in cls.description.presets.values()]
     extra = {"LBFGS": [{"history_size": 3}], "SQN": [{"history_size": 2, "update_interval": 2}],
              "SAGA": [{"num_slots": 3}], "KFAC": [{"momentum": 0.9}]}.get(cls.__name__, [])
     configs = [options for options in presets + extra if options]
@@ -71,7 +72,8 @@ def trained_optimizer(cls: type, options: dict, dtype: torch.dtype = torch.float
     if name == "Muon":  # like torch's, Muon refuses vectors: they go to its AdamW, as the planner's shape rule says
         params = [{"params": [p for p in model.parameters() if p.ndim >= 2]},
                   {"params": [p for p in model.parameters() if p.ndim < 2], "use_muon": False}]
-    optimizer = cls(model, **options) if name == "KFAC" else cls(params, **options)
+    drive = cls.description.drive
+    optimizer = cls(model, **options) if drive == "model" else cls(params, **options)
 
     def loss():
         return nn.functional.cross_entropy(model(x), y)
@@ -100,7 +102,7 @@ def trained_optimizer(cls: type, options: dict, dtype: torch.dtype = torch.float
         elif name == "SVRG":
             optimizer.update_snapshot(closure)
             optimizer.step(closure)
-        elif name == "SAGA":
+        elif drive == "sample_index":
             optimizer.step(step % optimizer.param_groups[0]["num_slots"], closure)
         else:
             optimizer.step(closure)
@@ -116,10 +118,8 @@ def test_gradwise_exports_optimizers_to_check():
 
 @pytest.mark.parametrize("cls", EXPORTED, ids=lambda cls: cls.__name__)
 def test_every_exported_optimizer_has_a_state_rule(cls):
-    assert memory.has_rule(cls.__name__), (
-        f"gradwise.optim exports {cls.__name__} but gradwise.plan.memory has no state rule for it: add one to "
-        "STATE_RULES (per tensor) or FLAT_STATE_RULES (per flat param group)"
-    )
+    assert isinstance(cls.__dict__.get("description"), Description), f"{cls.__name__} has no description"
+    assert memory.group_state_size(cls, [((3, 4), 1)], {}).values >= 0
 
 
 @pytest.mark.parametrize(
@@ -151,9 +151,13 @@ def test_adam_state_bytes_by_hand():
 
 
 def test_an_optimizer_without_a_rule_fails_loudly():
+    class Mystery(gradwise.optim.Adam):  # inherits Adam's description, but not its state rule
+        pass
+
     with pytest.raises(KeyError, match="no memory rule for optimizer class 'Mystery'"):
-        memory.state_size("Mystery", (3, 4), {})
-    assert not memory.has_rule("Mystery")
+        memory.state_size(Mystery, (3, 4), {})
+    with pytest.raises(KeyError, match="Mystery"):
+        memory.predicted_bytes(Mystery([torch.zeros(2, requires_grad=True)]))
 
 
 @pytest.mark.parametrize(
@@ -190,7 +194,7 @@ def test_optimizer_state_per_parameter_by_optimizer():
 
     def per_param(name):
         return (memory.optimizer_state_bytes(shapes, name, 4) - 4 * 4 * memory.state_size(
-            memory.OPTIMIZERS[name].class_name, (1024, 1024), memory.OPTIMIZERS[name].options).scalars) / params
+            memory.OPTIMIZERS[name].optimizer, (1024, 1024), memory.OPTIMIZERS[name].options).scalars) / params
 
     assert per_param("sgd") == 0
     assert per_param("momentum") == per_param("lion") == per_param("muon") == 4
@@ -204,12 +208,12 @@ def test_optimizer_state_per_parameter_by_optimizer():
 
 
 def test_shampoo_blocks_large_dimensions():
-    size = memory.state_size("Shampoo", (2048, 512), {"block_size": 1024})
+    size = memory.state_size(gradwise.optim.Shampoo, (2048, 512), {"block_size": 1024})
     # two 1024 x 512 blocks: per block 1024^2 + 512^2 statistics, doubled for the inverse
     # roots, and the Adagrad graft
     assert size.values == 2 * 2 * (1024**2 + 512**2) + 2048 * 512
     # a vector is a 1 x n row: no left factor; 3000 -> 3 equal blocks of 1000
-    assert memory.state_size("Shampoo", (3000,), {"block_size": 1024, "graft": None}).values == 3 * 2 * 1000**2
+    assert memory.state_size(gradwise.optim.Shampoo, (3000,), {"block_size": 1024, "graft": None}).values == 3 * 2 * 1000**2
 
 
 def test_transformer_shapes_count_gpt2_small_without_position_embeddings():

@@ -1,8 +1,9 @@
 """The optimizers a race can run: name -> how to build one, and where to search its lr.
 
-Each entry builds a ``gradwise.optim`` optimizer from parameters and a learning rate, with
-every other hyperparameter at the optimizer's documented default unless the entry says
-otherwise (momentum 0.9 for the two momentum variants of SGD).
+Every entry is read from an optimizer class's description
+(:mod:`gradwise.optim.description`): the presets it offers to the race, the hyperparameters
+they set (otherwise the optimizer's documented defaults; momentum 0.9 for the two momentum
+variants of SGD) and the class's ``lr_range``.
 
 The learning-rate ranges are where a sweep looks. Every range spans the same four
 decades, so a sweep with the same number of points has the same resolution for every
@@ -19,10 +20,11 @@ problems the best Lion rates are about 100x smaller than Adam's). On the default
 problems every optimizer's best rate lies inside its range; a race notes a chosen rate that lands
 on the edge of its range.
 
-K-FAC (:class:`gradwise.optim.KFAC`) has no entry: its preconditioner is built from the
+K-FAC (:class:`gradwise.optim.KFAC`, driven by a model) offers no race preset: its preconditioner is built from the
 inputs and output gradients of a model's ``nn.Linear``/``nn.Conv2d`` layers, and the race's
 test functions have none (on them it would be plain SGD). Sophia's entry hands it a
-one-probe Hutchinson estimate of the Hessian diagonal every 10 steps (``before_backward``).
+one-probe Hutchinson estimate of the Hessian diagonal every 10 steps (``before_backward``,
+given to every optimizer whose description's drive is ``"hessian_refresh"``).
 """
 
 from __future__ import annotations
@@ -38,8 +40,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT
 
-from gradwise import optim
 from gradwise.curvature.hutchinson import hutchinson_diagonal
+from gradwise.optim.description import Preset, presets
 from gradwise.validation import check_choice, check_int
 
 
@@ -86,42 +88,32 @@ class OptimizerSpec:
 _HUTCHINSON_PROBES = torch.Generator().manual_seed(0)
 
 
-def _hutchinson_for_sophia(optimizer: optim.Sophia, loss: Tensor, params: list[Tensor]) -> None:
-    """Hand Sophia a one-probe Hutchinson estimate of the Hessian diagonal when it is due."""
+def _hutchinson_refresh(optimizer: Optimizer, loss: Tensor, params: list[Tensor]) -> None:
+    """Hand an optimizer driven by ``"hessian_refresh"`` (Sophia) a one-probe Hutchinson
+    estimate of the Hessian diagonal when it is due."""
     if optimizer.hessian_update_due:
         grads = torch.autograd.grad(loss, params, create_graph=True)
         optimizer.update_hessian(hutchinson_diagonal(grads, params, generator=_HUTCHINSON_PROBES), params)
 
 
-OPTIMIZERS: dict[str, OptimizerSpec] = {
-    spec.name: spec
-    for spec in (
-        OptimizerSpec("sgd", optim.SGD, (10**-3.5, 10**0.5), "gradient descent"),
-        OptimizerSpec("momentum", optim.SGD, (10**-3.5, 10**0.5), "SGD with heavy-ball momentum 0.9", {"momentum": 0.9}),
-        OptimizerSpec(
-            "nesterov", optim.SGD, (10**-3.5, 10**0.5), "SGD with Nesterov momentum 0.9", {"momentum": 0.9, "nesterov": True}
-        ),
-        OptimizerSpec("adagrad", optim.Adagrad, (10**-2.5, 10**1.5), "Adagrad"),
-        OptimizerSpec("rmsprop", optim.RMSprop, (1e-4, 1.0), "RMSprop (alpha 0.99, no bias correction)"),
-        OptimizerSpec("adam", optim.Adam, (1e-3, 10.0), "Adam"),
-        OptimizerSpec("adamw", optim.AdamW, (1e-3, 10.0), "AdamW (decoupled weight decay 0.01)"),
-        OptimizerSpec("nadam", optim.NAdam, (1e-3, 10.0), "NAdam (Adam with Nesterov momentum)"),
-        OptimizerSpec("lion", optim.Lion, (10**-4.5, 10**-0.5), "Lion (sign of interpolated momentum)"),
-        OptimizerSpec("adafactor", optim.Adafactor, (1e-4, 1.0), "Adafactor (relative step, update clipping)"),
-        OptimizerSpec(
-            "muon", optim.Muon, (1e-3, 10.0), "Muon on the point as a 1 x n matrix: normalised Nesterov momentum",
-            {"use_muon": True, "weight_decay": 0.0},
-        ),
-        OptimizerSpec("shampoo", optim.Shampoo, (10**-2.5, 10**1.5), "Shampoo (Adagrad grafting, roots every 10 steps)"),
-        OptimizerSpec("soap", optim.SOAP, (1e-3, 10.0), "SOAP (Adam in Shampoo's eigenbasis)", {"weight_decay": 0.0}),
-        OptimizerSpec(
-            "sophia", optim.Sophia, (1e-4, 1.0), "Sophia-H (Hutchinson diagonal every 10 steps, rho 1)",
-            {"rho": 1.0, "weight_decay": 0.0}, before_backward=_hutchinson_for_sophia,
-        ),
-    )
-}
+def _spec(name: str, optimizer_class: type[Optimizer], preset: Preset) -> OptimizerSpec:
+    """The race entry of a preset, read from its class's description."""
+    description = optimizer_class.description
+    if description.drive not in ("step", "hessian_refresh"):  # the race evaluates each loss once per step
+        raise ValueError(f"race preset {name!r}: the race cannot drive {optimizer_class.__name__} ({description.drive})")
+    before_backward = _hutchinson_refresh if description.drive == "hessian_refresh" else None
+    return OptimizerSpec(name, optimizer_class, description.lr_range, preset.summary, preset.race_options(), before_backward)
 
-DEFAULT_OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw", "lion")
+
+OPTIMIZERS: dict[str, OptimizerSpec] = {
+    name: _spec(name, optimizer_class, preset)
+    for name, (optimizer_class, preset) in presets().items()
+    if preset.race is not None
+}
+"""name -> race entry, for every preset whose description offers it to the race."""
+
+DEFAULT_OPTIMIZERS = tuple(name for name, (_, preset) in presets().items() if preset.race_default)
+"""The race's optimizers when none are named: the first-order methods of the usual comparisons."""
 
 
 def get_optimizer(name: str) -> OptimizerSpec:

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from gradwise.optim.base import GradwiseOptimizer, ParamsT
-from gradwise.optim.description import Description, Preset
+from gradwise.optim.description import Description, Preset, StateSize
 from gradwise.optim.flat_params import single_group_params
 from gradwise.optim.line_search import bracketing_wolfe_search, strong_wolfe_search
 from gradwise.optim.quasi_newton import history_state, lbfgs_direction
@@ -21,6 +21,13 @@ LINE_SEARCHES = (None, "strong_wolfe", "more_thuente")
 
 # The curvature condition for keeping a pair (s, y): s'y must exceed this (torch's value).
 CURVATURE_THRESHOLD = 1e-10
+
+
+def _lbfgs_state(shape, options) -> StateSize:
+    """The quasi-Newton history (:func:`~gradwise.optim.quasi_newton.history_state`) in torch's
+    layout: also a 0-d ``rho`` per pair and the initial scaling ``H_diag``."""
+    history = history_state(shape, options)
+    return StateSize(history.values, scalars=options.get("history_size", 100) + 1)
 
 
 class LBFGS(GradwiseOptimizer):
@@ -82,7 +89,7 @@ class LBFGS(GradwiseOptimizer):
     description = Description(
         drive="closure",
         sharding=None,
-        state=history_state,
+        state=_lbfgs_state,
         flat_state=True,
         presets={"lbfgs": Preset("L-BFGS with a history of 10", {"history_size": 10})},
     )

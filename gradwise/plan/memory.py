@@ -23,7 +23,8 @@ no separate master copy: :math:`7\times10^9 \times 12 = 84.0\times10^9` bytes = 
 (78.2 GiB), before activations. Keeping an fp32 master copy as well (``"mixed"``) makes it
 112 GB. Sizes here are bytes; 1 GB = 10^9 bytes.
 
-Optimizer state is counted per tensor by a rule for each optimizer class (:data:`STATE_RULES`):
+Optimizer state is counted per tensor by the rule in each optimizer class's description
+(:attr:`gradwise.optim.description.Description.state`):
 the number of state values, which are stored in the state's number format, and the number
 of scalar state tensors (step counters, running products: 4 bytes each). Element-wise
 optimizers keep a multiple of the parameter count; Adafactor, Shampoo and SOAP keep
@@ -42,13 +43,13 @@ plus one layer's activations while it is recomputed in the backward pass.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from gradwise.optim.description import Description, StateSize, numel, presets
 from gradwise.validation import check_choice, check_int, check_range
 
 SCALAR_STATE_BYTES = 4
@@ -85,251 +86,42 @@ PRECISIONS: dict[str, Precision] = {
 
 
 @dataclass(frozen=True)
-class StateSize:
-    """Optimizer state of one parameter tensor: ``values`` stored in the state's format and
-    ``scalars`` scalar tensors of :data:`SCALAR_STATE_BYTES` each."""
-
-    values: int
-    scalars: int = 0
-
-
-StateRule = Callable[[tuple[int, ...], Mapping[str, Any]], StateSize]
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    return math.prod(shape)
-
-
-def _sgd(shape, options) -> StateSize:
-    return StateSize(_numel(shape) if options.get("momentum", 0) != 0 else 0)
-
-
-def _adagrad(shape, options) -> StateSize:
-    return StateSize(_numel(shape), scalars=1)  # sum of squares, step
-
-
-def _rmsprop(shape, options) -> StateSize:
-    buffers = 1 + bool(options.get("centered", False)) + (options.get("momentum", 0) > 0)
-    return StateSize(buffers * _numel(shape), scalars=1)
-
-
-def _adam(shape, options) -> StateSize:
-    return StateSize((3 if options.get("amsgrad", False) else 2) * _numel(shape), scalars=1)
-
-
-def _nadam(shape, options) -> StateSize:
-    return StateSize(2 * _numel(shape), scalars=2)  # moments; step and the product of the mu_t
-
-
-def _lion(shape, options) -> StateSize:
-    return StateSize(_numel(shape))  # one momentum, no step counter
-
-
-def _adafactor(shape, options) -> StateSize:
-    """Shazeer & Stern 2018 (arXiv:1804.04235): a tensor of two or more dimensions keeps a row
-    and a column second moment over its last two dimensions (per leading index); a vector
-    keeps a full one. Optional first moment (``beta1``)."""
-    if len(shape) >= 2:
-        *leading, rows, cols = shape
-        second = math.prod(leading) * (rows + cols)
-    else:
-        second = _numel(shape)
-    first = _numel(shape) if options.get("beta1") is not None else 0
-    return StateSize(second + first, scalars=1)
-
-
-def _muon(shape, options) -> StateSize:
-    """Jordan et al. 2024: a momentum buffer for the matrices Muon orthogonalises; the tensors
-    it routes to its internal AdamW (by default those of fewer than two dimensions, or a
-    group's ``use_muon``) keep AdamW's two moments and step."""
-    use_muon = options.get("use_muon")
-    if use_muon is None:
-        use_muon = len(shape) >= 2
-    return StateSize(_numel(shape)) if use_muon else StateSize(2 * _numel(shape), scalars=1)
-
-
-def _sophia(shape, options) -> StateSize:
-    return StateSize(2 * _numel(shape), scalars=1)  # momentum, Hessian diagonal estimate; step
-
-
-def _matrix_view(shape: tuple[int, ...]) -> tuple[int, int]:
-    """The matrix a tensor is preconditioned as: ``(shape[0], rest)``; a vector is one row."""
-    if len(shape) == 0:
-        return 1, 1
-    if len(shape) == 1:
-        return 1, shape[0]
-    return shape[0], _numel(shape[1:])
-
-
-def _blocks(size: int, block: int) -> tuple[int, int]:
-    """A dimension cut into the fewest equal blocks of at most ``block`` (the last one padded)."""
-    count = math.ceil(size / block)
-    return count, math.ceil(size / count)
-
-
-def _shampoo(shape, options) -> StateSize:
-    """Gupta, Koren & Singer 2018 (arXiv:1802.09568), blocked as in Anil et al. 2020
-    (arXiv:2002.09018): the tensor's matrix view is cut into blocks of at most
-    ``block_size``; per block, a left statistic L (bm x bm) and a right one R (bn x bn) with
-    their inverse roots (a side of size 1 has none); an Adagrad or Adam grafting accumulator;
-    a momentum buffer when ``momentum > 0``; a step counter."""
-    rows, cols = _matrix_view(shape)
-    block = options.get("block_size", 1024)
-    (row_blocks, bm), (col_blocks, bn) = _blocks(rows, block), _blocks(cols, block)
-    factors = sum(2 * size * size for size in (bm, bn) if size > 1) * row_blocks * col_blocks
-    graft = _numel(shape) if options.get("graft", "adagrad") in ("adagrad", "adam") else 0
-    momentum = _numel(shape) if options.get("momentum", 0.0) != 0 else 0
-    return StateSize(factors + graft + momentum, scalars=1)
-
-
-def _soap(shape, options) -> StateSize:
-    """Vyas et al. 2024 (arXiv:2409.11321): Adam's two moments in the eigenbasis of Shampoo's
-    factors; per side of the matrix view (of size 2 to ``max_precond_dim``) a statistic and its
-    eigenvectors (vectors and scalars only with ``precondition_1d``); a step counter."""
-    rows, cols = _matrix_view(shape)
-    limit = options.get("max_precond_dim", 10000)
-    rotated = len(shape) >= 2 or options.get("precondition_1d", True)
-    factors = sum(2 * size * size for size in (rows, cols) if rotated and 1 < size <= limit)
-    return StateSize(2 * _numel(shape) + factors, scalars=1)
-
-
-def _kfac(shape, options) -> StateSize:
-    """Martens & Grosse 2015 (arXiv:1503.05671): per ``nn.Linear``/``nn.Conv2d`` weight
-    (d_out x d_in, d_in counting the kernel), the factors A ((d_in + 1)^2 with the bias
-    folded in) and G (d_out^2) and their damped inverses; biases, norms and other vectors
-    keep none; a momentum buffer for every tensor when ``momentum > 0``. The rule assumes
-    that every tensor of two or more dimensions is such a layer's weight with a bias (the
-    default of both layers): a bias-free layer has d_in^2 in A, an embedding no factors."""
-    factors = 0
-    if len(shape) >= 2:
-        fan_in = _numel(shape[1:]) + 1
-        factors = 2 * (fan_in * fan_in + shape[0] * shape[0])
-    momentum = _numel(shape) if options.get("momentum", 0.0) != 0 else 0
-    return StateSize(factors + momentum)
-
-
-def _svrg(shape, options) -> StateSize:
-    return StateSize(2 * _numel(shape))  # the snapshot and its full gradient (Johnson & Zhang 2013)
-
-
-def _saga(shape, options) -> StateSize:
-    """Defazio et al. 2014 (arXiv:1407.0202): a gradient per slot and their mean."""
-    return StateSize((options.get("num_slots", 1) + 1) * _numel(shape))
-
-
-STATE_RULES: dict[str, StateRule] = {
-    "SGD": _sgd,
-    "Adagrad": _adagrad,
-    "RMSprop": _rmsprop,
-    "Adam": _adam,
-    "AdamW": _adam,
-    "NAdam": _nadam,
-    "Lion": _lion,
-    "Adafactor": _adafactor,
-    "Muon": _muon,
-    "Shampoo": _shampoo,
-    "SOAP": _soap,
-    "Sophia": _sophia,
-    "KFAC": _kfac,
-    "SVRG": _svrg,
-    "SAGA": _saga,
-}
-"""State rule per optimizer class name: ``rule(shape, options) -> StateSize``, where
-``options`` are the class's hyperparameters (a param group)."""
-
-
-def _quasi_newton(numel: int, options) -> StateSize:
-    """L-BFGS (Nocedal 1980; Liu & Nocedal 1989) and stochastic quasi-Newton (Byrd et al. 2016,
-    arXiv:1401.7020): ``history_size`` pairs (s, y) of flat vectors and two more (L-BFGS: the
-    last gradient and direction; SQN: the running sum of iterates and the last average),
-    counted at a full history."""
-    return StateSize((2 * options.get("history_size", 100) + 2) * numel)
-
-
-def _no_tensor_state(numel: int, options) -> StateSize:
-    """Newton and Newton-CG keep only counters (Python numbers) between steps; the dense
-    Hessian (Newton: numel^2 values) or the CG vectors live within a step."""
-    return StateSize(0)
-
-
-FLAT_STATE_RULES: dict[str, Callable[[int, Mapping[str, Any]], StateSize]] = {
-    "LBFGS": _quasi_newton,
-    "SQN": _quasi_newton,
-    "Newton": _no_tensor_state,
-    "NewtonCG": _no_tensor_state,
-}
-"""State rule per class of optimizers that treat a param group as one flat vector:
-``rule(numel of the group, options) -> StateSize``."""
-
-
-@dataclass(frozen=True)
 class OptimizerPreset:
-    """An optimizer by the name the planner uses: its class and hyperparameters."""
+    """An optimizer by the name the planner uses: its class and the hyperparameters that
+    change its state (a preset of the class's description)."""
 
     name: str
-    class_name: str
-    options: dict[str, Any] = field(default_factory=dict)
+    optimizer: type[torch.optim.Optimizer]
+    options: Mapping[str, Any] = field(default_factory=dict)
 
 
 OPTIMIZERS: dict[str, OptimizerPreset] = {
-    p.name: p
-    for p in (
-        OptimizerPreset("sgd", "SGD"),
-        OptimizerPreset("momentum", "SGD", {"momentum": 0.9}),
-        OptimizerPreset("nesterov", "SGD", {"momentum": 0.9, "nesterov": True}),
-        OptimizerPreset("adagrad", "Adagrad"),
-        OptimizerPreset("rmsprop", "RMSprop"),
-        OptimizerPreset("rmsprop-centered", "RMSprop", {"centered": True}),
-        OptimizerPreset("rmsprop-momentum", "RMSprop", {"centered": True, "momentum": 0.9}),
-        OptimizerPreset("adam", "Adam"),
-        OptimizerPreset("adam-amsgrad", "Adam", {"amsgrad": True}),
-        OptimizerPreset("adamw", "AdamW"),
-        OptimizerPreset("adamw-amsgrad", "AdamW", {"amsgrad": True}),
-        OptimizerPreset("nadam", "NAdam"),
-        OptimizerPreset("lion", "Lion"),
-        OptimizerPreset("adafactor", "Adafactor"),
-        OptimizerPreset("adafactor-momentum", "Adafactor", {"beta1": 0.9}),
-        OptimizerPreset("muon", "Muon"),
-        OptimizerPreset("shampoo", "Shampoo"),
-        OptimizerPreset("shampoo-momentum", "Shampoo", {"momentum": 0.9}),
-        OptimizerPreset("soap", "SOAP"),
-        OptimizerPreset("soap-no-1d", "SOAP", {"precondition_1d": False}),
-        OptimizerPreset("sophia", "Sophia"),
-        OptimizerPreset("kfac", "KFAC"),
-        OptimizerPreset("svrg", "SVRG"),
-        OptimizerPreset("saga", "SAGA"),
-        OptimizerPreset("lbfgs", "LBFGS", {"history_size": 10}),
-        OptimizerPreset("sqn", "SQN"),
-        OptimizerPreset("newton-cg", "NewtonCG"),
-    )
+    name: OptimizerPreset(name, optimizer_class, dict(preset.options))
+    for name, (optimizer_class, preset) in presets().items()
 }
+"""Every preset of every optimizer's description (the planner offers them all)."""
 
 
-def has_rule(class_name: str) -> bool:
-    return class_name in STATE_RULES or class_name in FLAT_STATE_RULES
+def description_of(optimizer_class: type[torch.optim.Optimizer]) -> Description:
+    """The class's own description (a subclass does not inherit its parent's state rule)."""
+    description = optimizer_class.__dict__.get("description")
+    if not isinstance(description, Description):
+        raise KeyError(
+            f"no memory rule for optimizer class {optimizer_class.__name__!r}: give it a "
+            "`description = Description(...)` (gradwise.optim.description) with its state rule"
+        )
+    return description
 
 
-def _missing_rule(class_name: str) -> KeyError:
-    return KeyError(
-        f"no memory rule for optimizer class {class_name!r}: add one to gradwise.plan.memory.STATE_RULES "
-        "(per tensor) or FLAT_STATE_RULES (per flat param group)"
-    )
+def state_size(optimizer_class: type[torch.optim.Optimizer], shape: tuple[int, ...], options: Mapping[str, Any]) -> StateSize:
+    """The optimizer state that ``optimizer_class`` keeps for one tensor of ``shape`` (for a
+    description with ``flat_state``: for a param group of ``shape == (numel,)``)."""
+    return description_of(optimizer_class).state(tuple(shape), options)
 
 
-def state_size(class_name: str, shape: tuple[int, ...], options: Mapping[str, Any]) -> StateSize:
-    """The optimizer state that ``class_name`` keeps for one tensor of ``shape``."""
-    rule = STATE_RULES.get(class_name)
-    if rule is None:
-        raise _missing_rule(class_name)
-    return rule(tuple(shape), options)
-
-
-def group_state_size(class_name: str, shapes: Shapes, options: Mapping[str, Any]) -> StateSize:
-    """The optimizer state that ``class_name`` keeps for a param group of ``shapes``."""
-    if class_name in FLAT_STATE_RULES:
-        return FLAT_STATE_RULES[class_name](parameter_count(shapes), options)
-    sizes = [(state_size(class_name, shape, options), count) for shape, count in shapes]
-    return StateSize(sum(s.values * c for s, c in sizes), sum(s.scalars * c for s, c in sizes))
+def group_state_size(optimizer_class: type[torch.optim.Optimizer], shapes: Shapes, options: Mapping[str, Any]) -> StateSize:
+    """The optimizer state that ``optimizer_class`` keeps for a param group of ``shapes``."""
+    return description_of(optimizer_class).state_of(shapes, options)
 
 
 # ---- parameter shapes -------------------------------------------------------------------
@@ -390,7 +182,7 @@ def merge_shapes(shapes: Iterable[tuple[tuple[int, ...], int]]) -> Shapes:
 
 
 def parameter_count(shapes: Shapes) -> int:
-    return sum(_numel(shape) * count for shape, count in shapes)
+    return sum(numel(shape) * count for shape, count in shapes)
 
 
 # ---- the model ----------------------------------------------------------------------------
@@ -452,7 +244,7 @@ def optimizer_state_bytes(shapes: Shapes, optimizer: str, state_bytes: int) -> i
     """Bytes of optimizer state for parameters of ``shapes`` with the optimizer preset
     ``optimizer`` (a name in :data:`OPTIMIZERS`), state values of ``state_bytes`` each."""
     preset = OPTIMIZERS[check_choice("optimizer", optimizer, OPTIMIZERS)]
-    size = group_state_size(preset.class_name, shapes, preset.options)
+    size = group_state_size(preset.optimizer, shapes, preset.options)
     return size.values * state_bytes + size.scalars * SCALAR_STATE_BYTES
 
 
@@ -520,7 +312,7 @@ def predicted_bytes(optimizer: torch.optim.Optimizer) -> dict[str, int]:
     """The model's bytes for the same: parameters and gradients in the parameters' formats,
     state by the class's rule with each param group's hyperparameters, state values in the
     parameters' format."""
-    class_name = type(optimizer).__name__
+    description = description_of(type(optimizer))
     totals = {"parameters": 0, "gradients": 0, "optimizer_state": 0}
     for group in optimizer.param_groups:
         params = group["params"]
@@ -529,11 +321,11 @@ def predicted_bytes(optimizer: torch.optim.Optimizer) -> dict[str, int]:
             totals["gradients"] += param.numel() * param.element_size()
         if not params:
             continue
-        if class_name in FLAT_STATE_RULES:
-            size = group_state_size(class_name, shapes_of(params), group)
+        if description.flat_state:
+            size = description.state_of(shapes_of(params), group)
             totals["optimizer_state"] += size.values * params[0].element_size() + size.scalars * SCALAR_STATE_BYTES
             continue
         for param in params:
-            size = state_size(class_name, tuple(param.shape), group)
+            size = description.state(tuple(param.shape), group)
             totals["optimizer_state"] += size.values * param.element_size() + size.scalars * SCALAR_STATE_BYTES
     return totals

@@ -16,28 +16,20 @@ from torch import nn
 from torch.optim import Optimizer
 
 from gradwise import optim
+from gradwise.optim.description import presets
 from gradwise.validation import check_choice
 
 OPTIMIZERS: dict[str, tuple[type[Optimizer], dict[str, Any]]] = {
-    "sgd": (optim.SGD, {}),
-    "momentum": (optim.SGD, {"momentum": 0.9}),
-    "nesterov": (optim.SGD, {"momentum": 0.9, "nesterov": True}),
-    "adagrad": (optim.Adagrad, {}),
-    "rmsprop": (optim.RMSprop, {}),
-    "adam": (optim.Adam, {}),
-    "adamw": (optim.AdamW, {"betas": (0.9, 0.95)}),
-    "nadam": (optim.NAdam, {}),
-    "lion": (optim.Lion, {"betas": (0.9, 0.99)}),
-    "adafactor": (optim.Adafactor, {}),
-    "shampoo": (optim.Shampoo, {}),
-    "soap": (optim.SOAP, {}),
+    name: (optimizer_class, preset.train_options())
+    for name, (optimizer_class, preset) in presets().items()
+    if preset.train is not None
 }
-"""name -> (class, hyperparameters that differ from the class defaults for training).
+"""name -> (class, hyperparameters that differ from the class defaults for training), read from
+each optimizer's description (:class:`gradwise.optim.description.Preset`: ``train``).
 
-AdamW and Lion use the betas of GPT-style training (nanoGPT, Chen et al. 2023,
-arXiv:2302.06675) rather than their papers' defaults. Muon (which needs its own param groups,
-see :func:`gradwise.optim.muon_param_groups`), Sophia and K-FAC (which need the loop to feed
-them curvature) and the closure-driven second-order methods are not available here yet.
+Those driven by a plain ``step()`` after the backward pass are offered; Muon (which needs its
+own param groups, see :func:`gradwise.optim.muon_param_groups`), Sophia and K-FAC (which need
+the loop to feed them curvature) and the closure-driven second-order methods are not yet.
 """
 
 

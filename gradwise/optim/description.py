@@ -1,0 +1,198 @@
+"""What an optimizer is, said once, by the optimizer class itself.
+
+Every optimizer class in :mod:`gradwise.optim` carries a ``description`` class attribute
+(a :class:`Description`). The layers above read it instead of keeping their own lists:
+
+- the training loop and the race read :attr:`Description.drive` (how a step is driven) and
+  :attr:`Description.presets` (the names a run can ask for, with their hyperparameters);
+- the race reads :attr:`Description.lr_range` (where a fair sweep looks);
+- the memory planner reads :attr:`Description.state` (bytes of state per tensor);
+- ZeRO reads :attr:`Description.sharding` (how the state can be divided among ranks).
+
+Adding an optimizer is then one file: the class and its description. :func:`described_optimizers`
+walks :data:`gradwise.optim.__all__`, so a new export is seen by every registry at once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Literal
+
+Drive = Literal["step", "closure", "hessian_closure", "model", "hessian_refresh", "sample_index"]
+"""How a step is driven:
+
+- ``"step"``: ``step()`` after ``loss.backward()``, as torch's first-order optimizers;
+- ``"closure"``: ``step(closure)``, the closure re-evaluating the loss and its gradient
+  (L-BFGS's line search, Newton, SVRG's full gradients);
+- ``"hessian_closure"``: ``step(closure, hessian_closure)`` (Newton-CG, SQN: the second
+  closure's loss is differentiated twice, on a subsample);
+- ``"model"``: bound to a model whose layers' hooks feed it statistics (K-FAC), then a plain
+  ``step()``;
+- ``"hessian_refresh"``: a plain ``step()``, and before the backward pass, when
+  ``optimizer.hessian_update_due``, ``optimizer.update_hessian(estimate, params)`` (Sophia);
+- ``"sample_index"``: ``step(slot)``, the index of the sample whose gradient was computed (SAGA).
+"""
+
+DRIVES: tuple[Drive, ...] = ("step", "closure", "hessian_closure", "model", "hessian_refresh", "sample_index")
+
+Sharding = Literal["element", "tensor", "layer"]
+"""How ZeRO divides the state among ranks:
+
+- ``"element"``: the update is element-wise, so the flat parameter buffer is cut into equal
+  slices;
+- ``"tensor"``: the update needs a whole tensor (a matrix root, an orthogonalisation, a row
+  and column statistic), so whole tensors are balanced by size;
+- ``"layer"``: the update needs a whole layer (K-FAC: a weight and its bias share the factors).
+
+``None`` in a description: the optimizer treats the param group as one flat vector or needs
+closures, and is not sharded.
+"""
+
+SHARDINGS: tuple[Sharding, ...] = ("element", "tensor", "layer")
+
+
+@dataclass(frozen=True)
+class StateSize:
+    """Optimizer state of one parameter tensor: ``values`` stored in the state's number format
+    and ``scalars`` scalar tensors (step counters, running products) of 4 bytes each."""
+
+    values: int
+    scalars: int = 0
+
+
+StateRule = Callable[[tuple[int, ...], Mapping[str, Any]], StateSize]
+"""``rule(shape, options) -> StateSize``: the state kept for one tensor of ``shape`` under the
+hyperparameters ``options`` (a param group). For a description with ``flat_state`` the shape
+is ``(numel,)``, the param group seen as one flat vector."""
+
+
+def numel(shape: tuple[int, ...]) -> int:
+    """Elements of a tensor of ``shape``."""
+    return math.prod(shape)
+
+
+def moments(count: int, scalars: int = 0) -> StateRule:
+    """The rule of an element-wise optimizer that keeps ``count`` buffers the size of the
+    parameter and ``scalars`` scalar tensors, whatever its hyperparameters."""
+
+    def rule(shape: tuple[int, ...], options: Mapping[str, Any]) -> StateSize:
+        return StateSize(count * numel(shape), scalars)
+
+    rule.__doc__ = f"{count} buffer(s) the size of the parameter and {scalars} scalar tensor(s)."
+    return rule
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A name a run can ask for: an optimizer class with some hyperparameters.
+
+    Attributes:
+        summary: one line for ``--help`` and reports.
+        options: hyperparameters that differ from the class defaults, for every reader
+            (the memory planner reads only these: they are the ones that change the state).
+        train: ``None`` when ``gradwise train`` does not offer the name; otherwise the
+            hyperparameters training adds to ``options``.
+        race: ``None`` when the race does not offer the name; otherwise the hyperparameters
+            the race adds to ``options``.
+        race_default: the race runs it when no optimizers are named.
+
+    Training and the race differ where their problems differ: training follows the usual
+    settings of language-model training (GPT-style betas), the race runs deterministic test
+    functions of a few variables (no weight decay: there is nothing to regularise).
+    """
+
+    summary: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+    train: Mapping[str, Any] | None = None
+    race: Mapping[str, Any] | None = None
+    race_default: bool = False
+
+    def train_options(self) -> dict[str, Any]:
+        """The hyperparameters of a training run (a ``ValueError`` if training lacks it)."""
+        if self.train is None:
+            raise ValueError(f"{self.summary}: not offered by gradwise train")
+        return {**self.options, **self.train}
+
+    def race_options(self) -> dict[str, Any]:
+        """The hyperparameters of a race entry (a ``ValueError`` if the race lacks it)."""
+        if self.race is None:
+            raise ValueError(f"{self.summary}: not offered by the race")
+        return {**self.options, **self.race}
+
+
+@dataclass(frozen=True)
+class Description:
+    """What an optimizer class is, for every layer that drives, shards, plans or races it.
+
+    Attributes:
+        drive: how a step is driven (see :data:`Drive`).
+        sharding: how ZeRO divides the state (see :data:`Sharding`); ``None``: not sharded.
+        state: the state-memory rule (see :data:`StateRule`).
+        flat_state: the state is kept per param group seen as one flat vector (quasi-Newton,
+            Newton), so ``state`` is called once per group with the shape ``(numel,)``.
+        lr_range: ``(low, high)`` of a fair learning-rate sweep, inclusive; ``None`` for an
+            optimizer the race does not run.
+        presets: registry name -> :class:`Preset`. Names are unique across all classes.
+    """
+
+    drive: Drive
+    sharding: Sharding | None
+    state: StateRule
+    flat_state: bool = False
+    lr_range: tuple[float, float] | None = None
+    presets: Mapping[str, Preset] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.drive not in DRIVES:
+            raise ValueError(f"drive must be one of {', '.join(DRIVES)}, got {self.drive!r}")
+        if self.sharding is not None and self.sharding not in SHARDINGS:
+            raise ValueError(f"sharding must be one of {', '.join(SHARDINGS)} or None, got {self.sharding!r}")
+        if self.lr_range is not None and not 0 < self.lr_range[0] < self.lr_range[1]:
+            raise ValueError(f"lr_range must be (low, high) with 0 < low < high, got {self.lr_range}")
+        if self.lr_range is None and any(p.race is not None for p in self.presets.values()):
+            raise ValueError("a preset the race offers needs the class's lr_range")
+        object.__setattr__(self, "presets", MappingProxyType(dict(self.presets)))
+
+    def state_of(self, shapes: list[tuple[tuple[int, ...], int]], options: Mapping[str, Any]) -> StateSize:
+        """The state kept for a param group of ``shapes`` ((shape, how many tensors)) under
+        ``options``: one call on the flat group for ``flat_state``, else the sum per tensor."""
+        if self.flat_state:
+            return self.state((sum(numel(shape) * count for shape, count in shapes),), options)
+        sizes = [(self.state(tuple(shape), options), count) for shape, count in shapes]
+        return StateSize(sum(s.values * c for s, c in sizes), sum(s.scalars * c for s, c in sizes))
+
+
+def described_optimizers() -> Iterator[type]:
+    """Every optimizer class that :mod:`gradwise.optim` exports, in the order of their files
+    (the base class, which describes no algorithm, excluded)."""
+    import torch
+
+    import gradwise.optim as optim  # here, not at the top: the optimizer files import this module
+
+    classes = []
+    for name in optim.__all__:
+        obj = getattr(optim, name)
+        if isinstance(obj, type) and issubclass(obj, torch.optim.Optimizer) and obj is not optim.GradwiseOptimizer:
+            classes.append(obj)
+    yield from sorted(classes, key=lambda cls: (cls.__module__, cls.__name__))
+
+
+def presets() -> dict[str, tuple[type, Preset]]:
+    """Every preset name -> (its optimizer class, the :class:`Preset`).
+
+    A ``ValueError`` if two classes claim the same name or an exported optimizer has no
+    description (every registry reads this one table, so a gap would be silent elsewhere).
+    """
+    table: dict[str, tuple[type, Preset]] = {}
+    for cls in described_optimizers():
+        description = cls.__dict__.get("description")
+        if not isinstance(description, Description):
+            raise ValueError(f"{cls.__name__} has no description: give the class a `description = Description(...)`")
+        for name, preset in description.presets.items():
+            if name in table:
+                raise ValueError(f"preset {name!r} is claimed by {table[name][0].__name__} and {cls.__name__}")
+            table[name] = (cls, preset)
+    return table
