@@ -1,7 +1,10 @@
 """The ``gradwise`` command: one entry point, one module per subcommand.
 
-Each subcommand module exposes ``register(subparsers)``, which adds its parser and sets
-``handler`` to a function ``args -> int``. The command line stays thin: parse, call the
+Each subcommand module exposes ``register(subparsers, summary)``, which adds its parser and
+sets ``handler`` to a function ``args -> int``. Only the module of the subcommand given is
+imported (:data:`SUBCOMMANDS`): ``gradwise --help`` loads no layer of the library, and
+``gradwise plan ...`` not the training loop, DTensor or matplotlib; each subcommand imports its
+heavy layers in the function that runs it. The command line stays thin: parse, call the
 library, print, plot. Bad input is one line on stderr and exit code 2; a failure of the
 machine (disk full, a lost worker) one line and exit code 1 (:func:`explain`).
 """
@@ -9,18 +12,34 @@ machine (disk full, a lost worker) one line and exit code 1 (:func:`explain`).
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 
 from gradwise import __version__
-from gradwise.cli import distributed, plan, race, schedule, train
 from gradwise.cli.launch import lost_peer
 from gradwise.cli.parsing import OneLineErrorParser, UsageError, out_of_memory
 
-SUBCOMMANDS = (race, schedule, plan, train, distributed)
+SUBCOMMANDS = {
+    "race": "race optimizers on test problems (table, plots, JSON)",
+    "schedule": "plot learning-rate schedules and print their lr and area",
+    "plan": "planning models: memory, step time, batch size, stability, network, failures",
+    "train": "train a workload (tiny-gpt, mlp, logreg, your data) with checkpoints, guards and plots",
+    "distributed": "parameter server, FedAvg, ADMM and split learning on N processes",
+}
+"""Subcommand (its module ``gradwise.cli.NAME``) -> its line in ``gradwise --help``."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def chosen_command(argv: list[str]) -> str | None:
+    """The subcommand ``argv`` names: its first word that is not an option (the top-level options take
+    no value), if it is a subcommand."""
+    first = next((word for word in argv if not word.startswith("-")), None)
+    return first if first in SUBCOMMANDS else None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``gradwise`` parser with ``command``'s full parser; the others (all, for ``None``) are named with
+    their summary only, enough for ``gradwise --help`` and for refusing an unknown name."""
     parser = OneLineErrorParser(
         prog="gradwise",
         description="Optimization methods for large-scale machine learning, on PyTorch.",
@@ -28,8 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"gradwise {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineErrorParser)
     subparsers.required = True
-    for module in SUBCOMMANDS:
-        module.register(subparsers)
+    for name, summary in SUBCOMMANDS.items():
+        if name == command:
+            importlib.import_module(f"gradwise.cli.{name}").register(subparsers, summary)
+        else:
+            subparsers.add_parser(name, help=summary)
     return parser
 
 
@@ -53,9 +75,9 @@ def explain(error: Exception, args: argparse.Namespace) -> tuple[int, str] | Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)  # what a relaunch (train --nproc) repeats
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(chosen_command(argv)).parse_args(argv)
+    args.argv = argv  # what a relaunch (train --nproc) repeats
     try:
         return int(args.handler(args) or 0)
     except KeyboardInterrupt:

@@ -464,9 +464,10 @@ METHODS = {
 }
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
+    """Add the ``distributed`` parser; ``summary`` is its line in ``gradwise --help``."""
     parser = subparsers.add_parser(
-        "distributed", help="parameter server, FedAvg, ADMM and split learning on N processes",
+        "distributed", help=summary,
         description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     methods = parser.add_subparsers(dest="method_name", metavar="METHOD", parser_class=OneLineErrorParser)

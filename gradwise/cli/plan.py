@@ -6,12 +6,15 @@ import argparse
 import json
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gradwise.cli.parsing import OneLineErrorParser, UsageError, output_folder, parse_key_values, parse_list
-from gradwise.plan import batch_size, failures, memory, network, plots, stability, step_time
-from gradwise.plan.communication import AlphaBeta
+from gradwise.plan import memory
 from gradwise.train.config import LARGEST_SEED
 from gradwise.validation import check_choice, check_int, check_range
+
+if TYPE_CHECKING:
+    from gradwise.plan.step_time import FormatPlan
 
 GB = 1e9
 DEFAULT_OUT = "plan-results"
@@ -27,10 +30,11 @@ examples:
   gradwise plan failures jobs.csv"""
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
+    """Add the ``plan`` parser; ``summary`` is its line in ``gradwise --help``."""
     parser = subparsers.add_parser(
         "plan",
-        help="planning models: memory, step time, batch size, stability, network, failures",
+        help=summary,
         description="Analytic models that decide a large run before it starts; each prints a table "
         "(--json: machine-readable output) and, where a curve says more, writes a plot to --out.",
         epilog=EPILOG,
@@ -150,6 +154,8 @@ def _memory(args: argparse.Namespace) -> int:
     path = _plot_path(args, "memory.png")
     if path is not None:
         title = f"{params / 1e9:.3g}B params, {args.optimizer}, {args.precision}, {args.devices} devices"
+        from gradwise.plan import plots  # matplotlib, only for a plot
+
         payload["plot"] = str(plots.plot_memory_by_stage(rows, title, path))
     kinds = ["parameters", "gradients", "master_weights", "optimizer_state", "activations", "total"]
     table = _table(
@@ -217,6 +223,8 @@ def _per_format(text: str, option: str) -> dict[str, float]:
 
 
 def _throughputs(args: argparse.Namespace, names: list[str]) -> tuple[dict[str, float], str]:
+    from gradwise.plan import step_time
+
     speedups = {**DEFAULT_SPEEDUPS, **_per_format(args.speedup, "--speedup")}
     if args.throughput.strip().lower() == "measure":
         import torch
@@ -239,6 +247,9 @@ def _throughputs(args: argparse.Namespace, names: list[str]) -> tuple[dict[str, 
 
 
 def _step(args: argparse.Namespace) -> int:
+    from gradwise.plan import step_time
+    from gradwise.plan.communication import AlphaBeta
+
     check_range("params", args.params, 1.0)
     check_int("devices", args.devices, 1)
     check_range("tokens", args.tokens, 1.0)
@@ -287,6 +298,8 @@ def _step(args: argparse.Namespace) -> int:
     path = _plot_path(args, "step_time.png")
     if path is not None:
         title = f"{args.params / 1e9:.3g}B params, {args.tokens:.3g} tokens/step"
+        from gradwise.plan import plots  # matplotlib, only for a plot
+
         payload["plot"] = str(plots.plot_step_time(counts, curves, shares, title, path))
     header = ["devices", *(f"{n} ms" for n in names), f"{last} compute", f"{last} comm", f"{last} latency"]
     header += [f"{last} vs {names[-2]}"] if len(names) > 1 else []
@@ -307,7 +320,7 @@ def _step(args: argparse.Namespace) -> int:
     return 0
 
 
-def _plan_json(plan: step_time.FormatPlan) -> dict:
+def _plan_json(plan: FormatPlan) -> dict:
     return {
         "precision": plan.precision, "throughput": plan.throughput, "step_s": plan.step.total,
         "compute_s": plan.step.compute, "communication_s": plan.step.communication,
@@ -343,6 +356,8 @@ def _add_batch(models) -> None:
 
 
 def _batch(args: argparse.Namespace) -> int:
+    from gradwise.plan import batch_size
+
     check_choice("workload", args.workload, batch_size.CLASSIFICATION_WORKLOADS)
     check_range("eps", args.eps, 0.0, low_open=True)
     check_range("delta", args.delta, 0.0, 1.0, low_open=True, high_open=True)
@@ -416,6 +431,8 @@ def _add_stability(models) -> None:
 
 
 def _stability(args: argparse.Namespace) -> int:
+    from gradwise.plan import stability
+
     check_int("tau", args.tau, 0, 1000)
     max_tau = args.max_tau if args.max_tau is not None else max(10, args.tau)
     check_int("max-tau", max_tau, args.tau, 1000)
@@ -454,6 +471,8 @@ def _stability(args: argparse.Namespace) -> int:
     path = _plot_path(args, "stability.png")
     if path is not None:
         marked = (args.tau, formula[args.tau])
+        from gradwise.plan import plots  # matplotlib, only for a plot
+
         payload["plot"] = str(plots.plot_stability_region(taus, formula, simulated, marked, path))
         text += f"\n\nwrote {path}"
     _emit(args, payload, text)
@@ -478,6 +497,8 @@ def _add_network(models) -> None:
 
 
 def _network(args: argparse.Namespace) -> int:
+    from gradwise.plan import network
+
     topology = network.read_topology(args.topology)
     if args.sinks is not None:  # parse_list lower-cases; match node names case-insensitively
         lookup = {name.lower(): name for name in topology.nodes}
@@ -531,6 +552,8 @@ def _add_failures(models) -> None:
 
 
 def _failures(args: argparse.Namespace) -> int:
+    from gradwise.plan import failures
+
     check_range("alpha", args.alpha, 0.0, 1.0, low_open=True, high_open=True)
     result = failures.dependence_test(failures.read_jobs(args.jobs), args.alpha)
     payload = {

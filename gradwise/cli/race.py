@@ -53,10 +53,11 @@ examples:
   gradwise race --problems quadratic --dim 50 --kappa 1000 --lr sgd=1,adam=0.1 --json"""
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
+    """Add the ``race`` parser; ``summary`` is its line in ``gradwise --help``."""
     parser = subparsers.add_parser(
         "race",
-        help="race optimizers on test problems (table, plots, JSON)",
+        help=summary,
         description=DESCRIPTION,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -25,10 +25,11 @@ PROGRESS_CHUNK = 10_000
 """Steps evaluated between two updates of the progress bar."""
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
+    """Add the ``schedule`` parser; ``summary`` is its line in ``gradwise --help``."""
     parser = subparsers.add_parser(
         "schedule",
-        help="plot learning-rate schedules and print their lr and area",
+        help=summary,
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

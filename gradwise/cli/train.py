@@ -18,14 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gradwise.cli.launch import run_under_torchrun
 from gradwise.cli.parsing import UsageError, check_output_folder, out_of_memory, output_folder
-from gradwise.distributed.strategies.registry import STRATEGIES, check_strategy
-from gradwise.problems.workloads import WORKLOADS
-from gradwise.schedules import SCHEDULES
-from gradwise.train import OPTIMIZERS, PRECISIONS, NonFiniteWeights, TrainConfig, TrainingDiverged, train
-from gradwise.train.config import CHANGEABLE, check_allowed_changes, settings_difference
-from gradwise.train.loop import check_run_folder, read_saved_config, resolved_config
+from gradwise.train.config import CHANGEABLE, TrainConfig, check_allowed_changes, settings_difference
 from gradwise.validation import check_int
 
 DESCRIPTION = """\
@@ -38,20 +32,6 @@ Example: gradwise train --workload tiny-gpt --optimizer adamw --schedule cosine 
 On N processes: gradwise train --nproc 2 --strategy ddp --workload mlp --out runs/mlp-ddp
 (or torchrun --nproc-per-node 2 -m gradwise train ...); --batch-size is per process.
 """
-
-OPTION_FIELDS = {
-    "workload": "workload", "data": "data", "workload_options": "workload_options", "optimizer": "optimizer",
-    "optimizer_options": "optimizer_options", "lr": "lr", "weight_decay": "weight_decay", "schedule": "schedule",
-    "warmup": "warmup_steps", "lr_floor": "lr_floor", "steps": "steps", "batch_size": "batch_size",
-    "accumulate": "accumulate", "clip": "clip", "clip_value": "clip_value", "precision": "precision",
-    "device": "device", "threads": "threads", "seed": "seed", "eval_every": "eval_every",
-    "checkpoint_every": "checkpoint_every", "keep_checkpoints": "keep_checkpoints", "spike_factor": "spike_factor",
-    "spike_window": "spike_window", "max_consecutive_skips": "max_consecutive_skips",
-    "rollback_lr_factor": "rollback_lr_factor", "max_rollbacks": "max_rollbacks", "strategy": "strategy",
-    "strategy_options": "strategy_options",
-}
-"""Command-line option (argparse dest) -> ``TrainConfig`` field."""
-
 
 def parse_value(text: str) -> Any:
     """``"3"`` -> 3, ``"0.5"`` -> 0.5, ``"true"`` -> True, anything else stays a string."""
@@ -87,58 +67,50 @@ def optional_float(text: str) -> float | None:
         raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def parse_names(text: str) -> list[str]:
+    """``"a, b,c"`` -> ``["a", "b", "c"]`` (empty items dropped, case kept: file names and setting names)."""
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+PARSERS = {"int": int, "float": float, "str": str, "dict[str, Any]": parse_options, "list[str]": parse_names}
+"""A ``TrainConfig`` field's type (``None`` aside) -> the argparse ``type`` of its option."""
+
+
+def add_config_options(parser: argparse.ArgumentParser) -> None:
+    """One option per ``TrainConfig`` field, as its metadata says (:func:`gradwise.train.config.setting`)."""
+    for item in dataclasses.fields(TrainConfig):
+        meta = item.metadata
+        kind = item.type.removesuffix(" | None")
+        help_text = meta["help"].replace("%", "%%")
+        if "choices" in meta:
+            help_text = help_text.format(choices=", ".join(meta["choices"]()))
+        parser.add_argument(f"--{meta.get('flag', item.name).replace('_', '-')}", dest=item.name,
+                            type=optional_float if meta.get("none_is_off") else PARSERS[kind],
+                            metavar=meta.get("metavar"), help=help_text)
+
+
+def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
+    """Add the ``train`` parser; ``summary`` is its line in ``gradwise --help``."""
+    from gradwise.train.config import workload_names
+
     parser = subparsers.add_parser(
         "train",
-        help="train a workload (tiny-gpt, mlp, logreg, your data) with checkpoints, guards and plots",
-        description=DESCRIPTION.format(workloads=", ".join(WORKLOADS)),
+        help=summary,
+        description=DESCRIPTION.format(workloads=", ".join(workload_names())),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS,  # only the options given appear in args, and override the config
     )
     add = parser.add_argument
     add("--config", type=Path, default=None, metavar="FILE", help="TOML file with any of the settings below (by field name)")
-    add("--workload", metavar="NAME", help=f"one of {', '.join(WORKLOADS)} (default: tiny-gpt)")
-    add("--data", type=lambda text: [part.strip() for part in text.split(",") if part.strip()], metavar="FILES",
-        help="your data: a text file for 'text', X.npy,y.npy for 'npy'")
-    add("--workload-options", type=parse_options, metavar="K=V,...",
-        help="workload settings, e.g. d_model=64,n_layer=2 for tiny-gpt")
-    add("--optimizer", metavar="NAME", help=f"one of {', '.join(OPTIMIZERS)} (default: adamw)")
-    add("--optimizer-options", type=parse_options, metavar="K=V,...", help="extra hyperparameters, e.g. momentum=0.8")
-    add("--lr", type=float, help="peak learning rate (default: the workload's)")
-    add("--weight-decay", type=float, help="decoupled weight decay of matrices (default: 0.1)")
-    add("--schedule", metavar="NAME", help=f"one of {', '.join(SCHEDULES)} (default: cosine)")
-    add("--warmup", type=int, metavar="STEPS", help="warmup steps (default: 5%% of --steps)")
-    add("--lr-floor", type=float, metavar="FRACTION", help="final lr as a fraction of the peak (default: 0.1)")
-    add("--steps", type=int, help="optimizer steps (default: the workload's)")
-    add("--batch-size", type=int, help="micro-batch size (default: the workload's)")
-    add("--accumulate", type=int, metavar="K", help="micro-batches per step (default: 1)")
-    add("--clip", type=optional_float, metavar="NORM", help="largest global gradient norm, or none (default: 1.0)")
-    add("--clip-value", type=optional_float, metavar="V", help="largest gradient entry, or none (default: none)")
-    add("--precision", metavar="NAME", help=f"one of {', '.join(PRECISIONS)} (default: the workload's)")
-    add("--device", metavar="NAME", help="cpu, cuda or auto (default: cpu)")
-    add("--threads", type=int, help="CPU threads (default: every core)")
-    add("--seed", type=int, help="seed of the model and the batches (default: 0)")
-    add("--eval-every", type=int, metavar="STEPS", help="steps between evaluations (default: the workload's)")
-    add("--checkpoint-every", type=int, metavar="STEPS", help="steps between checkpoints (default: 100)")
-    add("--keep-checkpoints", type=int, metavar="K", help="checkpoints kept (default: 3)")
-    add("--spike-factor", type=float, help="a loss above this multiple of the recent median rolls back (default: 4)")
-    add("--spike-window", type=int, metavar="STEPS", help="losses in the recent median (default: 50)")
-    add("--max-consecutive-skips", type=int, metavar="K",
-        help="non-finite steps in a row that roll back (default: 5)")
-    add("--rollback-lr-factor", type=float, metavar="F", help="lr multiplier at each rollback (default: 0.5)")
-    add("--max-rollbacks", type=int, metavar="K", help="rollbacks before the run stops (default: 3)")
+    add_config_options(parser)
     add("--nproc", type=int, default=None, metavar="N",
         help="processes on this machine: runs this command under torchrun with N workers (default: 1)")
-    add("--strategy", metavar="NAME",
-        help=f"one of {', '.join(STRATEGIES)} (default: single for 1 process, ddp for more)")
-    add("--strategy-options", type=parse_options, metavar="K=V,...",
-        help="strategy settings, e.g. compression=powersgd,rank=2 for ddp")
     add("--max-restarts", type=int, default=0, metavar="R",
         help="with --nproc: times torchrun restarts the workers after a failure; they resume (default: 0)")
     add("--out", type=output_folder, default=None, metavar="DIR", help="run folder (default: runs/WORKLOAD)")
     add("--resume", action="store_true", default=False,
         help="continue the run in --out from its newest usable checkpoint, with the settings it was written under")
-    add("--allow-change", type=lambda text: [part.strip() for part in text.split(",") if part.strip()], default=[],
+    add("--allow-change", type=parse_names, default=[],
         metavar="NAMES", help=f"with --resume: settings that may differ from the run's, of {', '.join(CHANGEABLE)}")
     add("--no-progress", action="store_true", default=False, help="no progress bar")
     parser.set_defaults(handler=run)
@@ -146,7 +118,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def build_config(args: argparse.Namespace) -> tuple[TrainConfig, Path]:
     """The run's config and folder: defaults, then --config, then the options given (or the saved run's)."""
-    given = {field: getattr(args, dest) for dest, field in OPTION_FIELDS.items() if hasattr(args, dest)}
+    from gradwise.train.loop import read_saved_config
+
+    given = {item.name: getattr(args, item.name) for item in dataclasses.fields(TrainConfig) if hasattr(args, item.name)}
     base = TrainConfig.from_toml(args.config) if args.config is not None else TrainConfig()
     workload = given.get("workload", base.workload)
     out = args.out if args.out is not None else Path("runs") / workload
@@ -164,6 +138,10 @@ def build_config(args: argparse.Namespace) -> tuple[TrainConfig, Path]:
 
 def launch(args: argparse.Namespace, config: TrainConfig, out: Path) -> int:
     """Check everything a worker would check, then run this command under torchrun with ``--nproc`` workers."""
+    from gradwise.cli.launch import run_under_torchrun
+    from gradwise.distributed.strategies.registry import check_strategy
+    from gradwise.train.loop import check_run_folder, resolved_config
+
     check_int("max_restarts", args.max_restarts, 0)
     config = resolved_config(config)
     check_strategy(config.strategy, config.strategy_options, args.nproc)
@@ -181,6 +159,9 @@ def discard_unstarted_run(out: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from gradwise.distributed.strategies.registry import check_strategy
+    from gradwise.train import NonFiniteWeights, TrainingDiverged, train
+
     check_int("max_restarts", args.max_restarts, 0)
     if args.nproc is not None:
         check_int("nproc", args.nproc, 1)

@@ -10,26 +10,35 @@ Example::
     print(result.final_metrics, result.target_reached)
 """
 
-from gradwise.checkpoints.atomic import CheckpointManager, CorruptCheckpoint
-from gradwise.train.config import TrainConfig
-from gradwise.train.guards import DivergenceGuard, DivergenceReport, NonFiniteWeights, TrainingDiverged
-from gradwise.train.loop import Trainer, TrainResult, train
-from gradwise.train.optimizers import OPTIMIZERS, build_optimizer
-from gradwise.train.precision import PRECISIONS, Precision
+from __future__ import annotations
 
-__all__ = [
-    "OPTIMIZERS",
-    "PRECISIONS",
-    "CheckpointManager",
-    "CorruptCheckpoint",
-    "DivergenceGuard",
-    "DivergenceReport",
-    "NonFiniteWeights",
-    "Precision",
-    "TrainConfig",
-    "TrainResult",
-    "Trainer",
-    "TrainingDiverged",
-    "build_optimizer",
-    "train",
-]
+import importlib
+from typing import Any
+
+LAZY = {
+    "CheckpointManager": "gradwise.checkpoints.atomic",
+    "CorruptCheckpoint": "gradwise.checkpoints.atomic",
+    "TrainConfig": "gradwise.train.config",
+    "DivergenceGuard": "gradwise.train.guards",
+    "DivergenceReport": "gradwise.train.guards",
+    "NonFiniteWeights": "gradwise.train.guards",
+    "TrainingDiverged": "gradwise.train.guards",
+    "Trainer": "gradwise.train.loop",
+    "TrainResult": "gradwise.train.loop",
+    "train": "gradwise.train.loop",
+    "OPTIMIZERS": "gradwise.train.optimizers",
+    "build_optimizer": "gradwise.train.optimizers",
+    "PRECISIONS": "gradwise.train.precision",
+    "Precision": "gradwise.train.precision",
+}
+"""Public name -> the module that defines it, imported on first use: importing one light part
+(``gradwise.train.config`` for the command line's parsers) must not load the loop and, through
+it, every distributed strategy, DTensor and matplotlib."""
+
+__all__ = sorted(LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in LAZY:
+        raise AttributeError(f"module 'gradwise.train' has no attribute {name!r}")
+    return getattr(importlib.import_module(LAZY[name]), name)

@@ -20,7 +20,7 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,57 +39,95 @@ LARGEST_CLIP_VALUE = float(torch.finfo(torch.float32).max)
 """Gradients are float32 (or narrower): clamping them to a larger bound overflows in torch."""
 
 
+def setting(default: Any = dataclasses.MISSING, *, help: str, metavar: str | None = None, flag: str | None = None,
+            choices: Callable[[], Iterable[str]] | None = None, none_is_off: bool = False,
+            default_factory: Any = dataclasses.MISSING) -> Any:
+    """A :class:`TrainConfig` field that also says how ``gradwise train`` offers it.
+
+    The command line builds one option per field from this: ``--NAME`` (``flag`` replaces the
+    name), parsed by the field's type, with ``help``, ``metavar``, the names ``choices()``
+    returns filled into ``{choices}`` in the help (a function, so that the registries load only
+    when the help is built), and ``none_is_off``: ``none`` is accepted and means "off".
+    """
+    metadata = {"help": help, "metavar": metavar, "flag": flag, "choices": choices, "none_is_off": none_is_off}
+    return field(default=default, default_factory=default_factory,
+                 metadata={key: value for key, value in metadata.items() if value not in (None, False)})
+
+
+def workload_names() -> dict[str, Any]:
+    from gradwise.problems.workloads import WORKLOADS  # the registry imports the workloads' heavy modules
+
+    return WORKLOADS
+
+
+def strategy_names() -> dict[str, Any]:
+    from gradwise.distributed.strategies.registry import STRATEGIES  # torch.distributed, only when asked for
+
+    return STRATEGIES
+
+
 @dataclass
 class TrainConfig:
-    """Everything that defines a run; ``validate`` checks every field."""
+    """Everything that defines a run; ``validate`` checks every field. Each field's metadata is its
+    ``gradwise train`` option (:func:`setting`)."""
 
-    workload: str = "tiny-gpt"
-    workload_options: dict[str, Any] = field(default_factory=dict)
-    data: list[str] = field(default_factory=list)
+    workload: str = setting("tiny-gpt", metavar="NAME", choices=workload_names,
+                            help="one of {choices} (default: tiny-gpt)")
+    workload_options: dict[str, Any] = setting(default_factory=dict, metavar="K=V,...",
+                                               help="workload settings, e.g. d_model=64,n_layer=2 for tiny-gpt")
+    data: list[str] = setting(default_factory=list, metavar="FILES",
+                              help="your data: a text file for 'text', X.npy,y.npy for 'npy'")
     """User data files: one text file for ``text``, an inputs and a labels ``.npy`` for ``npy``."""
-    optimizer: str = "adamw"
-    optimizer_options: dict[str, Any] = field(default_factory=dict)
-    lr: float | None = None
-    weight_decay: float = 0.1
-    schedule: str = "cosine"
-    warmup_steps: int | None = None
+    optimizer: str = setting("adamw", metavar="NAME", choices=lambda: OPTIMIZERS,
+                             help="one of {choices} (default: adamw)")
+    optimizer_options: dict[str, Any] = setting(default_factory=dict, metavar="K=V,...",
+                                                help="extra hyperparameters, e.g. momentum=0.8")
+    lr: float | None = setting(None, help="peak learning rate (default: the workload's)")
+    weight_decay: float = setting(0.1, help="decoupled weight decay of matrices (default: 0.1)")
+    schedule: str = setting("cosine", metavar="NAME", choices=lambda: SCHEDULES,
+                            help="one of {choices} (default: cosine)")
+    warmup_steps: int | None = setting(None, flag="warmup", metavar="STEPS",
+                                       help="warmup steps (default: 5% of --steps)")
     """Default: 5% of the steps."""
-    lr_floor: float = 0.1
+    lr_floor: float = setting(0.1, metavar="FRACTION", help="final lr as a fraction of the peak (default: 0.1)")
     """Final lr of a decaying schedule, as a fraction of the peak."""
-    steps: int | None = None
-    batch_size: int | None = None
+    steps: int | None = setting(None, help="optimizer steps (default: the workload's)")
+    batch_size: int | None = setting(None, help="micro-batch size (default: the workload's)")
     """Micro-batch size of each data-parallel rank; the update uses ``batch_size * accumulate`` examples
     per rank, ``N`` times that in all over ``N`` data-parallel ranks."""
-    accumulate: int = 1
-    clip: float | None = 1.0
+    accumulate: int = setting(1, metavar="K", help="micro-batches per step (default: 1)")
+    clip: float | None = setting(1.0, metavar="NORM", none_is_off=True,
+                                 help="largest global gradient norm, or none (default: 1.0)")
     """Largest global gradient norm (None: no clipping by norm)."""
-    clip_value: float | None = None
+    clip_value: float | None = setting(None, metavar="V", none_is_off=True,
+                                       help="largest gradient entry, or none (default: none)")
     """Largest absolute gradient entry (None: no clipping by value)."""
-    precision: str | None = None
-    device: str = "cpu"
-    threads: int | None = None
+    precision: str | None = setting(None, metavar="NAME", choices=lambda: PRECISIONS,
+                                    help="one of {choices} (default: the workload's)")
+    device: str = setting("cpu", metavar="NAME", help="cpu, cuda or auto (default: cpu)")
+    threads: int | None = setting(None, help="CPU threads (default: every core)")
     """CPU threads for torch (default: every core)."""
-    seed: int = 0
-    eval_every: int | None = None
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 3
-    spike_factor: float = 4.0
+    seed: int = setting(0, help="seed of the model and the batches (default: 0)")
+    eval_every: int | None = setting(None, metavar="STEPS", help="steps between evaluations (default: the workload's)")
+    checkpoint_every: int = setting(100, metavar="STEPS", help="steps between checkpoints (default: 100)")
+    keep_checkpoints: int = setting(3, metavar="K", help="checkpoints kept (default: 3)")
+    spike_factor: float = setting(4.0, help="a loss above this multiple of the recent median rolls back (default: 4)")
     """A loss above this multiple of the recent median is a spike."""
-    spike_window: int = 50
-    max_consecutive_skips: int = 5
-    rollback_lr_factor: float = 0.5
-    max_rollbacks: int = 3
-    strategy: str | None = None
+    spike_window: int = setting(50, metavar="STEPS", help="losses in the recent median (default: 50)")
+    max_consecutive_skips: int = setting(5, metavar="K", help="non-finite steps in a row that roll back (default: 5)")
+    rollback_lr_factor: float = setting(0.5, metavar="F", help="lr multiplier at each rollback (default: 0.5)")
+    max_rollbacks: int = setting(3, metavar="K", help="rollbacks before the run stops (default: 3)")
+    strategy: str | None = setting(None, metavar="NAME", choices=strategy_names,
+                                   help="one of {choices} (default: single for 1 process, ddp for more)")
     """How N processes share the work (``gradwise.distributed.strategies.registry.STRATEGIES``); None:
     ``single`` for one process, ``ddp`` for more. Its options (and the world size) are checked
     when the job starts."""
-    strategy_options: dict[str, Any] = field(default_factory=dict)
+    strategy_options: dict[str, Any] = setting(default_factory=dict, metavar="K=V,...",
+                                               help="strategy settings, e.g. compression=powersgd,rank=2 for ddp")
 
     def validate(self) -> TrainConfig:
         """Check every setting; a ``ValueError`` names the first bad one. Returns ``self``."""
-        from gradwise.problems.workloads import WORKLOADS  # the registry imports the workloads' heavy modules
-
-        check_choice("workload", self.workload, WORKLOADS)
+        check_choice("workload", self.workload, workload_names())
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("schedule", self.schedule, SCHEDULES)
         for name in ("workload_options", "optimizer_options", "strategy_options"):
@@ -131,9 +169,8 @@ class TrainConfig:
         check_int("max_rollbacks", self.max_rollbacks, 0)
         check_optimizer_options(self.optimizer, self.optimizer_options)
         if self.strategy is not None:
-            from gradwise.distributed.strategies.registry import STRATEGIES  # torch.distributed, only when asked for
-
-            strategy = STRATEGIES[check_choice("strategy", self.strategy, STRATEGIES)]
+            strategies = strategy_names()
+            strategy = strategies[check_choice("strategy", self.strategy, strategies)]
             strategy.check_options(self.strategy_options)
             if strategy.workloads is not None and self.workload not in strategy.workloads:
                 raise ValueError(f"strategy {self.strategy!r} splits the model of workload "
