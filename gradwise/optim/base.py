@@ -23,7 +23,7 @@ shares, so that each optimizer file holds only its math:
   ``torch.optim`` loads here and vice versa: a float32 scalar on the CPU for the foreach
   path (reading it is not a device synchronisation), on the parameter's device for the
   fused kernels and capturable steps, which read it there. A ``step`` saved as a Python
-  number (older torch checkpoints) is converted on load.
+  number (older torch checkpoints) becomes a tensor when the next step reads it.
 """
 
 from __future__ import annotations
@@ -173,9 +173,6 @@ class GradwiseOptimizer(Optimizer):
         for saved_id, param in zip(saved_ids, params):
             for key, value in scalars.get(saved_id, {}).items():
                 self.state[param][key] = value.detach().clone()
-            state = self.state.get(param, {})
-            if isinstance(state.get("step"), (int, float)):  # saved by an older torch
-                state["step"] = torch.tensor(float(state["step"]), dtype=scalar_dtype())
         # A state_dict from another optimizer (say torch.optim's) may lack some options.
         for group in self.param_groups:
             for key, value in self.defaults.items():
@@ -231,6 +228,8 @@ class GradwiseOptimizer(Optimizer):
             self._sparse_update(group, sparse_params, sparse_grads)
         if not params:
             return
+        if group.get("differentiable"):
+            self._fresh_state(params)
         params, grads = self._real_views(params, grads)
         try:
             if group.get("foreach") is False or group.get("differentiable"):
@@ -240,6 +239,17 @@ class GradwiseOptimizer(Optimizer):
                 self._update(group, params, grads)
         finally:
             self._complex_owners.clear()
+
+    def _fresh_state(self, params: list[Tensor]) -> None:
+        """Under ``differentiable=True``, give each state tensor a new copy before the step
+        edits it in place: the previous step's recorded graph saved the old tensors (Adam's
+        ``m`` in ``addcdiv``, say), which must keep the values it saw. torch clones the same
+        tensors op by op; one copy per step here serves every optimizer."""
+        for param in params:
+            state = self.state[param]
+            for key, value in state.items():
+                if isinstance(value, Tensor):
+                    state[key] = value.clone()
 
     def _real_views(self, params: list[Tensor], grads: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         """Complex parameters and their gradients as real views (torch's rule for complex
@@ -302,6 +312,9 @@ class GradwiseOptimizer(Optimizer):
             if step is None:
                 dtype = torch.float32 if on_device else scalar_dtype()
                 step = state["step"] = torch.zeros((), dtype=dtype, device=device)
+            elif not isinstance(step, Tensor):  # a Python number, as older torch checkpoints hold
+                dtype = torch.float32 if on_device else scalar_dtype()
+                step = state["step"] = torch.tensor(float(step), dtype=dtype, device=device)
             elif step.device != device:
                 step = state["step"] = step.to(device)
             counters.append(step)
@@ -417,7 +430,13 @@ def by_device_and_dtype(*tensor_lists: list[Tensor]) -> Iterator[tuple[list[Tens
         yield tuple([tensors[i] for i in indices] for tensors in tensor_lists)
 
 
-def fused_kernel_applies(group: dict[str, Any], params: list[Tensor], optimizer: str, dtensors: bool = False) -> bool:
+def fused_kernel_applies(
+    group: dict[str, Any],
+    params: list[Tensor],
+    optimizer: str,
+    dtensors: bool = False,
+    cpu_dtypes: tuple[torch.dtype, ...] = _FUSED_DTYPES,
+) -> bool:
     """Whether ``group``'s ``fused`` option and ``params`` select torch's fused kernel.
 
     ``fused=None`` (the default) uses it when every parameter is a dense, contiguous
@@ -427,6 +446,10 @@ def fused_kernel_applies(group: dict[str, Any], params: list[Tensor], optimizer:
     kernel). ``fused=True`` demands it; ``fused=False`` never uses it. DTensors (FSDP2
     shards) qualify only where ``dtensors`` says torch registers the kernel for them
     (Adam's and AdamW's); elsewhere they take the foreach path.
+
+    ``cpu_dtypes`` are the dtypes whose CPU kernel computes the update correctly: torch's fused
+    CPU SGD kernel is wrong for bfloat16 and float16 (plain SGD ends 0.81 from the float32 run
+    after five steps where the foreach path ends 0.026), so SGD names float32 and float64 only.
 
     Strided parameters never take it: torch's fused CPU kernels index a strided parameter as
     if it were contiguous (torch's own ``Adam(fused=True)`` is off by 0.42 after three steps
@@ -443,15 +466,17 @@ def fused_kernel_applies(group: dict[str, Any], params: list[Tensor], optimizer:
     ):
         return False
     supported = all(
-        p.device.type in ("cpu", "cuda") and p.dtype in _FUSED_DTYPES and not torch.is_complex(p)
+        p.device.type in ("cpu", "cuda") and p.dtype in (cpu_dtypes if p.device.type == "cpu" else _FUSED_DTYPES)
+        and not torch.is_complex(p)
         and (dtensors or not is_dtensor(p))
         and (is_dtensor(p) or p.is_contiguous())
         for p in params
     )
     if fused and not supported:
         raise RuntimeError(
-            f"{optimizer}(fused=True) needs dense, contiguous float16/bfloat16/float32/float64 parameters "
-            "on a CPU or CUDA device (not DTensors); pass fused=None to fall back to the foreach path"
+            f"{optimizer}(fused=True) needs dense, contiguous parameters on a CPU or CUDA device (not DTensors), "
+            f"of dtype {', '.join(str(d).removeprefix('torch.') for d in cpu_dtypes)} on the CPU; "
+            "pass fused=None to fall back to the foreach path"
         )
     return supported
 

@@ -48,7 +48,7 @@ class SGD(GradwiseOptimizer):
     By default (``fused=None``) dense, contiguous floating-point parameters on CPU or CUDA
     are updated by torch's fused SGD kernel, which computes exactly this update;
     ``fused=False`` uses the ``torch._foreach_*`` path, ``foreach=False`` torch's
-    single-tensor path. Sparse gradients are supported without momentum and weight decay.
+    single-tensor path. Sparse gradients are supported, as in torch.
 
     Example::
 
@@ -112,21 +112,29 @@ class SGD(GradwiseOptimizer):
             )
 
     def _sparse_update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
-        """Sparse gradients (an ``nn.Embedding(sparse=True)``), as torch supports them:
-        only the rows present in the gradient move; without momentum or weight decay, which
-        would make the step dense."""
-        if group["momentum"] != 0 or group["weight_decay"] != 0:
-            raise RuntimeError(
-                "SGD supports sparse gradients only with momentum=0 and weight_decay=0, got "
-                f"momentum={group['momentum']!r}, weight_decay={group['weight_decay']!r}"
-            )
-        step = group["lr"] if group["maximize"] else -group["lr"]
+        """Sparse gradients (an ``nn.Embedding(sparse=True)``), the same update one tensor at
+        a time, as torch computes it: without momentum or weight decay only the rows present
+        in the gradient move; the momentum buffer is itself sparse (rows ever seen); weight
+        decay adds the dense parameter, so the step becomes dense (torch's SGD raises there)."""
+        momentum, dampening = group["momentum"], group["dampening"]
         for param, grad in zip(params, grads):
-            param.add_(grad, alpha=step)
+            grad = -grad if group["maximize"] else grad
+            if group["weight_decay"] != 0:
+                grad = (param * group["weight_decay"]).add(grad)  # dense: torch's order raises here
+            if momentum != 0:
+                state = self.param_state(param)
+                buffer = state.get("momentum_buffer")
+                if buffer is None:
+                    buffer = state["momentum_buffer"] = grad.clone().detach()
+                else:
+                    buffer.mul_(momentum).add_(grad, alpha=1 - dampening)
+                grad = grad.add(buffer, alpha=momentum) if group["nesterov"] else buffer
+            param.add_(grad, alpha=-group["lr"])
 
     def _update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
-        buffers = [self.param_state(p).get("momentum_buffer") for p in params]
-        if fused_kernel_applies(group, params, "SGD"):
+        # Without momentum there is no state: torch keeps no entry for such a parameter.
+        buffers = [self.param_state(p).get("momentum_buffer") for p in params] if group["momentum"] else []
+        if fused_kernel_applies(group, params, "SGD", cpu_dtypes=(torch.float32, torch.float64)):
             self._fused_update(group, params, grads, buffers)
             return
         if group["momentum"] == 0:
