@@ -9,6 +9,7 @@ import torch
 
 import gradwise.optim
 from gradwise.bench import optimizers as race_registry
+from gradwise.distributed.strategies.zero_optimizer import ZeroOptimizer, sharding_of
 from gradwise.optim.description import Description, Preset, StateSize, described_optimizers, moments, presets
 from gradwise.plan import memory
 from gradwise.train import optimizers as train_registry
@@ -110,3 +111,23 @@ def test_a_preset_outside_a_registry_says_so():
         preset.train_options()
     with pytest.raises(ValueError, match="not offered by the race"):
         preset.race_options()
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=lambda cls: cls.__name__)
+def test_zero_reads_the_sharding_from_the_description(cls):
+    model = torch.nn.Linear(3, 2)
+    optimizer = cls(model) if cls.description.drive == "model" else cls([model.weight])
+    assert sharding_of(optimizer) == cls.description.sharding
+    if cls.description.sharding is None:  # refused before any process group is needed
+        with pytest.raises(ValueError, match=f"sharding .*got {cls.__name__}"):
+            ZeroOptimizer(optimizer)
+
+
+def test_kfac_restricted_to_a_layer_takes_over_the_hooks():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    full = gradwise.optim.KFAC(model, lr=0.1, stats_every=2)
+    part = full.restricted_to([{"params": list(model[1].parameters()), "lr": 0.1}])
+    assert [p for g in part.param_groups for p in g["params"]] == list(model[1].parameters())
+    assert part.stats_every == 2 and part.model is model
+    model(torch.randn(5, 3)).sum().backward()
+    assert set(part.pending_factors()) == {model[0], model[1]} and not full.pending_factors()

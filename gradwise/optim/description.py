@@ -30,7 +30,10 @@ Drive = Literal["step", "closure", "hessian_closure", "model", "hessian_refresh"
 - ``"hessian_closure"``: ``step(closure, hessian_closure)`` (Newton-CG, SQN: the second
   closure's loss is differentiated twice, on a subsample);
 - ``"model"``: bound to a model whose layers' hooks feed it statistics (K-FAC), then a plain
-  ``step()``;
+  ``step()``. It cannot be rebuilt from param groups alone, so it offers
+  ``restricted_to(params)`` (the same optimizer over a subset, taking over the hooks), and
+  ``pending_factors()`` (the statistics of the last backward pass, by layer in ``layers``)
+  for data parallelism to average;
 - ``"hessian_refresh"``: a plain ``step()``, and before the backward pass, when
   ``optimizer.hessian_update_due``, ``optimizer.update_hessian(estimate, params)`` (Sophia);
 - ``"sample_index"``: ``step(slot)``, the index of the sample whose gradient was computed (SAGA).
@@ -45,7 +48,8 @@ Sharding = Literal["element", "tensor", "layer"]
   slices;
 - ``"tensor"``: the update needs a whole tensor (a matrix root, an orthogonalisation, a row
   and column statistic), so whole tensors are balanced by size;
-- ``"layer"``: the update needs a whole layer (K-FAC: a weight and its bias share the factors).
+- ``"layer"``: the update needs a whole layer (K-FAC: a weight and its bias share the factors);
+  the optimizer lists its layers (modules with ``weight`` and ``bias``) in ``layers``.
 
 ``None`` in a description: the optimizer treats the param group as one flat vector or needs
 closures, and is not sharded.

@@ -153,6 +153,13 @@ class KFAC(GradwiseOptimizer):
         :meth:`fisher_backward` is only worth its cost when this holds)."""
         return self.steps_taken % self.stats_every == 0
 
+    def restricted_to(self, params: ParamsT) -> KFAC:
+        """A K-FAC with this one's hyperparameters over ``params`` only (a subset of the model's
+        parameters or param groups), which takes over recording the model's layers: this one's
+        hooks are removed. ZeRO gives each rank the layers it owns this way."""
+        self.remove_hooks()
+        return KFAC(self.model, stats_every=self.stats_every, params=params)
+
     def remove_hooks(self) -> None:
         """Stop recording statistics of the model's layers."""
         for handle in self._handles:

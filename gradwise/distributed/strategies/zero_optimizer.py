@@ -62,27 +62,15 @@ import torch.distributed as dist
 from torch import Tensor
 
 from gradwise.distributed.state_bytes import optimizer_state_bytes
-from gradwise.optim import (
-    KFAC,
-    SGD,
-    SOAP,
-    Adafactor,
-    Adagrad,
-    Adam,
-    Lion,
-    Muon,
-    NAdam,
-    RMSprop,
-    Shampoo,
-    Sophia,
-)
 from gradwise.validation import check_choice, check_int, check_range
 
-ELEMENTWISE = (SGD, Adagrad, RMSprop, Adam, NAdam, Lion)
-"""Optimizers whose update of a coordinate reads only that coordinate (AdamW is an Adam)."""
-
-WHOLE_TENSOR = (Muon, Shampoo, SOAP, Adafactor, Sophia, KFAC)
-"""Optimizers that need whole tensors: each tensor is stepped by one rank."""
+def sharding_of(optimizer: torch.optim.Optimizer) -> str | None:
+    """How the optimizer's state is divided, from its class's description
+    (:attr:`gradwise.optim.description.Description.sharding`; a subclass inherits it):
+    ``"element"`` (flat slices), ``"tensor"`` (whole tensors), ``"layer"`` (whole layers), or
+    ``None`` for an optimizer that ZeRO cannot shard (or one without a description)."""
+    description = getattr(type(optimizer), "description", None)
+    return getattr(description, "sharding", None)
 
 
 def assign_whole_tensors(sizes: Sequence[int], world_size: int) -> list[int]:
@@ -127,9 +115,10 @@ def _by_dtype_and_device(params: list[Tensor]) -> list[list[Tensor]]:
 
 
 def _units(optimizer: torch.optim.Optimizer, params: list[Tensor]) -> list[list[Tensor]]:
-    """The groups of parameters that must share an owner: a K-FAC layer's weight and bias
-    (one Kronecker-factored block), every other parameter on its own."""
-    if not isinstance(optimizer, KFAC):
+    """The groups of parameters that must share an owner: with ``"layer"`` sharding a layer's
+    weight and bias (``optimizer.layers``; K-FAC: one Kronecker-factored block), every other
+    parameter on its own."""
+    if sharding_of(optimizer) != "layer":
         return [[p] for p in params]
     ours = {id(p) for p in params}
     layers = [[p for p in (layer.weight, layer.bias) if p is not None and id(p) in ours] for layer in optimizer.layers]
@@ -326,9 +315,11 @@ class _WholeTensorLayout:
             {**_hyperparameters(hyper), "params": [p for p in params if self.owner[id(p)] == rank]}
             for hyper, params in zip(optimizer.param_groups, per_group)
         ]
-        if isinstance(optimizer, KFAC):
-            optimizer.remove_hooks()  # the local K-FAC records the layers from now on
-            self.local_optimizer = KFAC(optimizer.model, stats_every=optimizer.stats_every, params=inner_groups)
+        # an optimizer bound to a model is rebuilt by itself (K-FAC hands its layers' hooks over);
+        # any other from its param groups
+        self.model_bound = optimizer.description.drive == "model"
+        if self.model_bound:
+            self.local_optimizer = optimizer.restricted_to(inner_groups)
         else:
             self.local_optimizer = type(optimizer)(inner_groups)
         # Per dtype and device, per owning rank: the tensors that travel together.
@@ -338,8 +329,8 @@ class _WholeTensorLayout:
         ]
 
     def reduce_gradients(self) -> None:
-        if isinstance(self.local_optimizer, KFAC):
-            self._average_kfac_factors()
+        if self.model_bound:
+            self._average_model_statistics()
         for by_owner in self.buckets:
             if self.stage == 1:
                 params = [p for owned in by_owner for p in owned]
@@ -358,8 +349,8 @@ class _WholeTensorLayout:
                     for param in owned:
                         param.grad = None
 
-    def _average_kfac_factors(self) -> None:
-        """Each layer's K-FAC factors of this step, averaged over the ranks onto the layer's
+    def _average_model_statistics(self) -> None:
+        """Each layer's statistics of this step (K-FAC: its factors, ``pending_factors()``), averaged over the ranks onto the layer's
         owner: the factors of the global batch (KAISA, Pauloski et al. 2021, arXiv:2107.01739,
         likewise assigns each layer's preconditioner to one worker)."""
         pending = self.local_optimizer.pending_factors()
@@ -432,9 +423,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     def __init__(self, optimizer: torch.optim.Optimizer, stage: int = 1, process_group: Any = None) -> None:
         check_choice("stage", stage, (1, 2))
-        if not isinstance(optimizer, ELEMENTWISE + WHOLE_TENSOR):
-            supported = ", ".join(cls.__name__ for cls in ELEMENTWISE + WHOLE_TENSOR)
-            raise ValueError(f"optimizer must be one of {supported} (or a subclass), got {type(optimizer).__name__}")
+        if sharding_of(optimizer) is None:
+            raise ValueError(
+                f"optimizer must be one whose description has a sharding (element, tensor or layer), "
+                f"got {type(optimizer).__name__}"
+            )
         if optimizer.state:
             raise ValueError("optimizer already has state: wrap it in ZeroOptimizer before its first step")
         if not dist.is_initialized():
@@ -443,7 +436,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.process_group = process_group
         self.rank = dist.get_rank(process_group)
         self.world_size = dist.get_world_size(process_group)
-        layout = _ElementwiseLayout if isinstance(optimizer, ELEMENTWISE) else _WholeTensorLayout
+        layout = _ElementwiseLayout if sharding_of(optimizer) == "element" else _WholeTensorLayout
         self._layout = layout(optimizer, stage, process_group, self.rank, self.world_size)
         self.local_optimizer = self._layout.local_optimizer
         super().__init__(optimizer.param_groups, optimizer.defaults)
