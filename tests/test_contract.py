@@ -49,9 +49,6 @@ KNOWN_FAILURES: dict[str, str] = {
         "NewtonCG, complex params: split_with_sizes expects sizes to sum to 38, got [48, 8, 16, 4] (flat vector not in real-view numels)",
     "test_complex_params_are_optimized_as_their_real_view[SQN]":
         "SQN, complex params: Hessian-vector product grad_output of shape (4, 6, 2) for an output of shape (4, 6)",
-    "test_low_precision_params[Shampoo-bfloat16]":
-        "Shampoo on bf16 params: fc1.bias 0.059 from the float32 run after 3 steps (relative 1.16)",
-    "test_low_precision_params[Shampoo-float16]": "Shampoo on fp16 params: NaN parameters after 3 steps",
     "test_zero_size_and_no_grad_params[Newton]":
         "Newton with a parameter the loss does not use: autograd.grad raises 'appears to not have been used in the graph'",
     "test_add_param_group[Newton]": "Newton.add_param_group accepts a second group (the error comes only at step())",

@@ -151,6 +151,10 @@ class GradwiseOptimizer(Optimizer):
     # (for bf16 parameters) and change the arithmetic after a resume.
     _scalar_state_keys: tuple[str, ...] = ()
 
+    # Statistics kept in float32 for 16-bit parameters (Shampoo's factors): loaded in their
+    # own dtype too, onto the parameter's device, where torch would round them to bf16.
+    _float32_state_keys: tuple[str, ...] = ()
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         # torch's __setstate__ (run by load_state_dict and unpickling) adds "differentiable"
         # to every optimizer's defaults; one that has no such option keeps its groups' keys.
@@ -163,16 +167,18 @@ class GradwiseOptimizer(Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
-        scalars = {
-            i: {key: state_dict["state"][i][key] for key in self._scalar_state_keys if key in state_dict["state"][i]}
+        own_dtype = (*self._scalar_state_keys, *self._float32_state_keys)
+        kept = {
+            i: {key: state_dict["state"][i][key] for key in own_dtype if key in state_dict["state"][i]}
             for i in saved_ids
             if i in state_dict["state"]
         }
         super().load_state_dict(state_dict)
         params = [p for group in self.param_groups for p in group["params"]]
         for saved_id, param in zip(saved_ids, params):
-            for key, value in scalars.get(saved_id, {}).items():
-                self.state[param][key] = value.detach().clone()
+            for key, value in kept.get(saved_id, {}).items():
+                device = param.device if key in self._float32_state_keys else value.device
+                self.state[param][key] = value.detach().to(device, copy=True)
         # A state_dict from another optimizer (say torch.optim's) may lack some options.
         for group in self.param_groups:
             for key, value in self.defaults.items():

@@ -130,8 +130,8 @@ class LBFGS(GradwiseOptimizer):
         check_int("max_iter", group["max_iter"], 1)
         check_int("max_eval", group["max_eval"], 1)
         tolerance_grad = group["tolerance_grad"]
-        if not (isinstance(tolerance_grad, numbers.Real) and tolerance_grad == -math.inf):
-            check_range("tolerance_grad", tolerance_grad)  # -inf (never stop on the gradient) or finite
+        if not (isinstance(tolerance_grad, numbers.Real) and math.isinf(tolerance_grad)):
+            check_range("tolerance_grad", tolerance_grad)  # finite, or -inf (never stop) or +inf (stop at once), as torch
         check_range("tolerance_change", group["tolerance_change"], 0.0)
         check_int("history_size", group["history_size"], 1)
         check_choice("line_search_fn", group["line_search_fn"], LINE_SEARCHES)

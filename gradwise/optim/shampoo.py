@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gradwise.optim.base import GradwiseOptimizer, ParamsT, maybe_negate, scalar_dtype, zeros_like
+from gradwise.optim.base import GradwiseOptimizer, ParamsT, maybe_negate, scalar_dtype
 from gradwise.optim.description import Description, Preset, StateSize, numel
 from gradwise.validation import check_choice, check_int, check_range
 
@@ -58,6 +58,11 @@ def from_blocks(blocks: Tensor, row_layout: tuple[int, int], col_layout: tuple[i
     (rb, bm), (cb, bn) = row_layout, col_layout
     matrix = blocks.reshape(rb, cb, bm, bn).transpose(1, 2).reshape(rb * bm, cb * bn)
     return matrix[:rows, :cols]
+
+
+def statistics_dtype(param: Tensor) -> torch.dtype:
+    """The dtype of a matrix optimizer's statistics for ``param``: float32 at least."""
+    return torch.promote_types(param.dtype, torch.float32)
 
 
 def symmetric_eigh(matrices: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -228,11 +233,16 @@ class Shampoo(GradwiseOptimizer):
             torch._foreach_mul_(params, 1 - lr * weight_decay)
         self._momentum_step(params, directions, lr, momentum, group["nesterov"])
 
+    # bf16/fp16 statistics lose the preconditioner (G G^T overflows fp16; bf16 rounds a sum of
+    # squares to 3 digits): the statistics, roots and grafting accumulator are float32 there.
+    _float32_state_keys = ("left", "right", "left_root", "right_root", "graft_accumulator")
+
     def _direction(self, group: dict[str, Any], param: Tensor, grad: Tensor) -> Tensor:
         """Update the statistics of ``param`` with ``grad``; return its step direction."""
         state = self.state[param]
         if "step" not in state:
             self._init_state(group, param)
+        grad = grad.to(statistics_dtype(param))
         state["step"] += 1
         step = int(state["step"].item())
         rows, cols = matrix_view_shape(param)
@@ -244,7 +254,7 @@ class Shampoo(GradwiseOptimizer):
         graft = self._graft_direction(group, state, grad, step)
         start = group["start_preconditioning_step"]
         if step < start or not sides:
-            return graft
+            return graft.to(param.dtype)
         if (step - start) % group["precondition_frequency"] == 0:
             for side in sides:
                 root = inverse_root(state[side], 1 / (2 * len(sides)), group["eps"], group["eigh_dtype"])
@@ -259,7 +269,7 @@ class Shampoo(GradwiseOptimizer):
             graft_norms = torch.linalg.vector_norm(graft_blocks, dim=(-2, -1), keepdim=True)
             norms = torch.linalg.vector_norm(preconditioned, dim=(-2, -1), keepdim=True)
             preconditioned = preconditioned * (graft_norms / norms.clamp_(min=torch.finfo(norms.dtype).tiny))
-        return from_blocks(preconditioned, row_layout, col_layout, rows, cols).reshape(param.shape)
+        return from_blocks(preconditioned, row_layout, col_layout, rows, cols).reshape(param.shape).to(param.dtype)
 
     @staticmethod
     def _graft_direction(group: dict[str, Any], state: dict[str, Any], grad: Tensor, step: int) -> Tensor:
@@ -284,9 +294,10 @@ class Shampoo(GradwiseOptimizer):
         col_layout = block_layout(cols, group["block_size"])
         state["layout"] = (row_layout, col_layout)
         count = row_layout[0] * col_layout[0]
+        dtype = statistics_dtype(param)
         for side, size in (("left", row_layout[1]), ("right", col_layout[1])):
             if size > 1:
-                state[side] = param.new_zeros(count, size, size)
-                state[f"{side}_root"] = param.new_zeros(count, size, size)
+                state[side] = param.new_zeros(count, size, size, dtype=dtype)
+                state[f"{side}_root"] = param.new_zeros(count, size, size, dtype=dtype)
         if group["graft"] in ("adagrad", "adam"):
-            state["graft_accumulator"] = zeros_like(param)
+            state["graft_accumulator"] = torch.zeros_like(param, dtype=dtype)
