@@ -1,8 +1,11 @@
 """Distributed training on ``torch.distributed`` (gloo on the CPU, NCCL on GPUs), launched with ``torchrun``.
 
-The names below are importable from ``gradwise.distributed``; all but the process-group
-basics load on first use, so that a single-process run does not pay for DTensor, FSDP2 or
-the pipelining package.
+The folder holds the infrastructure (``context``, ``spawn``, ``data``, ``mesh``, ``traffic``,
+``state_bytes``), the training strategies of ``gradwise train`` (:mod:`.strategies`) and,
+apart from them, the algorithms that are not a strategy (:mod:`.algorithms`). The names
+below are importable from ``gradwise.distributed``; all but the process-group basics load
+on first use, so that a single-process run does not pay for DTensor, FSDP2 or the
+pipelining package.
 
 - Joining a job: :func:`init_distributed`, :class:`DistContext`, :func:`shutdown`;
   :func:`run_processes` for tests and notebooks; :class:`RankSlice`, each rank's rows.
