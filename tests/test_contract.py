@@ -54,9 +54,6 @@ KNOWN_FAILURES: dict[str, str] = {
     "test_add_param_group[Newton]": "Newton.add_param_group accepts a second group (the error comes only at step())",
     "test_add_param_group[NewtonCG]": "NewtonCG.add_param_group accepts a second group (the error comes only at step())",
     "test_add_param_group[SQN]": "SQN.add_param_group accepts a second group (the error comes only at step())",
-    "test_deepcopy_and_pickle[KFAC]":
-        "KFAC copies lose their attributes: torch's Optimizer.__getstate__ keeps defaults/state/param_groups only "
-        "('KFAC' object has no attribute 'steps_taken')",
 }
 
 

@@ -133,11 +133,30 @@ class KFAC(GradwiseOptimizer):
         self.model = model
         self.stats_every = stats_every
         self.steps_taken = 0  # step() calls so far: the statistics schedule
-        self.layers = [m for m in model.modules() if isinstance(m, LAYERS)]
+        self._reset_batch_statistics()
+        for layer in self.layers:
+            layer.register_forward_hook(self._record_layer)
+
+    @property
+    def layers(self) -> list[nn.Module]:
+        """The model's layers K-FAC preconditions (``nn.Linear``, ``nn.Conv2d``)."""
+        return [m for m in self.model.modules() if isinstance(m, LAYERS)]
+
+    def _reset_batch_statistics(self) -> None:
         self._pending: dict[nn.Module, dict[str, Tensor]] = {}
         self._fisher_captured: set[nn.Module] = set()
         self._capturing_fisher = False
-        self._handles = [layer.register_forward_hook(self._record_layer) for layer in self.layers]
+
+    def __getstate__(self) -> dict[str, Any]:
+        # torch keeps defaults, state and param groups; K-FAC is also bound to its model. The
+        # hooks live in the model's layers and travel with it (bound to the copy), so a deep
+        # copy or a pickle of the optimizer, with or without its model, continues as it would.
+        return {**super().__getstate__(), "model": self.model, "stats_every": self.stats_every,
+                "steps_taken": self.steps_taken}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._reset_batch_statistics()
 
     def _validate(self, group: dict[str, Any]) -> None:
         check_range("lr", group["lr"], 0.0)
@@ -162,9 +181,10 @@ class KFAC(GradwiseOptimizer):
 
     def remove_hooks(self) -> None:
         """Stop recording statistics of the model's layers."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        for layer in self.layers:
+            for key, hook in list(layer._forward_hooks.items()):
+                if getattr(hook, "__self__", None) is self:
+                    del layer._forward_hooks[key]
 
     # Statistics of one batch, recorded by the hooks.
 
