@@ -119,22 +119,7 @@ class Adam(GradwiseOptimizer):
         check_range("weight_decay", group["weight_decay"], 0.0)
 
     def _update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
-        fused = fused_kernel_applies(group, params, type(self).__name__, dtensors=True)
-        lists = [
-            params,
-            grads,
-            [self._state(p, "exp_avg", zeros_like) for p in params],
-            [self._state(p, "exp_avg_sq", zeros_like) for p in params],
-            self._step_counters(params, on_device=fused or group["capturable"]),
-        ]
-        if group["amsgrad"]:
-            lists.append([self._state(p, "max_exp_avg_sq", zeros_like) for p in params])
-        if fused:
-            check_state_shapes(type(self).__name__, params, *lists[2:4], *lists[5:])
-        update = Adam._fused_update if fused else Adam._foreach_update  # also Muon's AdamW groups
-        for device_params, device_grads, exp_avgs, exp_avg_sqs, steps, *maxima in by_device_and_dtype(*lists):
-            max_exp_avg_sqs = maxima[0] if maxima else []
-            update(group, device_params, device_grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps)
+        adam_update(self, group, params, grads)
 
     @staticmethod
     def _foreach_update(
@@ -198,6 +183,30 @@ class Adam(GradwiseOptimizer):
             eps=group["eps"],
             maximize=group["maximize"],
         )
+
+
+def adam_update(optimizer: GradwiseOptimizer, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+    """One Adam step of ``params`` with ``grads`` under the hyperparameters of ``group`` (Adam's
+    keys: ``lr``, ``betas``, ``eps``, ``weight_decay``, ``amsgrad``, ``maximize``,
+    ``decoupled_weight_decay``, ``foreach``, ``fused``, ``capturable``, ``differentiable``),
+    the moments kept in ``optimizer``'s state. Adam and AdamW step with it, and so do the
+    optimizers that route some tensors to AdamW (Muon's vectors): one implementation."""
+    fused = fused_kernel_applies(group, params, type(optimizer).__name__, dtensors=True)
+    lists = [
+        params,
+        grads,
+        [optimizer._state(p, "exp_avg", zeros_like) for p in params],
+        [optimizer._state(p, "exp_avg_sq", zeros_like) for p in params],
+        optimizer._step_counters(params, on_device=fused or group["capturable"]),
+    ]
+    if group["amsgrad"]:
+        lists.append([optimizer._state(p, "max_exp_avg_sq", zeros_like) for p in params])
+    if fused:
+        check_state_shapes(type(optimizer).__name__, params, *lists[2:4], *lists[5:])
+    update = Adam._fused_update if fused else Adam._foreach_update
+    for device_params, device_grads, exp_avgs, exp_avg_sqs, steps, *maxima in by_device_and_dtype(*lists):
+        max_exp_avg_sqs = maxima[0] if maxima else []
+        update(group, device_params, device_grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps)
 
 
 class AdamW(Adam):

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gradwise.optim.adam import Adam
+from gradwise.optim.adam import adam_update
 from gradwise.optim.base import GradwiseOptimizer, ParamsT, is_dtensor, maybe_negate, zeros_like
 from gradwise.optim.description import Description, Preset, StateSize, numel
 from gradwise.validation import check_betas, check_choice, check_int, check_range
@@ -136,7 +136,7 @@ class Muon(GradwiseOptimizer):
       too, and counts a vector as a ``1 x n`` matrix (Muon then steps along its normalised
       momentum); ``False`` is AdamW, with the group's ``lr`` (``adamw_lr`` if the group has
       none), ``adamw_betas``, ``adamw_eps``, ``weight_decay`` and ``maximize``, through
-      :class:`~gradwise.optim.Adam`'s own update.
+      :func:`~gradwise.optim.adam.adam_update`, Adam's own update.
 
     AdamW's betas are named ``adamw_betas``, not ``betas``, so that a torch scheduler that
     cycles momentum (``OneCycleLR(cycle_momentum=True)`` looks for ``betas`` first, then
@@ -301,7 +301,7 @@ class Muon(GradwiseOptimizer):
             "capturable": False,
             "differentiable": False,
         }
-        Adam._update(self, adamw, params, grads)  # type: ignore[arg-type]  (Adam's update on Muon's state)
+        adam_update(self, adamw, params, grads)
 
 
 def local_part(full: Tensor, like: Tensor) -> Tensor:
