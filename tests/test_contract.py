@@ -51,9 +51,6 @@ KNOWN_FAILURES: dict[str, str] = {
         "SQN, complex params: Hessian-vector product grad_output of shape (4, 6, 2) for an output of shape (4, 6)",
     "test_zero_size_and_no_grad_params[Newton]":
         "Newton with a parameter the loss does not use: autograd.grad raises 'appears to not have been used in the graph'",
-    "test_add_param_group[Newton]": "Newton.add_param_group accepts a second group (the error comes only at step())",
-    "test_add_param_group[NewtonCG]": "NewtonCG.add_param_group accepts a second group (the error comes only at step())",
-    "test_add_param_group[SQN]": "SQN.add_param_group accepts a second group (the error comes only at step())",
 }
 
 

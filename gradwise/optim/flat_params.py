@@ -66,3 +66,16 @@ def single_group_params(optimizer: torch.optim.Optimizer) -> FlatParams:
     if len(optimizer.param_groups) != 1:
         raise ValueError(f"{type(optimizer).__name__} supports a single param group, got {len(optimizer.param_groups)}")
     return FlatParams(optimizer.param_groups[0]["params"])
+
+
+class SingleParamGroup:
+    """Mixin (before the optimizer base class) for optimizers that see their parameters as one
+    flat vector with one history: a second param group, at construction or later through
+    ``add_param_group``, is refused, as torch.optim.LBFGS refuses per-parameter options."""
+
+    param_groups: list[dict]
+
+    def add_param_group(self, param_group: dict) -> None:
+        if self.param_groups:
+            raise ValueError(f"{type(self).__name__} supports a single param group, got a second one")
+        super().add_param_group(param_group)  # type: ignore[misc]

@@ -12,15 +12,12 @@ from torch import Tensor
 
 from gradwise.optim.base import GradwiseOptimizer, ParamsT
 from gradwise.optim.description import Description, Preset, StateSize
-from gradwise.optim.flat_params import single_group_params
+from gradwise.optim.flat_params import SingleParamGroup, single_group_params
 from gradwise.optim.line_search import bracketing_wolfe_search, strong_wolfe_search
-from gradwise.optim.quasi_newton import history_state, lbfgs_direction
+from gradwise.optim.quasi_newton import CurvaturePairs, history_state
 from gradwise.validation import check_choice, check_int, check_range
 
 LINE_SEARCHES = (None, "strong_wolfe", "more_thuente")
-
-# The curvature condition for keeping a pair (s, y): s'y must exceed this (torch's value).
-CURVATURE_THRESHOLD = 1e-10
 
 
 def _lbfgs_state(shape, options) -> StateSize:
@@ -30,7 +27,7 @@ def _lbfgs_state(shape, options) -> StateSize:
     return StateSize(history.values, scalars=options.get("history_size", 100) + 1)
 
 
-class LBFGS(GradwiseOptimizer):
+class LBFGS(SingleParamGroup, GradwiseOptimizer):
     r"""Limited-memory BFGS (Nocedal 1980; Liu & Nocedal 1989, Math. Prog. 45), for
     deterministic (full-batch) losses, with the arguments, defaults, state and iterates of
     ``torch.optim.LBFGS``.
@@ -118,13 +115,6 @@ class LBFGS(GradwiseOptimizer):
         )
         super().__init__(params, defaults)
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        # One flat vector of parameters, one history: a second group (at construction or
-        # later) is refused, as torch.optim.LBFGS refuses per-parameter options.
-        if self.param_groups:
-            raise ValueError("LBFGS supports a single param group, got a second one")
-        super().add_param_group(param_group)
-
     def _validate(self, group: dict[str, Any]) -> None:
         check_range("lr", group["lr"], 0.0, low_open=True)
         check_int("max_iter", group["max_iter"], 1)
@@ -188,15 +178,11 @@ class LBFGS(GradwiseOptimizer):
             else:
                 y = grad.sub(prev_flat_grad)
                 s = d.mul(t)
-                ys = y.dot(s)
-                if ys > CURVATURE_THRESHOLD:
-                    if len(old_dirs) == group["history_size"]:
-                        del old_dirs[0], old_stps[0], ro[0]
-                    old_dirs.append(y)
-                    old_stps.append(s)
-                    ro.append(1.0 / ys)
+                pairs = CurvaturePairs(old_stps, old_dirs, group["history_size"], rho=ro)
+                ys = pairs.push(s, y)
+                if ys is not None:
                     h_diag = ys / y.dot(y)
-                d = lbfgs_direction(grad, old_stps, old_dirs, h_diag)
+                d = pairs.direction(grad, h_diag)
             prev_flat_grad = grad.clone(memory_format=torch.contiguous_format)
             prev_loss = loss
             t = lr

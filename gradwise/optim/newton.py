@@ -15,7 +15,7 @@ from torch import Tensor
 
 from gradwise.optim.base import GradwiseOptimizer, ParamsT
 from gradwise.optim.description import Description, Preset, StateSize
-from gradwise.optim.flat_params import FlatParams, single_group_params
+from gradwise.optim.flat_params import FlatParams, SingleParamGroup, single_group_params
 from gradwise.optim.line_search import backtracking_search
 from gradwise.validation import check_int, check_range
 
@@ -67,7 +67,7 @@ def _no_tensor_state(shape, options) -> StateSize:
     return StateSize(0)
 
 
-class Newton(GradwiseOptimizer):
+class Newton(SingleParamGroup, GradwiseOptimizer):
     r"""Newton's method with the dense Hessian and a Cholesky solve, for small problems.
 
     .. math:: (\nabla^2 f(x_k) + \tau_k I)\, d_k = -\nabla f(x_k),\qquad x_{k+1} = x_k + t_k d_k,
@@ -93,8 +93,6 @@ class Newton(GradwiseOptimizer):
 
     def __init__(self, params: ParamsT, lr: float = 1.0, damping: float = 0.0, line_search: bool = True) -> None:
         super().__init__(params, dict(lr=lr, damping=damping, line_search=line_search))
-        if len(self.param_groups) != 1:
-            raise ValueError(f"Newton supports a single param group, got {len(self.param_groups)}")
 
     def _validate(self, group: dict[str, Any]) -> None:
         check_range("lr", group["lr"], 0.0, low_open=True)
@@ -135,7 +133,7 @@ class Newton(GradwiseOptimizer):
         return loss.detach()
 
 
-class NewtonCG(GradwiseOptimizer):
+class NewtonCG(SingleParamGroup, GradwiseOptimizer):
     r"""Hessian-free inexact Newton: conjugate gradient on the damped Newton system with
     Hessian-vector products, Levenberg-Marquardt damping that adapts, and a line search
     (Nocedal & Wright 2006, Alg. 7.1; Martens 2010, ICML, "Deep learning via Hessian-free
@@ -200,8 +198,6 @@ class NewtonCG(GradwiseOptimizer):
             line_search=line_search,
         )
         super().__init__(params, defaults)
-        if len(self.param_groups) != 1:
-            raise ValueError(f"NewtonCG supports a single param group, got {len(self.param_groups)}")
 
     def _validate(self, group: dict[str, Any]) -> None:
         check_range("lr", group["lr"], 0.0, low_open=True)

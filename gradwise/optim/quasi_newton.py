@@ -1,4 +1,5 @@
-r"""The limited-memory BFGS direction (two-loop recursion) shared by ``LBFGS`` and ``SQN``.
+r"""The curvature-pair history and the limited-memory BFGS direction (two-loop recursion)
+shared by ``LBFGS`` and ``SQN``.
 
 With curvature pairs :math:`(s_i, y_i)`, :math:`\rho_i = 1/(y_i^\top s_i)`, the L-BFGS
 inverse-Hessian approximation applied to :math:`q = g` is (Nocedal 1980, Math. Comp. 35;
@@ -41,6 +42,42 @@ def lbfgs_direction(
         beta = torch.vdot(y_history[i], r) * rhos[i]
         r.add_(s_history[i], alpha=alphas[i] - beta)
     return r
+
+
+CURVATURE_THRESHOLD = 1e-10
+"""A pair is kept only when :math:`y^\top s` exceeds this: the BFGS update needs positive
+curvature to stay positive definite (torch.optim.LBFGS's threshold)."""
+
+
+class CurvaturePairs:
+    """The last ``history_size`` curvature pairs :math:`(s, y)`, oldest first, held in lists
+    that live in the optimizer's state (so each optimizer keeps its own state keys: torch's
+    ``old_stps``/``old_dirs``/``ro`` for LBFGS, ``s_history``/``y_history`` for SQN)."""
+
+    def __init__(self, s_history: list[Tensor], y_history: list[Tensor], history_size: int,
+                 rho: list[Tensor] | None = None) -> None:
+        self.s_history, self.y_history, self.history_size, self.rho = s_history, y_history, history_size, rho
+
+    def push(self, s: Tensor, y: Tensor) -> Tensor | None:
+        """Keep the pair if its curvature :math:`y^\top s` exceeds :data:`CURVATURE_THRESHOLD`,
+        forgetting the oldest pair of a full history; the curvature (0-d), or ``None`` when the
+        pair is dropped."""
+        ys = y.dot(s)
+        if not ys > CURVATURE_THRESHOLD:
+            return None
+        if len(self.s_history) == self.history_size:
+            del self.s_history[0], self.y_history[0]
+            if self.rho is not None:
+                del self.rho[0]
+        self.s_history.append(s)
+        self.y_history.append(y)
+        if self.rho is not None:
+            self.rho.append(1.0 / ys)
+        return ys
+
+    def direction(self, grad: Tensor, gamma: float | Tensor) -> Tensor:
+        """``-H grad`` for the L-BFGS matrix of the pairs with initial scaling ``gamma``."""
+        return lbfgs_direction(grad, self.s_history, self.y_history, gamma)
 
 
 def history_state(shape: tuple[int, ...], options: Mapping[str, Any]) -> StateSize:

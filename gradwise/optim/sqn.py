@@ -11,12 +11,12 @@ from torch import Tensor
 
 from gradwise.optim.base import GradwiseOptimizer, ParamsT
 from gradwise.optim.description import Description, Preset
-from gradwise.optim.flat_params import single_group_params
-from gradwise.optim.quasi_newton import history_state, lbfgs_direction
+from gradwise.optim.flat_params import SingleParamGroup, single_group_params
+from gradwise.optim.quasi_newton import CurvaturePairs, history_state
 from gradwise.validation import check_int, check_range
 
 
-class SQN(GradwiseOptimizer):
+class SQN(SingleParamGroup, GradwiseOptimizer):
     r"""The stochastic quasi-Newton method of Byrd, Hansen, Nocedal & Singer (2016, SIAM J.
     Optim. 26, arXiv:1401.7020).
 
@@ -61,8 +61,6 @@ class SQN(GradwiseOptimizer):
 
     def __init__(self, params: ParamsT, lr: float = 0.1, history_size: int = 10, update_interval: int = 10) -> None:
         super().__init__(params, dict(lr=lr, history_size=history_size, update_interval=update_interval))
-        if len(self.param_groups) != 1:
-            raise ValueError(f"SQN supports a single param group, got {len(self.param_groups)}")
 
     def _validate(self, group: dict[str, Any]) -> None:
         check_range("lr", group["lr"], 0.0)
@@ -90,11 +88,10 @@ class SQN(GradwiseOptimizer):
         flat = single_group_params(self)
         state = self.state[flat.params[0]]
         state["step"] = state.get("step", 0) + 1
-        s_history: list[Tensor] = state.setdefault("s_history", [])
-        y_history: list[Tensor] = state.setdefault("y_history", [])
+        pairs = CurvaturePairs(state.setdefault("s_history", []), state.setdefault("y_history", []), group["history_size"])
         grad = flat.grads()
-        if s_history:
-            direction = lbfgs_direction(grad, s_history, y_history, state["gamma"])
+        if pairs.s_history:
+            direction = pairs.direction(grad, state["gamma"])
         else:
             direction = grad.neg()
         flat.add_(direction, alpha=group["lr"])
@@ -107,14 +104,9 @@ class SQN(GradwiseOptimizer):
             if "previous_average" in state:
                 s = average - state["previous_average"]
                 y = self._hessian_vector_product(flat, hessian_closure, average, s)
-                sy = float(s @ y)
-                if sy > 1e-10:
-                    if len(s_history) == group["history_size"]:
-                        s_history.pop(0)
-                        y_history.pop(0)
-                    s_history.append(s)
-                    y_history.append(y)
-                    state["gamma"] = sy / float(y @ y)
+                sy = pairs.push(s, y)
+                if sy is not None:
+                    state["gamma"] = float(sy) / float(y @ y)
             state["previous_average"] = average
         return loss
 
