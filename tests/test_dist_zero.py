@@ -46,8 +46,8 @@ OPTIMIZERS = {
     "adagrad": lambda m: Adagrad(m.parameters(), lr=0.05),
     "muon": lambda m: Muon(muon_param_groups(m), lr=0.05, adamw_lr=0.01, ns_dtype=torch.float32),
     "adafactor": lambda m: Adafactor(m.parameters(), lr=0.01),
-    "kfac": lambda m: KFAC(m, lr=0.05, damping=0.01, momentum=0.9, inverse_frequency=1),
-    "shampoo": lambda m: Shampoo(m.parameters(), lr=0.01, precondition_frequency=1, start_preconditioning_step=1,
+    "kfac": lambda m: KFAC(m, lr=0.05, damping=0.01, momentum=0.9, inverse_every=1),
+    "shampoo": lambda m: Shampoo(m.parameters(), lr=0.01, precondition_every=1, start_preconditioning_step=1,
                                  eps=1e-4),
 }
 CLIPPED = {"adamw": 0.05}  # clip_grad_norm_ below the gradient's norm, so it scales

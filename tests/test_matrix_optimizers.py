@@ -117,7 +117,7 @@ TRAINERS = [
     ),
     Trainer("Shampoo", lambda m, g: gw.Shampoo(_params(m, g), lr=0.05, momentum=0.9, graft="adam"), 600),
     Trainer("SOAP", lambda m, g: gw.SOAP(_params(m, g), lr=0.02, weight_decay=0.0), 600, decay=True),
-    Trainer("KFAC", lambda m, g: gw.KFAC(m, lr=0.5, damping=1e-4, inverse_frequency=1, params=g), 60),
+    Trainer("KFAC", lambda m, g: gw.KFAC(m, lr=0.5, damping=1e-4, inverse_every=1, params=g), 60),
     Trainer("Sophia", lambda m, g: gw.Sophia(_params(m, g), lr=0.05, rho=1.0, weight_decay=0.0, betas=(0.9, 0.99)), 600),
 ]
 
@@ -199,25 +199,25 @@ INVALID = [
     (gw.Shampoo, "beta2", 0.0),
     (gw.Shampoo, "eps", 0.0),
     (gw.Shampoo, "block_size", 0),
-    (gw.Shampoo, "precondition_frequency", 0),
+    (gw.Shampoo, "precondition_every", 0),
     (gw.Shampoo, "start_preconditioning_step", 0),
     (gw.Shampoo, "graft", "lion"),
     (gw.Shampoo, "eigh_dtype", torch.float16),
     (gw.Shampoo, "momentum", -0.1),
     (gw.SOAP, "betas", (0.95, 1.5)),
     (gw.SOAP, "shampoo_beta", 1.0),
-    (gw.SOAP, "precondition_frequency", 0),
+    (gw.SOAP, "precondition_every", 0),
     (gw.SOAP, "max_precond_dim", 0),
     (gw.SOAP, "weight_decay", -1.0),
     (gw.KFAC, "damping", 0.0),
     (gw.KFAC, "stat_decay", 1.0),
-    (gw.KFAC, "inverse_frequency", 0),
+    (gw.KFAC, "inverse_every", 0),
     (gw.KFAC, "momentum", 1.5),
     (gw.KFAC, "stats_every", 0),
     (gw.KFAC, "stats_every", 2.5),
     (gw.Sophia, "rho", 0.0),
     (gw.Sophia, "betas", (1.0, 0.99)),
-    (gw.Sophia, "hessian_update_interval", 0),
+    (gw.Sophia, "hessian_every", 0),
     (gw.Sophia, "eps", -1.0),
 ]
 
@@ -433,7 +433,7 @@ def test_shampoo_preconditioner_is_l_root_g_r_root(block_size: int) -> None:
     eps, lr = 1e-3, 0.1
     optimizer = gw.Shampoo(
         [matrix, vector], lr=lr, eps=eps, graft=None, block_size=block_size,
-        precondition_frequency=1, start_preconditioning_step=1, eigh_dtype=torch.float64,
+        precondition_every=1, start_preconditioning_step=1, eigh_dtype=torch.float64,
     )
     row_cuts = [(0, 6)] if block_size >= 6 else [(0, 3), (3, 6)]
     col_cuts = [(0, 5)] if block_size >= 6 else [(0, 3), (3, 5)]
@@ -475,7 +475,7 @@ def test_shampoo_grafted_step_norm_equals_grafted_optimizer(graft, reference) ->
     ours = [torch.randn(s, generator=generator, dtype=torch.float64).requires_grad_() for s in shapes]
     theirs = [p.detach().clone().requires_grad_() for p in ours]
     lr = 0.05
-    ours_opt = gw.Shampoo(ours, lr=lr, graft=graft, start_preconditioning_step=3, precondition_frequency=2, block_size=4)
+    ours_opt = gw.Shampoo(ours, lr=lr, graft=graft, start_preconditioning_step=3, precondition_every=2, block_size=4)
     torch_opt = reference(theirs, lr)
     for step in range(8):
         steps = []
@@ -520,7 +520,7 @@ def test_soap_basis_refresh_tracks_the_eigenvectors() -> None:
     eigenvectors: first a gradient with one structure, then another that replaces it."""
     generator = torch.Generator().manual_seed(0)
     param = torch.zeros(6, 8, dtype=torch.float64, requires_grad=True)
-    optimizer = gw.SOAP([param], lr=0.0, precondition_frequency=1, eigh_dtype=torch.float64)
+    optimizer = gw.SOAP([param], lr=0.0, precondition_every=1, eigh_dtype=torch.float64)
     for gradient in (torch.randn(6, 8, generator=generator, dtype=torch.float64) for _ in range(2)):
         for _ in range(400):
             param.grad = gradient
@@ -621,7 +621,7 @@ def test_kfac_with_stats_every_reaches_least_squares_minimum() -> None:
     x, y = regression_data()
     model = regression_model(x, y)
     trainer = next(t for t in TRAINERS if t.name == "KFAC")
-    optimizer = gw.KFAC(model, lr=0.5, damping=1e-4, inverse_frequency=1, stats_every=5)
+    optimizer = gw.KFAC(model, lr=0.5, damping=1e-4, inverse_every=1, stats_every=5)
     for _ in range(trainer.steps):
         trainer.step(optimizer, model, x, y)
     with torch.no_grad():
@@ -644,7 +644,7 @@ def test_kfac_reaches_least_squares_minimum_in_far_fewer_steps_than_sgd() -> Non
         return None
 
     model = regression_model(x, y)
-    kfac_steps = steps_to_tolerance(gw.KFAC(model, lr=1.0, damping=1e-6, stat_decay=0.9, inverse_frequency=1), model, 100)
+    kfac_steps = steps_to_tolerance(gw.KFAC(model, lr=1.0, damping=1e-6, stat_decay=0.9, inverse_every=1), model, 100)
     # SGD at its best stable rate 1/L (L: the largest eigenvalue of the Hessian E[x x^T]).
     design = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
     largest = float(torch.linalg.eigvalsh(design.T @ design / len(x)).max())

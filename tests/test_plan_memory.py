@@ -28,7 +28,7 @@ def exported_optimizers() -> list[type]:
 def configurations(cls: type) -> list[dict]:
     """The class's defaults and every planner preset built on it."""
     presets = [dict(preset.options) for preset in cls.description.presets.values()]
-    extra = {"LBFGS": [{"history_size": 3}], "SQN": [{"history_size": 2, "update_interval": 2}],
+    extra = {"LBFGS": [{"history_size": 3}], "SQN": [{"history_size": 2, "update_every": 2}],
              "SAGA": [{"num_slots": 3}], "KFAC": [{"momentum": 0.9}]}.get(cls.__name__, [])
     configs = [options for options in presets + extra if options]
     # history-based methods are checked at small histories, which they fill in a few steps

@@ -199,7 +199,7 @@ def test_sqn_converges_on_a_noisy_strongly_convex_finite_sum():
     b = a @ torch.ones(6, dtype=torch.float64) + 0.1 * torch.randn(2000, generator=generator, dtype=torch.float64)
     solution = torch.linalg.lstsq(a, b.unsqueeze(1)).solution.squeeze(1)
     x = torch.zeros(6, dtype=torch.float64, requires_grad=True)
-    optimizer = gw.SQN([x], lr=0.05, history_size=5, update_interval=5)
+    optimizer = gw.SQN([x], lr=0.05, history_size=5, update_every=5)
     for _ in range(1500):
         rows = torch.randint(2000, (20,), generator=generator)
         optimizer.zero_grad()
@@ -224,7 +224,7 @@ def test_sqn_converges_on_a_noisy_strongly_convex_finite_sum():
 
 def test_sqn_asks_for_the_hessian_closure_when_a_pair_is_due():
     x = torch.zeros(3, dtype=torch.float64, requires_grad=True)
-    optimizer = gw.SQN([x], lr=0.1, update_interval=2)
+    optimizer = gw.SQN([x], lr=0.1, update_every=2)
     with pytest.raises(RuntimeError, match="hessian_closure"):
         for _ in range(4):
             x.grad = torch.ones(3, dtype=torch.float64)
@@ -280,7 +280,7 @@ def test_state_dict_round_trips_exactly():
         (lambda p: gw.LBFGS(p, line_search_fn="armijo"), "line_search_fn must be one of"),
         (lambda p: gw.LBFGS(p, lr=0.0), "lr must be > 0"),
         (lambda p: gw.SQN(p, history_size=0), "history_size must be an integer >= 1"),
-        (lambda p: gw.SQN(p, update_interval=0), "update_interval must be an integer >= 1"),
+        (lambda p: gw.SQN(p, update_every=0), "update_every must be an integer >= 1"),
     ],
 )
 def test_bad_hyperparameters_raise_clear_errors(factory, message):

@@ -182,7 +182,7 @@ def _run_sqn(problem, w, record: _Recorder, batch_size: int, generator) -> str:
     lr = 0.0025 / problem.smoothness
     batch_size, interval = 4 * batch_size, 20
     hessian_batch = 10 * batch_size
-    optimizer = SQN([w], lr=lr, history_size=10, update_interval=interval)
+    optimizer = SQN([w], lr=lr, history_size=10, update_every=interval)
     for rows in _batches(generator, problem.num_examples, batch_size):
         optimizer.zero_grad()
         problem.loss(w, rows).backward()

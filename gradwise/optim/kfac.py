@@ -48,7 +48,7 @@ class KFAC(GradwiseOptimizer):
     :math:`0, k, 2k, \dots` only (``stats_every`` :math:`= k`), amortising their cost over
     steps as section 8 of the paper does for the inverses; on the other steps the hooks
     record nothing and the step preconditions with the factors it has. After every
-    ``inverse_frequency``-th factor update (every ``stats_every * inverse_frequency``
+    ``inverse_every``-th factor update (every ``stats_every * inverse_every``
     steps) the damped inverses are recomputed with factored Tikhonov damping,
     :math:`(A + \pi\sqrt\gamma I)^{-1}` and :math:`(G + \sqrt\gamma/\pi\, I)^{-1}`,
     :math:`\pi = \sqrt{(\operatorname{tr}A/\dim A) / (\operatorname{tr}G/\dim G)}`
@@ -110,7 +110,7 @@ class KFAC(GradwiseOptimizer):
         weight_decay: float = 0.0,
         *,
         stat_decay: float = 0.95,
-        inverse_frequency: int = 10,
+        inverse_every: int = 10,
         stats_every: int = 1,
         params: ParamsT | None = None,
     ) -> None:
@@ -123,7 +123,7 @@ class KFAC(GradwiseOptimizer):
             momentum=momentum,
             weight_decay=weight_decay,
             stat_decay=stat_decay,
-            inverse_frequency=inverse_frequency,
+            inverse_every=inverse_every,
         )
         trainable = [p for p in model.parameters() if p.requires_grad]
         super().__init__(trainable if params is None else params, defaults)
@@ -164,7 +164,7 @@ class KFAC(GradwiseOptimizer):
         check_range("momentum", group["momentum"], 0.0, 1.0, high_open=True)
         check_range("weight_decay", group["weight_decay"], 0.0)
         check_range("stat_decay", group["stat_decay"], 0.0, 1.0, high_open=True)
-        check_int("inverse_frequency", group["inverse_frequency"], 1)
+        check_int("inverse_every", group["inverse_every"], 1)
 
     @property
     def stats_due(self) -> bool:
@@ -279,7 +279,7 @@ class KFAC(GradwiseOptimizer):
                 state["factor_updates"] = state.get("factor_updates", 0) + 1
             if "A" not in state:
                 continue  # no statistics yet (the layer ran in eval mode): plain gradient
-            if (state["factor_updates"] - 1) % group["inverse_frequency"] == 0 and pending:
+            if (state["factor_updates"] - 1) % group["inverse_every"] == 0 and pending:
                 state["A_inv"], state["G_inv"] = damped_inverses(state["A"], state["G"], group["damping"])
             gradient = weight.grad.reshape(weight.shape[0], -1)
             if group["weight_decay"] != 0:

@@ -128,7 +128,7 @@ class Shampoo(GradwiseOptimizer):
 
     where :math:`k` is the number of sides longer than 1 (2 for a matrix: the paper's
     :math:`L^{-1/4} G R^{-1/4}`; 1 for a vector, whose side of length 1 is skipped). The
-    inverse roots are recomputed every ``precondition_frequency`` steps from step
+    inverse roots are recomputed every ``precondition_every`` steps from step
     ``start_preconditioning_step`` on (:func:`inverse_root`, eigendecomposition in
     ``eigh_dtype``); before that the step is the grafted direction alone.
 
@@ -183,7 +183,7 @@ class Shampoo(GradwiseOptimizer):
         beta2: float = 1.0,
         eps: float = 1e-12,
         block_size: int = 1024,
-        precondition_frequency: int = 10,
+        precondition_every: int = 10,
         start_preconditioning_step: int = 10,
         graft: str | None = "adagrad",
         graft_beta2: float = 0.999,
@@ -199,7 +199,7 @@ class Shampoo(GradwiseOptimizer):
             beta2=beta2,
             eps=eps,
             block_size=block_size,
-            precondition_frequency=precondition_frequency,
+            precondition_every=precondition_every,
             start_preconditioning_step=start_preconditioning_step,
             graft=graft,
             graft_beta2=graft_beta2,
@@ -218,7 +218,7 @@ class Shampoo(GradwiseOptimizer):
         check_range("beta2", group["beta2"], 0.0, 1.0, low_open=True)
         check_range("eps", group["eps"], 0.0, low_open=True)
         check_int("block_size", group["block_size"], 1)
-        check_int("precondition_frequency", group["precondition_frequency"], 1)
+        check_int("precondition_every", group["precondition_every"], 1)
         check_int("start_preconditioning_step", group["start_preconditioning_step"], 1)
         check_choice("graft", group["graft"], GRAFTS)
         check_range("graft_beta2", group["graft_beta2"], 0.0, 1.0, high_open=True)
@@ -255,7 +255,7 @@ class Shampoo(GradwiseOptimizer):
         start = group["start_preconditioning_step"]
         if step < start or not sides:
             return graft.to(param.dtype)
-        if (step - start) % group["precondition_frequency"] == 0:
+        if (step - start) % group["precondition_every"] == 0:
             for side in sides:
                 root = inverse_root(state[side], 1 / (2 * len(sides)), group["eps"], group["eigh_dtype"])
                 state[f"{side}_root"].copy_(root)

@@ -43,7 +43,7 @@ class SOAP(GradwiseOptimizer):
 
     :math:`k` counting the Adam steps. The first step only initialises the factors and the
     basis (by an eigendecomposition in ``eigh_dtype``), as in the paper. Every
-    ``precondition_frequency`` steps the basis is refreshed by one step of power iteration
+    ``precondition_every`` steps the basis is refreshed by one step of power iteration
     with a QR decomposition, :math:`Q \leftarrow \operatorname{QR}(F Q)`, its columns ordered
     by the estimated eigenvalues :math:`\operatorname{diag}(Q^\top F Q)` (descending), and
     :math:`V'` permuted the same way; :math:`M'`, kept in the rotated frame, is rotated from
@@ -53,7 +53,7 @@ class SOAP(GradwiseOptimizer):
     Adam, which saves an :math:`n \times n` factor and its refresh per bias and gain.
 
     Defaults are the paper's (``lr=3e-3``, ``betas=(0.95, 0.95)``, ``shampoo_beta`` equal to
-    ``betas[1]``, ``eps=1e-8``, ``weight_decay=0.01``, ``precondition_frequency=10``,
+    ``betas[1]``, ``eps=1e-8``, ``weight_decay=0.01``, ``precondition_every=10``,
     ``max_precond_dim=10000``).
 
     State: :math:`M', V'` (8 bytes per fp32 parameter, Adam's) plus, per :math:`m \times n`
@@ -62,7 +62,7 @@ class SOAP(GradwiseOptimizer):
 
     Example::
 
-        opt = gradwise.optim.SOAP(model.parameters(), lr=3e-3, precondition_frequency=10)
+        opt = gradwise.optim.SOAP(model.parameters(), lr=3e-3, precondition_every=10)
         loss_fn(model(x), y).backward()
         opt.step(); opt.zero_grad()
     """
@@ -90,7 +90,7 @@ class SOAP(GradwiseOptimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.01,
         *,
-        precondition_frequency: int = 10,
+        precondition_every: int = 10,
         max_precond_dim: int = 10000,
         precondition_1d: bool = True,
         eigh_dtype: torch.dtype = torch.float32,
@@ -102,7 +102,7 @@ class SOAP(GradwiseOptimizer):
             shampoo_beta=shampoo_beta,
             eps=eps,
             weight_decay=weight_decay,
-            precondition_frequency=precondition_frequency,
+            precondition_every=precondition_every,
             max_precond_dim=max_precond_dim,
             precondition_1d=precondition_1d,
             eigh_dtype=eigh_dtype,
@@ -117,7 +117,7 @@ class SOAP(GradwiseOptimizer):
             check_range("shampoo_beta", group["shampoo_beta"], 0.0, 1.0, high_open=True)
         check_range("eps", group["eps"], 0.0)
         check_range("weight_decay", group["weight_decay"], 0.0)
-        check_int("precondition_frequency", group["precondition_frequency"], 1)
+        check_int("precondition_every", group["precondition_every"], 1)
         check_int("max_precond_dim", group["max_precond_dim"], 1)
         check_choice("eigh_dtype", group["eigh_dtype"], EIGH_DTYPES)
 
@@ -149,7 +149,7 @@ class SOAP(GradwiseOptimizer):
             param.mul_(1 - lr * group["weight_decay"])
         param.add_(direction.view(param.shape), alpha=-step_size)
         _accumulate(state, matrix, shampoo_beta)
-        if step % group["precondition_frequency"] == 0:
+        if step % group["precondition_every"] == 0:
             self._refresh_basis(state)
 
     def _init_state(self, group: dict[str, Any], param: Tensor, matrix: Tensor, shampoo_beta: float) -> None:

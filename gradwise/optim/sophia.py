@@ -30,7 +30,7 @@ class Sophia(GradwiseOptimizer):
 
     The diagonal estimate :math:`\hat h_t` comes from outside, through a two-call API, so
     that any estimator works: :attr:`hessian_update_due` says whether this step is one of
-    every ``hessian_update_interval`` (the first step is), and
+    every ``hessian_every`` (the first step is), and
     :meth:`update_hessian` folds an estimate in. The paper's two estimators live in
     :mod:`gradwise.curvature`: Hutchinson's (``hutchinson_diagonal``, Sophia-H) and
     Gauss-Newton-Bartlett (``gauss_newton_bartlett``, labels sampled from the model's own
@@ -72,7 +72,7 @@ class Sophia(GradwiseOptimizer):
         eps: float = 1e-15,
         weight_decay: float = 0.1,
         *,
-        hessian_update_interval: int = 10,
+        hessian_every: int = 10,
         maximize: bool = False,
     ) -> None:
         defaults = dict(
@@ -81,7 +81,7 @@ class Sophia(GradwiseOptimizer):
             rho=rho,
             eps=eps,
             weight_decay=weight_decay,
-            hessian_update_interval=hessian_update_interval,
+            hessian_every=hessian_every,
             maximize=maximize,
         )
         super().__init__(params, defaults)
@@ -92,7 +92,7 @@ class Sophia(GradwiseOptimizer):
         check_range("rho", group["rho"], 0.0, low_open=True)
         check_range("eps", group["eps"], 0.0, low_open=True)
         check_range("weight_decay", group["weight_decay"], 0.0)
-        check_int("hessian_update_interval", group["hessian_update_interval"], 1)
+        check_int("hessian_every", group["hessian_every"], 1)
 
     def _params(self) -> list[Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
@@ -105,7 +105,7 @@ class Sophia(GradwiseOptimizer):
             if not group["params"]:
                 continue
             step = self.state[group["params"][0]].get("step")
-            if step is None or int(step.item()) % group["hessian_update_interval"] == 0:
+            if step is None or int(step.item()) % group["hessian_every"] == 0:
                 return True
         return False
 

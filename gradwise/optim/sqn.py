@@ -25,7 +25,7 @@ class SQN(SingleParamGroup, GradwiseOptimizer):
     .. math:: x_{k+1} = x_k - \alpha\, H_t\, g_k \quad(\text{plain SGD until the first pair}),
 
     with :math:`H_t` the L-BFGS matrix of the last ``history_size`` pairs. Every
-    ``update_interval`` (:math:`L`) steps the average of the last :math:`L` iterates
+    ``update_every`` (:math:`L`) steps the average of the last :math:`L` iterates
     :math:`\bar x_t` gives a pair
 
     .. math:: s_t = \bar x_t - \bar x_{t-1},\qquad y_t = \nabla^2 F_{S_H}(\bar x_t)\, s_t,
@@ -46,7 +46,7 @@ class SQN(SingleParamGroup, GradwiseOptimizer):
 
     Example::
 
-        opt = gradwise.optim.SQN(model.parameters(), lr=0.1, update_interval=10)
+        opt = gradwise.optim.SQN(model.parameters(), lr=0.1, update_every=10)
         loss_fn(model(xb), yb).backward()
         opt.step(hessian_closure=lambda: loss_fn(model(xh), yh)); opt.zero_grad()
     """
@@ -59,13 +59,13 @@ class SQN(SingleParamGroup, GradwiseOptimizer):
         presets={"sqn": Preset("stochastic quasi-Newton (Byrd et al. 2016)")},
     )
 
-    def __init__(self, params: ParamsT, lr: float = 0.1, history_size: int = 10, update_interval: int = 10) -> None:
-        super().__init__(params, dict(lr=lr, history_size=history_size, update_interval=update_interval))
+    def __init__(self, params: ParamsT, lr: float = 0.1, history_size: int = 10, update_every: int = 10) -> None:
+        super().__init__(params, dict(lr=lr, history_size=history_size, update_every=update_every))
 
     def _validate(self, group: dict[str, Any]) -> None:
         check_range("lr", group["lr"], 0.0)
         check_int("history_size", group["history_size"], 1)
-        check_int("update_interval", group["update_interval"], 1)
+        check_int("update_every", group["update_every"], 1)
 
     @property
     def needs_hessian_closure(self) -> bool:
@@ -73,7 +73,7 @@ class SQN(SingleParamGroup, GradwiseOptimizer):
         group = self.param_groups[0]
         state = self.state[group["params"][0]]
         step = state.get("step", 0) + 1
-        return step % group["update_interval"] == 0 and "previous_average" in state
+        return step % group["update_every"] == 0 and "previous_average" in state
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, hessian_closure: Callable[[], Tensor] | None = None) -> Any:
@@ -98,8 +98,8 @@ class SQN(SingleParamGroup, GradwiseOptimizer):
 
         iterate_sum = state.setdefault("iterate_sum", torch.zeros_like(grad))
         iterate_sum.add_(flat.values())
-        if state["step"] % group["update_interval"] == 0:
-            average = iterate_sum / group["update_interval"]
+        if state["step"] % group["update_every"] == 0:
+            average = iterate_sum / group["update_every"]
             iterate_sum.zero_()
             if "previous_average" in state:
                 s = average - state["previous_average"]
