@@ -213,7 +213,8 @@ def test_shampoo_blocks_large_dimensions():
     # roots, and the Adagrad graft
     assert size.values == 2 * 2 * (1024**2 + 512**2) + 2048 * 512
     # a vector is a 1 x n row: no left factor; 3000 -> 3 equal blocks of 1000
-    assert memory.state_size(gradwise.optim.Shampoo, (3000,), {"block_size": 1024, "graft": None}).values == 3 * 2 * 1000**2
+    vector = memory.state_size(gradwise.optim.Shampoo, (3000,), {"block_size": 1024, "graft": None})
+    assert vector.values == 3 * 2 * 1000**2
 
 
 def test_transformer_shapes_count_gpt2_small_without_position_embeddings():

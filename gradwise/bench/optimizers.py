@@ -20,9 +20,10 @@ problems the best Lion rates are about 100x smaller than Adam's). On the default
 problems every optimizer's best rate lies inside its range; a race notes a chosen rate that lands
 on the edge of its range.
 
-K-FAC (:class:`gradwise.optim.KFAC`, driven by a model) offers no race preset: its preconditioner is built from the
-inputs and output gradients of a model's ``nn.Linear``/``nn.Conv2d`` layers, and the race's
-test functions have none (on them it would be plain SGD). Sophia's entry hands it a
+K-FAC (:class:`gradwise.optim.KFAC`, driven by a model) offers no race preset: its
+preconditioner is built from the inputs and output gradients of a model's
+``nn.Linear``/``nn.Conv2d`` layers, and the race's test functions have none (on them it would
+be plain SGD). Sophia's entry hands it a
 one-probe Hutchinson estimate of the Hessian diagonal every 10 steps (``before_backward``,
 given to every optimizer whose description's drive is ``"hessian_refresh"``).
 """
@@ -100,9 +101,13 @@ def _spec(name: str, optimizer_class: type[Optimizer], preset: Preset) -> Optimi
     """The race entry of a preset, read from its class's description."""
     description = optimizer_class.description
     if description.drive not in ("step", "hessian_refresh"):  # the race evaluates each loss once per step
-        raise ValueError(f"race preset {name!r}: the race cannot drive {optimizer_class.__name__} ({description.drive})")
+        raise ValueError(
+            f"race preset {name!r}: the race cannot drive {optimizer_class.__name__} ({description.drive})"
+        )
     before_backward = _hutchinson_refresh if description.drive == "hessian_refresh" else None
-    return OptimizerSpec(name, optimizer_class, description.lr_range, preset.summary, preset.race_options(), before_backward)
+    return OptimizerSpec(
+        name, optimizer_class, description.lr_range, preset.summary, preset.race_options(), before_backward
+    )
 
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {

@@ -231,7 +231,9 @@ class AdamW(Adam):
         lr_range=(1e-3, 10.0),
         presets={
             # training uses the betas of GPT-style training (nanoGPT) rather than the paper's
-            "adamw": Preset("AdamW (decoupled weight decay 0.01)", train={"betas": (0.9, 0.95)}, race={}, race_default=True),
+            "adamw": Preset(
+                "AdamW (decoupled weight decay 0.01)", train={"betas": (0.9, 0.95)}, race={}, race_default=True
+            ),
             "adamw-amsgrad": Preset("AdamW with AMSGrad", {"amsgrad": True}),
         },
     )

@@ -63,7 +63,9 @@ class Lion(GradwiseOptimizer):
         lr_range=(10**-4.5, 10**-0.5),
         presets={
             # training uses the betas Chen et al. 2023 (arXiv:2302.06675) use for language models
-            "lion": Preset("Lion (sign of interpolated momentum)", train={"betas": (0.9, 0.99)}, race={}, race_default=True),
+            "lion": Preset(
+                "Lion (sign of interpolated momentum)", train={"betas": (0.9, 0.99)}, race={}, race_default=True
+            ),
         },
     )
 

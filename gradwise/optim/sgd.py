@@ -66,9 +66,15 @@ class SGD(GradwiseOptimizer):
         lr_range=(10**-3.5, 10**0.5),
         presets={
             "sgd": Preset("gradient descent", train={}, race={}, race_default=True),
-            "momentum": Preset("SGD with heavy-ball momentum 0.9", {"momentum": 0.9}, train={}, race={}, race_default=True),
+            "momentum": Preset(
+                "SGD with heavy-ball momentum 0.9", {"momentum": 0.9}, train={}, race={}, race_default=True
+            ),
             "nesterov": Preset(
-                "SGD with Nesterov momentum 0.9", {"momentum": 0.9, "nesterov": True}, train={}, race={}, race_default=True
+                "SGD with Nesterov momentum 0.9",
+                {"momentum": 0.9, "nesterov": True},
+                train={},
+                race={},
+                race_default=True,
             ),
         },
     )

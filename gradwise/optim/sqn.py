@@ -88,7 +88,8 @@ class SQN(SingleParamGroup, GradwiseOptimizer):
         flat = single_group_params(self)
         state = self.state[flat.params[0]]
         state["step"] = state.get("step", 0) + 1
-        pairs = CurvaturePairs(state.setdefault("s_history", []), state.setdefault("y_history", []), group["history_size"])
+        s_history, y_history = state.setdefault("s_history", []), state.setdefault("y_history", [])
+        pairs = CurvaturePairs(s_history, y_history, group["history_size"])
         grad = flat.grads()
         if pairs.s_history:
             direction = pairs.direction(grad, state["gamma"])

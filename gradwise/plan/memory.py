@@ -113,13 +113,17 @@ def description_of(optimizer_class: type[torch.optim.Optimizer]) -> Description:
     return description
 
 
-def state_size(optimizer_class: type[torch.optim.Optimizer], shape: tuple[int, ...], options: Mapping[str, Any]) -> StateSize:
+def state_size(
+    optimizer_class: type[torch.optim.Optimizer], shape: tuple[int, ...], options: Mapping[str, Any]
+) -> StateSize:
     """The optimizer state that ``optimizer_class`` keeps for one tensor of ``shape`` (for a
     description with ``flat_state``: for a param group of ``shape == (numel,)``)."""
     return description_of(optimizer_class).state(tuple(shape), options)
 
 
-def group_state_size(optimizer_class: type[torch.optim.Optimizer], shapes: Shapes, options: Mapping[str, Any]) -> StateSize:
+def group_state_size(
+    optimizer_class: type[torch.optim.Optimizer], shapes: Shapes, options: Mapping[str, Any]
+) -> StateSize:
     """The optimizer state that ``optimizer_class`` keeps for a param group of ``shapes``."""
     return description_of(optimizer_class).state_of(shapes, options)
 

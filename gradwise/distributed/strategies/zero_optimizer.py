@@ -4,23 +4,26 @@ state (stage 1) and of the gradients (stage 2), and updates only its part of the
 Rajbhandari et al. 2020, "ZeRO: Memory Optimizations Toward Training Trillion Parameter
 Models", arXiv:1910.02054, section 5 (:math:`P_{os}` is stage 1, :math:`P_{os+g}` stage 2).
 Data parallelism keeps a full copy of the optimizer state on every rank, although each
-rank computes the same update from the same averaged gradient. ZeRO partitions it:
+rank computes the same update from the same averaged gradient. ZeRO partitions it as the
+optimizer class's description says (:attr:`gradwise.optim.description.Description.sharding`):
 
-- **element-wise optimizers** (SGD, Adagrad, RMSprop, Adam/AdamW, NAdam, Lion), whose
-  update of a coordinate needs only that coordinate, shard flat buffers evenly: the
+- **element-wise optimizers** (``"element"``: SGD, Adagrad, RMSprop, Adam/AdamW, NAdam,
+  Lion), whose update of a coordinate needs only that coordinate, shard flat buffers: the
   parameters of each param group (per dtype and device) are laid end to end in one buffer
   of :math:`P` elements, padded to a multiple of :math:`N`, and rank :math:`r` owns the
   contiguous slice :math:`[rP'/N, (r+1)P'/N)` of it, :math:`P' = N\lceil P/N\rceil`. An
   optimizer of the same class and hyperparameters steps that slice (one flat tensor), so
   its state is :math:`1/N` of the unsharded state, exactly up to the padding;
-- **matrix and other non-element-wise optimizers** (Muon with its AdamW-routed tensors,
-  Shampoo, SOAP, Adafactor, Sophia, K-FAC) need whole tensors (Newton-Schulz, Kronecker
-  factors, row and column statistics), so whole tensors are assigned to ranks, balanced by
+- **matrix and other non-element-wise optimizers** (``"tensor"``: Muon with its AdamW-routed
+  tensors, Shampoo, SOAP, Adafactor, Sophia; ``"layer"``: K-FAC) need whole tensors
+  (Newton-Schulz, Kronecker factors, row and column statistics), so whole tensors are assigned to ranks, balanced by
   size (:func:`assign_whole_tensors`), and each matrix is preconditioned on its owner only;
-  the state per rank is then :math:`1/N` of the total within one tensor's state. A K-FAC
-  layer's weight and bias stay together (one Kronecker block), and the layer's factors of
-  the step, recorded by the local K-FAC's hooks on every rank from its own rows, are
-  averaged onto the owner, so they are those of the global batch.
+  the state per rank is then :math:`1/N` of the total within one tensor's state. With
+  ``"layer"`` sharding a layer's weight and bias stay together (K-FAC: one Kronecker block); an
+  optimizer bound to a model (drive ``"model"``) restricts itself to the owned layers
+  (``restricted_to``), and the layer's statistics of the step, recorded by its hooks on every
+  rank from its own rows, are averaged onto the owner, so they are those of the global batch.
+  Optimizers without a sharding (closure-driven, flat-vector methods) are refused.
 
 Per step, with no DDP wrapper around the model: after the backward passes
 :meth:`ZeroOptimizer.reduce_gradients` averages the gradients over the ranks, as DDP does.
@@ -63,6 +66,7 @@ from torch import Tensor
 
 from gradwise.distributed.state_bytes import optimizer_state_bytes
 from gradwise.validation import check_choice, check_int, check_range
+
 
 def sharding_of(optimizer: torch.optim.Optimizer) -> str | None:
     """How the optimizer's state is divided, from its class's description
