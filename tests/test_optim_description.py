@@ -10,7 +10,15 @@ import torch
 import gradwise.optim
 from gradwise.bench import optimizers as race_registry
 from gradwise.distributed.strategies.zero_optimizer import ZeroOptimizer, sharding_of
-from gradwise.optim.description import Description, Preset, StateSize, described_optimizers, moments, presets
+from gradwise.optim.description import (
+    Description,
+    Preset,
+    StateSize,
+    described_optimizers,
+    description_of,
+    moments,
+    presets,
+)
 from gradwise.plan import memory
 from gradwise.train import optimizers as train_registry
 
@@ -69,7 +77,7 @@ def test_a_new_optimizer_reaches_every_registry_from_its_description(monkeypatch
     monkeypatch.setattr(gradwise.optim, "Mine", Mine, raising=False)
     monkeypatch.setattr(gradwise.optim, "__all__", [*gradwise.optim.__all__, "Mine"])
     assert presets()["mine"][0] is Mine
-    assert memory.description_of(Mine).state((3, 2), {}) == StateSize(6)
+    assert description_of(Mine).state((3, 2), {}) == StateSize(6)
 
 
 def test_two_classes_claiming_one_name_or_a_class_without_description_are_refused(monkeypatch):

@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -42,7 +42,7 @@ from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT
 
 from gradwise.curvature.hutchinson import hutchinson_diagonal
-from gradwise.optim.description import Preset, presets
+from gradwise.optim.description import HessianRefreshed, Preset, description_of, presets
 from gradwise.validation import check_choice, check_int
 
 
@@ -92,18 +92,21 @@ _HUTCHINSON_PROBES = torch.Generator().manual_seed(0)
 def _hutchinson_refresh(optimizer: Optimizer, loss: Tensor, params: list[Tensor]) -> None:
     """Hand an optimizer driven by ``"hessian_refresh"`` (Sophia) a one-probe Hutchinson
     estimate of the Hessian diagonal when it is due."""
-    if optimizer.hessian_update_due:
+    refreshed = cast(HessianRefreshed, optimizer)
+    if refreshed.hessian_update_due:
         grads = torch.autograd.grad(loss, params, create_graph=True)
-        optimizer.update_hessian(hutchinson_diagonal(grads, params, generator=_HUTCHINSON_PROBES), params)
+        refreshed.update_hessian(hutchinson_diagonal(grads, params, generator=_HUTCHINSON_PROBES), params)
 
 
 def _spec(name: str, optimizer_class: type[Optimizer], preset: Preset) -> OptimizerSpec:
     """The race entry of a preset, read from its class's description."""
-    description = optimizer_class.description
+    description = description_of(optimizer_class)
     if description.drive not in ("step", "hessian_refresh"):  # the race evaluates each loss once per step
         raise ValueError(
             f"race preset {name!r}: the race cannot drive {optimizer_class.__name__} ({description.drive})"
         )
+    if description.lr_range is None:  # a Description with race presets has one; this says so to the type checker
+        raise ValueError(f"race preset {name!r}: {optimizer_class.__name__} has no lr_range")
     before_backward = _hutchinson_refresh if description.drive == "hessian_refresh" else None
     return OptimizerSpec(
         name, optimizer_class, description.lr_range, preset.summary, preset.race_options(), before_backward

@@ -19,7 +19,7 @@ import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 Drive = Literal["step", "closure", "hessian_closure", "model", "hessian_refresh", "sample_index"]
 """How a step is driven:
@@ -169,6 +169,41 @@ class Description:
         return StateSize(sum(s.values * c for s, c in sizes), sum(s.scalars * c for s, c in sizes))
 
 
+def description_of(optimizer_class: type, inherited: bool = False) -> Description:
+    """The description of ``optimizer_class``: its own (the default: a subclass may change the
+    algorithm, so its parent's state rule is not taken on trust), or with ``inherited`` the
+    nearest in its classes (ZeRO shards a subclass of AdamW as AdamW). A ``KeyError`` names a
+    class without one."""
+    description = getattr(optimizer_class, "description", None) if inherited else optimizer_class.__dict__.get(
+        "description"
+    )
+    if not isinstance(description, Description):
+        raise KeyError(
+            f"no memory rule for optimizer class {optimizer_class.__name__!r}: give it a "
+            "`description = Description(...)` (gradwise.optim.description) with its state rule"
+        )
+    return description
+
+
+class ModelBound(Protocol):
+    """What an optimizer driven by ``"model"`` offers (K-FAC): see :data:`Drive`."""
+
+    layers: list[Any]
+
+    def restricted_to(self, params: Any) -> Any: ...
+
+    def pending_factors(self) -> dict[Any, tuple[Any, Any]]: ...
+
+
+class HessianRefreshed(Protocol):
+    """What an optimizer driven by ``"hessian_refresh"`` offers (Sophia): see :data:`Drive`."""
+
+    @property
+    def hessian_update_due(self) -> bool: ...
+
+    def update_hessian(self, estimates: Any, params: Any) -> None: ...
+
+
 def described_optimizers() -> Iterator[type]:
     """Every optimizer class that :mod:`gradwise.optim` exports, in the order of their files
     (the base class, which describes no algorithm, excluded)."""
@@ -192,9 +227,12 @@ def presets() -> dict[str, tuple[type, Preset]]:
     """
     table: dict[str, tuple[type, Preset]] = {}
     for cls in described_optimizers():
-        description = cls.__dict__.get("description")
-        if not isinstance(description, Description):
-            raise ValueError(f"{cls.__name__} has no description: give the class a `description = Description(...)`")
+        try:
+            description = description_of(cls)
+        except KeyError:
+            raise ValueError(
+                f"{cls.__name__} has no description: give the class a `description = Description(...)`"
+            ) from None
         for name, preset in description.presets.items():
             if name in table:
                 raise ValueError(f"preset {name!r} is claimed by {table[name][0].__name__} and {cls.__name__}")

@@ -49,7 +49,7 @@ from typing import Any
 
 import torch
 
-from gradwise.optim.description import Description, StateSize, numel, presets
+from gradwise.optim.description import StateSize, description_of, numel, presets
 from gradwise.validation import check_choice, check_int, check_range
 
 SCALAR_STATE_BYTES = 4
@@ -100,17 +100,6 @@ OPTIMIZERS: dict[str, OptimizerPreset] = {
     for name, (optimizer_class, preset) in presets().items()
 }
 """Every preset of every optimizer's description (the planner offers them all)."""
-
-
-def description_of(optimizer_class: type[torch.optim.Optimizer]) -> Description:
-    """The class's own description (a subclass does not inherit its parent's state rule)."""
-    description = optimizer_class.__dict__.get("description")
-    if not isinstance(description, Description):
-        raise KeyError(
-            f"no memory rule for optimizer class {optimizer_class.__name__!r}: give it a "
-            "`description = Description(...)` (gradwise.optim.description) with its state rule"
-        )
-    return description
 
 
 def state_size(

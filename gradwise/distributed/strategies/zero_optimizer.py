@@ -58,13 +58,14 @@ Example (every rank runs this; each feeds its own rows of the global batch)::
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from gradwise.distributed.state_bytes import optimizer_state_bytes
+from gradwise.optim.description import ModelBound, description_of
 from gradwise.validation import check_choice, check_int, check_range
 
 
@@ -73,8 +74,10 @@ def sharding_of(optimizer: torch.optim.Optimizer) -> str | None:
     (:attr:`gradwise.optim.description.Description.sharding`; a subclass inherits it):
     ``"element"`` (flat slices), ``"tensor"`` (whole tensors), ``"layer"`` (whole layers), or
     ``None`` for an optimizer that ZeRO cannot shard (or one without a description)."""
-    description = getattr(type(optimizer), "description", None)
-    return getattr(description, "sharding", None)
+    try:
+        return description_of(type(optimizer), inherited=True).sharding
+    except KeyError:
+        return None
 
 
 def assign_whole_tensors(sizes: Sequence[int], world_size: int) -> list[int]:
@@ -125,7 +128,8 @@ def _units(optimizer: torch.optim.Optimizer, params: list[Tensor]) -> list[list[
     if sharding_of(optimizer) != "layer":
         return [[p] for p in params]
     ours = {id(p) for p in params}
-    layers = [[p for p in (layer.weight, layer.bias) if p is not None and id(p) in ours] for layer in optimizer.layers]
+    modules = cast(ModelBound, optimizer).layers
+    layers = [[p for p in (layer.weight, layer.bias) if p is not None and id(p) in ours] for layer in modules]
     layers = [unit for unit in layers if unit]
     in_layers = {id(p) for unit in layers for p in unit}
     return layers + [[p] for p in params if id(p) not in in_layers]
@@ -321,9 +325,9 @@ class _WholeTensorLayout:
         ]
         # an optimizer bound to a model is rebuilt by itself (K-FAC hands its layers' hooks over);
         # any other from its param groups
-        self.model_bound = optimizer.description.drive == "model"
+        self.model_bound = description_of(type(optimizer), inherited=True).drive == "model"
         if self.model_bound:
-            self.local_optimizer = optimizer.restricted_to(inner_groups)
+            self.local_optimizer = cast(ModelBound, optimizer).restricted_to(inner_groups)
         else:
             self.local_optimizer = type(optimizer)(inner_groups)
         # Per dtype and device, per owning rank: the tensors that travel together.
@@ -357,8 +361,9 @@ class _WholeTensorLayout:
         """Each layer's statistics of this step (K-FAC: its factors, ``pending_factors()``), averaged over the ranks onto the layer's
         owner: the factors of the global batch (KAISA, Pauloski et al. 2021, arXiv:2107.01739,
         likewise assigns each layer's preconditioner to one worker)."""
-        pending = self.local_optimizer.pending_factors()
-        for layer in self.local_optimizer.layers:
+        local = cast(ModelBound, self.local_optimizer)
+        pending = local.pending_factors()
+        for layer in local.layers:
             if layer not in pending or id(layer.weight) not in self.owner:
                 continue
             owner = self.owner[id(layer.weight)]
