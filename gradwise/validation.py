@@ -58,11 +58,12 @@ def check_int(name: str, value: Any, low: int | None = None, high: int | None = 
     """Check that ``value`` is an integer (not a bool) within ``[low, high]``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name} must be an integer, got {value!r}")
-    if (low is not None and value < low) or (high is not None and value > high):
+    number = int(value)  # any Integral (a numpy integer too) as a plain int, to compare and return
+    if (low is not None and number < low) or (high is not None and number > high):
         lo = -math.inf if low is None else low
         hi = math.inf if high is None else high
         raise ValueError(f"{name} must be an integer {_describe(lo, hi, False, False)}, got {value!r}")
-    return int(value)
+    return number
 
 
 def check_betas(name: str, betas: Any, count: int = 2) -> tuple[float, ...]:

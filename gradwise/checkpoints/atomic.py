@@ -25,10 +25,10 @@ import os
 import pickle
 import random
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -113,7 +113,8 @@ def write_atomically(path: Path, data: bytes) -> None:
 
 def rng_state() -> dict[str, Any]:
     """Every random number generator the run may draw from: Python's, NumPy's, torch's CPU and CUDA."""
-    numpy_state = np.random.get_state(legacy=True)
+    # legacy=True always gives the tuple form (the stubs also allow the dict that legacy=False may give)
+    numpy_state = cast(tuple[Any, ...], np.random.get_state(legacy=True))
     state = {
         "python": random.getstate(),
         "numpy": (numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]),
@@ -175,7 +176,7 @@ class CheckpointManager:
 
     def load_newest(self) -> tuple[dict[str, Any] | None, Path | None, list[Skipped]]:
         """The payload of the newest checkpoint that verifies, its path, and those skipped on the way."""
-        skipped = []
+        skipped: list[Skipped] = []
         for _, path in self.checkpoints():
             try:
                 return read_checkpoint(path), path, skipped
@@ -203,6 +204,7 @@ def first_nonfinite(tree: Any, name: str = "") -> str | None:
         if (local.is_floating_point() or local.is_complex()) and not bool(torch.isfinite(local).all()):
             return name or "tensor"
         return None
+    items: Iterable[tuple[Any, Any]]
     if isinstance(tree, dict):
         items = tree.items()
     elif isinstance(tree, (list, tuple)):

@@ -48,7 +48,7 @@ def gnvp(
     def outputs(*xs: Tensor) -> Tensor:
         return outputs_fn(list(xs))
 
-    z, jv = torch.func.jvp(outputs, primals, tuple(v.detach() for v in vector))
-    _, hjv = torch.func.jvp(torch.func.grad(loss_on_outputs), (z.detach(),), (jv,))
-    _, vjp_fn = torch.func.vjp(outputs, *primals)
+    z, jv = torch.func.jvp(outputs, primals, tuple(v.detach() for v in vector))  # type: ignore[misc]  # torch.func.jvp is annotated 2-or-3-tuple (no overload on has_aux)
+    _, hjv = torch.func.jvp(torch.func.grad(loss_on_outputs), (z.detach(),), (jv,))  # type: ignore[misc]  # as above
+    _, vjp_fn = torch.func.vjp(outputs, *primals)  # type: ignore[misc]  # likewise torch.func.vjp
     return list(vjp_fn(hjv))

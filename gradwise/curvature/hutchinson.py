@@ -44,6 +44,7 @@ def _hvp_closure(loss_fn_or_grads: LossOrGrads, params: Sequence[Tensor]) -> Cal
     """A function ``v -> Hv`` by double backward, from a loss closure or from gradients
     that were computed with ``create_graph=True``."""
     params = list(params)
+    grads: Sequence[Tensor]
     if callable(loss_fn_or_grads):
         leaves = [p.detach().requires_grad_(True) for p in params]
         with torch.enable_grad():

@@ -47,7 +47,9 @@ def hvp_double_backward(loss_fn: LossFn, params: Sequence[Tensor], vector: Seque
     vector = check_like("vector", vector, params)
     leaves = _leaves(params)
     with torch.enable_grad():
-        grads = torch.autograd.grad(loss_fn(leaves), leaves, create_graph=True, allow_unused=True, materialize_grads=True)
+        grads = torch.autograd.grad(
+            loss_fn(leaves), leaves, create_graph=True, allow_unused=True, materialize_grads=True
+        )
         return list(torch.autograd.grad(grads, leaves, vector, allow_unused=True, materialize_grads=True))
 
 
@@ -64,7 +66,7 @@ def hvp_forward_over_reverse(loss_fn: LossFn, params: Sequence[Tensor], vector: 
     def grad_fn(*xs: Tensor) -> tuple[Tensor, ...]:
         return tuple(torch.func.grad(lambda ys: loss_fn(list(ys)))(xs))
 
-    _, product = torch.func.jvp(grad_fn, primals, tangents)
+    _, product = torch.func.jvp(grad_fn, primals, tangents)  # type: ignore[misc]  # torch.func.jvp is annotated 2-or-3-tuple (no overload on has_aux)
     return list(product)
 
 

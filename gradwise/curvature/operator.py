@@ -27,7 +27,9 @@ def hessian_operator(loss_fn: LossFn, params: Sequence[Tensor]) -> MatVec:
     """
     leaves = [p.detach().requires_grad_(True) for p in params]
     with torch.enable_grad():
-        grads = torch.autograd.grad(loss_fn(leaves), leaves, create_graph=True, allow_unused=True, materialize_grads=True)
+        grads = torch.autograd.grad(
+            loss_fn(leaves), leaves, create_graph=True, allow_unused=True, materialize_grads=True
+        )
 
     def matvec(vector: Tensor) -> Tensor:
         with torch.enable_grad():

@@ -29,7 +29,7 @@ def module_loss(
         Hv = hvp(loss_fn, params, v)
     """
     names = [name for name, p in model.named_parameters() if p.requires_grad]
-    params = [p for p in model.parameters() if p.requires_grad]
+    params: list[Tensor] = [p for p in model.parameters() if p.requires_grad]
 
     def loss_fn(values: Sequence[Tensor]) -> Tensor:
         outputs = torch.func.functional_call(model, dict(zip(names, values)), (inputs,))
@@ -41,7 +41,7 @@ def module_loss(
 def module_outputs(model: nn.Module, inputs: Tensor) -> tuple[Callable[[Sequence[Tensor]], Tensor], list[Tensor]]:
     """A functional ``params -> model(inputs)`` and the model's trainable parameters."""
     names = [name for name, p in model.named_parameters() if p.requires_grad]
-    params = [p for p in model.parameters() if p.requires_grad]
+    params: list[Tensor] = [p for p in model.parameters() if p.requires_grad]
 
     def outputs_fn(values: Sequence[Tensor]) -> Tensor:
         return torch.func.functional_call(model, dict(zip(names, values)), (inputs,))

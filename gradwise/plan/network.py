@@ -167,15 +167,15 @@ class SpanningTree:
 
 def spanning_tree(topology: Topology) -> SpanningTree:
     """The minimum spanning tree (forest) of the links that have a latency or cost."""
-    weighted = [link for link in topology.links if link.latency is not None]
+    weighted = [(link, link.latency) for link in topology.links if link.latency is not None]
     if not weighted:
         raise ValueError("topology has no link with a latency or cost")
     index = _index(topology)
     size = len(index)
     weights: dict[tuple[int, int], float] = {}
-    for link in weighted:  # undirected: keep the cheapest of parallel links
-        key = tuple(sorted((index[link.source], index[link.target])))
-        weights[key] = min(weights.get(key, math.inf), link.latency)
+    for link, latency in weighted:  # undirected: keep the cheapest of parallel links
+        low, high = sorted((index[link.source], index[link.target]))
+        weights[(low, high)] = min(weights.get((low, high), math.inf), latency)
     rows, cols = zip(*weights)
     graph = csr_array((list(weights.values()), (rows, cols)), shape=(size, size))
     tree = minimum_spanning_tree(graph).tocoo()
@@ -202,7 +202,7 @@ def max_flow(topology: Topology, source: str | None = None, sinks: list[str] | N
     bandwidths, with a minimum cut."""
     source = source if source is not None else topology.source
     sinks = list(sinks if sinks is not None else topology.sinks)
-    links = [link for link in topology.links if link.bandwidth is not None]
+    links = [(link, link.bandwidth) for link in topology.links if link.bandwidth is not None]
     if not links:
         raise ValueError("topology has no link with a bandwidth")
     index = _index(topology)
@@ -217,11 +217,11 @@ def max_flow(topology: Topology, source: str | None = None, sinks: list[str] | N
         raise ValueError(f"source {source!r} is also a sink")
 
     capacity: dict[tuple[int, int], float] = {}
-    for link in links:
+    for link, bandwidth in links:
         pairs = [(link.source, link.target)] + ([] if topology.directed else [(link.target, link.source)])
         for u, v in pairs:
             key = (index[u], index[v])
-            capacity[key] = capacity.get(key, 0.0) + link.bandwidth
+            capacity[key] = capacity.get(key, 0.0) + bandwidth
     total = sum(capacity.values())
     whole = all(float(c).is_integer() for c in capacity.values()) and 2 * total < 2**31
     unit = 1.0 if whole else total / INT32_BUDGET
@@ -245,11 +245,11 @@ def max_flow(topology: Topology, source: str | None = None, sinks: list[str] | N
     reachable = set(breadth_first_order(residual, index[source], directed=True, return_predecessors=False).tolist())
     names = list(index)
     cut: dict[tuple[str, str], float] = {}
-    for link in links:
+    for link, bandwidth in links:
         pairs = [(link.source, link.target)] + ([] if topology.directed else [(link.target, link.source)])
         for u, v in pairs:
             if index[u] in reachable and index[v] not in reachable:
-                cut[(u, v)] = cut.get((u, v), 0.0) + link.bandwidth
+                cut[(u, v)] = cut.get((u, v), 0.0) + bandwidth
     used = [
         (names[i], names[j], float(flow[i, j]) * unit)
         for i in range(len(names)) for j in range(len(names)) if flow[i, j] > 0

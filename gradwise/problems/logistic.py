@@ -63,7 +63,8 @@ class SparseRows:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return tuple(self.matrix.shape)
+        rows, cols = self.matrix.shape
+        return rows, cols
 
     def matvec(self, w: Tensor) -> Tensor:
         """``X w`` as a segmented sum over the rows' entries (torch's CSR matrix-vector
@@ -86,7 +87,11 @@ class SparseRows:
         order = np.argsort(col, kind="stable")
         crow_t = np.concatenate([[0], np.cumsum(np.bincount(col, minlength=self.shape[1]))])
         transpose = SparseRows.from_csr(
-            crow_t, self.row_of_entry.numpy()[order], self.matrix.values().numpy()[order], self.shape[0], self.matrix.dtype
+            crow_t,
+            self.row_of_entry.numpy()[order],
+            self.matrix.values().numpy()[order],
+            self.shape[0],
+            self.matrix.dtype,
         )
         return SparseRows(self.matrix, self.row_of_entry, transpose)
 

@@ -22,7 +22,7 @@ from gradwise.checkpoints.atomic import write_atomically
 
 def read_records(path: Path) -> list[dict[str, Any]]:
     """The records of a JSONL file, stopping at the first line that does not parse (a cut-off write)."""
-    records = []
+    records: list[dict[str, Any]] = []
     if not path.exists():
         return records
     for line in path.read_text().splitlines():

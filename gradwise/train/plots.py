@@ -15,7 +15,7 @@ def plot_training(records: list[dict[str, Any]], path: Path, title: str, eval_me
     figure = Figure(figsize=(9, 9), layout="constrained")
     loss_axes, lr_axes, norm_axes = figure.subplots(3, 1, sharex=True)
     loss_axes.plot([r["step"] for r in train], [r["loss"] for r in train], linewidth=0.8, label="training loss")
-    if evaluations:
+    if eval_metric is not None and evaluations:
         loss_axes.plot([r["step"] for r in evaluations], [r[eval_metric] for r in evaluations], "o-",
                        markersize=3, label=eval_metric)
     loss_axes.set_ylabel("loss")

@@ -87,7 +87,7 @@ class ServerLog:
 
 
 def _trainable(model: nn.Module) -> list[Tensor]:
-    params = [p for p in model.parameters() if p.requires_grad]
+    params: list[Tensor] = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
     dtypes = {p.dtype for p in params}

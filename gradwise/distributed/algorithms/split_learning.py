@@ -110,7 +110,10 @@ class SplitServer:
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.loss_fn(self.top(activations), targets)
         loss.backward()
-        dist.send(activations.grad, self.client)
-        self.bytes_sent += _nbytes(activations.grad)
+        grad = activations.grad
+        if grad is None:
+            raise RuntimeError("the server's model does not use the activations: there is no gradient to send back")
+        dist.send(grad, self.client)
+        self.bytes_sent += _nbytes(grad)
         self.optimizer.step()
         return float(loss.detach())
