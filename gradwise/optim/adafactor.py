@@ -141,7 +141,7 @@ class Adafactor(GradwiseOptimizer):
         grads = maybe_negate(grads, group["maximize"])
         for param in params:
             self._init_state(param)
-        steps = [self.state[p]["step"] for p in params]
+        steps = self._step_counters(params, on_device=False)
         torch._foreach_add_(steps, 1)
         counts = [step.item() for step in steps]
         # Relative step sizes need RMS(theta) before the decay and the update.
