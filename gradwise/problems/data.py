@@ -70,7 +70,8 @@ class ShuffledEpochs:
     def __init__(self, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int, seed: int = 0) -> None:
         if inputs.shape[0] != targets.shape[0] or inputs.shape[0] == 0:
             raise ValueError(
-                f"inputs and targets need the same, non-zero number of rows, got {inputs.shape[0]} and {targets.shape[0]}"
+                "inputs and targets need the same, non-zero number of rows, "
+                f"got {inputs.shape[0]} and {targets.shape[0]}"
             )
         self.inputs, self.targets = inputs, targets
         self.batch_size = check_int("batch_size", batch_size, 1)

@@ -14,6 +14,7 @@ loss at most ``TARGET_FRACTION`` of the unigram baseline on the same split.
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -54,8 +55,9 @@ class Block(nn.Module):
         self.norm_attention = nn.LayerNorm(d_model)
         self.attention = CausalSelfAttention(d_model, n_head, n_layer)
         self.norm_mlp = nn.LayerNorm(d_model)
-        self.mlp = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model))
-        nn.init.normal_(self.mlp[2].weight, std=0.02 / math.sqrt(2 * n_layer))
+        expand, contract = nn.Linear(d_model, 4 * d_model), nn.Linear(4 * d_model, d_model)
+        self.mlp = nn.Sequential(expand, nn.GELU(), contract)
+        nn.init.normal_(contract.weight, std=0.02 / math.sqrt(2 * n_layer))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attention(self.norm_attention(x))
@@ -82,10 +84,14 @@ class TinyGPT(nn.Module):
             if isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, std=0.02)
             elif isinstance(module, nn.Linear):
-                if module not in (*(block.attention.proj for block in self.blocks),
-                                  *(block.mlp[2] for block in self.blocks)):
+                if module not in (*(block.attention.proj for block in self.transformer_blocks()),
+                                  *(block.mlp[2] for block in self.transformer_blocks())):
                     nn.init.normal_(module.weight, std=0.02)
                 nn.init.zeros_(module.bias)
+
+    def transformer_blocks(self) -> list[Block]:
+        """The blocks, typed as such (an ``nn.ModuleList`` hands a type checker plain ``nn.Module``s)."""
+        return [cast(Block, block) for block in self.blocks]  # __init__ fills self.blocks with Blocks only
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         length = tokens.shape[1]
@@ -158,7 +164,8 @@ def byte_language_model(
     parameters = sum(p.numel() for p in model.parameters())
 
     def evaluate(model: nn.Module, full: bool) -> dict[str, float]:
-        return {"val_loss": validation_loss(model, corpus.validation, seq_len, final_eval_windows if full else eval_windows)}
+        windows = final_eval_windows if full else eval_windows
+        return {"val_loss": validation_loss(model, corpus.validation, seq_len, windows)}
 
     return Workload(
         name=name,

@@ -59,7 +59,7 @@ class TinyGPTStage(nn.Module):
             self.norm = model.norm
             self.output_weight = nn.Parameter(model.token_embedding.weight.detach().clone())
 
-    def tied_weight(self) -> nn.Parameter | None:
+    def tied_weight(self) -> torch.Tensor | None:
         """This stage's copy of the token-embedding / output matrix (``None`` on a middle stage)."""
         if self.is_first:
             return self.token_embedding.weight
@@ -186,10 +186,12 @@ class TinyGPTPipeline:
         return norm
 
     @torch.no_grad()
-    def _sum_tied_gradients(self, tied: nn.Parameter | None, earlier: torch.Tensor | None) -> None:
+    def _sum_tied_gradients(self, tied: torch.Tensor | None, earlier: torch.Tensor | None) -> None:
         """All-reduce this step's gradient of the tied matrix over the pipeline (middle stages add zeros),
         then add back what had accumulated before the step."""
         grad = tied.grad if tied is not None else torch.zeros(self.tied_shape, device=self.device)
+        if grad is None:
+            raise RuntimeError("the tied token-embedding matrix has no gradient after the backward pass")
         dist.all_reduce(grad, group=self.group)
         if earlier is not None:
             grad += earlier

@@ -1,4 +1,5 @@
-"""Tensor parallelism for :class:`~gradwise.problems.tiny_gpt.TinyGPT` (the model-specific plan; the mesh helpers are in :mod:`gradwise.distributed.mesh`).
+"""Tensor parallelism for :class:`~gradwise.problems.tiny_gpt.TinyGPT` (the model-specific plan;
+the mesh helpers are in :mod:`gradwise.distributed.mesh`).
 
 Megatron-LM's layout (Shoeybi et al. 2019, arXiv:1909.08053, section 3) on
 ``torch.distributed.tensor.parallel``: in every block the first Linear of each pair is split
@@ -62,10 +63,11 @@ def parallelize_tiny_gpt(model: TinyGPT, tp_mesh: DeviceMesh) -> TinyGPT:
     if tp_mesh.ndim != 1:
         raise ValueError(f"tp_mesh must be one-dimensional, got a mesh of shape {tuple(tp_mesh.shape)}")
     tp = tp_mesh.size()
-    n_head = model.blocks[0].attention.n_head
+    blocks = model.transformer_blocks()
+    n_head = blocks[0].attention.n_head
     if n_head % tp:
         raise ValueError(f"n_head must be a multiple of the tensor-parallel degree, got n_head={n_head}, tp={tp}")
-    for block in model.blocks:
+    for block in blocks:
         attention = block.attention
         order = qkv_row_order(attention.qkv.in_features, tp)
         with torch.no_grad():
@@ -78,8 +80,10 @@ def parallelize_tiny_gpt(model: TinyGPT, tp_mesh: DeviceMesh) -> TinyGPT:
             "mlp.2": RowwiseParallel(use_local_output=False),
         })
     for embedding in (model.token_embedding, model.position_embedding):
-        distribute_module(embedding, tp_mesh, input_fn=_replicated_inputs)
-    return distribute_module(model, tp_mesh, output_fn=_local_output)
+        # The ignores: torch annotates input_fn/output_fn as returning None, though it uses what they return
+        distribute_module(embedding, tp_mesh, input_fn=_replicated_inputs)  # type: ignore[arg-type]
+    distribute_module(model, tp_mesh, output_fn=_local_output)  # type: ignore[arg-type]  # in place
+    return model
 
 
 def _replicated_inputs(module: nn.Module, inputs: tuple, mesh: DeviceMesh) -> tuple:

@@ -101,8 +101,8 @@ def check_labels(y_array: np.ndarray, path: Path) -> np.ndarray:
                          f"dtype {y_array.dtype}")
     if y_array.size == 0:
         raise ValueError(f"{where!r}: labels are empty")
-    for bad, what in ((y_array < 0, "is negative"), (y_array >= MAX_CLASSES,
-                      f"is not a class index 0..{MAX_CLASSES - 1} (gradwise classifies at most {MAX_CLASSES} classes)")):
+    too_large = f"is not a class index 0..{MAX_CLASSES - 1} (gradwise classifies at most {MAX_CLASSES} classes)"
+    for bad, what in ((y_array < 0, "is negative"), (y_array >= MAX_CLASSES, too_large)):
         if bad.any():
             row = int(np.argmax(bad))
             raise ValueError(f"{where!r} row {row}: label {y_array[row]} {what}")
@@ -126,10 +126,10 @@ def text_file(batch_size: int, seed: int = 0, data: list[str] | None = None, seq
     files = _single_path(data or [], "text", "one text file")
     if len(files) != 1:
         raise ValueError(f"workload 'text' takes one text file, got {len(files)}")
-    data = read_user_file(files[0], "data file", MAX_DATA_BYTES)
-    if not data:
+    raw = read_user_file(files[0], "data file", MAX_DATA_BYTES)
+    if not raw:
         raise ValueError(f"data file {str(files[0])!r} is empty")
-    tokens = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    tokens = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
     split = int(tokens.numel() * (1 - VALIDATION_FRACTION_TEXT))
     if tokens.numel() - split < seq_len + 2:
         raise ValueError(

@@ -5,7 +5,8 @@
 ``eval_every``. Build one with :func:`make_workload`.
 
 The ``tiny-gpt`` defaults (800 steps of 32 x 128 bytes, AdamW at 2e-3 with a cosine
-schedule, bf16) reach the 0.6x-unigram target within ten minutes on two CPU cores (the measured run is in ``benchmarks/results/train_tiny_gpt.json``).
+schedule, bf16) reach the 0.6x-unigram target within ten minutes on two CPU cores (the measured
+run is in ``benchmarks/results/train_tiny_gpt.json``).
 """
 
 from __future__ import annotations
