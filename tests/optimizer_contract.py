@@ -50,6 +50,10 @@ SUPPORTS = frozenset({
 })
 
 
+_WIRTINGER = (
+    "differentiating the gradient again through autograd gives complex (Wirtinger) derivatives, not the "
+    "curvature of the real view: refused"
+)
 _TENSOR_HYPERPARAMETERS_ON_FOREACH = (
     "gradwise's foreach path reads a tensor lr or betas as numbers each step (test_tensor_lr checks the steps "
     "equal the float run); torch's foreach path cannot take them"
@@ -360,25 +364,25 @@ ENTRIES: list[Entry] = [
     ),
     Entry(
         "Newton", gw.Newton, "loss_closure", {},
-        frozenset({"complex", "strided"}),
+        frozenset({"strided"}),
         invalid=_LR_INVALID + [("damping", -1.0), ("line_search", "yes")],
-        notes={"param_groups": _SINGLE_GROUP, "bfloat16": _FLAT_NOTE, "float16": _FLAT_NOTE,
+        notes={"param_groups": _SINGLE_GROUP, "bfloat16": _FLAT_NOTE, "float16": _FLAT_NOTE, "complex": _WIRTINGER,
                "compile": _NOT_COMPILED, "maximize": "Newton's step goes to a stationary point either way"},
     ),
     Entry(
         "NewtonCG", gw.NewtonCG, "loss_closure", {"cg_max_iter": 10},
-        frozenset({"complex", "strided"}),
+        frozenset({"strided"}),
         invalid=_LR_INVALID + [("damping", 0.0), ("damping_increase", 1.0), ("damping_decrease", 1.0),
                                ("cg_max_iter", 0), ("cg_tol", 1.5), ("line_search", "yes")],
         notes={"param_groups": _SINGLE_GROUP, "bfloat16": _FLAT_NOTE, "float16": _FLAT_NOTE,
-               "compile": _NOT_COMPILED, "maximize": "minimises its closure's loss"},
+               "complex": _WIRTINGER, "compile": _NOT_COMPILED, "maximize": "minimises its closure's loss"},
     ),
     Entry(
         "SQN", gw.SQN, "hessian_closure", {"lr": 0.1, "update_every": 2},
-        frozenset({"complex", "strided", "sparse"}),
+        frozenset({"strided", "sparse"}),
         invalid=_LR_INVALID + [("history_size", 0), ("update_every", 0)],
         notes={"param_groups": _SINGLE_GROUP, "bfloat16": _FLAT_NOTE, "float16": _FLAT_NOTE,
-               "compile": _NOT_COMPILED, "maximize": "minimises its loss"},
+               "complex": _WIRTINGER, "compile": _NOT_COMPILED, "maximize": "minimises its loss"},
     ),
     Entry(
         "SVRG", gw.SVRG, "snapshot", {"lr": 0.1},

@@ -38,19 +38,6 @@ TORCH_INFO = {info.optim_cls.__name__: info for info in optim_db}
 # strict xfail: the suite stays green, and the mark fails once the cause is fixed (then
 # delete its line).
 KNOWN_FAILURES: dict[str, str] = {
-    "test_tensor_lr[NewtonCG-0-d]": "NewtonCG with lr=tensor(1.) steps differently from lr=1.0 (0.25 apart after 4 steps)",
-    "test_tensor_lr[NewtonCG-1-element]": "NewtonCG with lr=tensor([1.]) steps differently from lr=1.0 (0.25 apart)",
-    "test_tensor_lr[SQN-1-element]": "SQN: add_(): argument 'alpha' must be Number, not Tensor (1-element lr)",
-    "test_tensor_lr[SVRG-1-element]": "SVRG: _foreach_add_() got alpha=Tensor (1-element lr not resolved to a number)",
-    "test_tensor_lr[SAGA-1-element]": "SAGA: _foreach_add_() got alpha=Tensor (1-element lr not resolved to a number)",
-    "test_complex_params_are_optimized_as_their_real_view[Newton]":
-        "Newton, complex params: autograd.grad(is_grads_batched=True) shape mismatch building the Hessian",
-    "test_complex_params_are_optimized_as_their_real_view[NewtonCG]":
-        "NewtonCG, complex params: split_with_sizes expects sizes to sum to 38, got [48, 8, 16, 4] (flat vector not in real-view numels)",
-    "test_complex_params_are_optimized_as_their_real_view[SQN]":
-        "SQN, complex params: Hessian-vector product grad_output of shape (4, 6, 2) for an output of shape (4, 6)",
-    "test_zero_size_and_no_grad_params[Newton]":
-        "Newton with a parameter the loss does not use: autograd.grad raises 'appears to not have been used in the graph'",
 }
 
 

@@ -360,6 +360,13 @@ def resolve_tensor_hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
     return resolved
 
 
+def lr_value(group: dict[str, Any]) -> float:
+    """``group``'s learning rate as a number, for optimizers that drive their own step (a
+    1-element tensor ``lr`` is read; updating it in place must not change the group's)."""
+    lr = group["lr"]
+    return lr.item() if isinstance(lr, Tensor) else lr
+
+
 def scalar_values(scalars: list[Tensor], group: dict[str, Any]) -> list[Any]:
     """Scalar state (step counts, running products) for the update arithmetic: Python
     numbers normally (these scalars live on the CPU, so reading them costs nothing), the

@@ -61,11 +61,20 @@ def _real(tensor: Tensor) -> Tensor:
     return torch.view_as_real(tensor) if tensor.is_complex() else tensor
 
 
-def single_group_params(optimizer: torch.optim.Optimizer) -> FlatParams:
-    """The flat view of ``optimizer``'s only param group (these optimizers take one)."""
+def single_group_params(optimizer: torch.optim.Optimizer, complex_params: bool = True) -> FlatParams:
+    """The flat view of ``optimizer``'s only param group (these optimizers take one).
+
+    ``complex_params=False`` refuses complex parameters: methods that differentiate the
+    gradient again through autograd (Newton's Hessian, Hessian-vector products) would get
+    complex (Wirtinger) derivatives, not the curvature of the real view.
+    """
     if len(optimizer.param_groups) != 1:
         raise ValueError(f"{type(optimizer).__name__} supports a single param group, got {len(optimizer.param_groups)}")
-    return FlatParams(optimizer.param_groups[0]["params"])
+    params = optimizer.param_groups[0]["params"]
+    if not complex_params and any(p.is_complex() for p in params):
+        raise RuntimeError(f"{type(optimizer).__name__} does not support complex parameters (second-order products "
+                           "through autograd give Wirtinger derivatives, not the real view's curvature)")
+    return FlatParams(params)
 
 
 class SingleParamGroup:

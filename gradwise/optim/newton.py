@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gradwise.optim.base import GradwiseOptimizer, ParamsT
+from gradwise.optim.base import GradwiseOptimizer, ParamsT, lr_value
 from gradwise.optim.description import Description, Preset, StateSize
 from gradwise.optim.flat_params import FlatParams, SingleParamGroup, single_group_params
 from gradwise.optim.line_search import backtracking_search
@@ -105,13 +105,19 @@ class Newton(SingleParamGroup, GradwiseOptimizer):
         """One Newton iteration; returns the loss at the starting point."""
         closure = _require_closure(closure, "Newton")
         group = self.param_groups[0]
-        flat = single_group_params(self)
+        flat = single_group_params(self, complex_params=False)
         state = self.state[flat.params[0]]
         loss, grad = loss_and_gradient(closure, flat, "Newton", create_graph=True)
         with torch.enable_grad():
             identity = torch.eye(flat.numel, dtype=grad.dtype, device=grad.device)
-            rows = torch.autograd.grad(grad, flat.params, identity, is_grads_batched=True)
-        hessian = torch.cat([r.reshape(flat.numel, -1) for r in rows], dim=1)
+            rows = torch.autograd.grad(grad, flat.params, identity, is_grads_batched=True, allow_unused=True)
+        # A parameter the gradient does not depend on has zero Hessian rows (torch's
+        # materialize_grads drops the batch dimension there, so they are built here).
+        blocks = [
+            grad.new_zeros(flat.numel, p.numel()) if row is None else row.reshape(flat.numel, -1)
+            for row, p in zip(rows, flat.params)
+        ]
+        hessian = torch.cat(blocks, dim=1)
         hessian = (hessian + hessian.T) / 2
         grad = grad.detach()
         shift = group["damping"]
@@ -124,9 +130,9 @@ class Newton(SingleParamGroup, GradwiseOptimizer):
         start = flat.values()
         evals = 1
         if group["line_search"]:
-            evals += _armijo(closure, flat, start, direction, float(loss), float(grad @ direction), group["lr"]).evaluations
+            evals += _armijo(closure, flat, start, direction, float(loss), float(grad @ direction), lr_value(group)).evaluations
         else:
-            flat.assign(start + group["lr"] * direction)
+            flat.assign(start + lr_value(group) * direction)
         state["func_evals"] = state.get("func_evals", 0) + evals
         state["n_iter"] = state.get("n_iter", 0) + 1
         state["shift"] = shift
@@ -215,7 +221,7 @@ class NewtonCG(SingleParamGroup, GradwiseOptimizer):
         """One inexact Newton iteration; returns the loss at the starting point."""
         closure = _require_closure(closure, "NewtonCG")
         group = self.param_groups[0]
-        flat = single_group_params(self)
+        flat = single_group_params(self, complex_params=False)
         state = self.state[flat.params[0]]
         lam = state.setdefault("lambda", float(group["damping"]))
         loss, grad_graph = loss_and_gradient(closure, flat, "NewtonCG", create_graph=hessian_closure is None)
@@ -249,11 +255,11 @@ class NewtonCG(SingleParamGroup, GradwiseOptimizer):
         start = flat.values()
         evals = 1
         if group["line_search"] and slope < 0:
-            result = _armijo(closure, flat, start, direction, float(loss), slope, group["lr"])
+            result = _armijo(closure, flat, start, direction, float(loss), slope, lr_value(group))
             t, new_value = result.step, result.value
             evals += result.evaluations
         else:
-            t = group["lr"]
+            t = lr_value(group)
             flat.assign(start + t * direction)
             with torch.no_grad():
                 new_value = float(closure())

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from gradwise.optim.base import GradwiseOptimizer, ParamsT
+from gradwise.optim.base import GradwiseOptimizer, ParamsT, lr_value
 from gradwise.optim.description import Description, Preset, StateSize, numel
 from gradwise.optim.svrg import gradients_of
 from gradwise.validation import check_int, check_range
@@ -87,7 +87,7 @@ class SAGA(GradwiseOptimizer):
             old = [table[slot] for table in tables]
             change = torch._foreach_sub(fresh, old)
             estimate = torch._foreach_add(change, means)
-            torch._foreach_add_(group_params, estimate, alpha=-group["lr"])
+            torch._foreach_add_(group_params, estimate, alpha=-lr_value(group))
             torch._foreach_add_(means, change, alpha=1.0 / group["num_slots"])
             torch._foreach_copy_(old, fresh)
             for p, v in zip(group_params, estimate):

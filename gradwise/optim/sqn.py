@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gradwise.optim.base import GradwiseOptimizer, ParamsT
+from gradwise.optim.base import GradwiseOptimizer, ParamsT, lr_value
 from gradwise.optim.description import Description, Preset
 from gradwise.optim.flat_params import SingleParamGroup, single_group_params
 from gradwise.optim.quasi_newton import CurvaturePairs, history_state
@@ -85,7 +85,7 @@ class SQN(SingleParamGroup, GradwiseOptimizer):
             with torch.enable_grad():
                 loss = closure()
         group = self.param_groups[0]
-        flat = single_group_params(self)
+        flat = single_group_params(self, complex_params=False)
         state = self.state[flat.params[0]]
         state["step"] = state.get("step", 0) + 1
         s_history, y_history = state.setdefault("s_history", []), state.setdefault("y_history", [])
@@ -95,7 +95,7 @@ class SQN(SingleParamGroup, GradwiseOptimizer):
             direction = pairs.direction(grad, state["gamma"])
         else:
             direction = grad.neg()
-        flat.add_(direction, alpha=group["lr"])
+        flat.add_(direction, alpha=lr_value(group))
 
         iterate_sum = state.setdefault("iterate_sum", torch.zeros_like(grad))
         iterate_sum.add_(flat.values())

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gradwise.optim.base import GradwiseOptimizer, ParamsT
+from gradwise.optim.base import GradwiseOptimizer, ParamsT, lr_value
 from gradwise.optim.description import Description, Preset, moments
 from gradwise.validation import check_range
 
@@ -103,5 +103,5 @@ class SVRG(GradwiseOptimizer):
         for p, v in zip(params, estimate):
             p.grad = v
         for group in self.param_groups:
-            torch._foreach_add_(group["params"], [p.grad for p in group["params"]], alpha=-group["lr"])
+            torch._foreach_add_(group["params"], [p.grad for p in group["params"]], alpha=-lr_value(group))
         return loss
