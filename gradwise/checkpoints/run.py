@@ -32,7 +32,7 @@ one is tried. A failed save (a full disk) raises one ``OSError`` on every rank.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
 import torch.distributed as dist
@@ -118,15 +118,24 @@ class ReplicatedCheckpoints:
         self.optimizer.load_state_dict(state)
 
 
+class Consolidating(Protocol):
+    """What :class:`ConsolidatedCheckpoints` needs of its optimizer (a ``ZeroOptimizer``, which this
+    layer may not import): its sharded state gathered whole, and loaded back from the whole."""
+
+    def consolidated_state_dict(self) -> dict[str, Any]: ...
+
+    def load_consolidated_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
 class ConsolidatedCheckpoints(ReplicatedCheckpoints):
     """A :class:`gradwise.distributed.strategies.zero_optimizer.ZeroOptimizer`'s shards gathered into the unsharded
     state_dict (a collective on every save), written by rank 0; each rank keeps its part on load."""
 
     def _optimizer_state(self) -> dict[str, Any]:
-        return self.optimizer.consolidated_state_dict()
+        return cast(Consolidating, self.optimizer).consolidated_state_dict()  # the ZeRO strategy's ZeroOptimizer
 
     def _load_optimizer(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_consolidated_state_dict(state)
+        cast(Consolidating, self.optimizer).load_consolidated_state_dict(state)  # as above
 
 
 class PerRankCheckpoints(ReplicatedCheckpoints):

@@ -373,6 +373,7 @@ class ShardedCheckpoints:
             temporary.mkdir()
         _barrier()
 
+        state: dict[str, Any]
         if fresh:
             state = {"model": get_model_state_dict(model)}
         else:
@@ -472,12 +473,14 @@ class ShardedCheckpoints:
                 reason = str(error)
             reason = _agreed(reason)
             if reason is None:
+                assert payload is not None  # the ranks agree to go on only when every rank read its payload
                 reason = _agreed(self._load_state(folder, manifest, payload, model, optimizer))
             if reason is None:
                 found = first_nonfinite(get_state_dict(model, optimizer) if manifest["optimizer_state"]
                                         else get_model_state_dict(model))
                 reason = _agreed(None if found is None else f"non-finite values in {found}")
             if reason is None:
+                assert payload is not None  # as above
                 if same_world:
                     set_rng_state(payload["rng"])
                 return step, payload["extra"]
@@ -487,8 +490,10 @@ class ShardedCheckpoints:
     @staticmethod
     def _load_state(folder: Path, manifest: dict[str, Any], payload: dict[str, Any], model: nn.Module,
                     optimizer: torch.optim.Optimizer) -> str | None:
-        """Load the model and optimizer state of the checkpoint in ``folder``; the reason it does not fit, or ``None``."""
+        """Load the model and optimizer state of the checkpoint in ``folder``; the reason it does not fit,
+        or ``None``."""
         reader = SafeReader(folder, list(manifest["files"]))
+        state: dict[str, Any]
         try:
             if manifest["optimizer_state"]:
                 model_state, optimizer_state = get_state_dict(model, optimizer)

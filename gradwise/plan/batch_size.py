@@ -156,12 +156,15 @@ def workload_examples(
     of :mod:`gradwise.problems.workloads` (``mlp``: a ReLU MLP on a tanh teacher's labels;
     ``logreg``: logistic regression), with ``examples`` training examples.
     Returns (model, inputs, targets, loss function)."""
+    from gradwise.problems.data import ShuffledEpochs
     from gradwise.problems.workloads import make_workload
 
     check_choice("workload", name, CLASSIFICATION_WORKLOADS)
     check_int("examples", examples, 2)
     workload = make_workload(name, batch_size=1, seed=seed, train_examples=examples)
     data = workload.train_data
+    if not isinstance(data, ShuffledEpochs):  # the classification workloads hold their examples
+        raise TypeError(f"workload {name!r} streams {type(data).__name__}, not a fixed set of examples")
     return workload.model, data.inputs, data.targets, _cross_entropy
 
 

@@ -30,12 +30,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from gradwise.optim import SGD
 from gradwise.validation import check_int, check_range
+
+if TYPE_CHECKING:
+    from gradwise.problems.base import Problem
 
 
 def critical_step(tau: int) -> float:
@@ -151,7 +154,7 @@ def _spectrum(lipschitz: float, strong_convexity: float) -> tuple[float, float]:
 
 
 def measured_rate(
-    problem: torch.nn.Module, step: float, momentum: float = 0.0, first: int = 200, last: int = 600
+    problem: Problem, step: float, momentum: float = 0.0, first: int = 200, last: int = 600
 ) -> float:
     """Contraction per step measured by running ``gradwise.optim.SGD`` (heavy ball when
     ``momentum > 0``) on ``problem`` (a :class:`gradwise.problems.Quadratic`) from its

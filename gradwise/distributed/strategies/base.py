@@ -135,6 +135,13 @@ class Strategy:
         return 1 if self.context is None else self.context.world_size
 
     @property
+    def joined(self) -> DistContext:
+        """The process group of a strategy that communicates (refused when it runs without one)."""
+        if self.context is None:
+            raise RuntimeError(f"strategy {type(self).__name__} communicates and needs a DistContext, got None")
+        return self.context
+
+    @property
     def is_main(self) -> bool:
         return self.rank == 0
 
@@ -224,7 +231,7 @@ class Strategy:
         """The mean over ranks of each value, bitwise the same on every rank."""
         if self.world_size == 1:
             return list(values)
-        local = torch.tensor(values, dtype=torch.float64, device=self.context.device)
+        local = torch.tensor(values, dtype=torch.float64, device=self.joined.device)
         gathered = [torch.empty_like(local) for _ in range(self.world_size)]
         dist.all_gather(gathered, local)
         # every rank sums the same tensors in the same order: identical results, hence identical verdicts

@@ -84,10 +84,11 @@ class DDPStrategy(Strategy):
         return settings
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
-        if self.settings["compression"] == "bf16" and self.context.backend != "nccl":
+        context = self.joined
+        if self.settings["compression"] == "bf16" and context.backend != "nccl":
             raise ValueError(f"compression 'bf16' needs the nccl backend (CUDA); this job runs on "
-                             f"{self.context.backend}; use compression=fp16 or powersgd")
-        device_ids = [self.context.device.index] if self.context.device.type == "cuda" else None
+                             f"{context.backend}; use compression=fp16 or powersgd")
+        device_ids = [context.device.index] if context.device.type == "cuda" else None
         self.module = DistributedDataParallel(model, device_ids=device_ids, bucket_cap_mb=self.settings["bucket_mb"])
         hook, state, payload = self.communication_hook()
         self.module.register_comm_hook(state, self.counted(hook, payload))
@@ -128,5 +129,7 @@ class DDPStrategy(Strategy):
         if last:
             yield
         else:
+            if self.module is None:
+                raise RuntimeError("micro_batch before wrap_model: there is no DistributedDataParallel yet")
             with self.module.no_sync():
                 yield

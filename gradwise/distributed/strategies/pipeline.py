@@ -76,7 +76,7 @@ class PipelineStrategy(Strategy):
         self.accumulate = accumulate
         with self.counting():
             value = self.pipeline.step(*batch)
-        return torch.tensor(value / accumulate, device=self.context.device)
+        return torch.tensor(value / accumulate, device=self.joined.device)
 
     @torch.no_grad()
     def reduce_gradients(self) -> None:

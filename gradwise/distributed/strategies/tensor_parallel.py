@@ -66,7 +66,7 @@ class TensorParallelStrategy(DTensorStrategy):
         if not isinstance(model, TinyGPT):
             raise ValueError(f"strategy 'tp' splits a tiny-gpt model, got a {type(model).__name__}; "
                              f"use --workload tiny-gpt (or text)")
-        self.mesh = data_tensor_mesh(self.dp_size, self.tp, self.context.device.type)
+        self.mesh = data_tensor_mesh(self.dp_size, self.tp, self.joined.device.type)
         self.model = parallelize_tiny_gpt(model, self.mesh["tp"])
         return self.model
 

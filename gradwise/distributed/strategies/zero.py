@@ -24,11 +24,12 @@ import contextlib
 import math
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.optim import Optimizer
 
 from gradwise.checkpoints.run import ConsolidatedCheckpoints
@@ -106,7 +107,7 @@ class FSDPStrategy(DTensorStrategy):
 
     @contextlib.contextmanager
     def micro_batch(self, last: bool) -> Iterator[None]:
-        self.model.set_requires_gradient_sync(last)
+        cast(FSDPModule, self.model).set_requires_gradient_sync(last)  # shard_model made it an FSDPModule
         with self.counting():
             yield
 
