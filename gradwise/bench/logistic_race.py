@@ -24,7 +24,9 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import TypedDict
 
 import torch
 from matplotlib.figure import Figure
@@ -36,8 +38,13 @@ from gradwise.validation import check_choice, check_int, check_range
 METHODS = ("sgd", "svrg", "saga", "lbfgs", "sqn", "newton_cg")
 STOCHASTIC = ("sgd", "svrg", "saga", "sqn")
 BATCH = ("lbfgs", "newton_cg")
-DEFAULT_SIZE = dict(num_examples=5000, num_features=12_000)
-FULL_SIZE = dict(num_examples=20_000, num_features=47_000)
+class ProblemSize(TypedDict):
+    num_examples: int
+    num_features: int
+
+
+DEFAULT_SIZE = ProblemSize(num_examples=5000, num_features=12_000)
+FULL_SIZE = ProblemSize(num_examples=20_000, num_features=47_000)
 
 
 @dataclass
@@ -113,8 +120,7 @@ def solve_to_optimum(problem: SparseLogistic) -> tuple[float, torch.Tensor]:
 def _batches(generator: torch.Generator, n: int, batch_size: int):
     """Endless random mini-batches: a fresh permutation every epoch."""
     while True:
-        for batch in torch.randperm(n, generator=generator).split(batch_size):
-            yield batch
+        yield from torch.randperm(n, generator=generator).split(batch_size)
 
 
 def _run_sgd(problem, w, record: _Recorder, batch_size: int, generator) -> str:
@@ -189,7 +195,7 @@ def _run_sqn(problem, w, record: _Recorder, batch_size: int, generator) -> str:
         hessian_rows = None
         if optimizer.needs_hessian_closure:
             hessian_rows = torch.randint(problem.num_examples, (hessian_batch,), generator=generator)
-        optimizer.step(hessian_closure=None if hessian_rows is None else (lambda rows=hessian_rows: problem.loss(w, rows)))
+        optimizer.step(hessian_closure=None if hessian_rows is None else partial(problem.loss, w, hessian_rows))
         record.spend(rows.numel() + (0 if hessian_rows is None else hessian_batch))
         if record.done:
             break
@@ -232,7 +238,7 @@ def _run_newton_cg(problem, w, record: _Recorder, batch_size: int, generator) ->
     while not record.done:
         rows = torch.randint(problem.num_examples, (hessian_batch,), generator=generator)
         before = (state.get("func_evals", 0), state.get("hvp_evals", 0))
-        optimizer.step(lambda: problem.loss(w), hessian_closure=lambda rows=rows: problem.loss(w, rows))
+        optimizer.step(lambda: problem.loss(w), hessian_closure=partial(problem.loss, w, rows))
         evaluations = state["func_evals"] - before[0]
         products = state["hvp_evals"] - before[1]
         record.spend(evaluations * problem.num_examples + (products + 1) * hessian_batch)
@@ -317,7 +323,9 @@ def format_logistic_table(result: LogisticRace) -> str:
     lines = [
         f"{result.problem}: F* = {result.optimum:.10f}; F(w) - F* after a budget of examples accessed "
         f"(epochs of {result.num_examples}); * = best",
-        "  ".join(h.ljust(w) if i in (0, len(headers) - 1) else h.rjust(w) for i, (h, w) in enumerate(zip(headers, widths))),
+        "  ".join(
+            h.ljust(w) if i in (0, len(headers) - 1) else h.rjust(w) for i, (h, w) in enumerate(zip(headers, widths))
+        ),
     ]
     for row in rows:
         lines.append(

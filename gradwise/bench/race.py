@@ -87,7 +87,7 @@ class Run:
         return len(self.losses) - 1
 
 
-def steps_to_tolerance(losses: Sequence[float], minimum: float, tol: float) -> int | None:
+def steps_to_tolerance(losses: Sequence[float] | np.ndarray, minimum: float, tol: float) -> int | None:
     """The first index ``t`` with ``losses[t] - minimum <= tol``, or ``None`` if none."""
     below = np.flatnonzero(np.asarray(losses, dtype=np.float64) - minimum <= tol)
     return int(below[0]) if below.size else None
@@ -97,8 +97,9 @@ def rank_key(run: Run) -> tuple[int, float, float]:
     """Sort key for runs on one problem, best first (see the module docstring)."""
     if run.diverged:
         return (2, 0.0, 0.0)
-    if run.final_gap <= run.tol:
-        return (0, float(run.steps_to_tol), run.final_gap)
+    steps = run.steps_to_tol
+    if run.final_gap <= run.tol and steps is not None:  # the final loss within tol has a first step within it
+        return (0, float(steps), run.final_gap)
     return (1, run.final_gap, 0.0)
 
 

@@ -155,7 +155,8 @@ def ps_report(summary: dict[str, Any], out: Path) -> list[str]:
         print(f"{metric}: {summary['start'][metric]:.4f} at the start -> {summary['end'][metric]:.4f} at the end")
     print(f"{summary['wall_time_s']:.2f} s, {summary['updates_per_s']:,.0f} updates/s; server traffic "
           f"{summary['bytes_received']:,} bytes in, {summary['bytes_sent']:,} out "
-          f"({summary['bytes_received'] // pushes:,} per push, {summary['bytes_sent'] // (pushes + summary['workers']):,} "
+          f"({summary['bytes_received'] // pushes:,} per push, "
+          f"{summary['bytes_sent'] // (pushes + summary['workers']):,} "
           f"per pull)")
     figure = Figure(figsize=(10, 4), layout="constrained")
     bars, losses = figure.subplots(1, 2)
@@ -372,8 +373,15 @@ def split_check(args: argparse.Namespace) -> None:
     check_int("steps", args.steps, 1)
     check_int("batch_size", args.batch_size, 1)
     check_range("lr", args.lr, 0.0, low_open=True)
-    modules = len(make_workload("mlp", args.batch_size, args.seed).model)
+    modules = len(layer_stack(make_workload("mlp", args.batch_size, args.seed).model))
     check_int("cut", args.cut, 1, modules - 1)
+
+
+def layer_stack(model: nn.Module) -> nn.Sequential:
+    """The mlp workload's model as the stack of layers that split learning cuts in two."""
+    if not isinstance(model, nn.Sequential):
+        raise TypeError(f"split learning cuts an nn.Sequential, got a {type(model).__name__}")
+    return model
 
 
 def layers(modules: nn.Sequential) -> str:
@@ -386,8 +394,8 @@ def split_job(args: argparse.Namespace, context: DistContext) -> dict[str, Any] 
     """Both ranks build the same model and draw the same batches (same seed): the client keeps
     the inputs and the layers before the cut, the server the labels and the rest."""
     workload = make_workload("mlp", args.batch_size, args.seed)
-    model, stream = workload.model, workload.train_data
-    bottom, top = model[: args.cut], model[args.cut :]
+    model, stream = layer_stack(workload.model), workload.train_data
+    bottom, top = layer_stack(model[: args.cut]), layer_stack(model[args.cut :])
     if context.rank == 0:
         client = SplitClient(bottom, build_optimizer(args.optimizer, bottom, args.lr, weight_decay=0.0), server=1)
         for _ in range(args.steps):
@@ -432,7 +440,8 @@ def split_report(summary: dict[str, Any], out: Path) -> list[str]:
           f"their gradients down ({summary['client_bytes_sent'] // summary['steps']:,} per step each way: batch "
           f"{summary['batch_size']} x activations {tuple(summary['activation_shape'])})")
     if "unsplit_losses" in summary:
-        print(f"unsplit model, same start and batches: largest loss difference {summary['largest_loss_difference']:.3e}")
+        largest = summary["largest_loss_difference"]
+        print(f"unsplit model, same start and batches: largest loss difference {largest:.3e}")
     figure = Figure(figsize=(6, 4), layout="constrained")
     axes = figure.subplots()
     axes.plot(range(1, len(losses) + 1), losses, linewidth=0.8, label="split")
@@ -506,11 +515,11 @@ def run(args: argparse.Namespace) -> int:
     context = init_distributed("cpu")
     try:
         result = method.job(args, context)
-        results = [None] * context.world_size if context.is_main else None
+        results: list[dict[str, Any] | None] | None = [None] * context.world_size if context.is_main else None
         torch.distributed.gather_object(result, results, dst=0)
     finally:
         shutdown()
-    if not context.is_main:
+    if results is None:  # not the main rank: it gathered nothing
         return 0
     summary: dict[str, Any] = {}
     for part in results:

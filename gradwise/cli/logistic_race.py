@@ -77,10 +77,10 @@ def run(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
         problem = SparseLogistic(**size, seed=0 if args.seed is None else args.seed)
-        with tqdm(total=len(methods), desc="logistic race", unit="method", file=sys.stderr, disable=None, leave=False) as bar:
-            result = logistic_race(
-                problem, tuple(methods), epochs=args.epochs, batch_size=args.batch_size, on_method=lambda _: bar.update()
-            )
+        bar = tqdm(total=len(methods), desc="logistic race", unit="method", file=sys.stderr, disable=None, leave=False)
+        with bar:
+            result = logistic_race(problem, tuple(methods), epochs=args.epochs, batch_size=args.batch_size,
+                                   on_method=lambda _: bar.update())
     print(format_logistic_table(result))
     written = []
     if not args.no_plots:

@@ -6,7 +6,7 @@ import argparse
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from gradwise.cli.parsing import OneLineErrorParser, UsageError, output_folder, parse_key_values, parse_list
 from gradwise.plan import memory
@@ -137,7 +137,7 @@ def _memory(args: argparse.Namespace) -> int:
             args.layers, width, heads, args.seq_len, args.micro_batch, fmt.activation_bytes, args.checkpointing
         )
     params = memory.parameter_count(shapes)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for stage in memory.ZERO_STAGES:
         estimate = memory.estimate_memory(shapes, args.optimizer, args.precision, stage, args.devices, activations)
         label = "DP" if stage == 0 else f"ZeRO-{stage}"
@@ -267,7 +267,9 @@ def _step(args: argparse.Namespace) -> int:
     factors = _per_format(args.step_factor, "--step-factor")
     counts = sorted({2**k for k in range(int(math.log2(args.devices)) + 1)} | {args.devices})
     options = dict(overlap=not args.no_overlap, bucket_bytes=args.bucket_mb * 2**20, zero_stage=args.zero)
-    table_rows, curves, shares, json_rows = [], {n: [] for n in names}, {n: [] for n in names}, []
+    curves: dict[str, list[float]] = {n: [] for n in names}
+    shares: dict[str, list[float]] = {n: [] for n in names}
+    table_rows, json_rows = [], []
     for devices in counts:
         plans = step_time.compare_formats(args.params, args.tokens, devices, link, throughputs, args.steps,
                                           factors, **options)
@@ -575,7 +577,7 @@ def _failures(args: argparse.Namespace) -> int:
         f"outcome {verdict} hardware at alpha = {args.alpha:g}"
     )
     if result.driving_cells:
-        text += "\n\ncells that drive it (|adjusted residual| > {:.2f}):\n".format(result.threshold) + _table(
+        text += f"\n\ncells that drive it (|adjusted residual| > {result.threshold:.2f}):\n" + _table(
             ["hardware", "outcome", "observed", "expected", "residual"],
             [[c.hardware, c.outcome, str(c.observed), f"{c.expected:.1f}", f"{c.residual:+.2f}"]
              for c in result.driving_cells],

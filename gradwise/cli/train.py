@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +73,9 @@ def parse_names(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-PARSERS = {"int": int, "float": float, "str": str, "dict[str, Any]": parse_options, "list[str]": parse_names}
+PARSERS: dict[str, Callable[[str], Any]] = {
+    "int": int, "float": float, "str": str, "dict[str, Any]": parse_options, "list[str]": parse_names
+}
 """A ``TrainConfig`` field's type (``None`` aside) -> the argparse ``type`` of its option."""
 
 
@@ -101,7 +104,8 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
         argument_default=argparse.SUPPRESS,  # only the options given appear in args, and override the config
     )
     add = parser.add_argument
-    add("--config", type=Path, default=None, metavar="FILE", help="TOML file with any of the settings below (by field name)")
+    add("--config", type=Path, default=None, metavar="FILE",
+        help="TOML file with any of the settings below (by field name)")
     add_config_options(parser)
     add("--nproc", type=int, default=None, metavar="N",
         help="processes on this machine: runs this command under torchrun with N workers (default: 1)")
@@ -120,7 +124,8 @@ def build_config(args: argparse.Namespace) -> tuple[TrainConfig, Path]:
     """The run's config and folder: defaults, then --config, then the options given (or the saved run's)."""
     from gradwise.train.loop import read_saved_config
 
-    given = {item.name: getattr(args, item.name) for item in dataclasses.fields(TrainConfig) if hasattr(args, item.name)}
+    fields = dataclasses.fields(TrainConfig)
+    given = {item.name: getattr(args, item.name) for item in fields if hasattr(args, item.name)}
     base = TrainConfig.from_toml(args.config) if args.config is not None else TrainConfig()
     workload = given.get("workload", base.workload)
     out = args.out if args.out is not None else Path("runs") / workload

@@ -23,7 +23,7 @@ import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -37,6 +37,15 @@ LARGEST_SEED = 2**63 - 1
 """torch's generators take a signed or unsigned 64-bit seed; a run adds small offsets to it."""
 LARGEST_CLIP_VALUE = float(torch.finfo(torch.float32).max)
 """Gradients are float32 (or narrower): clamping them to a larger bound overflows in torch."""
+
+T = TypeVar("T")
+
+
+def required(value: T | None, name: str) -> T:
+    """A setting that the workload's defaults fill in (``None`` only before :func:`resolved_config`)."""
+    if value is None:
+        raise RuntimeError(f"setting {name} is unset: resolve the config with the workload's defaults first")
+    return value
 
 
 def setting(default: Any = dataclasses.MISSING, *, help: str, metavar: str | None = None, flag: str | None = None,
@@ -185,7 +194,7 @@ class TrainConfig:
             name: value for name, value in defaults.items() if getattr(self, name) is None
         })
         if filled.warmup_steps is None:
-            filled.warmup_steps = math.ceil(0.05 * filled.steps)
+            filled.warmup_steps = math.ceil(0.05 * required(filled.steps, "steps"))
         return filled.validate()
 
     def to_dict(self) -> dict[str, Any]:

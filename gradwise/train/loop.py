@@ -64,7 +64,7 @@ from gradwise.distributed.strategies.registry import make_strategy
 from gradwise.problems.workload import Target, Workload
 from gradwise.problems.workloads import WORKLOADS, make_workload
 from gradwise.schedules import ScheduleLR, make_schedule
-from gradwise.train.config import TrainConfig, check_allowed_changes, settings_difference
+from gradwise.train.config import TrainConfig, check_allowed_changes, required, settings_difference
 from gradwise.train.guards import DivergenceGuard, NonFiniteWeights, TrainingDiverged
 from gradwise.train.metrics import MetricsWriter, Throughput, read_records
 from gradwise.train.optimizers import build_optimizer
@@ -107,7 +107,9 @@ class TrainResult:
             "skipped_steps": self.skipped_steps,
             "rollbacks": self.rollbacks,
             "resumed_from_step": self.resumed_from_step,
-            "skipped_checkpoints": [{"path": str(item.path), "reason": item.reason} for item in self.skipped_checkpoints],
+            "skipped_checkpoints": [
+                {"path": str(item.path), "reason": item.reason} for item in self.skipped_checkpoints
+            ],
             "strategy": self.strategy,
             "processes": self.processes,
             "bytes_communicated": self.bytes_communicated,
@@ -129,7 +131,8 @@ def resolved_config(config: TrainConfig) -> TrainConfig:
 
 
 def read_saved_config(out: Path) -> dict[str, Any] | None:
-    """The settings in a run folder's ``config.json`` (``None`` if there is none); one-line ``ValueError`` if unreadable."""
+    """The settings in a run folder's ``config.json`` (``None`` if there is none); one-line ``ValueError``
+    if unreadable."""
     saved = out / "config.json"
     if not saved.exists():
         return None
@@ -148,8 +151,8 @@ def check_run_folder(out: Path, config: TrainConfig, resume: bool, allow_changes
     if resume:
         checkpoints = out / "checkpoints"
         if not out.is_dir() or not any(out.iterdir()):
-            raise ValueError(f"--resume: {str(out)!r} holds no run to resume "
-                             f"({'an empty folder' if out.is_dir() else 'not a folder' if out.exists() else 'no such folder'})")
+            what = "an empty folder" if out.is_dir() else "not a folder" if out.exists() else "no such folder"
+            raise ValueError(f"--resume: {str(out)!r} holds no run to resume ({what})")
         if not checkpoints.is_dir():
             raise ValueError(f"--resume: {str(out)!r} holds no run to resume ({str(checkpoints)!r} "
                              f"{'is not a folder' if checkpoints.exists() else 'is missing'})")
@@ -230,13 +233,14 @@ class Trainer:
         processes_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         torch.set_num_threads(config.threads or max(1, (os.cpu_count() or 1) // processes_here))
         self.device = resolve_device(config.device) if self.context is None else self.context.device
-        self.precision = Precision(config.precision, self.device)
+        self.precision = Precision(required(config.precision, "precision"), self.device)
         if config.precision not in strategy.precisions:
             raise ValueError(f"strategy {strategy.name!r} runs in precision {' or '.join(strategy.precisions)}, "
                              f"got {config.precision!r}")
         # each data-parallel rank draws the global batch and keeps its rows; a workload passed in draws it too
+        global_batch = required(config.batch_size, "batch_size") * strategy.dp_size
         self.workload = workload or make_workload(
-            config.workload, config.batch_size * strategy.dp_size, config.seed, config.data, **config.workload_options
+            config.workload, global_batch, config.seed, config.data, **config.workload_options
         )
         if strategy.dp_size > 1:
             self.workload.train_data = RankSlice(self.workload.train_data, strategy.dp_rank, strategy.dp_size)
@@ -244,10 +248,13 @@ class Trainer:
         self.forward_model = strategy.wrap_model(self.model)
         self.trained = strategy.trained_module(self.model)
         self.named_parameters = [(name, p) for name, p in self.trained.named_parameters() if p.requires_grad]
-        self.optimizer = strategy.wrap_optimizer(build_optimizer(config.optimizer, self.trained, config.lr,
+        self.steps = required(config.steps, "steps")
+        """The run's length (``config.steps``, as resolved)."""
+        lr, warmup = required(config.lr, "lr"), required(config.warmup_steps, "warmup_steps")
+        self.optimizer = strategy.wrap_optimizer(build_optimizer(config.optimizer, self.trained, lr,
                                                                  config.weight_decay, config.optimizer_options))
-        schedule = make_schedule(config.schedule, config.steps, config.warmup_steps, floor=config.lr_floor,
-                                 T_0=max(1, (config.steps - config.warmup_steps) // 3))
+        schedule = make_schedule(config.schedule, self.steps, warmup, floor=config.lr_floor,
+                                 T_0=max(1, (self.steps - warmup) // 3))
         self.scheduler = ScheduleLR(self.optimizer, schedule)
         self.scaler = self.precision.grad_scaler()
         self.guard = DivergenceGuard(config.spike_factor, config.spike_window, config.max_consecutive_skips,
@@ -260,6 +267,7 @@ class Trainer:
         self.metrics: MetricsWriter | None = None
         """The run folder's metrics (rank 0 of a run with a folder; opened by ``run``)."""
         self.bar: tqdm | None = None
+        """The progress bar (opened by ``run``)."""
         self.started = 0.0
 
     # --- checkpoints -------------------------------------------------------------------
@@ -281,7 +289,8 @@ class Trainer:
         return settings_difference(state.get("settings"), self.settings, self.allow_changes)
 
     def nonfinite_weights(self) -> str | None:
-        """A parameter or optimizer-state tensor holding a NaN or an infinity on any rank, or ``None`` (a collective)."""
+        """A parameter or optimizer-state tensor holding a NaN or an infinity on any rank, or ``None``
+        (a collective)."""
         found = first_nonfinite({"parameter": dict(self.named_parameters),
                                  "optimizer state": list(self.optimizer.state.values())})
         if self.strategy.world_size > 1 and self.strategy.agree([float(found is not None)])[0] > 0:
@@ -326,7 +335,9 @@ class Trainer:
         throughput = Throughput()
         self.model.train()
         try:
-            while self.step < self.config.steps:
+            eval_every = required(self.config.eval_every, "eval_every")
+            checkpoint_every = required(self.config.checkpoint_every, "checkpoint_every")
+            while self.step < self.steps:
                 lr = self.optimizer.param_groups[0]["lr"]
                 throughput.start()
                 step = self.train_step()
@@ -334,28 +345,36 @@ class Trainer:
                     self.roll_back(lr)
                     continue
                 self.log_step(step, lr, throughput.stop(step.items * self.strategy.dp_size), throughput.rate)
-                if self.step % self.config.eval_every == 0 and self.step < self.config.steps:
+                if self.step % eval_every == 0 and self.step < self.steps:
                     self.log_evaluation()
-                if self.step % self.config.checkpoint_every == 0 or self.step == self.config.steps:
+                if self.step % checkpoint_every == 0 or self.step == self.steps:
                     self.log_checkpoint()
         except TrainingDiverged as diverged:
-            self.bar.close()
+            self.progress_bar.close()
             self.write_report(diverged)
             raise
-        self.bar.close()
+        self.progress_bar.close()
         return self.finish(resumed_from, throughput.rate)
 
     def resume_run(self) -> int:
         """Load the newest usable checkpoint; returns its step. One-line ``ValueError`` when there is none."""
+        if self.checkpoints is None or self.out is None:
+            raise RuntimeError("resume_run needs a run folder with checkpoints")
         newest = self.checkpoints.load_newest(self.accept)
         self.skipped_checkpoints = self.checkpoints.skipped
         if newest is None:
             raise ValueError(nothing_to_resume(self.out / "checkpoints", self.skipped_checkpoints))
-        if newest[0] > self.config.steps:
+        if newest[0] > self.steps:
             raise ValueError(f"--resume: the newest usable checkpoint is of step {newest[0]}, past "
-                             f"steps={self.config.steps}; give --steps {newest[0]} or more")
+                             f"steps={self.steps}; give --steps {newest[0]} or more")
         self.load_state(*newest)
         return self.step
+
+    @property
+    def progress_bar(self) -> tqdm:
+        if self.bar is None:
+            raise RuntimeError("the progress bar opens when the run starts (Trainer.run)")
+        return self.bar
 
     def open_outputs(self, resumed_from: int | None) -> None:
         """The run folder's config.json and metrics (rank 0 of a run with a folder) and the progress bar."""
@@ -365,7 +384,7 @@ class Trainer:
             write_atomically(self.out / "config.json", json.dumps(self.config.to_dict(), indent=2).encode())
             self.metrics = MetricsWriter(self.out, self.workload.unit, list(self.workload.eval_metrics))
             self.metrics.start(resumed_from)
-        self.bar = tqdm(total=self.config.steps, initial=self.step, unit="step",
+        self.bar = tqdm(total=self.steps, initial=self.step, unit="step",
                         disable=not (self.progress and main), dynamic_ncols=True)
 
     def train_step(self) -> StepTaken:
@@ -419,8 +438,8 @@ class Trainer:
             record["bytes_communicated"] = self.strategy.bytes_communicated
         if self.metrics is not None:
             self.metrics.write(record)
-        self.bar.update(1)
-        self.bar.set_postfix(loss=f"{step.loss:.4f}", lr=f"{lr:.2e}", gnorm=f"{step.grad_norm:.3g}",
+        self.progress_bar.update(1)
+        self.progress_bar.set_postfix(loss=f"{step.loss:.4f}", lr=f"{lr:.2e}", gnorm=f"{step.grad_norm:.3g}",
                              **{f"{unit[:3]}/s": f"{mean_rate:,.0f}"}, refresh=False)
 
     def log_evaluation(self) -> None:
@@ -429,7 +448,7 @@ class Trainer:
         if self.metrics is not None:
             self.metrics.write({"kind": "eval", "step": self.step, **evaluation})
         if self.strategy.is_main:
-            self.bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in evaluation.items()))
+            self.progress_bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in evaluation.items()))
 
     def log_checkpoint(self) -> None:
         """Checkpoint the run; a checkpoint not written (unhealthy weights) is a metrics record saying why."""
@@ -442,7 +461,7 @@ class Trainer:
         """A diverged run's report.json and plot (rank 0 of a run with a folder)."""
         if self.out is not None and self.strategy.is_main:
             write_atomically(self.out / "report.json", json.dumps(diverged.report.to_dict(), indent=2).encode())
-            self.plot()
+            self.plot(self.out)
 
     def finish(self, resumed_from: int | None, items_per_s: float) -> TrainResult:
         """Refuse non-finite final weights, evaluate in full, and write model.pt, summary.json and the plot."""
@@ -461,13 +480,13 @@ class Trainer:
             strategy=strategy.name, processes=strategy.world_size, bytes_communicated=strategy.bytes_communicated,
         )
         model_state = strategy.full_model_state(self.model) if self.out is not None else None
-        if self.out is not None and strategy.is_main:
+        if self.out is not None and self.metrics is not None:  # the metrics are rank 0's, when the run has a folder
             self.metrics.write({"kind": "eval", "step": self.step, "full": True, **final})
             buffer = io.BytesIO()
             torch.save(model_state, buffer)
             write_atomically(self.out / "model.pt", buffer.getvalue())
             write_atomically(self.out / "summary.json", json.dumps(result.to_dict(), indent=2).encode())
-            self.plot()
+            self.plot(self.out)
         return result
 
     def evaluate(self, full: bool) -> dict[str, float]:
@@ -495,8 +514,8 @@ class Trainer:
         message = (f"step {from_step}: {self.guard.reason}; rolled back to step {self.step}, "
                    f"lr x{self.guard.lr_scale:g}")
         if self.strategy.is_main:
-            self.bar.write(message)
-        self.bar.n = self.step
+            self.progress_bar.write(message)
+        self.progress_bar.n = self.step
         if self.metrics is not None:
             self.metrics.write({"kind": "rollback", "step": from_step, "event": "rollback", "to_step": self.step,
                            "lr_scale": self.guard.lr_scale, "reason": self.guard.reason})
@@ -506,11 +525,11 @@ class Trainer:
         if self.owns_group:
             shutdown()
 
-    def plot(self) -> None:
-        records = read_records(self.out / "metrics.jsonl")
+    def plot(self, out: Path) -> None:
+        records = read_records(out / "metrics.jsonl")
         title = f"{self.workload.name}: {self.config.optimizer}, {self.config.schedule}, lr {self.config.lr:g}"
         metrics = self.workload.eval_metrics
-        plot_training(records, self.out / "training.png", title, "val_loss" if "val_loss" in metrics else metrics[0])
+        plot_training(records, out / "training.png", title, "val_loss" if "val_loss" in metrics else metrics[0])
 
 
 def nothing_to_resume(folder: Path, skipped: list[Skipped]) -> str:
