@@ -58,7 +58,8 @@ def build(strategy: str, model: torch.nn.Module, device: torch.device, lr: float
     """The module the forward runs on, the optimizer and, for DiLoCo, the outer loop."""
     make_adamw = lambda module: optim.AdamW(optim.weight_decay_groups(module, 0.1), lr=lr, betas=(0.9, 0.95))  # noqa: E731
     if strategy == "ddp":
-        module = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        device_ids = [device] if device.type == "cuda" else None
+        module = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
         return module, make_adamw(model), None
     if strategy in ("zero1", "zero2"):
         return model, ZeroOptimizer(make_adamw(model), stage=int(strategy[-1])), None
@@ -154,7 +155,7 @@ def main() -> None:
     args.out.write_text(json.dumps({
         "machine": describe_machine(), "device": args.device, "backend": backend,
         "model": "tiny-gpt (TinyGPT seq_len 128, d_model 128, 6 layers, 4 heads)",
-        "optimizer": "AdamW lr %g betas (0.9, 0.95) weight decay 0.1 on matrices" % args.lr,
+        "optimizer": f"AdamW lr {args.lr:g} betas (0.9, 0.95) weight decay 0.1 on matrices",
         "batch_per_rank": args.batch_size, "warmup_steps": args.warmup, "measured_steps": args.steps,
         "threads_per_process": 1, "rows": rows,
     }, indent=2))

@@ -59,7 +59,8 @@ def main() -> None:
             distances=dict(scipy=float(np.abs(reference.x - 1).max()), gradwise=our_distance, torch=their_distance),
         )
         rows.append(row)
-        print(f"{dim:>4} {row['scipy']:>6} {ours:>9} {theirs:>6} {row['gradwise_ratio']:>15.3f} {row['torch_ratio']:>12.3f}")
+        print(f"{dim:>4} {row['scipy']:>6} {ours:>9} {theirs:>6} "
+              f"{row['gradwise_ratio']:>15.3f} {row['torch_ratio']:>12.3f}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "lbfgs_evaluations.json"
     path.write_text(json.dumps({"machine": describe_machine(), "rows": rows}, indent=2) + "\n")

@@ -61,7 +61,9 @@ def main() -> None:
     )
     args.out.mkdir(parents=True, exist_ok=True)
     plot = plot_logistic_race(result, args.out / "logistic_comparison.png")
-    payload = {"machine": describe_machine(), "seconds": time.perf_counter() - start, "finding": finding, **to_json(result)}
+    payload = {
+        "machine": describe_machine(), "seconds": time.perf_counter() - start, "finding": finding, **to_json(result)
+    }
     path = args.out / "logistic_comparison.json"
     path.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {path} and {plot}")

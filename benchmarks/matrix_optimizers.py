@@ -112,18 +112,21 @@ def implementations() -> list[Implementation]:
     refresh = 10
     return [
         Implementation("Adafactor", "gradwise", lambda p: gw.Adafactor(p, lr=LR), expected_bytes=adafactor_bytes),
-        Implementation("Adafactor", "torch foreach", lambda p: torch.optim.Adafactor(p, lr=LR, foreach=True), reference=True),
+        Implementation("Adafactor", "torch foreach", lambda p: torch.optim.Adafactor(p, lr=LR, foreach=True),
+                       reference=True),
         Implementation("Adafactor", "torch single-tensor", lambda p: torch.optim.Adafactor(p, lr=LR, foreach=False)),
         Implementation("Adafactor", "pytorch-optimizer", lambda p: po.AdaFactor(p, lr=LR, betas=(None, 0.999))),
         Implementation("Muon", "gradwise (bf16 NS)", lambda p: gw.Muon(p, lr=LR, use_muon=True), True,
                        expected_bytes=momentum_bytes),
-        Implementation("Muon", "gradwise (fp32 NS)", lambda p: gw.Muon(p, lr=LR, use_muon=True, ns_dtype=torch.float32), True),
+        Implementation("Muon", "gradwise (fp32 NS)",
+                       lambda p: gw.Muon(p, lr=LR, use_muon=True, ns_dtype=torch.float32), True),
         Implementation("Muon", "torch", lambda p: torch.optim.Muon(p, lr=LR), True, reference=True),
         Implementation("Muon", "pytorch-optimizer", lambda p: po.Muon([{"params": p, "use_muon": True}], lr=LR), True),
         Implementation("Muon", "heavyball", lambda p: heavyball.Muon(p, lr=LR), True),
         Implementation(
             "Muon + AdamW (all)", "gradwise",
-            lambda p: gw.Muon([{"params": [t for t in p if t.ndim >= 2]}, {"params": [t for t in p if t.ndim < 2], "use_muon": False}],
+            lambda p: gw.Muon([{"params": [t for t in p if t.ndim >= 2]},
+                               {"params": [t for t in p if t.ndim < 2], "use_muon": False}],
                               lr=LR, adamw_lr=LR),
         ),
         Implementation(
@@ -132,8 +135,9 @@ def implementations() -> list[Implementation]:
             steps_per_round=refresh, expected_bytes=shampoo_bytes,
         ),
         Implementation(
-            "Shampoo", "gradwise (fp64 eigh)", lambda p: gw.Shampoo(p, lr=LR, block_size=BLOCK, precondition_every=refresh,
-                                                                    start_preconditioning_step=1, eigh_dtype=torch.float64),
+            "Shampoo", "gradwise (fp64 eigh)",
+            lambda p: gw.Shampoo(p, lr=LR, block_size=BLOCK, precondition_every=refresh,
+                                 start_preconditioning_step=1, eigh_dtype=torch.float64),
             steps_per_round=refresh,
         ),
         Implementation(
@@ -141,8 +145,9 @@ def implementations() -> list[Implementation]:
                 p, lr=LR, block_size=BLOCK, preconditioning_compute_steps=refresh, start_preconditioning_step=1),
             reference=True, steps_per_round=refresh,
         ),
-        Implementation("SOAP", "gradwise", lambda p: gw.SOAP(p, lr=LR, precondition_every=refresh, max_precond_dim=BLOCK,
-                                                             precondition_1d=False),  # as the peers' defaults
+        Implementation("SOAP", "gradwise",
+                       lambda p: gw.SOAP(p, lr=LR, precondition_every=refresh, max_precond_dim=BLOCK,
+                                         precondition_1d=False),  # as the peers' defaults
                        steps_per_round=refresh, expected_bytes=soap_bytes),
         Implementation("SOAP", "pytorch-optimizer", lambda p: po.SOAP(p, lr=LR, precondition_every=refresh,
                                                                       max_precondition_dim=BLOCK),
@@ -189,7 +194,9 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return sum(size(state) for state in optimizer.state.values())
 
 
-def time_steps(optimizer: torch.optim.Optimizer, steps: int, params: list[torch.Tensor], grads: list[torch.Tensor]) -> float:
+def time_steps(
+    optimizer: torch.optim.Optimizer, steps: int, params: list[torch.Tensor], grads: list[torch.Tensor]
+) -> float:
     """Mean seconds per step. The gradients are handed back before every step, because
     heavyball's optimizers consume them (set ``.grad`` to ``None``)."""
     start = time.perf_counter()
@@ -233,7 +240,8 @@ def step_benchmark(args, algorithms: set[str] | None) -> list[dict]:
             median = statistics.median(impl.timings)
             record.update(median_ms=median * 1e3, min_ms=min(impl.timings) * 1e3,
                           steps_per_round=impl.steps_per_round or args.steps,
-                          ratio_to_reference=median / reference[impl.algorithm] if impl.algorithm in reference else None)
+                          ratio_to_reference=(median / reference[impl.algorithm]
+                                              if impl.algorithm in reference else None))
         results.append(record)
     return results
 
@@ -297,7 +305,8 @@ def format_tables(report: dict) -> str:
         f"optimizer.step() on {setup['parameters'] / 1e6:.1f}M fp32 GPT-shaped parameters, "
         f"{report['machine']['torch_threads']} thread(s), torch {report['machine']['torch']}; "
         "Shampoo/SOAP: mean over rounds of 10 steps with one refresh",
-        f"{'algorithm':<19} {'implementation':<22} {'median ms':>10} {'vs ref':>7} {'state B/param':>14} {'paper B/param':>14}",
+        f"{'algorithm':<19} {'implementation':<22} {'median ms':>10} {'vs ref':>7} "
+        f"{'state B/param':>14} {'paper B/param':>14}",
     ]
     for r in report["results"]:
         if "error" in r:
@@ -312,7 +321,8 @@ def format_tables(report: dict) -> str:
     if report.get("tiny_gpt"):
         lines += ["", "tiny-gpt training step (forward, backward, optimizer; mean over 10 steps)",
                   f"{'optimizer':<15} {'median ms':>10} {'vs AdamW':>9}"]
-        lines += [f"{r['optimizer']:<15} {r['median_ms']:>10.1f} {r['ratio_to_adamw']:>8.2f}x" for r in report["tiny_gpt"]]
+        lines += [f"{r['optimizer']:<15} {r['median_ms']:>10.1f} {r['ratio_to_adamw']:>8.2f}x"
+                  for r in report["tiny_gpt"]]
     return "\n".join(lines)
 
 
@@ -347,8 +357,9 @@ def main() -> None:
         report["tiny_gpt"] = tiny_gpt_benchmark(args)
     print(format_tables(report))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2, default=lambda x: None if isinstance(x, float) and math.isnan(x) else x)
-                        + "\n")
+    args.out.write_text(
+        json.dumps(report, indent=2, default=lambda x: None if isinstance(x, float) and math.isnan(x) else x) + "\n"
+    )
     print(f"wrote {args.out}")
 
 

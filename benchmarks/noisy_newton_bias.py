@@ -49,7 +49,8 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     png = plot(result, RESULTS / "noisy_newton_bias.png")
     path = RESULTS / "noisy_newton_bias.json"
-    path.write_text(json.dumps({"machine": describe_machine(), "gamma_shape": SHAPE, **asdict(result)}, indent=2) + "\n")
+    payload = {"machine": describe_machine(), "gamma_shape": SHAPE, **asdict(result)}
+    path.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {path} and {png}")
 
 

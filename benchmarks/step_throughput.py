@@ -180,7 +180,8 @@ def format_table(report: dict[str, object]) -> str:
     for r in report["results"]:
         ratio = "" if r["ratio_to_best_torch"] is None else f"{r['ratio_to_best_torch']:.2f}x"
         lines.append(
-            f"{r['algorithm']:<14} {r['implementation']:<20} {r['median_ms']:>10.2f} {r['gbytes_per_s']:>7.1f} {ratio:>14}"
+            f"{r['algorithm']:<14} {r['implementation']:<20} {r['median_ms']:>10.2f} "
+            f"{r['gbytes_per_s']:>7.1f} {ratio:>14}"
         )
     return "\n".join(lines)
 

@@ -67,7 +67,7 @@ def gradwise_imports(source: str) -> list[tuple[int, str]]:
             found += [(node.lineno, alias.name) for alias in node.names if alias.name.split(".")[0] == "gradwise"]
         elif isinstance(node, ast.ImportFrom) and node.level > 0:
             found.append((node.lineno, "." * node.level + (node.module or "")))
-        elif isinstance(node, ast.ImportFrom) and node.module and node.module and node.module.split(".")[0] == "gradwise":
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "gradwise":
             if node.module == "gradwise":
                 found += [(node.lineno, f"gradwise.{alias.name}" if not alias.name.startswith("_") else "gradwise")
                           for alias in node.names]
@@ -208,6 +208,8 @@ def test_a_module_outside_every_layer_is_refused():
 
 def test_the_page_parser_reads_a_changed_page():
     text = PAGE.read_text().replace(
-        "| `foundation`, `optim`, `problems`, `checkpoints` |", "| `foundation`, `optim`, `problems`, `checkpoints`, `train` |")
+        "| `foundation`, `optim`, `problems`, `checkpoints` |",
+        "| `foundation`, `optim`, `problems`, `checkpoints`, `train` |",
+    )
     assert page_table(text)["distributed"] == LAYERS["distributed"] | {"train"}
     assert page_table(text) != LAYERS

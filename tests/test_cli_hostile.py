@@ -113,7 +113,8 @@ def test_out_of_memory_is_one_line_and_leaves_no_run_folder(tmp_path):
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=240)
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.strip().splitlines() == [
-        "gradwise train: error: out of memory: tried to allocate 51.2 GB; ask for less (a smaller batch, model or problem)"
+        "gradwise train: error: out of memory: tried to allocate 51.2 GB; "
+        "ask for less (a smaller batch, model or problem)"
     ]
     assert not (tmp_path / "run").exists()
 

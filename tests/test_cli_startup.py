@@ -19,8 +19,8 @@ HEAVY = ("torch.distributed.tensor", "matplotlib", "scipy", "gradwise.train.loop
 
 def modules_loaded(argv: list[str]) -> list[str]:
     """The heavy modules loaded by a fresh interpreter that runs ``gradwise ARGV``."""
-    script = ("import sys\nfrom gradwise.cli import main\ntry:\n    main(%r)\nexcept SystemExit:\n    pass\n"
-              "print(__import__('json').dumps(sorted(m for m in sys.modules if m.startswith(%r))))" % (argv, HEAVY))
+    script = (f"import sys\nfrom gradwise.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
+              f"print(__import__('json').dumps(sorted(m for m in sys.modules if m.startswith({HEAVY!r}))))")
     finished = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert finished.returncode == 0, finished.stderr
     return json.loads(finished.stdout.splitlines()[-1])
@@ -70,7 +70,8 @@ def test_every_train_config_field_is_a_train_option_with_its_help(capsys):
 
 
 @pytest.mark.parametrize("argv, field, value", [
-    (["--warmup", "7"], "warmup_steps", 7), (["--clip", "none"], "clip", None), (["--clip-value", "0.5"], "clip_value", 0.5),
+    (["--warmup", "7"], "warmup_steps", 7), (["--clip", "none"], "clip", None),
+    (["--clip-value", "0.5"], "clip_value", 0.5),
     (["--data", "a.txt, b.txt"], "data", ["a.txt", "b.txt"]), (["--workload-options", "d_model=8,bias=true"],
                                                                "workload_options", {"d_model": 8, "bias": True}),
     (["--lr", "3e-4"], "lr", 3e-4), (["--strategy", "ddp"], "strategy", "ddp"),

@@ -94,7 +94,8 @@ def test_finite_difference_error_follows_the_predicted_law():
 def test_finite_difference_default_eps_in_float32():
     x = torch.tensor([0.3, -0.2], dtype=torch.float32)
     v = torch.tensor([1.0, 1.0], dtype=torch.float32)
-    assert default_fd_eps([x], [v]) == pytest.approx(math.sqrt(torch.finfo(torch.float32).eps) * (1 + float(x.norm())) / math.sqrt(2))
+    expected = math.sqrt(torch.finfo(torch.float32).eps) * (1 + float(x.norm())) / math.sqrt(2)
+    assert default_fd_eps([x], [v]) == pytest.approx(expected)
     product = hvp_finite_difference(lambda p: (p[0] ** 3).sum(), [x], [v])[0]
     assert torch.allclose(product, 6 * x * v, rtol=2e-3, atol=2e-3)
 
@@ -106,7 +107,8 @@ def test_gauss_newton_product_matches_explicit_jacobian_form():
     y = torch.randint(0, 3, (6,), generator=generator)
     outputs_fn, params = module_outputs(net, x)
     flat = flatten([p.detach() for p in params])
-    jacobian = torch.autograd.functional.jacobian(lambda w: outputs_fn(unflatten(w, params)), flat).reshape(-1, flat.numel())
+    jacobian = torch.autograd.functional.jacobian(lambda w: outputs_fn(unflatten(w, params)), flat)
+    jacobian = jacobian.reshape(-1, flat.numel())
     z = outputs_fn(params).detach()
     loss_hessian = torch.autograd.functional.hessian(
         lambda out: nn.functional.cross_entropy(out.reshape(z.shape), y), z.reshape(-1)
@@ -136,7 +138,8 @@ def test_hutchinson_diagonal_is_exact_for_a_diagonal_hessian_and_unbiased_otherw
     generator = torch.Generator().manual_seed(0)
     m = torch.randn(6, 6, generator=generator, dtype=torch.float64)
     h = m @ m.T
-    estimate = hutchinson_diagonal(lambda ps: 0.5 * ps[0] @ h @ ps[0], [torch.zeros(6, dtype=torch.float64)], 1000, generator)[0]
+    start = [torch.zeros(6, dtype=torch.float64)]
+    estimate = hutchinson_diagonal(lambda ps: 0.5 * ps[0] @ h @ ps[0], start, 1000, generator)[0]
     # Standard error per coordinate: sqrt(sum_{j != i} H_ij^2 / samples).
     stderr = ((h**2).sum(1) - h.diagonal() ** 2).sqrt() / math.sqrt(1000)
     assert ((estimate - h.diagonal()).abs() < 5 * stderr).all()
@@ -180,7 +183,8 @@ def test_rademacher_probes_are_plus_minus_one():
 
 def known_spectrum(eigenvalues, seed=0) -> torch.Tensor:
     eigenvalues = torch.as_tensor(eigenvalues, dtype=torch.float64)
-    q, _ = torch.linalg.qr(torch.randn(len(eigenvalues), len(eigenvalues), generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    generator = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(len(eigenvalues), len(eigenvalues), generator=generator, dtype=torch.float64))
     return q @ torch.diag(eigenvalues) @ q.T
 
 
@@ -233,7 +237,8 @@ def test_hessian_operator_matches_dense_hessian():
 
 def test_noisy_newton_bias_matches_second_order_prediction():
     curvatures = gamma_curvatures(2000, shape=4.0, mean=2.0, seed=0)
-    result = noisy_newton_bias(curvatures, 1.5, [8, 16, 32, 64], trials=40_000, generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)
+    result = noisy_newton_bias(curvatures, 1.5, [8, 16, 32, 64], trials=40_000, generator=generator)
     for measured, error, predicted in zip(result.measured, result.standard_error, result.predicted):
         assert measured > 0  # Jensen: the expected step is longer than the Newton step
         # The neglected terms are O(cv^4 / b^2); at b >= 8 with cv^2 = 1/4 they are under 10%.

@@ -128,7 +128,7 @@ def test_fedavg_converges_to_the_centralised_optimum_despite_drift_and_partial_p
 @pytest.mark.parametrize("solver", ["newton", "lbfgs"])
 def test_consensus_admm_reaches_the_centralised_optimum(runs, solver):
     outcomes = [rank[solver] for rank in runs]
-    for z, iterations, converged, primal_residuals, sent in outcomes:
+    for z, iterations, converged, _primal_residuals, sent in outcomes:
         assert converged and z == outcomes[0][0]
         assert sent == iterations * (D + 3) * 8
     optimum = FederatedLogistic(**PROBLEM).optimum()

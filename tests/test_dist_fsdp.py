@@ -52,7 +52,8 @@ def train(model, optimizer, rank=None):
 
 def full_params(model):
     """Whole parameters as plain lists (a DTensor is gathered first)."""
-    return [(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().reshape(-1).tolist() for p in model.parameters()]
+    return [(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().reshape(-1).tolist()
+            for p in model.parameters()]
 
 
 def scalar_bytes(optimizer):
@@ -70,7 +71,8 @@ def fsdp_cases(rank: int, world_size: int) -> dict:
         optimizer = OPTIMIZERS[name](param_groups(name, model))
         train(model, optimizer, rank)
         results[name, reshard] = dict(
-            names=[n for n, _ in model.named_parameters()], params=full_params(model), reference=full_params(reference_model),
+            names=[n for n, _ in model.named_parameters()], params=full_params(model),
+            reference=full_params(reference_model),
             bytes=optimizer_state_bytes(optimizer), scalar_bytes=scalar_bytes(optimizer),
             reference_bytes=optimizer_state_bytes(reference), reference_scalar_bytes=scalar_bytes(reference),
             sharded=all(type(p).__name__ == "DTensor" for p in model.parameters()),
@@ -106,4 +108,5 @@ def test_fsdp_state_is_one_nth_per_rank(results, name, reshard):
     for rank in range(WORLD):
         case = results[rank][name, reshard]
         assert case["scalar_bytes"] == case["reference_scalar_bytes"]
-        assert case["bytes"] - case["scalar_bytes"] == (case["reference_bytes"] - case["reference_scalar_bytes"]) // WORLD
+        reference_tensor_bytes = case["reference_bytes"] - case["reference_scalar_bytes"]
+        assert case["bytes"] - case["scalar_bytes"] == reference_tensor_bytes // WORLD

@@ -62,7 +62,8 @@ def make_model(single_tensor: bool = False) -> nn.Module:
 
 def batches() -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(1)
-    return torch.randn(STEPS, GLOBAL_BATCH, 5, generator=generator), torch.randn(STEPS, GLOBAL_BATCH, 3, generator=generator)
+    inputs = torch.randn(STEPS, GLOBAL_BATCH, 5, generator=generator)
+    return inputs, torch.randn(STEPS, GLOBAL_BATCH, 3, generator=generator)
 
 
 def train(model, optimizer, steps, rank=None, clip=None, schedule=True):
@@ -96,7 +97,8 @@ def params_of(model):
 
 
 def assert_params_close(actual, expected, rtol=1e-5, atol=1e-6):
-    torch.testing.assert_close([torch.tensor(p) for p in actual], [torch.tensor(p) for p in expected], rtol=rtol, atol=atol)
+    torch.testing.assert_close([torch.tensor(p) for p in actual], [torch.tensor(p) for p in expected],
+                               rtol=rtol, atol=atol)
 
 
 def zero_cases(rank: int, world_size: int) -> dict:
@@ -113,7 +115,9 @@ def zero_cases(rank: int, world_size: int) -> dict:
                 params=params_of(model), reference=params_of(reference_model), norms=norms,
                 reference_norms=reference_norms, grads_kept=grads_kept, bytes=zero.state_bytes(),
                 reference_bytes=optimizer_state_bytes(reference),
-                largest_tensor_bytes=max(optimizer_state_bytes_of_param(reference, p) for p in reference_model.parameters()),
+                largest_tensor_bytes=max(
+                    optimizer_state_bytes_of_param(reference, p) for p in reference_model.parameters()
+                ),
             )
     # More ranks than tensors: rank 1 owns nothing.
     reference_model, model = make_model(single_tensor=True), make_model(single_tensor=True)
@@ -121,8 +125,8 @@ def zero_cases(rank: int, world_size: int) -> dict:
     train(reference_model, reference, range(STEPS))
     zero = ZeroOptimizer(Muon(model.parameters(), lr=0.05, ns_dtype=torch.float32), stage=2)
     train(model, zero, range(STEPS), rank=rank)
-    results["single-tensor"] = dict(params=params_of(model), reference=params_of(reference_model), bytes=zero.state_bytes(),
-                                    reference_bytes=optimizer_state_bytes(reference))
+    results["single-tensor"] = dict(params=params_of(model), reference=params_of(reference_model),
+                                    bytes=zero.state_bytes(), reference_bytes=optimizer_state_bytes(reference))
     # state_dict round trip: 2 steps, save, rebuild, load, 1 step == 3 steps straight.
     for name, stage in (("adamw", 2), ("muon", 1)):
         straight = make_model()

@@ -181,7 +181,6 @@ def test_a_hostile_value_in_a_shard_file_is_refused_although_torchs_planner_woul
     # the control: torch's default planner runs it
     model, optimizer = model_and_optimizer()
     step(model, optimizer)
-    from torch.distributed.checkpoint.state_dict import get_state_dict
     state = dict(zip(("model", "optimizer"), get_state_dict(model, optimizer), strict=True))
     dcp.load(state, checkpoint_id=newest, no_dist=True)
     assert marker.exists() and state["optimizer"]["param_groups"][0]["lr"] == 0  # os.system's exit status

@@ -9,7 +9,8 @@ import pytest
 
 from gradwise.cli import main
 
-FAST = ["--workload", "mlp", "--steps", "12", "--eval-every", "5", "--checkpoint-every", "4", "--threads", "1", "--no-progress"]
+FAST = ["--workload", "mlp", "--steps", "12", "--eval-every", "5", "--checkpoint-every", "4", "--threads", "1",
+        "--no-progress"]
 
 
 def exit_code(argv: list[str]) -> int:
@@ -97,7 +98,8 @@ def test_settings_come_from_a_toml_file_and_options_override_it(tmp_path, capsys
         'schedule = "wsd"\nclip = 2.0\n[workload_options]\ndim = 8\n[optimizer_options]\nmomentum = 0.8\n'
     )
     out = tmp_path / "run"
-    assert main(["train", "--config", str(config), "--steps", "6", "--threads", "1", "--no-progress", "--out", str(out)]) == 0
+    argv = ["train", "--config", str(config), "--steps", "6", "--threads", "1", "--no-progress", "--out", str(out)]
+    assert main(argv) == 0
     saved = json.loads((out / "config.json").read_text())
     assert (saved["workload"], saved["optimizer"], saved["lr"], saved["steps"], saved["batch_size"]) == (
         "logreg", "momentum", 0.05, 6, 32)
