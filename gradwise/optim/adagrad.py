@@ -111,14 +111,10 @@ class Adagrad(GradwiseOptimizer):
         for param, grad, accumulated, step in zip(params, grads, sums, steps):
             grad = (-grad if group["maximize"] else grad).coalesce()
             indices, values = grad._indices(), grad._values()
-
-            def sparse_like(entries: Tensor) -> Tensor:
-                return torch.sparse_coo_tensor(indices, entries, grad.shape)
-
-            accumulated.add_(sparse_like(values.pow(2)))
+            accumulated.add_(torch.sparse_coo_tensor(indices, values.pow(2), grad.shape))
             scale = accumulated.sparse_mask(grad)._values().sqrt_().add_(group["eps"])
             step_size = group["lr"] / (1 + (step.item() - 1) * group["lr_decay"])
-            param.add_(sparse_like(values / scale), alpha=-step_size)
+            param.add_(torch.sparse_coo_tensor(indices, values / scale, grad.shape), alpha=-step_size)
 
     def _update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
         sums = self._sums(group, params)
@@ -139,13 +135,13 @@ class Adagrad(GradwiseOptimizer):
         torch._foreach_add_(steps, 1)
         lr, lr_decay = group["lr"], group["lr_decay"]
         minus_step_sizes = [-lr / (1 + (t - 1) * lr_decay) for t in scalar_values(steps, group)]
-        for params, grads, sums, minus_step_sizes in cache_blocks(params, grads, sums, minus_step_sizes):
-            grads = maybe_negate(grads, group["maximize"])
-            grads = with_l2_penalty(grads, params, group["weight_decay"])
-            torch._foreach_addcmul_(sums, grads, grads, value=1)
-            denominators = roots_to_edit(sums, group["differentiable"])
+        for block_params, block_grads, block_sums, block_steps in cache_blocks(params, grads, sums, minus_step_sizes):
+            block_grads = maybe_negate(block_grads, group["maximize"])
+            block_grads = with_l2_penalty(block_grads, block_params, group["weight_decay"])
+            torch._foreach_addcmul_(block_sums, block_grads, block_grads, value=1)
+            denominators = roots_to_edit(block_sums, group["differentiable"])
             torch._foreach_add_(denominators, group["eps"])
-            addcdiv_scaled_(params, grads, denominators, minus_step_sizes)
+            addcdiv_scaled_(block_params, block_grads, denominators, block_steps)
 
     @staticmethod
     @torch._disable_dynamo

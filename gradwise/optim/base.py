@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterable, Iterator, MutableMapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import torch
 from torch import Tensor
@@ -39,12 +39,17 @@ from torch.optim.optimizer import _get_capturable_supported_devices
 
 from gradwise.validation import check_bool, check_optional_bool
 
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
+
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tensor]]
 
 _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # Options that are switches: each must be a bool, never a truthy string or number.
-_BOOL_OPTIONS = ("maximize", "amsgrad", "nesterov", "centered", "decoupled_weight_decay", "differentiable", "capturable")
+_BOOL_OPTIONS = (
+    "maximize", "amsgrad", "nesterov", "centered", "decoupled_weight_decay", "differentiable", "capturable"
+)
 # Options where None lets the library choose.
 _OPTIONAL_BOOL_OPTIONS = ("foreach", "fused")
 
@@ -348,15 +353,15 @@ def resolve_tensor_hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
     difference from torch).
     """
     lr, betas = group.get("lr"), group.get("betas")
-    tensor_lr = isinstance(lr, Tensor)
-    tensor_betas = isinstance(betas, (tuple, list)) and any(isinstance(beta, Tensor) for beta in betas)
-    if not (tensor_lr or tensor_betas):
+    beta_list = list(betas) if isinstance(betas, (tuple, list)) else []
+    tensor_betas = any(isinstance(beta, Tensor) for beta in beta_list)
+    if not (isinstance(lr, Tensor) or tensor_betas):
         return group
     resolved = dict(group)
-    if tensor_lr:
+    if isinstance(lr, Tensor):
         resolved["lr"] = lr.item()
     if tensor_betas:
-        resolved["betas"] = tuple(beta.item() if isinstance(beta, Tensor) else beta for beta in betas)
+        resolved["betas"] = tuple(beta.item() if isinstance(beta, Tensor) else beta for beta in beta_list)
     return resolved
 
 
@@ -377,7 +382,9 @@ def scalar_values(scalars: list[Tensor], group: dict[str, Any]) -> list[Any]:
     return [scalar.item() for scalar in scalars]
 
 
-def addcdiv_scaled_(params: list[Tensor], numerators: list[Tensor], denominators: list[Tensor], scales: list[Any]) -> None:
+def addcdiv_scaled_(
+    params: list[Tensor], numerators: list[Tensor], denominators: list[Tensor], scales: list[Any]
+) -> None:
     """``params[i] += scales[i] * numerators[i] / denominators[i]`` in place.
 
     ``scales`` are numbers, or 0-d tensors (see :func:`scalar_values`); torch's foreach
@@ -411,7 +418,7 @@ def scalar_dtype() -> torch.dtype:
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
-def is_dtensor(tensor: Any) -> bool:
+def is_dtensor(tensor: Any) -> TypeGuard[DTensor]:
     """Whether ``tensor`` is a DTensor (a parameter sharded by FSDP2 or tensor parallelism).
 
     Looked up in ``sys.modules`` so that optimizers do not import ``torch.distributed.tensor``
@@ -426,11 +433,12 @@ def zeros_like(param: Tensor) -> Tensor:
     return torch.zeros_like(param, memory_format=torch.preserve_format)
 
 
-def by_device_and_dtype(*tensor_lists: list[Tensor]) -> Iterator[tuple[list[Tensor], ...]]:
+def by_device_and_dtype(*tensor_lists: list[Any]) -> Iterator[tuple[list[Any], ...]]:
     """Split parallel tensor lists into sublists that share a device and a dtype.
 
     ``torch._foreach_*`` kernels and fused kernels need each call's tensors on one device
-    with one dtype; the grouping key is the first list's tensors.
+    with one dtype; the grouping key is the first list's tensors (the other lists may hold
+    anything parallel to them: flags, optional buffers).
     """
     first = tensor_lists[0]
     if all(t.device == first[0].device and t.dtype == first[0].dtype for t in first):
@@ -521,7 +529,8 @@ def cache_blocks(*columns: list, block_numel: int = CPU_BLOCK_NUMEL) -> Iterator
         numel = row[0].numel()
         if numel > block_numel and all(t.is_contiguous() and t.numel() == numel for t in tensors):
             splits = [x.view(-1).split(block_numel) if isinstance(x, Tensor) else None for x in row]
-            pieces = [[x] * len(splits[0]) if parts is None else parts for x, parts in zip(row, splits)]
+            count = -(-numel // block_numel)  # as many pieces as split() cuts each tensor of the row into
+            pieces = [[x] * count if parts is None else parts for x, parts in zip(row, splits)]
         else:
             pieces = [[x] for x in row]
         for piece in zip(*pieces):
@@ -535,7 +544,7 @@ def cache_blocks(*columns: list, block_numel: int = CPU_BLOCK_NUMEL) -> Iterator
         yield tuple(block)
 
 
-def roots_to_edit(tensors: list[Tensor], differentiable: bool) -> list[Tensor]:
+def roots_to_edit(tensors: list[Tensor] | tuple[Tensor, ...], differentiable: bool) -> list[Tensor]:
     """Element-wise square roots that the caller goes on to modify in place (adding eps,
     dividing by a bias correction). The backward of a square root reads its output, so under
     ``differentiable=True`` the edits go to a copy rather than to the recorded output."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor
@@ -21,6 +21,9 @@ from gradwise.optim.base import (
 from gradwise.optim.description import Description, Preset, moments
 from gradwise.optim.kernels import lion_cpu
 from gradwise.validation import check_betas, check_range
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 
 class Lion(GradwiseOptimizer):
@@ -101,12 +104,12 @@ class Lion(GradwiseOptimizer):
         group: dict[str, Any], params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor]
     ) -> None:
         lr, (beta1, beta2), weight_decay = group["lr"], group["betas"], group["weight_decay"]
-        for params, grads, exp_avgs in cache_blocks(params, grads, exp_avgs):
-            directions = torch._foreach_lerp(grads, exp_avgs, beta1)  # beta1 m + (1 - beta1) g
+        for block_params, block_grads, block_avgs in cache_blocks(params, grads, exp_avgs):
+            directions = torch._foreach_lerp(block_grads, block_avgs, beta1)  # beta1 m + (1 - beta1) g
             torch._foreach_sign_(directions)
-            apply_weight_decay(params, grads, lr, weight_decay, decoupled=True)
-            torch._foreach_add_(params, directions, alpha=-lr)
-            torch._foreach_lerp_(exp_avgs, grads, 1 - beta2)
+            apply_weight_decay(block_params, block_grads, lr, weight_decay, decoupled=True)
+            torch._foreach_add_(block_params, directions, alpha=-lr)
+            torch._foreach_lerp_(block_avgs, block_grads, 1 - beta2)
 
     @staticmethod
     def _fused_update(
@@ -114,7 +117,9 @@ class Lion(GradwiseOptimizer):
     ) -> None:
         lr, (beta1, beta2), weight_decay = group["lr"], group["betas"], group["weight_decay"]
         if is_dtensor(params[0]):  # element-wise: each rank updates its local shards in place
-            params, grads, exp_avgs = ([t.to_local() for t in tensors] for tensors in (params, grads, exp_avgs))
+            # every tensor of the group is a DTensor when its first parameter is
+            params, grads, exp_avgs = ([cast("DTensor", t).to_local() for t in tensors]
+                                       for tensors in (params, grads, exp_avgs))
         if params[0].device.type == "cpu":
             lion_cpu().lion_(params, grads, exp_avgs, lr, 1 - lr * weight_decay, beta1, beta2)
             return

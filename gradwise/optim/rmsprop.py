@@ -124,23 +124,23 @@ class RMSprop(GradwiseOptimizer):
     ) -> None:
         alpha, eps, lr = group["alpha"], group["eps"], group["lr"]
         torch._foreach_add_(steps, 1)
-        for params, grads, square_avgs, *extra_blocks in cache_blocks(params, grads, square_avgs, *extra):
+        for block_params, block_grads, block_squares, *extra_blocks in cache_blocks(params, grads, square_avgs, *extra):
             grad_avgs = extra_blocks.pop(0) if group["centered"] else None
             buffers = extra_blocks.pop(0) if group["momentum"] > 0 else None
-            grads = maybe_negate(grads, group["maximize"])
-            grads = with_l2_penalty(grads, params, group["weight_decay"])
-            torch._foreach_mul_(square_avgs, alpha)
-            torch._foreach_addcmul_(square_avgs, grads, grads, value=1 - alpha)
+            block_grads = maybe_negate(block_grads, group["maximize"])
+            block_grads = with_l2_penalty(block_grads, block_params, group["weight_decay"])
+            torch._foreach_mul_(block_squares, alpha)
+            torch._foreach_addcmul_(block_squares, block_grads, block_grads, value=1 - alpha)
             if grad_avgs is not None:
-                torch._foreach_lerp_(grad_avgs, grads, 1 - alpha)
-                variances = torch._foreach_addcmul(square_avgs, grad_avgs, grad_avgs, value=-1)
+                torch._foreach_lerp_(grad_avgs, block_grads, 1 - alpha)
+                variances = torch._foreach_addcmul(block_squares, grad_avgs, grad_avgs, value=-1)
                 denominators = roots_to_edit(variances, group["differentiable"])
             else:
-                denominators = roots_to_edit(square_avgs, group["differentiable"])
+                denominators = roots_to_edit(block_squares, group["differentiable"])
             torch._foreach_add_(denominators, eps)
             if buffers is not None:
                 torch._foreach_mul_(buffers, group["momentum"])
-                torch._foreach_addcdiv_(buffers, grads, denominators)
-                torch._foreach_add_(params, buffers, alpha=-lr)
+                torch._foreach_addcdiv_(buffers, block_grads, denominators)
+                torch._foreach_add_(block_params, buffers, alpha=-lr)
             else:
-                torch._foreach_addcdiv_(params, grads, denominators, value=-lr)
+                torch._foreach_addcdiv_(block_params, block_grads, denominators, value=-lr)

@@ -3,6 +3,7 @@ r"""SAGA: variance reduction with a table of past gradients."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -11,6 +12,11 @@ from gradwise.optim.base import GradwiseOptimizer, ParamsT, lr_value
 from gradwise.optim.description import Description, Preset, StateSize, numel
 from gradwise.optim.svrg import gradients_of
 from gradwise.validation import check_int, check_range
+
+
+def _zero_table(param: torch.Tensor, slots: int) -> torch.Tensor:
+    """A table of ``slots`` zero gradients shaped like ``param``."""
+    return param.new_zeros((slots, *param.shape))
 
 
 def _saga_state(shape, options) -> StateSize:
@@ -80,7 +86,7 @@ class SAGA(GradwiseOptimizer):
             group_params = group["params"]
             fresh = [by_param[id(p)] for p in group_params]
             tables = [
-                self._state(p, "gradient_table", lambda p, slots=group["num_slots"]: p.new_zeros((slots, *p.shape)))
+                self._state(p, "gradient_table", partial(_zero_table, slots=group["num_slots"]))
                 for p in group_params
             ]
             means = [self._state(p, "gradient_mean", torch.zeros_like) for p in group_params]

@@ -164,7 +164,7 @@ class SGD(GradwiseOptimizer):
         for params, grads, *momentum_columns in cache_blocks(*columns):
             grads = maybe_negate(grads, group["maximize"])
             grads = with_l2_penalty(grads, params, group["weight_decay"])
-            direction = grads
+            direction: list[Tensor] | tuple[Tensor, ...] = grads
             if momentum_columns:
                 buffers, fresh = momentum_columns
                 new = [i for i, is_new in enumerate(fresh) if is_new]
