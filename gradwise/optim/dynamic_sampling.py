@@ -59,5 +59,5 @@ class GeometricBatchSize:
         return {"initial": self.initial, "factor": self.factor, "maximum": self.maximum, "iteration": self.iteration}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.__init__(state["initial"], state["factor"], state["maximum"])
+        type(self).__init__(self, state["initial"], state["factor"], state["maximum"])
         self.iteration = check_int("iteration", state["iteration"], 0)

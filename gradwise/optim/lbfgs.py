@@ -121,7 +121,8 @@ class LBFGS(SingleParamGroup, GradwiseOptimizer):
         check_int("max_eval", group["max_eval"], 1)
         tolerance_grad = group["tolerance_grad"]
         if not (isinstance(tolerance_grad, numbers.Real) and math.isinf(tolerance_grad)):
-            check_range("tolerance_grad", tolerance_grad)  # finite, or -inf (never stop) or +inf (stop at once), as torch
+            # finite, or -inf (never stop) or +inf (stop at once), as torch
+            check_range("tolerance_grad", tolerance_grad)
         check_range("tolerance_change", group["tolerance_change"], 0.0)
         check_int("history_size", group["history_size"], 1)
         check_choice("line_search_fn", group["line_search_fn"], LINE_SEARCHES)
@@ -166,7 +167,8 @@ class LBFGS(SingleParamGroup, GradwiseOptimizer):
 
         d, t = state.get("d"), state.get("t")
         old_dirs, old_stps, ro = state.get("old_dirs", []), state.get("old_stps", []), state.get("ro", [])
-        h_diag, prev_flat_grad, prev_loss = state.get("H_diag", 1.0), state.get("prev_flat_grad"), state.get("prev_loss")
+        h_diag = state.get("H_diag", 1.0)
+        prev_flat_grad, prev_loss = state.get("prev_flat_grad"), state.get("prev_loss")
         iterations = 0
         while iterations < max_iter:
             iterations += 1
@@ -210,14 +212,28 @@ class LBFGS(SingleParamGroup, GradwiseOptimizer):
                     return value, grad_t.dot(d), grad_t
 
                 if search == "strong_wolfe":
+                    # 0-d tensor slopes, step and scale where the search declares floats: its arithmetic
+                    # runs on them unchanged and so rounds as torch.optim.LBFGS does (exact parity)
                     result = bracketing_wolfe_search(
-                        phi, loss, gtd, t, grad, direction_scale=d.abs().max(), max_evaluations=max_eval - evaluations
+                        phi,  # type: ignore[arg-type]
+                        loss,
+                        gtd,  # type: ignore[arg-type]
+                        t,
+                        grad,
+                        direction_scale=d.abs().max(),  # type: ignore[arg-type]
+                        max_evaluations=max_eval - evaluations,
                     )
                 else:
                     trial = float(lr) / float(grad.norm()) if first else float(lr)
+
+                    def float_phi(
+                        step: float, phi: Callable[[float], tuple[float, Tensor, Tensor]] = phi
+                    ) -> tuple[float, float, Tensor]:
+                        value, slope, grad_t = phi(step)
+                        return value, float(slope), grad_t
+
                     result = strong_wolfe_search(
-                        lambda step: (lambda v, s, g: (v, float(s), g))(*phi(step)),
-                        loss, float(gtd), trial, max_evaluations=max(1, max_eval - evaluations),
+                        float_phi, loss, float(gtd), trial, max_evaluations=max(1, max_eval - evaluations),
                     )
                     if not result.converged and result.value >= loss:
                         # No decrease along d within the budget: rounding dominates; stop here.

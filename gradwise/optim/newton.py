@@ -101,7 +101,7 @@ class Newton(SingleParamGroup, GradwiseOptimizer):
             raise ValueError(f"line_search must be a bool, got {group['line_search']!r}")
 
     @torch.no_grad()
-    def step(self, closure: Closure | None = None) -> Tensor:
+    def step(self, closure: Closure | None = None) -> Tensor:  # type: ignore[override]  # a required closure and a tensor loss, as torch's own LBFGS.step
         """One Newton iteration; returns the loss at the starting point."""
         closure = _require_closure(closure, "Newton")
         group = self.param_groups[0]
@@ -130,7 +130,8 @@ class Newton(SingleParamGroup, GradwiseOptimizer):
         start = flat.values()
         evals = 1
         if group["line_search"]:
-            evals += _armijo(closure, flat, start, direction, float(loss), float(grad @ direction), lr_value(group)).evaluations
+            search = _armijo(closure, flat, start, direction, float(loss), float(grad @ direction), lr_value(group))
+            evals += search.evaluations
         else:
             flat.assign(start + lr_value(group) * direction)
         state["func_evals"] = state.get("func_evals", 0) + evals
@@ -217,7 +218,7 @@ class NewtonCG(SingleParamGroup, GradwiseOptimizer):
             raise ValueError(f"line_search must be a bool, got {group['line_search']!r}")
 
     @torch.no_grad()
-    def step(self, closure: Closure | None = None, hessian_closure: Closure | None = None) -> Tensor:
+    def step(self, closure: Closure | None = None, hessian_closure: Closure | None = None) -> Tensor:  # type: ignore[override]  # as Newton.step
         """One inexact Newton iteration; returns the loss at the starting point."""
         closure = _require_closure(closure, "NewtonCG")
         group = self.param_groups[0]

@@ -36,11 +36,11 @@ def lbfgs_direction(
     q = grad.neg()
     for i in range(len(rhos) - 1, -1, -1):
         alphas[i] = torch.vdot(s_history[i], q) * rhos[i]
-        q.add_(y_history[i], alpha=-alphas[i])
+        q.add_(y_history[i], alpha=-alphas[i])  # type: ignore[arg-type]  # torch takes a 0-d tensor alpha
     r = q.mul_(gamma)
     for i in range(len(rhos)):
         beta = torch.vdot(y_history[i], r) * rhos[i]
-        r.add_(s_history[i], alpha=alphas[i] - beta)
+        r.add_(s_history[i], alpha=alphas[i] - beta)  # type: ignore[arg-type]  # as above
     return r
 
 
