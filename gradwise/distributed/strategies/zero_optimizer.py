@@ -172,6 +172,11 @@ def _copied(entry: dict[str, Any]) -> dict[str, Any]:
     return {key: value.detach().clone() if isinstance(value, Tensor) else value for key, value in entry.items()}
 
 
+def _same_kind(optimizer: torch.optim.Optimizer, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    """An optimizer of ``optimizer``'s class over ``groups`` (each carrying its hyperparameters)."""
+    make: Callable[..., torch.optim.Optimizer] = type(optimizer)  # a subclass takes its defaults as keywords
+    return make(groups)
+
 class _Piece:
     """Elements ``[start, start + len(values))`` of one state tensor of a parameter, flattened."""
 
@@ -206,14 +211,17 @@ class _FlatShard:
         for param in self.params:
             low, high = max(offset, self.start), min(offset + param.numel(), end)
             if low < high:
-                self.shard[low - self.start : high - self.start].copy_(param.detach().reshape(-1)[low - offset : high - offset])
+                piece = param.detach().reshape(-1)[low - offset : high - offset]
+                self.shard[low - self.start : high - self.start].copy_(piece)
             offset += param.numel()
 
 
 class _ElementwiseLayout:
     """Every param group's parameters as flat shards, one per dtype and device."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, stage: int, process_group: Any, rank: int, world_size: int) -> None:
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, stage: int, process_group: Any, rank: int, world_size: int
+    ) -> None:
         self.stage, self.group, self.world_size = stage, process_group, world_size
         self.shards: list[_FlatShard] = []
         inner_groups = []
@@ -221,7 +229,7 @@ class _ElementwiseLayout:
             shards = [_FlatShard(bucket, rank, world_size) for bucket in _by_dtype_and_device(params)]
             self.shards.extend(shards)
             inner_groups.append({**_hyperparameters(hyper), "params": [s.shard for s in shards]})
-        self.local_optimizer = type(optimizer)(inner_groups)
+        self.local_optimizer = _same_kind(optimizer, inner_groups)
         self._grad_buffers: list[Tensor] = []
 
     def reduce_gradients(self) -> None:
@@ -311,7 +319,9 @@ class _ElementwiseLayout:
 class _WholeTensorLayout:
     """Whole tensors assigned to ranks; the local optimizer steps the owned parameters themselves."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, stage: int, process_group: Any, rank: int, world_size: int) -> None:
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, stage: int, process_group: Any, rank: int, world_size: int
+    ) -> None:
         self.stage, self.group, self.rank = stage, process_group, rank
         self.world_size = world_size
         per_group = _unique_params(optimizer.param_groups)
@@ -329,7 +339,7 @@ class _WholeTensorLayout:
         if self.model_bound:
             self.local_optimizer = cast(ModelBound, optimizer).restricted_to(inner_groups)
         else:
-            self.local_optimizer = type(optimizer)(inner_groups)
+            self.local_optimizer = _same_kind(optimizer, inner_groups)
         # Per dtype and device, per owning rank: the tensors that travel together.
         self.buckets = [
             [[p for p in bucket if self.owner[id(p)] == r] for r in range(world_size)]
@@ -358,9 +368,9 @@ class _WholeTensorLayout:
                         param.grad = None
 
     def _average_model_statistics(self) -> None:
-        """Each layer's statistics of this step (K-FAC: its factors, ``pending_factors()``), averaged over the ranks onto the layer's
-        owner: the factors of the global batch (KAISA, Pauloski et al. 2021, arXiv:2107.01739,
-        likewise assigns each layer's preconditioner to one worker)."""
+        """Each layer's statistics of this step (K-FAC: its factors, ``pending_factors()``), averaged
+        over the ranks onto the layer's owner: the factors of the global batch (KAISA, Pauloski et al.
+        2021, arXiv:2107.01739, likewise assigns each layer's preconditioner to one worker)."""
         local = cast(ModelBound, self.local_optimizer)
         pending = local.pending_factors()
         for layer in local.layers:
