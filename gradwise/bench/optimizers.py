@@ -71,7 +71,8 @@ class OptimizerSpec:
 
     def build(self, params: ParamsT, lr: float) -> Optimizer:
         """The optimizer over ``params`` (tensors, or param-group dicts whose ``lr`` wins)."""
-        return self.optimizer(params, lr=lr, **self.options)
+        make: Callable[..., Optimizer] = self.optimizer  # a subclass takes its hyperparameters as keywords
+        return make(params, lr=lr, **self.options)
 
     def lr_grid(self, points: int) -> list[float]:
         """``points`` learning rates evenly spaced in log scale over ``lr_range``.
