@@ -1,6 +1,6 @@
 # The two commands a newcomer types (see README.md):
 #   make race   - set up the environment (once) and run the optimizer race on its defaults
-#   make test   - set up the environment (once) and run the test suite
+#   make test   - set up the environment (once), run the static checks and the test suite
 # and, for maintainers: make measure (timed model checks), make bench (step throughput)
 # The environment is rebuilt only when pyproject.toml or constraints.txt change.
 
@@ -18,7 +18,10 @@ $(STAMP): pyproject.toml constraints.txt
 race: $(STAMP)
 	$(VENV)/bin/gradwise race
 
+# The static checks first (seconds): ruff's lint and mypy's types (configured in pyproject.toml).
 test: $(STAMP)
+	$(VENV)/bin/ruff check gradwise tests benchmarks
+	$(VENV)/bin/mypy
 	$(VENV)/bin/python -m pytest -n 2 -q -m "not measurement"
 
 # Timed checks of the models against this machine (marked "measurement"), run alone so that
