@@ -27,8 +27,6 @@ from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.testing._internal.common_optimizers import OptimizerErrorEnum, optim_db
 
-import gradwise.optim as gw
-
 SLOTS = 4
 SHAPES = {"fc1.weight": (4, 6), "fc1.bias": (4,), "fc2.weight": (2, 4), "fc2.bias": (2,)}
 TORCH_INFO = {info.optim_cls.__name__: info for info in optim_db}
@@ -98,7 +96,8 @@ class TinyNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.layout == "real_view":
-            w1, b1, w2, b2 = (torch.view_as_complex(p) for p in (self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias))
+            layers = (self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
+            w1, b1, w2, b2 = (torch.view_as_complex(p) for p in layers)
             return F.linear(torch.tanh(F.linear(x, w1, b1)), w2, b2)
         return self.fc2(torch.tanh(self.fc1(x)))
 
@@ -208,7 +207,8 @@ def assert_same_params(actual: nn.Module, expected: nn.Module, exact: bool = Fal
         if exact:
             assert torch.equal(a, b), name
         else:
-            torch.testing.assert_close(a, b, **(tolerance or {"rtol": 1e-7, "atol": 1e-10}), msg=lambda m, name=name: f"{name}: {m}")
+            torch.testing.assert_close(a, b, **(tolerance or {"rtol": 1e-7, "atol": 1e-10}),
+                                       msg=lambda m, name=name: f"{name}: {m}")
 
 
 def round_trip(obj):
@@ -349,7 +349,8 @@ def test_matches_torch_on_random_hyperparameters(entry: Entry, path: dict, seed:
     for mine, reference in zip(ours, theirs):
         torch.testing.assert_close(mine, reference, rtol=1e-6, atol=1e-12)
         for key, value in torch_opt.state[reference].items():
-            torch.testing.assert_close(ours_opt.state[mine][key].cpu().to(value.dtype), value.cpu(), rtol=1e-6, atol=1e-12)
+            torch.testing.assert_close(ours_opt.state[mine][key].cpu().to(value.dtype), value.cpu(),
+                                       rtol=1e-6, atol=1e-12)
 
 
 def _error_inputs():
@@ -390,7 +391,8 @@ def test_refuses_torchs_error_inputs(entry: Entry, error_input) -> None:
 
 @pytest.mark.parametrize(
     "entry, keyword, value",
-    [pytest.param(entry, key, value, id=f"{entry.name}-{key}={value!r}") for entry in ENTRIES for key, value in entry.invalid],
+    [pytest.param(entry, key, value, id=f"{entry.name}-{key}={value!r}")
+     for entry in ENTRIES for key, value in entry.invalid],
 )
 def test_invalid_hyperparameter_is_named(entry: Entry, keyword: str, value) -> None:
     """A ValueError naming the option, whether given to the constructor or in a param group."""
@@ -578,7 +580,8 @@ def test_complex_params_are_optimized_as_their_real_view(entry: Entry) -> None:
     complex_model, _ = run(entry, 4, model=TinyNet(layout="complex"))
     real_model, _ = run(entry, 4, model=TinyNet(layout="real_view"))
     for (name, z), r in zip(complex_model.named_parameters(), real_model.parameters()):
-        torch.testing.assert_close(torch.view_as_real(z.detach()), r.detach(), rtol=1e-9, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(torch.view_as_real(z.detach()), r.detach(), rtol=1e-9, atol=1e-12,
+                                   msg=lambda m, name=name: f"{name}: {m}")
     if entry.torch_twin is not None and TORCH_INFO[entry.name].supports_complex:
         theirs_model = TinyNet(layout="complex")
         drive(entry, entry.torch_twin(list(theirs_model.parameters()), **entry.kwargs), theirs_model, range(4))
@@ -606,7 +609,8 @@ def test_low_precision_params(entry: Entry, dtype: str) -> None:
     run(entry, 3, model=reference)
     for (name, p), q in zip(low_model.named_parameters(), reference.parameters()):
         assert p.dtype == low, name
-        torch.testing.assert_close(p.detach().float(), q.detach(), rtol=0.05, atol=0.05, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(p.detach().float(), q.detach(), rtol=0.05, atol=0.05,
+                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("entry", ENTRIES, ids=str)
@@ -662,8 +666,9 @@ def test_add_param_group(entry: Entry) -> None:
     assert all(group.keys() == optimizer.param_groups[0].keys() for group in optimizer.param_groups)
     assert optimizer.param_groups[-1]["lr"] == lr
     together_model = TinyNet()
-    together = make(entry, together_model, params=_as_groups(route(entry, together_model.fc1.named_parameters()))
-                    + [{**group, "lr": lr} for group in _as_groups(route(entry, together_model.fc2.named_parameters()))])
+    first = _as_groups(route(entry, together_model.fc1.named_parameters()))
+    second = [{**group, "lr": lr} for group in _as_groups(route(entry, together_model.fc2.named_parameters()))]
+    together = make(entry, together_model, params=first + second)
     drive(entry, optimizer, model, range(3))
     drive(entry, together, together_model, range(3))
     assert_same_params(model, together_model, exact=True)

@@ -211,7 +211,8 @@ def test_complex_parameters_are_refused_at_step_as_torch() -> None:
 def test_a_non_finite_gradient_element_spoils_only_its_matrix_as_in_torch() -> None:
     """The documented choice: torch's behaviour (no host synchronisation to check)."""
     ours, theirs = matrices(), matrices()
-    for optimizer, params in ((gw.Muon(ours, lr=0.02, ns_dtype=torch.float32), ours), (torch.optim.Muon(theirs, lr=0.02), theirs)):
+    pairs = ((gw.Muon(ours, lr=0.02, ns_dtype=torch.float32), ours), (torch.optim.Muon(theirs, lr=0.02), theirs))
+    for optimizer, params in pairs:
         for p in params:
             p.grad = torch.ones_like(p)
         params[1].grad[2, 3] = float("nan")
@@ -234,7 +235,8 @@ def test_compiled_step_equals_eager_without_graph_breaks(routes) -> None:
             return gw.Muon(params, lr=0.02, ns_dtype=torch.float32)
         if routes == "adamw":
             return gw.Muon(params, lr=0.02, use_muon=False)
-        return gw.Muon([{"params": params[:2]}, {"params": params[2:], "use_muon": False}], lr=0.02, ns_dtype=torch.float32)
+        groups = [{"params": params[:2]}, {"params": params[2:], "use_muon": False}]
+        return gw.Muon(groups, lr=0.02, ns_dtype=torch.float32)
 
     compiled_params, eager_params = matrices(), matrices()
     compiled, eager = build(compiled_params), build(eager_params)

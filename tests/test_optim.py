@@ -95,7 +95,8 @@ def test_lion_fused_cpu_kernel_matches_formula(dtype, tolerance) -> None:
         torch.testing.assert_close(
             p.detach()[sign_defined], expected_param.to(dtype)[sign_defined], rtol=tolerance, atol=tolerance
         )
-        torch.testing.assert_close(optimizer.state[p]["exp_avg"], expected_exp_avg.to(dtype), rtol=tolerance, atol=tolerance)
+        torch.testing.assert_close(optimizer.state[p]["exp_avg"], expected_exp_avg.to(dtype),
+                                   rtol=tolerance, atol=tolerance)
 
 
 def test_lion_compiled_kernel_for_other_devices_matches_foreach() -> None:

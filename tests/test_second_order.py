@@ -87,13 +87,15 @@ def test_newton_cg_reaches_the_rosenbrock_minimiser():
 def test_newton_cg_with_a_subsampled_hessian_converges_on_least_squares():
     generator = torch.Generator().manual_seed(2)
     a = torch.randn(400, 10, generator=generator, dtype=torch.float64)
-    b = a @ torch.randn(10, generator=generator, dtype=torch.float64) + 0.1 * torch.randn(400, generator=generator, dtype=torch.float64)
+    noise = 0.1 * torch.randn(400, generator=generator, dtype=torch.float64)
+    b = a @ torch.randn(10, generator=generator, dtype=torch.float64) + noise
     solution = torch.linalg.lstsq(a, b.unsqueeze(1)).solution.squeeze(1)
     x = torch.zeros(10, dtype=torch.float64, requires_grad=True)
     optimizer = gw.NewtonCG([x])
     for _ in range(40):
         rows = torch.randint(400, (40,), generator=generator)
-        optimizer.step(lambda: 0.5 * ((a @ x - b) ** 2).mean(), hessian_closure=lambda rows=rows: 0.5 * ((a[rows] @ x - b[rows]) ** 2).mean())
+        optimizer.step(lambda: 0.5 * ((a @ x - b) ** 2).mean(),
+                       hessian_closure=lambda rows=rows: 0.5 * ((a[rows] @ x - b[rows]) ** 2).mean())
     assert torch.allclose(x.detach(), solution, atol=1e-8)
     assert optimizer.state[x]["hvp_evals"] > 0
 
@@ -195,7 +197,8 @@ def test_backtracking_search_halves_until_sufficient_decrease():
 
 def test_sqn_converges_on_a_noisy_strongly_convex_finite_sum():
     generator = torch.Generator().manual_seed(5)
-    a = torch.randn(2000, 6, generator=generator, dtype=torch.float64) * torch.tensor([1, 1, 1, 0.3, 0.3, 0.1], dtype=torch.float64)
+    scales = torch.tensor([1, 1, 1, 0.3, 0.3, 0.1], dtype=torch.float64)
+    a = torch.randn(2000, 6, generator=generator, dtype=torch.float64) * scales
     b = a @ torch.ones(6, dtype=torch.float64) + 0.1 * torch.randn(2000, generator=generator, dtype=torch.float64)
     solution = torch.linalg.lstsq(a, b.unsqueeze(1)).solution.squeeze(1)
     x = torch.zeros(6, dtype=torch.float64, requires_grad=True)

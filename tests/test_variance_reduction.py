@@ -18,7 +18,8 @@ def finite_sum(seed: int = 0):
     the per-example gradients do not vanish at the optimum."""
     generator = torch.Generator().manual_seed(seed)
     a = torch.randn(N, D, generator=generator, dtype=torch.float64)
-    b = a @ torch.randn(D, generator=generator, dtype=torch.float64) + torch.randn(N, generator=generator, dtype=torch.float64)
+    truth = torch.randn(D, generator=generator, dtype=torch.float64)
+    b = a @ truth + torch.randn(N, generator=generator, dtype=torch.float64)
     mu = 0.1
     solution = torch.linalg.solve(a.T @ a / N + mu * torch.eye(D, dtype=torch.float64), a.T @ b / N)
     smoothness = float((a**2).sum(1).max()) + mu
@@ -128,7 +129,8 @@ def test_svrg_estimate_is_the_full_gradient_at_the_snapshot():
 def test_variance_reduced_state_dicts_round_trip_exactly():
     loss, _, _ = finite_sum()
     for make, stepper in [
-        (lambda w: gw.SAGA([w], lr=0.01, num_slots=N), lambda opt, w, j: opt.step(j, closure_for(loss, w, torch.tensor([j])))),
+        (lambda w: gw.SAGA([w], lr=0.01, num_slots=N),
+         lambda opt, w, j: opt.step(j, closure_for(loss, w, torch.tensor([j])))),
         (lambda w: gw.SVRG([w], lr=0.01), lambda opt, w, j: opt.step(closure_for(loss, w, torch.tensor([j])))),
     ]:
         w = torch.zeros(D, dtype=torch.float64, requires_grad=True)

@@ -168,7 +168,8 @@ class Adafactor(GradwiseOptimizer):
             sqrt_means.append(sqrt_mean)
         # Clipping: U / max(1, RMS(U) / d). RMS of the factored U is sqrt(mean) * RMS(U').
         scalars = list(torch._foreach_norm(updates)) + sqrt_means + list(param_norms or [])
-        host = torch.stack([x.to(params[0].device, torch.float64).view(()) for x in scalars]).tolist()  # one host transfer for every norm of the step
+        # one host transfer for every norm of the step
+        host = torch.stack([x.to(params[0].device, torch.float64).view(()) for x in scalars]).tolist()
         count = len(params)
         scales = []
         for index, (param, t) in enumerate(zip(params, counts)):

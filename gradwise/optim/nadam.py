@@ -138,7 +138,9 @@ class NAdam(GradwiseOptimizer):
         blocks = cache_blocks(
             params, grads, exp_avgs, exp_avg_sqs, bias_correction2_sqrts, grad_step_sizes, momentum_step_sizes
         )
-        for params, grads, exp_avgs, exp_avg_sqs, bias_correction2_sqrts, grad_step_sizes, momentum_step_sizes in blocks:
+        for (
+            params, grads, exp_avgs, exp_avg_sqs, bias_correction2_sqrts, grad_step_sizes, momentum_step_sizes
+        ) in blocks:
             grads = maybe_negate(grads, group["maximize"])
             grads = apply_weight_decay(params, grads, lr, weight_decay, group["decoupled_weight_decay"])
             update_moments(exp_avgs, exp_avg_sqs, grads, beta1, beta2)

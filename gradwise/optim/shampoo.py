@@ -53,7 +53,9 @@ def to_blocks(matrix: Tensor, row_layout: tuple[int, int], col_layout: tuple[int
     return matrix.reshape(rb, bm, cb, bn).transpose(1, 2).reshape(rb * cb, bm, bn)
 
 
-def from_blocks(blocks: Tensor, row_layout: tuple[int, int], col_layout: tuple[int, int], rows: int, cols: int) -> Tensor:
+def from_blocks(
+    blocks: Tensor, row_layout: tuple[int, int], col_layout: tuple[int, int], rows: int, cols: int
+) -> Tensor:
     """The inverse of :func:`to_blocks`: the ``rows x cols`` matrix."""
     (rb, bm), (cb, bn) = row_layout, col_layout
     matrix = blocks.reshape(rb, cb, bm, bn).transpose(1, 2).reshape(rb * bm, cb * bn)

@@ -76,7 +76,9 @@ class SQN(SingleParamGroup, GradwiseOptimizer):
         return step % group["update_every"] == 0 and "previous_average" in state
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None, hessian_closure: Callable[[], Tensor] | None = None) -> Any:
+    def step(
+        self, closure: Callable[[], Any] | None = None, hessian_closure: Callable[[], Tensor] | None = None
+    ) -> Any:
         """One SQN step with the parameters' current gradients."""
         if self.needs_hessian_closure and hessian_closure is None:
             raise RuntimeError("SQN.step needs hessian_closure at this step (a curvature pair is due)")
