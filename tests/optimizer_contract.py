@@ -245,7 +245,8 @@ ENTRIES: list[Entry] = [
         converge_lr=0.05,
         skip_error_inputs={
             "lr as Tensor doesn't work with foreach & not capturable": _TENSOR_HYPERPARAMETERS_ON_FOREACH,
-            "betas\\[0\\] as a Tensor is not supported for capturable=False and foreach=True": _TENSOR_HYPERPARAMETERS_ON_FOREACH,
+            "betas\\[0\\] as a Tensor is not supported for capturable=False and foreach=True":
+                _TENSOR_HYPERPARAMETERS_ON_FOREACH,
         },
         notes={"sparse": "torch's Adam refuses sparse gradients (SparseAdam is another algorithm)"},
     ),
@@ -258,7 +259,8 @@ ENTRIES: list[Entry] = [
         converge_lr=0.05,
         skip_error_inputs={
             "lr as Tensor doesn't work with foreach & not capturable": _TENSOR_HYPERPARAMETERS_ON_FOREACH,
-            "betas\\[0\\] as a Tensor is not supported for capturable=False and foreach=True": _TENSOR_HYPERPARAMETERS_ON_FOREACH,
+            "betas\\[0\\] as a Tensor is not supported for capturable=False and foreach=True":
+                _TENSOR_HYPERPARAMETERS_ON_FOREACH,
         },
         notes={"sparse": "torch's AdamW refuses sparse gradients"},
     ),
@@ -288,7 +290,8 @@ ENTRIES: list[Entry] = [
         "Adafactor", gw.Adafactor, "step", {"lr": 0.01},
         frozenset({"strided", "foreach", "bfloat16", "float16", "compile", "maximize", "param_groups"}),
         torch_twin=torch.optim.Adafactor,
-        invalid=_LR_INVALID + _BOOL_INVALID + [("beta2_decay", 0.8), ("d", 0.5), ("weight_decay", -1.0), ("eps", (-1e-30, 1e-3))],
+        invalid=_LR_INVALID + _BOOL_INVALID
+        + [("beta2_decay", 0.8), ("d", 0.5), ("weight_decay", -1.0), ("eps", (-1e-30, 1e-3))],
         notes={
             "complex": "torch's Adafactor refuses complex parameters (its error input is checked)",
             "differentiable": "torch's Adafactor has no differentiable path",

@@ -66,7 +66,8 @@ def test_defaults_are_torchs() -> None:
 @pytest.mark.parametrize("dim, history_size, max_iter, lr", [(2, 100, 20, 1.0), (10, 5, 7, 1.0), (6, 3, 4, 0.3)])
 def test_iterates_equal_torch_on_rosenbrock(search, dim, history_size, max_iter, lr) -> None:
     options = dict(line_search_fn=search, history_size=history_size, max_iter=max_iter, lr=lr)
-    ours, theirs = Run(gw.LBFGS, rosenbrock_start(dim), **options), Run(torch.optim.LBFGS, rosenbrock_start(dim), **options)
+    ours = Run(gw.LBFGS, rosenbrock_start(dim), **options)
+    theirs = Run(torch.optim.LBFGS, rosenbrock_start(dim), **options)
     assert_same_trajectory(ours.steps(15), theirs.steps(15))
     assert ours.state["func_evals"] == theirs.state["func_evals"]
     assert ours.state["n_iter"] == theirs.state["n_iter"]

@@ -108,7 +108,8 @@ def _muon_groups(model, groups):
 
 
 TRAINERS = [
-    Trainer("Adafactor", lambda m, g: gw.Adafactor(_params(m, g), lr=0.1, relative_step=False, beta1=0.9), 600, decay=True),
+    Trainer("Adafactor", lambda m, g: gw.Adafactor(_params(m, g), lr=0.1, relative_step=False, beta1=0.9), 600,
+            decay=True),
     Trainer(
         "Muon",
         lambda m, g: gw.Muon(_muon_groups(m, g), lr=0.02, weight_decay=0.0, adamw_lr=0.05, ns_dtype=torch.float64),
@@ -118,7 +119,8 @@ TRAINERS = [
     Trainer("Shampoo", lambda m, g: gw.Shampoo(_params(m, g), lr=0.05, momentum=0.9, graft="adam"), 600),
     Trainer("SOAP", lambda m, g: gw.SOAP(_params(m, g), lr=0.02, weight_decay=0.0), 600, decay=True),
     Trainer("KFAC", lambda m, g: gw.KFAC(m, lr=0.5, damping=1e-4, inverse_every=1, params=g), 60),
-    Trainer("Sophia", lambda m, g: gw.Sophia(_params(m, g), lr=0.05, rho=1.0, weight_decay=0.0, betas=(0.9, 0.99)), 600),
+    Trainer("Sophia", lambda m, g: gw.Sophia(_params(m, g), lr=0.05, rho=1.0, weight_decay=0.0, betas=(0.9, 0.99)),
+            600),
 ]
 
 
@@ -366,7 +368,8 @@ def test_muon_batched_3d_and_conv_4d_equal_2d_updates() -> None:
     heads = torch.randn(3, 5, 8, generator=generator, dtype=torch.float64)
     conv = torch.randn(6, 2, 3, 3, generator=generator, dtype=torch.float64)
     grads = [
-        [torch.randn(3, 5, 8, generator=generator, dtype=torch.float64), torch.randn(6, 2, 3, 3, generator=generator, dtype=torch.float64)]
+        [torch.randn(3, 5, 8, generator=generator, dtype=torch.float64),
+         torch.randn(6, 2, 3, 3, generator=generator, dtype=torch.float64)]
         for _ in range(3)
     ]
     batched = _muon_steps([heads.clone().requires_grad_(), conv.clone().requires_grad_()], grads)

@@ -138,7 +138,7 @@ class KFAC(GradwiseOptimizer):
             layer.register_forward_hook(self._record_layer)
 
     @property
-    def layers(self) -> list[nn.Module]:
+    def layers(self) -> list[nn.Linear | nn.Conv2d]:
         """The model's layers K-FAC preconditions (``nn.Linear``, ``nn.Conv2d``)."""
         return [m for m in self.model.modules() if isinstance(m, LAYERS)]
 
@@ -316,7 +316,10 @@ def input_output_factors(layer: nn.Module, inputs: Tensor, grad_outputs: Tensor)
     """
     if isinstance(layer, nn.Conv2d):
         batch = inputs.shape[0]
-        patches = F.unfold(inputs, layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride)
+        if isinstance(layer.padding, str):
+            raise ValueError(f"K-FAC unfolds Conv2d patches with numeric padding, got padding={layer.padding!r}")
+        patches = F.unfold(inputs, layer.kernel_size, dilation=layer.dilation, padding=layer.padding,
+                           stride=layer.stride)
         a = patches.transpose(1, 2).reshape(-1, patches.shape[1])  # (N T, C kh kw)
         g = grad_outputs.permute(0, 2, 3, 1).reshape(-1, grad_outputs.shape[1])  # (N T, out)
         a_scale, g_scale = 1.0 / batch, batch * batch / g.shape[0]
