@@ -278,7 +278,9 @@ class Muon(GradwiseOptimizer):
             stacked = torch.cat([updates[i].reshape(-1, rows, cols) for i in indices]) if len(indices) > 1 else (
                 updates[indices[0]].reshape(-1, rows, cols)
             )
-            orthogonal = newton_schulz(stacked, group["ns_steps"], group["ns_coefficients"], group["eps"], group["ns_dtype"])
+            orthogonal = newton_schulz(
+                stacked, group["ns_steps"], group["ns_coefficients"], group["eps"], group["ns_dtype"]
+            )
             step = -adjusted_lr(lr, group["adjust_lr_fn"], rows, cols)
             start = 0
             for i in indices:
@@ -318,6 +320,8 @@ def muon_param_groups(
     model: nn.Module,
     *,
     use_muon: Callable[[str, Tensor], bool] | None = None,
+    if not isinstance(like, DTensor):
+        raise TypeError(f"like must be a DTensor, got a {type(like).__name__}")
     head: nn.Module | None = None,
     adamw_lr: float | None = None,
     **group_options: Any,
