@@ -311,6 +311,8 @@ def local_part(full: Tensor, like: Tensor) -> Tensor:
     each rank keeps its own shard, cut locally without communication."""
     from torch.distributed.tensor import DTensor, Replicate
 
+    if not isinstance(like, DTensor):
+        raise TypeError(f"like must be a DTensor, got a {type(like).__name__}")
     mesh = like.device_mesh
     replicated = DTensor.from_local(full, mesh, [Replicate()] * mesh.ndim, run_check=False)
     return replicated.redistribute(mesh, like.placements)
@@ -320,8 +322,6 @@ def muon_param_groups(
     model: nn.Module,
     *,
     use_muon: Callable[[str, Tensor], bool] | None = None,
-    if not isinstance(like, DTensor):
-        raise TypeError(f"like must be a DTensor, got a {type(like).__name__}")
     head: nn.Module | None = None,
     adamw_lr: float | None = None,
     **group_options: Any,
