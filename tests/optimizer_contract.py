@@ -201,10 +201,6 @@ _PER_MATRIX_COMPLEX = (
 )
 _SINGLE_GROUP = "one param group: the method treats all parameters as one vector"
 _NOT_COMPILED = "step() runs closures, line searches or host-side control flow; compile the model, not the step"
-_TORCH_WOLFE = (
-    "gradwise's strong Wolfe search is Moré-Thuente (L-BFGS-B's), torch's is its own "
-    "bracketing zoom: both meet the strong Wolfe conditions, the iterates differ"
-)
 
 ENTRIES: list[Entry] = [
     Entry(
@@ -353,12 +349,6 @@ ENTRIES: list[Entry] = [
         torch_twin=torch.optim.LBFGS,
         invalid=_LR_INVALID + [("max_iter", 0), ("history_size", 0), ("tolerance_change", -1.0),
                                ("line_search_fn", "armijo")],
-        skip_torch_inputs={"strong_wolfe": _TORCH_WOLFE},
-        skip_error_inputs={
-            desc: "gradwise's LBFGS refuses any second param group first (ValueError: supports a single param group)"
-            for desc in ("duplicate parameters should not occur across param groups either",
-                         "all optimizer param groups should be with/without names.")
-        },
         notes={
             "param_groups": _SINGLE_GROUP + " (as torch's LBFGS)",
             "bfloat16": _FLAT_NOTE, "float16": _FLAT_NOTE, "compile": _NOT_COMPILED,

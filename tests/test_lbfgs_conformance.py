@@ -129,13 +129,14 @@ def test_stepping_again_after_an_early_exit_matches_torch(search) -> None:
         assert_same_trajectory(ours.steps(4), theirs.steps(4))
 
 
-def test_tolerance_grad_minus_infinity_is_accepted_as_in_torch() -> None:
-    options = dict(tolerance_grad=-math.inf, tolerance_change=0.0, max_iter=5)
+@pytest.mark.parametrize("tolerance", [-math.inf, math.inf])
+def test_infinite_tolerance_grad_is_accepted_as_in_torch(tolerance) -> None:
+    """-inf never stops on the gradient, +inf stops at once: both as torch's LBFGS; NaN is refused."""
+    options = dict(tolerance_grad=tolerance, tolerance_change=0.0, max_iter=5)
     ours, theirs = Run(gw.LBFGS, rosenbrock_start(2), **options), Run(torch.optim.LBFGS, rosenbrock_start(2), **options)
     assert_same_trajectory(ours.steps(4), theirs.steps(4))
-    for value in (math.nan, math.inf):
-        with pytest.raises(ValueError, match="tolerance_grad must be"):
-            gw.LBFGS([torch.zeros(1, requires_grad=True)], tolerance_grad=value)
+    with pytest.raises(ValueError, match="tolerance_grad must be"):
+        gw.LBFGS([torch.zeros(1, requires_grad=True)], tolerance_grad=math.nan)
 
 
 def _save_and_reload(run: Run, cls, **options) -> Run:

@@ -85,6 +85,7 @@ class SingleParamGroup:
     param_groups: list[dict]
 
     def add_param_group(self, param_group: dict) -> None:
-        if self.param_groups:
+        super().add_param_group(param_group)  # type: ignore[misc]  # torch's checks (duplicates, names) first
+        if len(self.param_groups) > 1:
+            self.param_groups.pop()
             raise ValueError(f"{type(self).__name__} supports a single param group, got a second one")
-        super().add_param_group(param_group)  # type: ignore[misc]
