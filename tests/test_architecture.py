@@ -29,7 +29,7 @@ LAYERS: dict[str, frozenset[str] | str] = {
     "problems": frozenset({"foundation"}),
     "checkpoints": frozenset({"foundation"}),
     "distributed": frozenset({"foundation", "optim", "problems", "checkpoints"}),
-    "train": frozenset({"foundation", "optim", "schedules", "problems", "checkpoints", "distributed"}),
+    "train": frozenset({"foundation", "optim", "schedules", "curvature", "problems", "checkpoints", "distributed"}),
     "plan": frozenset({"foundation", "optim", "schedules", "problems"}),
     "bench": frozenset({"foundation", "optim", "schedules", "curvature", "problems", "train"}),
     "cli": EVERYTHING,

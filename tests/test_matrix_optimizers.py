@@ -399,11 +399,15 @@ def test_muon_routed_to_adamw_equals_adamw() -> None:
 
 
 def test_muon_routes_embeddings_head_and_vectors_to_adamw() -> None:
-    model = nn.Sequential(nn.Embedding(50, 16), nn.Linear(16, 32), nn.LayerNorm(32), nn.Linear(32, 16), nn.Linear(16, 50))
-    groups = gw.muon_param_groups(model, adamw_lr=1e-3)
-    muon, adamw = groups[0]["params"], groups[1]["params"]
+    model = nn.Sequential(
+        nn.Embedding(50, 16), nn.Linear(16, 32), nn.LayerNorm(32), nn.Linear(32, 16), nn.Linear(16, 50)
+    )
+    groups = gw.muon_param_groups(model, head=model[4], adamw_lr=1e-3)
+    muon, adamw, undecayed = (group["params"] for group in groups)
     assert {id(p) for p in muon} == {id(model[1].weight), id(model[3].weight)}
-    assert len(adamw) == len(list(model.parameters())) - 2 and groups[1]["lr"] == 1e-3
+    assert {id(p) for p in adamw} == {id(model[0].weight), id(model[4].weight)}  # embedding, head
+    assert {id(p) for p in undecayed} == {id(p) for p in model.parameters() if p.ndim < 2}  # biases, gains
+    assert groups[1]["lr"] == groups[2]["lr"] == 1e-3 and groups[2]["weight_decay"] == 0.0
     # A group routed to AdamW without an lr of its own takes adamw_lr.
     matrices = [p for p in model.parameters() if p.ndim >= 2]
     vectors = [p for p in model.parameters() if p.ndim < 2]

@@ -140,6 +140,10 @@ class Description:
         lr_range: ``(low, high)`` of a fair learning-rate sweep, inclusive; ``None`` for an
             optimizer the race does not run.
         presets: registry name -> :class:`Preset`. Names are unique across all classes.
+        groups: ``groups(model, weight_decay) -> param groups``: how a training run groups a
+            model's parameters for this optimizer (Muon: hidden matrices, embeddings and
+            head, biases and gains); ``None``: the usual
+            :func:`~gradwise.optim.weight_decay_groups`.
     """
 
     drive: Drive
@@ -148,6 +152,7 @@ class Description:
     flat_state: bool = False
     lr_range: tuple[float, float] | None = None
     presets: Mapping[str, Preset] = field(default_factory=dict)
+    groups: Callable[[Any, float], list[dict[str, Any]]] | None = None
 
     def __post_init__(self) -> None:
         if self.drive not in DRIVES:

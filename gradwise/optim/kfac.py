@@ -58,9 +58,20 @@ class KFAC(GradwiseOptimizer):
         \Delta = (G + \tfrac{\sqrt\gamma}{\pi} I)^{-1}\,[\nabla_W, \nabla_b]\,(A + \pi\sqrt\gamma I)^{-1},\qquad
         B \leftarrow \mu B + \Delta,\qquad \theta \leftarrow \theta - \eta B.
 
-    ``weight_decay`` adds the L2 gradient :math:`\lambda\theta` before preconditioning.
-    Parameters outside ``nn.Linear``/``nn.Conv2d`` layers (norms, embeddings) take plain
-    (momentum) SGD steps with their gradient.
+    ``weight_decay`` :math:`\lambda` is decoupled, as in AdamW (Loshchilov & Hutter 2019):
+    :math:`\theta \leftarrow (1 - \eta\lambda)\theta` before the step, not an L2 term in the
+    gradient, whose preconditioning would scale the decay by the inverse curvature (strong
+    where the curvature is small) and mix it into the momentum; a param group's own
+    ``weight_decay`` (0 for biases and gains in :func:`~gradwise.optim.weight_decay_groups`)
+    is honoured. Parameters outside ``nn.Linear``/``nn.Conv2d`` layers (norms, embeddings,
+    an output layer tied by reuse in ``forward``) take plain (momentum) SGD steps with their
+    gradient.
+
+    The factors are kept in float32 (float64 for a float64 model) whatever the dtype of the
+    forward pass: under bf16/fp16 autocast the recorded inputs and output gradients are
+    half-precision, whose 8 (or 11) bits of mantissa cannot carry a running covariance, and
+    ``torch.linalg.cholesky`` does not take them. The direction is cast back to the
+    parameter's dtype.
 
     How the statistics are gathered: the optimizer registers a forward hook on every
     ``nn.Linear`` and ``nn.Conv2d`` of ``model`` that records the layer's input (in training
@@ -98,7 +109,8 @@ class KFAC(GradwiseOptimizer):
         drive="model",
         sharding="layer",  # a weight and its bias share the layer's factors
         state=_kfac_state,
-        presets={"kfac": Preset("K-FAC (Kronecker-factored curvature of a model's layers)")},
+        # training: bound to the run's model (drive "model"), the class defaults
+        presets={"kfac": Preset("K-FAC (Kronecker-factored curvature of a model's layers)", train={})},
     )
 
     def __init__(
@@ -246,8 +258,7 @@ class KFAC(GradwiseOptimizer):
         return loss
 
     def _directions(self) -> dict[Tensor, Tensor]:
-        self._preconditioned = self._preconditioned_gradients()
-        return self._preconditioned
+        return self._preconditioned_gradients()
 
     def state_dict(self) -> dict[str, Any]:
         """torch's state_dict plus ``steps_taken``, so a resumed run keeps the statistics schedule."""
@@ -281,15 +292,12 @@ class KFAC(GradwiseOptimizer):
                 continue  # no statistics yet (the layer ran in eval mode): plain gradient
             if (state["factor_updates"] - 1) % group["inverse_every"] == 0 and pending:
                 state["A_inv"], state["G_inv"] = damped_inverses(state["A"], state["G"], group["damping"])
-            gradient = weight.grad.reshape(weight.shape[0], -1)
-            if group["weight_decay"] != 0:
-                gradient = gradient + group["weight_decay"] * weight.reshape(weight.shape[0], -1)
+            dtype = state["A_inv"].dtype
+            gradient = weight.grad.reshape(weight.shape[0], -1).to(dtype)
             if bias is not None:
                 bias_grad = bias.grad if bias.grad is not None else torch.zeros_like(bias)
-                if group["weight_decay"] != 0:
-                    bias_grad = bias_grad + group["weight_decay"] * bias
-                gradient = torch.cat([gradient, bias_grad.unsqueeze(1)], dim=1)
-            direction = state["G_inv"] @ gradient @ state["A_inv"]
+                gradient = torch.cat([gradient, bias_grad.to(dtype).unsqueeze(1)], dim=1)
+            direction = (state["G_inv"] @ gradient @ state["A_inv"]).to(weight.dtype)
             if bias is not None:
                 directions[bias] = direction[:, -1].reshape(bias.shape)
                 direction = direction[:, :-1]
@@ -298,11 +306,8 @@ class KFAC(GradwiseOptimizer):
 
     def _update(self, group: dict[str, Any], params: list[Tensor], directions: list[Tensor]) -> None:
         lr, momentum = group["lr"], group["momentum"]
-        # Preconditioned directions already carry the L2 term; raw gradients add it here.
-        raw = [i for i, p in enumerate(params) if p not in self._preconditioned]
-        if group["weight_decay"] != 0 and raw:
-            for i in raw:
-                directions[i] = directions[i] + group["weight_decay"] * params[i]
+        if group["weight_decay"] != 0:  # decoupled, as AdamW
+            torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
         self._momentum_step(params, directions, lr, momentum)
 
 
@@ -327,6 +332,9 @@ def input_output_factors(layer: nn.Module, inputs: Tensor, grad_outputs: Tensor)
         a = inputs.reshape(-1, inputs.shape[-1])
         g = grad_outputs.reshape(-1, grad_outputs.shape[-1])
         a_scale, g_scale = 1.0 / a.shape[0], float(a.shape[0])
+    # float32 at least: a bf16/fp16 forward records half-precision tensors (see KFAC)
+    dtype = torch.promote_types(torch.promote_types(a.dtype, g.dtype), torch.float32)
+    a, g = a.to(dtype), g.to(dtype)
     if layer.bias is not None:
         a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
     return (a.T @ a) * a_scale, (g.T @ g) * g_scale

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from gradwise.optim.adam import adam_update
 from gradwise.optim.base import GradwiseOptimizer, ParamsT, is_dtensor, maybe_negate, zeros_like
 from gradwise.optim.description import Description, Preset, StateSize, numel
+from gradwise.optim.param_groups import NORMALIZATION_LAYERS
 from gradwise.validation import check_betas, check_choice, check_int, check_range
 
 # Keller Jordan's quintic coefficients, chosen to maximise the slope at zero.
@@ -103,6 +104,11 @@ def _muon_state(shape, options) -> StateSize:
     return StateSize(numel(shape)) if use_muon else StateSize(2 * numel(shape), scalars=1)
 
 
+def _model_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """How a training run groups a model's parameters for Muon (see :attr:`Description.groups`)."""
+    return muon_param_groups(model, weight_decay=weight_decay)
+
+
 class Muon(GradwiseOptimizer):
     r"""Muon, MomentUm Orthogonalized by Newton-Schulz (Jordan et al. 2024,
     https://kellerjordan.github.io/posts/muon/; Liu et al. 2025, arXiv:2502.16982), for
@@ -174,11 +180,14 @@ class Muon(GradwiseOptimizer):
         presets={
             # the race's points are vectors: Muon sees each as a 1 x n matrix (use_muon), and
             # there is nothing to regularise
+            # training: the groups of muon_param_groups (description.groups); the class defaults
             "muon": Preset(
                 "Muon on the point as a 1 x n matrix: normalised Nesterov momentum",
+                train={},
                 race={"use_muon": True, "weight_decay": 0.0},
             ),
         },
+        groups=_model_groups,
     )
 
     def __init__(
@@ -322,38 +331,71 @@ def muon_param_groups(
     model: nn.Module,
     *,
     use_muon: Callable[[str, Tensor], bool] | None = None,
-    head: nn.Module | None = None,
+    head: nn.Module | str | None = None,
     adamw_lr: float | None = None,
+    weight_decay: float | None = None,
     **group_options: Any,
 ) -> list[dict[str, Any]]:
-    """Two param groups for :class:`Muon`: hidden matrices (``use_muon=True``) and the rest.
+    """Param groups for :class:`Muon`: hidden matrices (``use_muon=True``), the embeddings and
+    output head (AdamW, decayed), and biases and gains (AdamW, no weight decay).
 
-    By default a parameter goes to Muon when it has two or more dimensions and belongs
-    neither to an ``nn.Embedding`` nor to the output head; the head is ``head`` if given,
-    else the last ``nn.Linear`` registered in ``model`` (a classifier or language-model
-    head). Everything else (embeddings, the head, biases, norm gains) goes to the internal
-    AdamW (``use_muon=False``) with learning rate ``adamw_lr`` (default: Muon's
-    ``adamw_lr``). ``use_muon(name, param)`` replaces the rule. A parameter shared by two
-    modules (tied embedding and head) counts once and goes to AdamW if either use does.
-    Extra keyword options go into both groups.
+    Newton-Schulz orthogonalisation suits the matrices that map hidden states to hidden
+    states; an embedding is a lookup table (each row sees its own token's gradient only) and
+    the output head maps to logits, so both go to the internal AdamW, as in Jordan et al.
+    A parameter is an embedding when an ``nn.Embedding`` owns it; the head is ``head`` (the
+    module, or its name in ``model.named_modules()``), and any parameter that a module other
+    than an embedding shares with an embedding (a tied output layer registered as such).
+    A head tied by reuse in ``forward`` (``x @ embedding.weight.T``, as tiny-gpt) is the
+    embedding itself, so it is found without a guess; an untied head must be named. No
+    layer is taken for the head by its position: a wrong guess would silently move a hidden
+    matrix to AdamW.
+
+    Biases, gains and normalisation layers' parameters (the rule of
+    :func:`~gradwise.optim.weight_decay_groups`: fewer than two dimensions, or owned by a
+    normalisation layer) go to a third group, AdamW with ``weight_decay=0``. ``weight_decay``
+    (default: the optimizer's) goes to the other two. The AdamW groups step with
+    ``adamw_lr`` (default: Muon's ``adamw_lr``). ``use_muon(name, param)`` replaces the
+    Muon-or-AdamW rule (the decay rule stays). Shared parameters count once. Extra keyword
+    options go into every group; empty groups are left out.
 
     Example::
 
-        opt = gradwise.optim.Muon(muon_param_groups(model, adamw_lr=3e-4), lr=0.02)
+        opt = gradwise.optim.Muon(muon_param_groups(model, adamw_lr=3e-4, weight_decay=0.1), lr=0.02)
     """
-    if head is None:
-        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-        head = linears[-1] if linears else None
-    adamw_only = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) or m is head for p in m.parameters()}
-    muon, adamw, seen = [], [], set()
-    for name, param in model.named_parameters():
+    if isinstance(head, str):
+        modules = dict(model.named_modules())
+        if head not in modules:
+            raise ValueError(f"head: model has no module named {head!r}")
+        head = modules[head]
+    embedded = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    adamw_only = set(embedded)
+    if head is not None:
+        adamw_only |= {id(p) for p in head.parameters()}
+    exempt: set[int] = set()
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            if param.ndim < 2 or isinstance(module, NORMALIZATION_LAYERS):
+                exempt.add(id(param))
+    decay_options = {} if weight_decay is None else {"weight_decay": check_range("weight_decay", weight_decay, 0.0)}
+    adamw_options = {} if adamw_lr is None else {"lr": check_range("adamw_lr", adamw_lr, 0.0)}
+    muon: list[nn.Parameter] = []
+    adamw: list[nn.Parameter] = []
+    undecayed: list[nn.Parameter] = []
+    seen: set[int] = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
         if not param.requires_grad or id(param) in seen:
             continue
         seen.add(id(param))
+        if id(param) in exempt:  # a bias or gain, the head's too
+            chosen = use_muon(name, param) if use_muon is not None else False
+            (muon if chosen else undecayed).append(param)
+            continue
         chosen = use_muon(name, param) if use_muon is not None else param.ndim >= 2 and id(param) not in adamw_only
         (muon if chosen else adamw).append(param)
-    adamw_group: dict[str, Any] = {"params": adamw, "use_muon": False, **group_options}
-    if adamw_lr is not None:
-        adamw_group["lr"] = check_range("adamw_lr", adamw_lr, 0.0)
-    groups = [{"params": muon, "use_muon": True, **group_options}, adamw_group]
+    groups = [
+        {"params": muon, "use_muon": True, **group_options, **decay_options},
+        {"params": adamw, "use_muon": False, **group_options, **adamw_options, **decay_options},
+        {"params": undecayed, "use_muon": False, **group_options, **adamw_options, "weight_decay": 0.0},
+    ]
     return [group for group in groups if group["params"]]
+

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -36,10 +36,11 @@ class Sophia(GradwiseOptimizer):
     Gauss-Newton-Bartlett (``gauss_newton_bartlett``, labels sampled from the model's own
     softmax, Sophia-G)::
 
-        opt = gradwise.optim.Sophia(model.parameters(), lr=1e-4, rho=0.04)
+        params = list(model.parameters())
+        opt = gradwise.optim.Sophia(gradwise.optim.weight_decay_groups(model, 0.1), lr=1e-4, rho=0.04)
         logits = model(x)
         if opt.hessian_update_due:
-            opt.update_hessian(gauss_newton_bartlett(logits, list(model.parameters())))
+            opt.update_hessian(gauss_newton_bartlett(logits, params), params)
         F.cross_entropy(logits, y).backward()
         opt.step(); opt.zero_grad()
 
@@ -57,8 +58,11 @@ class Sophia(GradwiseOptimizer):
         lr_range=(1e-4, 1.0),
         presets={
             # rho 1: the test functions' curvature is of order one; nothing to regularise
+            # training: the paper's GPT-2 defaults; the loop hands it a Hutchinson estimate when due
             "sophia": Preset(
-                "Sophia-H (Hutchinson diagonal every 10 steps, rho 1)", race={"rho": 1.0, "weight_decay": 0.0}
+                "Sophia-H (Hutchinson diagonal every 10 steps, rho 1)",
+                train={},
+                race={"rho": 1.0, "weight_decay": 0.0},
             ),
         },
     )
@@ -110,16 +114,26 @@ class Sophia(GradwiseOptimizer):
         return False
 
     @torch.no_grad()
-    def update_hessian(self, estimates: Sequence[Tensor], params: Sequence[Tensor] | None = None) -> None:
+    def update_hessian(
+        self, estimates: Mapping[Tensor, Tensor] | Sequence[Tensor], params: Sequence[Tensor] | None = None
+    ) -> None:
         r"""Fold the diagonal estimates :math:`\hat h` (one tensor per parameter) into
         :math:`h \leftarrow \beta_2 h + (1-\beta_2)\hat h`.
 
-        ``params`` names the parameters the estimates belong to, in order; by default all
-        parameters of all param groups. With ``maximize`` the estimate is of the objective
-        being maximised, whose curvature is the negated one.
+        Each estimate is paired with its parameter by identity, never by the position of a
+        param group: ``estimates`` is a mapping parameter -> estimate, or a sequence paired
+        with ``params`` (the tensors the estimates were taken for, in their order, e.g. an
+        estimator's own input). A sequence without ``params`` is paired with all parameters
+        of all param groups in group order, which is the model's order only with a single
+        group (weight-decay groups reorder it). Parameters without an estimate keep theirs.
+        With ``maximize`` the estimate is of the objective being maximised, whose curvature
+        is the negated one.
         """
-        params = self._params() if params is None else list(params)
-        estimates = list(estimates)
+        if isinstance(estimates, Mapping):
+            params, estimates = list(estimates.keys()), list(estimates.values())
+        else:
+            params = self._params() if params is None else list(params)
+            estimates = list(estimates)
         if len(estimates) != len(params):
             raise ValueError(f"expected one estimate per parameter ({len(params)}), got {len(estimates)}")
         group_of = {id(p): group for group in self.param_groups for p in group["params"]}
@@ -128,7 +142,9 @@ class Sophia(GradwiseOptimizer):
             if group is None:
                 raise ValueError("update_hessian got a tensor that is not a parameter of this optimizer")
             if estimate.shape != param.shape:
-                raise ValueError(f"estimate of shape {tuple(estimate.shape)} for a parameter of shape {tuple(param.shape)}")
+                raise ValueError(
+                    f"estimate of shape {tuple(estimate.shape)} for a parameter of shape {tuple(param.shape)}"
+                )
             hessian = self._state(param, "hessian", zeros_like)
             hessian.lerp_(-estimate if group["maximize"] else estimate, 1 - group["betas"][1])
 

@@ -48,19 +48,24 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
 from gradwise.checkpoints.atomic import Skipped, first_nonfinite, rng_state, set_rng_state, write_atomically
+from gradwise.curvature import hutchinson_diagonal
 from gradwise.distributed import DistContext, RankSlice, init_distributed, shutdown
 from gradwise.distributed.strategies.base import Strategy
 from gradwise.distributed.strategies.registry import make_strategy
+from gradwise.optim.description import HessianRefreshed, description_of
+from gradwise.problems.data import Batch
 from gradwise.problems.workload import Target, Workload
 from gradwise.problems.workloads import WORKLOADS, make_workload
 from gradwise.schedules import ScheduleLR, make_schedule
@@ -181,12 +186,16 @@ def join_job(config: TrainConfig) -> DistContext | None:
 
 
 def accumulate_gradients(workload: Workload, model: nn.Module, strategy: Strategy, precision: Precision,
-                         scaler: torch.amp.GradScaler, accumulate: int, device: torch.device) -> tuple[float, int]:
-    """Backward passes over ``accumulate`` micro-batches; returns their mean loss and the target count."""
+                         scaler: torch.amp.GradScaler, accumulate: int, device: torch.device,
+                         before_backward: Callable[[Batch], None] | None = None) -> tuple[float, int]:
+    """Backward passes over ``accumulate`` micro-batches; returns their mean loss and the target count.
+    ``before_backward`` sees the step's first micro-batch before any backward pass (Sophia's refresh)."""
     total_loss = torch.zeros((), device=device)
     items = 0
     for index in range(accumulate):
         inputs, targets = (tensor.to(device, non_blocking=True) for tensor in workload.train_data.next_batch())
+        if index == 0 and before_backward is not None:
+            before_backward((inputs, targets))
         with strategy.micro_batch(last=index == accumulate - 1):
             loss = strategy.forward_backward(workload.loss, model, (inputs, targets), precision, scaler, accumulate)
         total_loss += loss.float()
@@ -251,8 +260,10 @@ class Trainer:
         self.steps = required(config.steps, "steps")
         """The run's length (``config.steps``, as resolved)."""
         lr, warmup = required(config.lr, "lr"), required(config.warmup_steps, "warmup_steps")
-        self.optimizer = strategy.wrap_optimizer(build_optimizer(config.optimizer, self.trained, lr,
-                                                                 config.weight_decay, config.optimizer_options))
+        built = build_optimizer(config.optimizer, self.trained, lr, config.weight_decay, config.optimizer_options)
+        self.drive = description_of(type(built)).drive
+        """How the optimizer is driven (its description's): the loop feeds a ``"hessian_refresh"`` one."""
+        self.optimizer = strategy.wrap_optimizer(built)
         schedule = make_schedule(config.schedule, self.steps, warmup, floor=config.lr_floor,
                                  T_0=max(1, (self.steps - warmup) // 3))
         self.scheduler = ScheduleLR(self.optimizer, schedule)
@@ -390,8 +401,9 @@ class Trainer:
     def train_step(self) -> StepTaken:
         """One step: the micro-batches' gradients, reduced and unscaled, then the guarded update and the
         schedule's step. On a rollback verdict nothing is updated or stepped (``event == "rollback"``)."""
+        refresh = self.refresh_hessian if self.drive == "hessian_refresh" else None
         loss, items = accumulate_gradients(self.workload, self.forward_model, self.strategy, self.precision,
-                                           self.scaler, self.config.accumulate, self.device)
+                                           self.scaler, self.config.accumulate, self.device, refresh)
         self.strategy.reduce_gradients()
         self.scaler.unscale_(self.optimizer)
         grad_norm, nonfinite = self.strategy.grad_norm(self.named_parameters)
@@ -408,6 +420,23 @@ class Trainer:
             self.strategy.after_step()
             self.step += 1
         return StepTaken(loss, grad_norm, items, event)
+
+    def refresh_hessian(self, batch: Batch) -> None:
+        """Sophia-H: when the optimizer's estimate is due, a one-probe Hutchinson estimate of the
+        Hessian's diagonal (:func:`gradwise.curvature.hutchinson_diagonal`) of the loss on ``batch``
+        (the step's first micro-batch), under the run's precision. It needs the loss's graph
+        before a backward pass, which the strategy's ``forward_backward`` does not keep, hence
+        its own forward on the unwrapped model, with attention in its plain (math) form: the fused
+        attention kernels have no second derivative. The probes come from torch's global
+        generator, which checkpoints record, so a resumed run draws the same probes."""
+        optimizer = cast(HessianRefreshed, self.optimizer)
+        if not optimizer.hessian_update_due:
+            return
+        params = [param for _, param in self.named_parameters]
+        with self.precision.autocast(), sdpa_kernel(SDPBackend.MATH):
+            loss = self.workload.loss(self.model, batch)
+        grads = torch.autograd.grad(loss.float(), params, create_graph=True)
+        optimizer.update_hessian(dict(zip(params, hutchinson_diagonal(grads, params))))
 
     def guarded_update(self, loss: float, grad_norm: float, nonfinite: Any) -> str:
         """Update the weights unless the scaler or the guard says otherwise; returns the step's event:

@@ -11,25 +11,36 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-import torch
 from torch import nn
 from torch.optim import Optimizer
 
 from gradwise import optim
-from gradwise.optim.description import presets
+from gradwise.optim.description import description_of, presets
 from gradwise.validation import check_choice
+
+TRAINED_DRIVES = ("step", "model", "hessian_refresh")
+"""The drives (:data:`gradwise.optim.description.Drive`) the loop feeds: a plain step after the
+backward pass, an optimizer bound to the model (built with it, see :func:`build_optimizer`), and
+a Hessian refresh before the backward pass (:meth:`gradwise.train.loop.Trainer.refresh_hessian`)."""
+
+
+def _offered(name: str, optimizer_class: type[Optimizer]) -> bool:
+    drive = description_of(optimizer_class).drive
+    if drive not in TRAINED_DRIVES:
+        raise ValueError(f"train preset {name!r}: the loop cannot drive {optimizer_class.__name__} ({drive})")
+    return True
+
 
 OPTIMIZERS: dict[str, tuple[type[Optimizer], dict[str, Any]]] = {
     name: (optimizer_class, preset.train_options())
     for name, (optimizer_class, preset) in presets().items()
-    if preset.train is not None
+    if preset.train is not None and _offered(name, optimizer_class)
 }
 """name -> (class, hyperparameters that differ from the class defaults for training), read from
-each optimizer's description (:class:`gradwise.optim.description.Preset`: ``train``).
-
-Those driven by a plain ``step()`` after the backward pass are offered; Muon (which needs its
-own param groups, see :func:`gradwise.optim.muon_param_groups`), Sophia and K-FAC (which need
-the loop to feed them curvature) and the closure-driven second-order methods are not yet.
+each optimizer's description (:class:`gradwise.optim.description.Preset`: ``train``), for the
+drives in :data:`TRAINED_DRIVES`: Muon with the groups of its description
+(:func:`gradwise.optim.muon_param_groups`), K-FAC bound to the model, Sophia refreshed by the
+loop. The closure-driven second-order and the variance-reduced methods are not offered yet.
 """
 
 
@@ -50,22 +61,43 @@ def _class_and_settings(name: str, options: dict[str, Any] | None) -> tuple[type
 def check_optimizer_options(name: str, options: dict[str, Any]) -> None:
     """Check ``options`` with the optimizer's own validators, before a run needs them.
 
-    The optimizer is built over one throwaway parameter: its ``__init__`` checks every
+    The optimizer is built over a throwaway ``nn.Linear(2, 2)``: its ``__init__`` checks every
     hyperparameter (a ``ValueError`` naming it, the value and the allowed range), so the
     ranges live in one place, the optimizer's file.
     """
     optimizer_class, settings = _class_and_settings(name, options)
+    model = nn.Linear(2, 2)
     try:
-        optimizer_class([torch.zeros(2, 2, requires_grad=True)], lr=1e-3, **settings)
+        _construct(optimizer_class, model, _params(optimizer_class, model, 0.0), 1e-3, settings)
     except TypeError as error:  # a value of the wrong kind that a validator did not name
         raise ValueError(f"optimizer_options of {name}: {error}") from None
 
 
+def _params(optimizer_class: type[Optimizer], model: nn.Module, weight_decay: float) -> Any:
+    """The parameters or param groups of ``model`` for ``optimizer_class``: its description's
+    ``groups`` if it has them (Muon), else weight decay for matrices and embeddings only when
+    it decays (:func:`gradwise.optim.weight_decay_groups`), else all parameters in one group."""
+    description = description_of(optimizer_class)
+    accepted = inspect.signature(optimizer_class).parameters
+    if description.groups is not None:
+        return description.groups(model, weight_decay)
+    if "weight_decay" in accepted and weight_decay > 0:
+        return optim.weight_decay_groups(model, weight_decay)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _construct(optimizer_class: type[Optimizer], model: nn.Module, params: Any, lr: float,
+               settings: dict[str, Any]) -> Optimizer:
+    """``optimizer_class`` over ``params``; one driven by ``"model"`` (K-FAC) is bound to ``model``,
+    whose layers' hooks feed it its statistics."""
+    if description_of(optimizer_class).drive == "model":
+        return optimizer_class(model, lr=lr, params=params, **settings)  # type: ignore[call-arg]
+    return optimizer_class(params, lr=lr, **settings)
+
+
 def build_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float,
                     options: dict[str, Any] | None = None) -> Optimizer:
-    """The optimizer ``name`` over ``model``'s parameters."""
+    """The optimizer ``name`` over ``model``'s parameters (bound to ``model`` when its description's
+    drive is ``"model"``)."""
     optimizer_class, settings = _class_and_settings(name, options)
-    accepted = inspect.signature(optimizer_class).parameters
-    if "weight_decay" in accepted and weight_decay > 0:
-        return optimizer_class(optim.weight_decay_groups(model, weight_decay), lr=lr, **settings)
-    return optimizer_class(model.parameters(), lr=lr, **settings)
+    return _construct(optimizer_class, model, _params(optimizer_class, model, weight_decay), lr, settings)
