@@ -201,3 +201,17 @@ def test_sophias_estimate_comes_from_the_loop(tmp_path):
 
 def test_train_offers_every_stepped_and_model_bound_optimizer():
     assert {"muon", "kfac", "sophia", "shampoo", "soap"} <= set(OPTIMIZERS)
+
+
+def test_train_builds_shampoo_as_its_docstring_example_and_soap_documents_its_default():
+    import inspect
+
+    from gradwise.optim import SOAP, Shampoo
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    opt = build_optimizer("shampoo", model, 1e-3, 0.0)
+    assert isinstance(opt, Shampoo)
+    assert (opt.param_groups[0]["momentum"], opt.param_groups[0]["graft"]) == (0.9, "adam")
+    assert 'momentum=0.9, graft="adam"' in Shampoo.__doc__
+    default = inspect.signature(SOAP).parameters["precondition_1d"].default
+    assert default is True and f"``precondition_1d={default}`` (this class's default)" in SOAP.__doc__

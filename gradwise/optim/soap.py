@@ -48,13 +48,14 @@ class SOAP(GradwiseOptimizer):
     by the estimated eigenvalues :math:`\operatorname{diag}(Q^\top F Q)` (descending), and
     :math:`V'` permuted the same way; :math:`M'`, kept in the rotated frame, is rotated from
     the old basis to the new one. A side longer than ``max_precond_dim`` or of length 1 is
-    not rotated (identity). A vector is a ``1 x n`` row, rotated on its right side; with
-    ``precondition_1d=False`` (the default of the paper's code) vectors and scalars get plain
-    Adam, which saves an :math:`n \times n` factor and its refresh per bias and gain.
+    not rotated (identity). With ``precondition_1d=True`` (this class's default) a vector is
+    a ``1 x n`` row, rotated on its right side; with ``precondition_1d=False`` (the default of
+    the paper's code) vectors and scalars get plain Adam, which saves an :math:`n \times n`
+    factor and its refresh per bias and gain.
 
     Defaults are the paper's (``lr=3e-3``, ``betas=(0.95, 0.95)``, ``shampoo_beta`` equal to
     ``betas[1]``, ``eps=1e-8``, ``weight_decay=0.01``, ``precondition_every=10``,
-    ``max_precond_dim=10000``).
+    ``max_precond_dim=10000``), except ``precondition_1d=True`` (the paper's code: ``False``).
 
     State: :math:`M', V'` (8 bytes per fp32 parameter, Adam's) plus, per :math:`m \times n`
     matrix view, :math:`L, R, Q_L, Q_R` for each rotated side: up to :math:`2(m^2 + n^2)`
