@@ -366,11 +366,10 @@ def muon_param_groups(
         modules = dict(model.named_modules())
         if head not in modules:
             raise ValueError(f"head: model has no module named {head!r}")
-        head = modules[head]
-    embedded = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
-    adamw_only = set(embedded)
-    if head is not None:
-        adamw_only |= {id(p) for p in head.parameters()}
+    head_module = modules[head] if isinstance(head, str) else head
+    adamw_only = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    if head_module is not None:
+        adamw_only |= {id(p) for p in head_module.parameters()}
     exempt: set[int] = set()
     for module in model.modules():
         for param in module.parameters(recurse=False):
