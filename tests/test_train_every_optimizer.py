@@ -215,3 +215,16 @@ def test_train_builds_shampoo_as_its_docstring_example_and_soap_documents_its_de
     assert 'momentum=0.9, graft="adam"' in Shampoo.__doc__
     default = inspect.signature(SOAP).parameters["precondition_1d"].default
     assert default is True and f"``precondition_1d={default}`` (this class's default)" in SOAP.__doc__
+
+
+def test_a_hessian_refresh_under_a_sharded_strategy_is_refused_in_one_line(tmp_path) -> None:
+    """Sophia's estimate covers the whole model: ZeRO would hand it to a rank's shard only."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "gradwise", "train", "--workload", "mlp", "--optimizer", "sophia", "--steps", "2",
+               "--strategy", "zero1", "--nproc", "2", "--out", str(out), "--no-progress"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "strategy single or ddp" in done.stderr

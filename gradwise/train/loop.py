@@ -168,6 +168,11 @@ def check_run_folder(out: Path, config: TrainConfig, resume: bool, allow_changes
         raise ValueError(f"{str(out)!r} already holds files; pass --resume to continue that run or choose a new folder")
 
 
+HESSIAN_REFRESH_STRATEGIES = ("single", "ddp")
+"""Strategies under which every rank holds the whole model and the whole optimizer, as a Hessian
+refresh (Sophia's) needs; sharded ones (ZeRO, FSDP, TP, PP) would hand it a part."""
+
+
 def holds_checkpoints(out: Path) -> bool:
     """Whether ``out/checkpoints`` holds any checkpoint (usable or not), single-file or sharded."""
     checkpoints = out / "checkpoints"
@@ -263,6 +268,11 @@ class Trainer:
         built = build_optimizer(config.optimizer, self.trained, lr, config.weight_decay, config.optimizer_options)
         self.drive = description_of(type(built)).drive
         """How the optimizer is driven (its description's): the loop feeds a ``"hessian_refresh"`` one."""
+        if self.drive == "hessian_refresh" and strategy.name not in HESSIAN_REFRESH_STRATEGIES:
+            # the estimate is taken on the whole model and handed to the whole optimizer
+            raise ValueError(f"optimizer {config.optimizer!r} refreshes a Hessian estimate of the whole model: "
+                             f"run it with strategy {' or '.join(HESSIAN_REFRESH_STRATEGIES)}, "
+                             f"not {strategy.name!r}")
         self.optimizer = strategy.wrap_optimizer(built)
         schedule = make_schedule(config.schedule, self.steps, warmup, floor=config.lr_floor,
                                  T_0=max(1, (self.steps - warmup) // 3))

@@ -9,6 +9,7 @@ optimizer's own validators.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 from torch import nn
@@ -90,9 +91,12 @@ def _construct(optimizer_class: type[Optimizer], model: nn.Module, params: Any, 
                settings: dict[str, Any]) -> Optimizer:
     """``optimizer_class`` over ``params``; one driven by ``"model"`` (K-FAC) is bound to ``model``,
     whose layers' hooks feed it its statistics."""
+    # torch's Optimizer.__init__ takes (params, defaults); every optimizer here takes lr and its
+    # options by keyword, and a model-bound one the model first.
+    construct: Callable[..., Optimizer] = optimizer_class
     if description_of(optimizer_class).drive == "model":
-        return optimizer_class(model, lr=lr, params=params, **settings)  # type: ignore[call-arg]
-    return optimizer_class(params, lr=lr, **settings)
+        return construct(model, lr=lr, params=params, **settings)
+    return construct(params, lr=lr, **settings)
 
 
 def build_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float,
