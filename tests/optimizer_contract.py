@@ -287,7 +287,8 @@ ENTRIES: list[Entry] = [
         frozenset({"strided", "foreach", "bfloat16", "float16", "compile", "maximize", "param_groups"}),
         torch_twin=torch.optim.Adafactor,
         invalid=_LR_INVALID + _BOOL_INVALID
-        + [("beta2_decay", 0.8), ("d", 0.5), ("weight_decay", -1.0), ("eps", (-1e-30, 1e-3))],
+        + [("beta2_decay", 0.8), ("beta2_decay", 0.5), ("d", 0.5), ("weight_decay", -1.0), ("eps", (-1e-30, 1e-3)),
+           ("eps", (None, -1.0)), ("beta1", 1.0)],
         notes={
             "complex": "torch's Adafactor refuses complex parameters (its error input is checked)",
             "differentiable": "torch's Adafactor has no differentiable path",
@@ -299,7 +300,8 @@ ENTRIES: list[Entry] = [
         frozenset({"strided", "bfloat16", "float16", "compile", "maximize", "param_groups"}),
         torch_twin=torch.optim.Muon, twin_params="matrices", vectors_apart=True, compile_tolerance=2**-7,
         invalid=_LR_INVALID + [("momentum", 1.0), ("weight_decay", -0.1), ("ns_steps", 0), ("eps", 0.0),
-                               ("adjust_lr_fn", "arbitrary"), ("adamw_lr", -1.0)],
+                               ("adjust_lr_fn", "arbitrary"), ("adamw_lr", -1.0), ("ns_coefficients", (1.0, 2.0)),
+                               ("ns_dtype", torch.int32), ("adamw_betas", (0.9, 1.0))],
         skip_error_inputs={
             "only support 2D parameters": "gradwise's Muon orthogonalises a 3-D weight per matrix and a 4-D "
             "convolution weight flattened (documented extension of torch's 2-D Muon)",
@@ -314,21 +316,22 @@ ENTRIES: list[Entry] = [
         {"lr": 0.01, "momentum": 0.5, "start_preconditioning_step": 1, "precondition_every": 2},
         frozenset({"strided", "bfloat16", "float16", "compile", "maximize", "param_groups"}),
         invalid=_LR_INVALID + [("momentum", 1.0), ("beta2", 0.0), ("eps", 0.0), ("block_size", 0),
-                               ("graft", "adamw"), ("precondition_every", 0)],
+                               ("graft", "adamw"), ("precondition_every", 0), ("start_preconditioning_step", 0),
+                               ("eigh_dtype", torch.float16), ("momentum", -0.1)],
         notes={"complex": _PER_MATRIX_COMPLEX},
     ),
     Entry(
         "SOAP", gw.SOAP, "step", {"lr": 0.01, "precondition_every": 2},
         frozenset({"strided", "bfloat16", "float16", "compile", "maximize", "param_groups"}),
         invalid=_LR_INVALID + _BETAS_INVALID + [("weight_decay", -1.0), ("precondition_every", 0),
-                                                ("max_precond_dim", 0), ("shampoo_beta", 1.0)],
+                                                ("max_precond_dim", 0), ("shampoo_beta", 1.0), ("betas", (0.95, 1.5))],
         notes={"complex": _PER_MATRIX_COMPLEX},
     ),
     Entry(
         "KFAC", gw.KFAC, "model", {"lr": 0.05, "momentum": 0.5, "inverse_every": 1},
         frozenset({"strided", "param_groups"}),
         invalid=_LR_INVALID + [("damping", 0.0), ("momentum", 1.0), ("stat_decay", 1.0), ("inverse_every", 0),
-                               ("stats_every", 0)],
+                               ("stats_every", 0), ("stats_every", 2.5)],
         notes={
             "complex": "Kronecker factors of complex layers are not the view_as_real problem: refused",
             "bfloat16": "the damped inverses need float32 or float64 factors",
@@ -341,7 +344,7 @@ ENTRIES: list[Entry] = [
         "Sophia", gw.Sophia, "sophia", {"lr": 0.01, "hessian_every": 2},
         frozenset({"complex", "strided", "bfloat16", "float16", "compile", "maximize", "param_groups"}),
         invalid=_LR_INVALID + _BOOL_INVALID + [("betas", (1.0, 0.99)), ("rho", 0.0), ("eps", 0.0),
-                                               ("weight_decay", -1.0), ("hessian_every", 0)],
+                                               ("weight_decay", -1.0), ("hessian_every", 0), ("eps", -1.0)],
     ),
     Entry(
         "LBFGS", gw.LBFGS, "closure", {"lr": 0.5, "max_iter": 4},
