@@ -143,8 +143,9 @@ def test_vectors_are_refused_as_torch_refuses_them_unless_routed() -> None:
         with pytest.raises(ValueError, match="Muon only supports 2D parameters"):
             torch.optim.Muon(params)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 4), nn.Linear(4, 2))
-    optimizer = gw.Muon(gw.muon_param_groups(model), lr=0.02)
-    assert [p.ndim for p in optimizer.param_groups[1]["params"]] == [1, 1, 2, 1]  # biases and the head
+    optimizer = gw.Muon(gw.muon_param_groups(model, head=model[3]), lr=0.02)
+    assert [[p.ndim for p in group["params"]] for group in optimizer.param_groups] == [[2, 2], [2], [1, 1, 1]]
+    assert [group["use_muon"] for group in optimizer.param_groups] == [True, False, False]  # hidden; head; biases
     explicit = gw.Muon([{"params": [bias], "use_muon": True}], lr=0.1)  # opt-in: a 1 x n matrix
     bias.grad = torch.tensor([3.0, 0.0, -4.0, 0.0])
     explicit.step()
