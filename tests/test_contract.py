@@ -734,6 +734,27 @@ def test_differentiable_keyword(entry: Entry) -> None:
     assert torch.autograd.gradcheck(lambda p, g: steps(entry.optimizer, p, g, differentiable=True), (start, grad))
 
 
+@pytest.mark.parametrize("entry", [e for e in entries_with("fused") if e.torch_twin is not None], ids=str)
+def test_fused_kernels_honour_grad_scale_and_found_inf(entry: Entry) -> None:
+    """torch's protocol for its fused kernels (Lion's own kernel has none): ``grad_scale``
+    divides the gradients, and ``found_inf = 1`` skips the update and the step count."""
+    params = [torch.ones(3) for _ in range(2)]
+    for p in params:
+        p.grad = torch.full((3,), 4.0)
+    optimizer = entry.optimizer(params, fused=True, **entry.kwargs)
+    optimizer.grad_scale, optimizer.found_inf = torch.ones(1), torch.ones(())
+    optimizer.step()
+    assert all(torch.equal(p, torch.ones(3)) for p in params)
+    assert all(float(optimizer.state[p].get("step", 0)) == 0 for p in params)
+    scaled, plain = torch.ones(3), torch.ones(3)
+    scaled.grad, plain.grad = torch.full((3,), 4.0), torch.full((3,), 2.0)
+    optimizer = entry.optimizer([scaled], fused=True, **entry.kwargs)
+    optimizer.grad_scale, optimizer.found_inf = torch.full((1,), 2.0), torch.zeros(())
+    optimizer.step()
+    entry.optimizer([plain], fused=True, **entry.kwargs).step()
+    torch.testing.assert_close(scaled, plain)
+
+
 @pytest.mark.parametrize("entry", entries_with("capturable"), ids=str)
 def test_capturable_keyword(entry: Entry) -> None:
     """capturable=True on the CPU does what torch's does: the same numbers, or an error both."""

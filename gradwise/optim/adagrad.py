@@ -15,9 +15,11 @@ from gradwise.optim.base import (
     cache_blocks,
     check_state_shapes,
     fused_kernel_applies,
+    fused_scaling,
     maybe_negate,
     roots_to_edit,
     scalar_values,
+    undo_skipped_steps,
     with_l2_penalty,
 )
 from gradwise.optim.description import Description, Preset, moments
@@ -159,4 +161,6 @@ class Adagrad(GradwiseOptimizer):
             weight_decay=group["weight_decay"],
             eps=group["eps"],
             maximize=group["maximize"],
+            **fused_scaling(group),
         )
+        undo_skipped_steps(steps, group)

@@ -16,9 +16,11 @@ from gradwise.optim.base import (
     cache_blocks,
     check_state_shapes,
     fused_kernel_applies,
+    fused_scaling,
     maybe_negate,
     roots_to_edit,
     scalar_values,
+    undo_skipped_steps,
     zeros_like,
 )
 from gradwise.optim.description import Description, Preset, StateSize, numel
@@ -182,7 +184,9 @@ class Adam(GradwiseOptimizer):
             weight_decay=group["weight_decay"],
             eps=group["eps"],
             maximize=group["maximize"],
+            **fused_scaling(group),
         )
+        undo_skipped_steps(steps, group)
 
 
 def adam_update(optimizer: GradwiseOptimizer, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:

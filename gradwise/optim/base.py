@@ -235,6 +235,7 @@ class GradwiseOptimizer(Optimizer):
         if group.get("capturable") and not torch.compiler.is_compiling():
             check_capturable_devices(type(self).__name__, params + sparse_params)
         group = resolve_tensor_hyperparameters(group)
+        group = with_amp_scaling(group, self)
         if sparse_params:
             self._sparse_update(group, sparse_params, sparse_grads)
         if not params:
@@ -363,6 +364,30 @@ def resolve_tensor_hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
     if tensor_betas:
         resolved["betas"] = tuple(beta.item() if isinstance(beta, Tensor) else beta for beta in beta_list)
     return resolved
+
+
+AMP_SCALING_KEYS = ("grad_scale", "found_inf")
+
+
+def with_amp_scaling(group: dict[str, Any], optimizer: Optimizer) -> dict[str, Any]:
+    """``group`` with the optimizer's ``grad_scale``/``found_inf`` tensors, where a caller set
+    them (torch's protocol for fused kernels: ``GradScaler`` or a hand-written loop). The fused
+    kernels then unscale the gradients and skip the whole update when ``found_inf`` is 1;
+    the other paths ignore them, as torch's do."""
+    scaling = {key: getattr(optimizer, key) for key in AMP_SCALING_KEYS if getattr(optimizer, key, None) is not None}
+    return {**group, **scaling} if scaling else group
+
+
+def fused_scaling(group: dict[str, Any]) -> dict[str, Tensor | None]:
+    """The keyword arguments ``grad_scale`` and ``found_inf`` of torch's fused kernels."""
+    return {key: group.get(key) for key in AMP_SCALING_KEYS}
+
+
+def undo_skipped_steps(steps: list[Tensor], group: dict[str, Any]) -> None:
+    """A fused kernel that found an inf skipped the update: take back the step count (as torch)."""
+    found_inf = group.get("found_inf")
+    if found_inf is not None:
+        torch._foreach_sub_(steps, [found_inf] * len(steps))
 
 
 def lr_value(group: dict[str, Any]) -> float:

@@ -14,6 +14,7 @@ from gradwise.optim.base import (
     cache_blocks,
     check_state_shapes,
     fused_kernel_applies,
+    fused_scaling,
     maybe_negate,
     with_l2_penalty,
 )
@@ -220,4 +221,5 @@ class SGD(GradwiseOptimizer):
                 nesterov=group["nesterov"],
                 maximize=group["maximize"],
                 is_first_step=first_step,
+                **fused_scaling(group),
             )
