@@ -304,7 +304,7 @@ class ScheduleLR(LRScheduler):
         torch.save({"scheduler": scheduler.state_dict(), ...}, path)
         ...
         scheduler = ScheduleLR(optimizer, wsd(total_steps=10_000, warmup_steps=500))
-        scheduler.load_state_dict(torch.load(path)["scheduler"])
+        scheduler.load_state_dict(torch.load(path, weights_only=True)["scheduler"])
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, schedule: Schedule, last_epoch: int = -1) -> None:
