@@ -288,7 +288,7 @@ ENTRIES: list[Entry] = [
         torch_twin=torch.optim.Adafactor,
         invalid=_LR_INVALID + _BOOL_INVALID
         + [("beta2_decay", 0.8), ("beta2_decay", 0.5), ("d", 0.5), ("weight_decay", -1.0), ("eps", (-1e-30, 1e-3)),
-           ("eps", (None, -1.0)), ("beta1", 1.0)],
+           ("eps", (None, -1.0)), ("beta1", 1.0), ("relative_step", "no")],
         notes={
             "complex": "torch's Adafactor refuses complex parameters (its error input is checked)",
             "differentiable": "torch's Adafactor has no differentiable path",
@@ -324,7 +324,8 @@ ENTRIES: list[Entry] = [
         "SOAP", gw.SOAP, "step", {"lr": 0.01, "precondition_every": 2},
         frozenset({"strided", "bfloat16", "float16", "compile", "maximize", "param_groups"}),
         invalid=_LR_INVALID + _BETAS_INVALID + [("weight_decay", -1.0), ("precondition_every", 0),
-                                                ("max_precond_dim", 0), ("shampoo_beta", 1.0), ("betas", (0.95, 1.5))],
+                                                ("max_precond_dim", 0), ("shampoo_beta", 1.0), ("betas", (0.95, 1.5)),
+                                                ("precondition_1d", 0)],
         notes={"complex": _PER_MATRIX_COMPLEX},
     ),
     Entry(

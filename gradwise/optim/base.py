@@ -48,7 +48,8 @@ _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # Options that are switches: each must be a bool, never a truthy string or number.
 _BOOL_OPTIONS = (
-    "maximize", "amsgrad", "nesterov", "centered", "decoupled_weight_decay", "differentiable", "capturable"
+    "maximize", "amsgrad", "nesterov", "centered", "decoupled_weight_decay", "differentiable", "capturable",
+    "line_search", "relative_step", "precondition_1d",
 )
 # Options where None lets the library choose.
 _OPTIONAL_BOOL_OPTIONS = ("foreach", "fused")
@@ -494,8 +495,9 @@ def fused_kernel_applies(
     (Adam's and AdamW's); elsewhere they take the foreach path.
 
     ``cpu_dtypes`` are the dtypes whose CPU kernel computes the update correctly: torch's fused
-    CPU SGD kernel is wrong for bfloat16 and float16 (plain SGD ends 0.81 from the float32 run
-    after five steps where the foreach path ends 0.026), so SGD names float32 and float64 only.
+    CPU SGD kernel is wrong for bfloat16 and float16 (one plain step on a (64, 33) bf16 tensor is
+    0.41 off the exact result, the foreach path 0.008; tests/test_torch_kernel_findings.py), so
+    SGD names float32 and float64 only.
 
     Strided parameters never take it: torch's fused CPU kernels index a strided parameter as
     if it were contiguous (torch's own ``Adam(fused=True)`` is off by 0.42 after three steps

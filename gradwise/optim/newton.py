@@ -97,8 +97,6 @@ class Newton(SingleParamGroup, GradwiseOptimizer):
     def _validate(self, group: dict[str, Any]) -> None:
         check_range("lr", group["lr"], 0.0, low_open=True)
         check_range("damping", group["damping"], 0.0)
-        if not isinstance(group["line_search"], bool):
-            raise ValueError(f"line_search must be a bool, got {group['line_search']!r}")
 
     @torch.no_grad()
     def step(self, closure: Closure | None = None) -> Tensor:  # type: ignore[override]  # a required closure and a tensor loss, as torch's own LBFGS.step
@@ -214,8 +212,6 @@ class NewtonCG(SingleParamGroup, GradwiseOptimizer):
         check_int("cg_max_iter", group["cg_max_iter"], 1)
         if group["cg_tol"] is not None:
             check_range("cg_tol", group["cg_tol"], 0.0, 1.0, low_open=True, high_open=True)
-        if not isinstance(group["line_search"], bool):
-            raise ValueError(f"line_search must be a bool, got {group['line_search']!r}")
 
     @torch.no_grad()
     def step(self, closure: Closure | None = None, hessian_closure: Closure | None = None) -> Tensor:  # type: ignore[override]  # as Newton.step
