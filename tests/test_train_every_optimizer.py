@@ -123,6 +123,9 @@ def test_train_builds_kfac_bound_to_the_model_with_stats_every():
     assert group_of(opt.param_groups, model[0].weight)["weight_decay"] == 0.1
     with pytest.raises(ValueError, match="stats_every"):
         check_optimizer_options("kfac", {"stats_every": 0})
+    # the model is the builder's to pass, never an option a user names
+    with pytest.raises(ValueError, match="kfac option must be one of .*got 'model'"):
+        check_optimizer_options("kfac", {"model": 1})
 
 
 # --- Sophia --------------------------------------------------------------------------------

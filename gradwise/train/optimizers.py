@@ -45,6 +45,11 @@ loop. The closure-driven second-order and the variance-reduced methods are not o
 """
 
 
+BUILDER_ARGUMENTS = ("model", "params", "lr", "weight_decay")
+"""Constructor arguments the builder itself passes (the model for a model-bound optimizer, the
+param groups, the run's lr and weight decay): never an ``--optimizer-options`` key."""
+
+
 def _class_and_settings(name: str, options: dict[str, Any] | None) -> tuple[type[Optimizer], dict[str, Any]]:
     """The class of optimizer ``name`` and its keyword arguments besides ``params`` and ``lr``."""
     optimizer_class, defaults = OPTIMIZERS[check_choice("optimizer", name, OPTIMIZERS)]
@@ -55,7 +60,7 @@ def _class_and_settings(name: str, options: dict[str, Any] | None) -> tuple[type
     for option in options or {}:
         if option == "weight_decay":  # its own setting leaves biases and norms undecayed; the groups would override it
             raise ValueError("optimizer_options: weight_decay is its own setting (--weight-decay), not an option here")
-        check_choice(f"{name} option", option, [key for key in accepted if key not in ("params", "lr", "weight_decay")])
+        check_choice(f"{name} option", option, [key for key in accepted if key not in BUILDER_ARGUMENTS])
     return optimizer_class, settings
 
 
