@@ -39,10 +39,19 @@ def test_plan_memory_loads_neither_the_training_loop_nor_dtensor_nor_matplotlib(
     assert modules_loaded(["plan", "memory", "--params", "1e9", "--no-plot", "--json"]) == []
 
 
-def test_a_plan_that_plots_loads_matplotlib_only_then(tmp_path):
-    loaded = modules_loaded(["plan", "memory", "--params", "1e9", "--out", str(tmp_path)])
+def test_the_memory_plan_writes_its_plot_without_matplotlib(tmp_path):
+    assert modules_loaded(["plan", "memory", "--params", "1e9", "--out", str(tmp_path)]) == []
+    assert (tmp_path / "memory.svg").read_text(encoding="utf-8").startswith('<?xml version="1.0"')
+
+
+def test_distributed_help_does_not_load_matplotlib():
+    assert not [name for name in modules_loaded(["distributed", "--help"]) if name.startswith("matplotlib")]
+
+
+def test_a_plan_that_plots_a_curve_loads_matplotlib_only_then(tmp_path):
+    loaded = modules_loaded(["plan", "stability", "--tau", "2", "--no-simulation", "--out", str(tmp_path)])
     assert "matplotlib" in loaded and not [name for name in loaded if not name.startswith("matplotlib")]
-    assert (tmp_path / "memory.png").read_bytes().startswith(b"\x89PNG")
+    assert (tmp_path / "stability.png").read_bytes().startswith(b"\x89PNG")
 
 
 @pytest.mark.parametrize("argv", [["bogus"], [], ["--version"]])

@@ -27,7 +27,7 @@ def test_memory_json_and_plot(tmp_path, capsys):
                     "--zero", "3", "--devices", "8", "--out", str(tmp_path))
     assert data["per_device"]["total"] == pytest.approx(84e9 / 8, rel=1e-6)
     assert [row["bytes"]["total"] for row in data["by_stage"]][0] == pytest.approx(84e9, rel=1e-6)
-    assert (tmp_path / "memory.png").read_bytes().startswith(b"\x89PNG")
+    assert (tmp_path / "memory.svg").read_text(encoding="utf-8").startswith('<?xml version="1.0"')
 
 
 def test_memory_table_with_transformer_activations(tmp_path, capsys):

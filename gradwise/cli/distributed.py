@@ -28,11 +28,10 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from matplotlib.figure import Figure
 from torch import nn
 
 from gradwise.cli.launch import run_under_torchrun
@@ -51,6 +50,9 @@ from gradwise.problems.workloads import WORKLOADS, make_workload
 from gradwise.train import OPTIMIZERS, build_optimizer
 from gradwise.train.config import LARGEST_SEED
 from gradwise.validation import check_int, check_range
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 DESCRIPTION = """\
 Distributed methods on N processes (gloo): asynchronous SGD with a parameter server,
@@ -80,6 +82,14 @@ class Method:
     """Runs on every rank; the ranks' results, merged in rank order, are the summary."""
     report: Callable[[dict[str, Any], Path], list[str]]
     """Prints the summary, writes the plot, returns the names of the files written."""
+
+
+def new_figure(**options: Any) -> Figure:
+    """A matplotlib figure (Agg, no display); matplotlib is imported here, when a report plots,
+    so that ``gradwise distributed --help`` and the worker ranks do not pay for its import."""
+    from matplotlib.figure import Figure
+
+    return Figure(**options)
 
 
 # --- parameter server ------------------------------------------------------------------------
@@ -158,7 +168,7 @@ def ps_report(summary: dict[str, Any], out: Path) -> list[str]:
           f"({summary['bytes_received'] // pushes:,} per push, "
           f"{summary['bytes_sent'] // (pushes + summary['workers']):,} "
           f"per pull)")
-    figure = Figure(figsize=(10, 4), layout="constrained")
+    figure = new_figure(figsize=(10, 4), layout="constrained")
     bars, losses = figure.subplots(1, 2)
     staleness, counts = zip(*histogram)
     bars.vlines(staleness, 0.8, counts, linewidth=4, color="tab:blue")  # rare large delays stay visible
@@ -275,7 +285,7 @@ def fedavg_report(summary: dict[str, Any], out: Path) -> list[str]:
           f"centralised optimum F(w*) {summary['optimum_objective']:.8f} (Newton)")
     print(f"gap F(w) - F(w*) {summary['final_gap']:.3e}, |w - w*| {summary['distance_to_optimum']:.3e}; "
           f"{summary['bytes_per_client']:,} bytes communicated per client")
-    figure = Figure(figsize=(6, 4), layout="constrained")
+    figure = new_figure(figsize=(6, 4), layout="constrained")
     axes = figure.subplots()
     axes.semilogy(range(len(summary["gap"])), [max(gap, 1e-16) for gap in summary["gap"]])
     axes.set_xlabel("round")
@@ -339,7 +349,7 @@ def admm_report(summary: dict[str, Any], out: Path) -> list[str]:
           f"{summary['dual_residuals'][-1]:.3e}")
     print(f"|z - w*| {summary['distance_to_optimum']:.3e} from the centralised optimum (Newton), gap F(z) - F(w*) "
           f"{summary['final_gap']:.3e}; {summary['bytes_per_client']:,} bytes communicated per client")
-    figure = Figure(figsize=(6, 4), layout="constrained")
+    figure = new_figure(figsize=(6, 4), layout="constrained")
     axes = figure.subplots()
     iterations = range(1, summary["iterations"] + 1)
     axes.semilogy(iterations, summary["primal_residuals"], label="primal |r|")
@@ -442,7 +452,7 @@ def split_report(summary: dict[str, Any], out: Path) -> list[str]:
     if "unsplit_losses" in summary:
         largest = summary["largest_loss_difference"]
         print(f"unsplit model, same start and batches: largest loss difference {largest:.3e}")
-    figure = Figure(figsize=(6, 4), layout="constrained")
+    figure = new_figure(figsize=(6, 4), layout="constrained")
     axes = figure.subplots()
     axes.plot(range(1, len(losses) + 1), losses, linewidth=0.8, label="split")
     if "unsplit_losses" in summary:

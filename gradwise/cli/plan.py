@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gradwise.cli.parsing import OneLineErrorParser, UsageError, output_folder, parse_key_values, parse_list
-from gradwise.plan import memory
+from gradwise.plan import memory, svg_bars
 from gradwise.train.config import LARGEST_SEED
 from gradwise.validation import check_choice, check_int, check_range
 
@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 GB = 1e9
 DEFAULT_OUT = "plan-results"
 DEFAULT_SPEEDUPS = {"fp32": 0.5, "bf16": 1.0, "mixed": 1.0, "fp8": 2.0}
+MEMORY_KINDS = ["parameters", "gradients", "master_weights", "optimizer_state", "activations"]
+"""The parts of a device's memory, in the order of the table's columns and of the plot's stacks."""
 
 EPILOG = """\
 examples:
@@ -151,13 +153,13 @@ def _memory(args: argparse.Namespace) -> int:
         },
         "activations_included": args.seq_len is not None, "per_device": chosen["bytes"], "by_stage": rows,
     }
-    path = _plot_path(args, "memory.png")
-    if path is not None:
+    path = _plot_path(args, "memory.svg")
+    if path is not None:  # SVG written by hand: importing matplotlib would cost a third of torch's start-up
         title = f"{params / 1e9:.3g}B params, {args.optimizer}, {args.precision}, {args.devices} devices"
-        from gradwise.plan import plots  # matplotlib, only for a plot
-
-        payload["plot"] = str(plots.plot_memory_by_stage(rows, title, path))
-    kinds = ["parameters", "gradients", "master_weights", "optimizer_state", "activations", "total"]
+        series = {kind.replace("_", " "): [row["bytes"][kind] / GB for row in rows] for kind in MEMORY_KINDS}
+        payload["plot"] = str(svg_bars.write_stacked_bars(path, [row["label"] for row in rows], series, title,
+                                                          "GB per device", total_format="{:.3g} GB"))
+    kinds = [*MEMORY_KINDS, "total"]
     table = _table(
         ["stage", *(k.replace("_weights", "").replace("optimizer_", "") for k in kinds)],
         [[("* " if row is chosen else "  ") + row["label"], *(_gb(row["bytes"][k]) for k in kinds)] for row in rows],

@@ -1,34 +1,14 @@
-"""Plots of the planning models, where a curve says more than a number (matplotlib, Agg)."""
+"""Plots of the planning models, where a curve says more than a number (matplotlib, Agg).
+
+The memory plan's bars are not here: they are written as SVG without matplotlib
+(:mod:`gradwise.plan.svg_bars`), so that ``gradwise plan memory`` starts fast.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from matplotlib.figure import Figure
-
-GB = 1e9
-
-
-def plot_memory_by_stage(rows: list[dict], title: str, path: Path) -> Path:
-    """Stacked bars of bytes per device by kind, one bar per ZeRO stage."""
-    kinds = ["parameters", "gradients", "master_weights", "optimizer_state", "activations"]
-    figure = Figure(figsize=(8, 4.5), layout="constrained")
-    axes = figure.add_subplot()
-    labels = [row["label"] for row in rows]
-    bottom = [0.0] * len(rows)
-    for kind in kinds:
-        heights = [row["bytes"][kind] / GB for row in rows]
-        if any(heights):
-            axes.bar(labels, heights, bottom=bottom, label=kind.replace("_", " "))
-            bottom = [b + h for b, h in zip(bottom, heights)]
-    for x, total in enumerate(bottom):
-        axes.annotate(f"{total:.3g} GB", (x, total), ha="center", va="bottom", fontsize="small")
-    axes.set_ylabel("GB per device")
-    axes.set_title(title)
-    axes.legend(fontsize="small")
-    axes.grid(axis="y", alpha=0.3)
-    figure.savefig(path, dpi=120)
-    return path
 
 
 def plot_step_time(devices: list[int], curves: dict[str, list[float]], latency_share: dict[str, list[float]],
