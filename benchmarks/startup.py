@@ -4,8 +4,8 @@ Every command is a fresh interpreter (the operating system's file cache is warm 
 first round, for all of them alike). The commands run interleaved, round after round, so that
 the machine's drift and other load fall on all of them; the table gives each command's median
 wall time and its ratio to the median of ``import torch`` (the floor: every useful subcommand
-needs torch). ``gradwise plan memory`` runs twice: as given (it writes its plot, so it also
-imports matplotlib and renders a figure) and with ``--no-plot --json``.
+needs torch). ``gradwise plan memory`` runs twice: as given (it also writes its plot, memory.svg,
+as SVG text without matplotlib) and with ``--no-plot --json``.
 
     python benchmarks/startup.py --rounds 15
 
