@@ -6,18 +6,9 @@ the same algorithm (its *twin*), and which inputs it supports; ``tests/test_cont
 runs one set of contract checks over every entry. What an entry does not claim is either
 refused with a clear error (checked) or not part of its contract, and ``notes`` says why.
 
-Drives (how a training loop calls the optimizer):
-
-- ``step``: ``loss.backward(); opt.step()``;
-- ``closure``: ``opt.step(closure)``, the closure zeroes the gradients, calls ``backward()``
-  and returns the loss (LBFGS);
-- ``loss_closure``: ``opt.step(closure)``, the closure returns the loss *without*
-  ``backward()`` (Newton; NewtonCG also gets ``hessian_closure`` on a mini-batch);
-- ``hessian_closure``: ``loss.backward(); opt.step(hessian_closure=...)`` (SQN);
-- ``model``: built from the model, whose layers it hooks (K-FAC);
-- ``sophia``: ``update_hessian(estimates)`` when ``hessian_update_due``, then a plain step;
-- ``slot``: ``opt.step(slot, closure)`` with the sample's index (SAGA);
-- ``snapshot``: ``update_snapshot(full_closure)`` every epoch, then ``opt.step(closure)`` (SVRG).
+Each entry is driven as its optimizer's description says (``Entry.drive``, one of
+:data:`gradwise.optim.description.Drive`), by the shared driver
+:func:`gradwise.optim.driving.drive_step`.
 """
 
 from __future__ import annotations
@@ -30,8 +21,7 @@ import numpy as np
 import torch
 
 import gradwise.optim as gw
-
-DRIVES = ("step", "closure", "loss_closure", "hessian_closure", "model", "sophia", "slot", "snapshot")
+from gradwise.optim.description import Drive, description_of
 
 # Inputs an entry may claim (see test_contract.py for the check behind each).
 SUPPORTS = frozenset({
@@ -63,7 +53,6 @@ _TENSOR_HYPERPARAMETERS_ON_FOREACH = (
 class Entry:
     name: str
     optimizer: type[torch.optim.Optimizer]
-    drive: str
     # Constructor options of the contract checks: chosen so that a few steps of a tiny model
     # exercise the whole algorithm (preconditioners refreshed, curvature pairs formed).
     kwargs: dict[str, Any]
@@ -94,11 +83,15 @@ class Entry:
     notes: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        assert self.drive in DRIVES, self.drive
         assert self.supports <= SUPPORTS, self.supports - SUPPORTS
 
     def __str__(self) -> str:
         return self.name
+
+    @property
+    def drive(self) -> Drive:
+        """How the optimizer is driven: its description's (one vocabulary, :data:`gradwise.optim.description.Drive`)."""
+        return description_of(self.optimizer).drive
 
 
 def _log_uniform(rng: np.random.Generator, low: float, high: float) -> float:
@@ -204,7 +197,7 @@ _NOT_COMPILED = "step() runs closures, line searches or host-side control flow; 
 
 ENTRIES: list[Entry] = [
     Entry(
-        "SGD", gw.SGD, "step", {"lr": 0.1, "momentum": 0.9},
+        "SGD", gw.SGD, {"lr": 0.1, "momentum": 0.9},
         _TORCH_ELEMENTWISE | {"sparse", "fused"},
         torch_twin=torch.optim.SGD, sample=_sgd,
         invalid=_LR_INVALID + _BOOL_INVALID
@@ -213,7 +206,7 @@ ENTRIES: list[Entry] = [
         converge_lr=0.1,
     ),
     Entry(
-        "Adagrad", gw.Adagrad, "step", {"lr": 0.1},
+        "Adagrad", gw.Adagrad, {"lr": 0.1},
         _TORCH_ELEMENTWISE | {"sparse", "fused"},
         torch_twin=torch.optim.Adagrad, sample=_adagrad,
         invalid=_LR_INVALID + _BOOL_INVALID
@@ -223,7 +216,7 @@ ENTRIES: list[Entry] = [
         converge_lr=0.5,
     ),
     Entry(
-        "RMSprop", gw.RMSprop, "step", {"lr": 0.01, "momentum": 0.5},
+        "RMSprop", gw.RMSprop, {"lr": 0.01, "momentum": 0.5},
         _TORCH_ELEMENTWISE,
         torch_twin=torch.optim.RMSprop, sample=_rmsprop,
         invalid=_LR_INVALID + _BOOL_INVALID
@@ -233,7 +226,7 @@ ENTRIES: list[Entry] = [
         notes={"fused": "torch has no fused RMSprop", "sparse": "torch's RMSprop refuses sparse gradients"},
     ),
     Entry(
-        "Adam", gw.Adam, "step", {"lr": 0.05},
+        "Adam", gw.Adam, {"lr": 0.05},
         _TORCH_ELEMENTWISE | {"fused"},
         torch_twin=torch.optim.Adam, sample=_adam,
         invalid=_LR_INVALID + _BETAS_INVALID + _BOOL_INVALID + [("weight_decay", -1.0)],
@@ -247,7 +240,7 @@ ENTRIES: list[Entry] = [
         notes={"sparse": "torch's Adam refuses sparse gradients (SparseAdam is another algorithm)"},
     ),
     Entry(
-        "AdamW", gw.AdamW, "step", {"lr": 0.05, "weight_decay": 0.1},
+        "AdamW", gw.AdamW, {"lr": 0.05, "weight_decay": 0.1},
         _TORCH_ELEMENTWISE | {"fused"},
         torch_twin=torch.optim.AdamW, sample=_adam,
         invalid=_LR_INVALID + _BETAS_INVALID + _BOOL_INVALID + [("weight_decay", -1.0)],
@@ -261,7 +254,7 @@ ENTRIES: list[Entry] = [
         notes={"sparse": "torch's AdamW refuses sparse gradients"},
     ),
     Entry(
-        "NAdam", gw.NAdam, "step", {"lr": 0.05},
+        "NAdam", gw.NAdam, {"lr": 0.05},
         _TORCH_ELEMENTWISE,
         torch_twin=torch.optim.NAdam, sample=_nadam,
         invalid=_LR_INVALID + _BETAS_INVALID + _BOOL_INVALID + [("weight_decay", -1.0), ("momentum_decay", -1e-3)],
@@ -270,7 +263,7 @@ ENTRIES: list[Entry] = [
         notes={"fused": "torch has no fused NAdam", "sparse": "torch's NAdam refuses sparse gradients"},
     ),
     Entry(
-        "Lion", gw.Lion, "step", {"lr": 0.01},
+        "Lion", gw.Lion, {"lr": 0.01},
         frozenset({"complex", "strided", "fused", "bfloat16", "float16", "compile", "maximize", "param_groups"}),
         sample=_lion,
         invalid=_LR_INVALID + _BOOL_INVALID + [("betas", (0.9, 1.0)), ("betas", (-0.1, 0.99)), ("weight_decay", -1.0)],
@@ -283,7 +276,7 @@ ENTRIES: list[Entry] = [
         },
     ),
     Entry(
-        "Adafactor", gw.Adafactor, "step", {"lr": 0.01},
+        "Adafactor", gw.Adafactor, {"lr": 0.01},
         frozenset({"strided", "foreach", "bfloat16", "float16", "compile", "maximize", "param_groups"}),
         torch_twin=torch.optim.Adafactor,
         invalid=_LR_INVALID + _BOOL_INVALID
@@ -296,7 +289,7 @@ ENTRIES: list[Entry] = [
         },
     ),
     Entry(
-        "Muon", gw.Muon, "step", {"lr": 0.02},
+        "Muon", gw.Muon, {"lr": 0.02},
         frozenset({"strided", "bfloat16", "float16", "compile", "maximize", "param_groups"}),
         torch_twin=torch.optim.Muon, twin_params="matrices", vectors_apart=True, compile_tolerance=2**-7,
         invalid=_LR_INVALID + [("momentum", 1.0), ("weight_decay", -0.1), ("ns_steps", 0), ("eps", 0.0),
@@ -312,7 +305,7 @@ ENTRIES: list[Entry] = [
         },
     ),
     Entry(
-        "Shampoo", gw.Shampoo, "step",
+        "Shampoo", gw.Shampoo,
         {"lr": 0.01, "momentum": 0.5, "start_preconditioning_step": 1, "precondition_every": 2},
         frozenset({"strided", "bfloat16", "float16", "compile", "maximize", "param_groups"}),
         invalid=_LR_INVALID + [("momentum", 1.0), ("beta2", 0.0), ("eps", 0.0), ("block_size", 0),
@@ -321,7 +314,7 @@ ENTRIES: list[Entry] = [
         notes={"complex": _PER_MATRIX_COMPLEX},
     ),
     Entry(
-        "SOAP", gw.SOAP, "step", {"lr": 0.01, "precondition_every": 2},
+        "SOAP", gw.SOAP, {"lr": 0.01, "precondition_every": 2},
         frozenset({"strided", "bfloat16", "float16", "compile", "maximize", "param_groups"}),
         invalid=_LR_INVALID + _BETAS_INVALID + [("weight_decay", -1.0), ("precondition_every", 0),
                                                 ("max_precond_dim", 0), ("shampoo_beta", 1.0), ("betas", (0.95, 1.5)),
@@ -329,7 +322,7 @@ ENTRIES: list[Entry] = [
         notes={"complex": _PER_MATRIX_COMPLEX},
     ),
     Entry(
-        "KFAC", gw.KFAC, "model", {"lr": 0.05, "momentum": 0.5, "inverse_every": 1},
+        "KFAC", gw.KFAC, {"lr": 0.05, "momentum": 0.5, "inverse_every": 1},
         frozenset({"strided", "param_groups"}),
         invalid=_LR_INVALID + [("damping", 0.0), ("momentum", 1.0), ("stat_decay", 1.0), ("inverse_every", 0),
                                ("stats_every", 0), ("stats_every", 2.5)],
@@ -342,13 +335,13 @@ ENTRIES: list[Entry] = [
         },
     ),
     Entry(
-        "Sophia", gw.Sophia, "sophia", {"lr": 0.01, "hessian_every": 2},
+        "Sophia", gw.Sophia, {"lr": 0.01, "hessian_every": 2},
         frozenset({"complex", "strided", "bfloat16", "float16", "compile", "maximize", "param_groups"}),
         invalid=_LR_INVALID + _BOOL_INVALID + [("betas", (1.0, 0.99)), ("rho", 0.0), ("eps", 0.0),
                                                ("weight_decay", -1.0), ("hessian_every", 0), ("eps", -1.0)],
     ),
     Entry(
-        "LBFGS", gw.LBFGS, "closure", {"lr": 0.5, "max_iter": 4},
+        "LBFGS", gw.LBFGS, {"lr": 0.5, "max_iter": 4},
         frozenset({"complex", "strided", "sparse"}),
         torch_twin=torch.optim.LBFGS,
         invalid=_LR_INVALID + [("max_iter", 0), ("history_size", 0), ("tolerance_change", -1.0),
@@ -360,14 +353,14 @@ ENTRIES: list[Entry] = [
         },
     ),
     Entry(
-        "Newton", gw.Newton, "loss_closure", {},
+        "Newton", gw.Newton, {},
         frozenset({"strided"}),
         invalid=_LR_INVALID + [("damping", -1.0), ("line_search", "yes")],
         notes={"param_groups": _SINGLE_GROUP, "bfloat16": _FLAT_NOTE, "float16": _FLAT_NOTE, "complex": _WIRTINGER,
                "compile": _NOT_COMPILED, "maximize": "Newton's step goes to a stationary point either way"},
     ),
     Entry(
-        "NewtonCG", gw.NewtonCG, "loss_closure", {"cg_max_iter": 10},
+        "NewtonCG", gw.NewtonCG, {"cg_max_iter": 10},
         frozenset({"strided"}),
         invalid=_LR_INVALID + [("damping", 0.0), ("damping_increase", 1.0), ("damping_decrease", 1.0),
                                ("cg_max_iter", 0), ("cg_tol", 1.5), ("line_search", "yes")],
@@ -375,21 +368,21 @@ ENTRIES: list[Entry] = [
                "complex": _WIRTINGER, "compile": _NOT_COMPILED, "maximize": "minimises its closure's loss"},
     ),
     Entry(
-        "SQN", gw.SQN, "hessian_closure", {"lr": 0.1, "update_every": 2},
+        "SQN", gw.SQN, {"lr": 0.1, "update_every": 2},
         frozenset({"strided", "sparse"}),
         invalid=_LR_INVALID + [("history_size", 0), ("update_every", 0)],
         notes={"param_groups": _SINGLE_GROUP, "bfloat16": _FLAT_NOTE, "float16": _FLAT_NOTE,
                "complex": _WIRTINGER, "compile": _NOT_COMPILED, "maximize": "minimises its loss"},
     ),
     Entry(
-        "SVRG", gw.SVRG, "snapshot", {"lr": 0.1},
+        "SVRG", gw.SVRG, {"lr": 0.1},
         frozenset({"complex", "strided", "param_groups"}),
         invalid=_LR_INVALID,
         notes={"compile": _NOT_COMPILED, "bfloat16": "variance reduction cancels gradient differences "
                "that bf16/fp16 rounding swamps", "float16": "see bfloat16", "maximize": "minimises its loss"},
     ),
     Entry(
-        "SAGA", gw.SAGA, "slot", {"lr": 0.1, "num_slots": 4},
+        "SAGA", gw.SAGA, {"lr": 0.1, "num_slots": 4},
         frozenset({"complex", "strided", "param_groups"}),
         invalid=_LR_INVALID + [("num_slots", 0)],
         notes={"compile": _NOT_COMPILED, "bfloat16": "variance reduction cancels gradient differences "

@@ -27,6 +27,8 @@ from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.testing._internal.common_optimizers import OptimizerErrorEnum, optim_db
 
+from gradwise.optim.driving import drive_step
+
 SLOTS = 4
 SHAPES = {"fc1.weight": (4, 6), "fc1.bias": (4,), "fc2.weight": (2, 4), "fc2.bias": (2,)}
 TORCH_INFO = {info.optim_cls.__name__: info for info in optim_db}
@@ -145,54 +147,27 @@ def make(entry: Entry, model: nn.Module, params=None, **options) -> torch.optim.
     return entry.optimizer(params, **kwargs)
 
 
+def squared_gradients(loss: Tensor, params: list[Tensor]) -> list[Tensor]:
+    """A Gauss-Newton-like Hessian diagonal (deterministic, so runs can be compared); for a complex
+    parameter, the estimate of its real view, stored complex."""
+    grads = torch.autograd.grad(loss, params, retain_graph=True, materialize_grads=True)
+    return [torch.view_as_complex(torch.view_as_real(g).square()) if g.is_complex() else g * g for g in grads]
+
+
 def drive(entry: Entry, optimizer: torch.optim.Optimizer, model: TinyNet, steps: range, sign: float = 1.0) -> None:
-    """Run ``steps`` of ``optimizer`` on ``sign * model.loss`` as ``entry`` says it is driven."""
-
-    def batch_loss(step: int) -> Tensor:
-        return sign * model.loss(step % SLOTS)
-
-    def backward_closure(loss_fn):
-        def closure():
-            optimizer.zero_grad()
-            loss = loss_fn()
-            loss.backward()
-            return loss
-        return closure
-
+    """Run ``steps`` of ``optimizer`` on ``sign * model.loss`` by the shared driver: step ``k`` on
+    slot ``k % SLOTS`` (its sample index), a snapshot of the full loss each epoch of the slots,
+    curvature from the next slot."""
     for step in steps:
-        if entry.drive in ("step", "model"):
-            optimizer.zero_grad()
-            batch_loss(step).backward()
-            optimizer.step()
-        elif entry.drive == "closure":
-            optimizer.step(backward_closure(lambda: sign * model.loss()))
-        elif entry.drive == "loss_closure":
-            hessian = {"hessian_closure": lambda step=step: batch_loss(step)} if entry.name == "NewtonCG" else {}
-            optimizer.step(lambda: sign * model.loss(), **hessian)
-        elif entry.drive == "hessian_closure":
-            optimizer.zero_grad()
-            batch_loss(step).backward()
-            optimizer.step(hessian_closure=lambda step=step: batch_loss(step + 1))
-        elif entry.drive == "sophia":
-            optimizer.zero_grad()
-            loss = batch_loss(step)
-            if optimizer.hessian_update_due:
-                params = [p for group in optimizer.param_groups for p in group["params"]]
-                grads = torch.autograd.grad(loss, params, retain_graph=True, materialize_grads=True)
-                # A Gauss-Newton-like diagonal (deterministic, so runs can be compared).
-                # For a complex parameter, the estimate of its real view, stored complex.
-                estimates = [torch.view_as_complex(torch.view_as_real(g).square()) if g.is_complex() else g * g
-                             for g in grads]
-                optimizer.update_hessian(estimates, params)
-            loss.backward()
-            optimizer.step()
-        elif entry.drive == "slot":
-            slot = step % SLOTS
-            optimizer.step(slot, backward_closure(lambda slot=slot: batch_loss(slot)))
-        elif entry.drive == "snapshot":
-            if step % SLOTS == 0:
-                optimizer.update_snapshot(backward_closure(lambda: sign * model.loss()))
-            optimizer.step(backward_closure(lambda step=step: batch_loss(step)))
+        drive_step(
+            optimizer,
+            lambda step=step: sign * model.loss(step % SLOTS),
+            full_loss=(lambda: sign * model.loss()) if step % SLOTS == 0 else None,
+            slot=step % SLOTS,
+            hessian_loss=lambda step=step: sign * model.loss((step + 1) % SLOTS),
+            hessian_estimate=squared_gradients,
+            drive=entry.drive,  # torch's twin is driven as the entry
+        )
 
 
 def run(entry: Entry, steps: int = 4, model: TinyNet | None = None, **options) -> tuple[TinyNet, torch.optim.Optimizer]:

@@ -9,6 +9,7 @@ from torch import nn
 
 import gradwise.optim
 from gradwise.optim.description import Description
+from gradwise.optim.driving import drive_step
 from gradwise.plan import memory
 
 GB = 1e9
@@ -28,11 +29,11 @@ def exported_optimizers() -> list[type]:
 def configurations(cls: type) -> list[dict]:
     """The class's defaults and every planner preset built on it."""
     presets = [dict(preset.options) for preset in cls.description.presets.values()]
-    extra = {"LBFGS": [{"history_size": 3}], "SQN": [{"history_size": 2, "update_every": 2}],
-             "SAGA": [{"num_slots": 3}], "KFAC": [{"momentum": 0.9}]}.get(cls.__name__, [])
+    extra = {gradwise.optim.LBFGS: [{"history_size": 3}], gradwise.optim.SQN: [{"history_size": 2, "update_every": 2}],
+             gradwise.optim.SAGA: [{"num_slots": 3}], gradwise.optim.KFAC: [{"momentum": 0.9}]}.get(cls, [])
     configs = [options for options in presets + extra if options]
     # history-based methods are checked at small histories, which they fill in a few steps
-    return configs if cls.__name__ in ("LBFGS", "SQN") else [{}] + configs
+    return configs if hasattr(cls, "history_full") else [{}] + configs
 
 
 class SmallNet(nn.Module):
@@ -59,53 +60,41 @@ class FlatLinear(nn.Module):
         return x.flatten(1) @ self.weights.view(32, 5)
 
 
+def squared_gradients(loss: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """A Hessian-diagonal estimate (Gauss-Newton-like, deterministic) for a Hessian-refreshed optimizer."""
+    return [g * g for g in torch.autograd.grad(loss, params, retain_graph=True, materialize_grads=True)]
+
+
 def trained_optimizer(cls: type, options: dict, dtype: torch.dtype = torch.float32, steps: int = 2):
-    """``cls`` built on a small model and stepped by the protocol its class asks for; history-based
-    quasi-Newton methods are stepped until their history is full (the state the rule counts)."""
+    """``cls`` built on a small model and stepped by its description's drive (the shared driver);
+    an optimizer with a curvature history (``history_full``) is stepped until the history is full
+    (the state the rule counts)."""
     torch.manual_seed(0)
-    name = cls.__name__
-    # Newton's methods form Hessians (products): they get a linear classifier on one flat vector
-    model = FlatLinear().to(dtype) if name in ("Newton", "NewtonCG") else SmallNet().to(dtype)
+    description = cls.description
+    # a flat-state method (quasi-Newton, Newton) sees the group as one vector: a linear classifier
+    # on one flat parameter keeps Newton's dense Hessian small
+    model = FlatLinear().to(dtype) if description.flat_state else SmallNet().to(dtype)
     x = torch.randn(8, 2, 4, 4, dtype=dtype)
     y = torch.randint(5, (8,))
-    params = model.parameters()
-    if name == "Muon":  # like torch's, Muon refuses vectors: they go to its AdamW, as the planner's shape rule says
-        params = [{"params": [p for p in model.parameters() if p.ndim >= 2]},
-                  {"params": [p for p in model.parameters() if p.ndim < 2], "use_muon": False}]
-    drive = cls.description.drive
-    optimizer = cls(model, **options) if drive == "model" else cls(params, **options)
+    params = model.parameters() if description.groups is None else description.groups(model, 0.0)
+    optimizer = cls(model, **options) if description.drive == "model" else cls(params, **options)
 
     def loss():
         return nn.functional.cross_entropy(model(x), y)
 
-    def closure():
-        optimizer.zero_grad()
-        value = loss()
-        value.backward()
-        return value
+    def step(index: int) -> None:
+        slots = optimizer.param_groups[0].get("num_slots", 1)
+        drive_step(optimizer, loss, full_loss=loss if index == 0 else None, slot=index % slots,
+                   hessian_estimate=squared_gradients)
 
-    if name in ("LBFGS", "SQN"):
-        history = "old_dirs" if name == "LBFGS" else "s_history"
-        for _ in range(50):
-            if name == "LBFGS":
-                optimizer.step(closure)
-            else:
-                closure()
-                optimizer.step(hessian_closure=loss)
-            state = optimizer.state[next(model.parameters())]
-            if len(state.get(history, [])) == optimizer.param_groups[0]["history_size"]:
+    if hasattr(optimizer, "history_full"):
+        for index in range(50):
+            step(index)
+            if optimizer.history_full:
                 return optimizer
-        raise AssertionError(f"{name}'s history did not fill in 50 steps")
-    for step in range(steps):
-        if name in ("Newton", "NewtonCG"):
-            optimizer.step(loss)  # they differentiate the loss themselves
-        elif name == "SVRG":
-            optimizer.update_snapshot(closure)
-            optimizer.step(closure)
-        elif drive == "sample_index":
-            optimizer.step(step % optimizer.param_groups[0]["num_slots"], closure)
-        else:
-            optimizer.step(closure)
+        raise AssertionError(f"{cls.__name__}'s history did not fill in 50 steps")
+    for index in range(steps):
+        step(index)
     return optimizer
 
 

@@ -21,25 +21,38 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal, Protocol
 
-Drive = Literal["step", "closure", "hessian_closure", "model", "hessian_refresh", "sample_index"]
-"""How a step is driven:
+Drive = Literal[
+    "step", "closure", "loss_closure", "hessian_closure", "snapshot_closure", "sample_index", "model",
+    "hessian_refresh",
+]
+"""How a step is called (:func:`gradwise.optim.driving.drive_step` calls each one so):
 
-- ``"step"``: ``step()`` after ``loss.backward()``, as torch's first-order optimizers;
-- ``"closure"``: ``step(closure)``, the closure re-evaluating the loss and its gradient
-  (L-BFGS's line search, Newton, SVRG's full gradients);
-- ``"hessian_closure"``: ``step(closure, hessian_closure)`` (Newton-CG, SQN: the second
-  closure's loss is differentiated twice, on a subsample);
-- ``"model"``: bound to a model whose layers' hooks feed it statistics (K-FAC), then a plain
-  ``step()``. It cannot be rebuilt from param groups alone, so it offers
+- ``"step"``: ``loss.backward()``, then ``step()``, as torch's first-order optimizers;
+- ``"closure"``: ``step(closure)``, the closure zeroing the gradients, evaluating the loss and
+  calling ``backward()`` (L-BFGS: its line search evaluates it several times per step);
+- ``"loss_closure"``: ``step(loss_fn)``, ``loss_fn`` returning the loss *without* ``backward()``:
+  the optimizer differentiates it itself, twice (Newton, Newton-CG);
+- ``"hessian_closure"``: ``loss.backward()``, then ``step(hessian_closure=loss_fn)``, ``loss_fn``
+  returning a loss without ``backward()`` that the optimizer differentiates twice when a
+  curvature pair is due (SQN);
+- ``"snapshot_closure"``: ``update_snapshot(full_closure)`` when a snapshot is due (each epoch
+  of a finite sum), the closure computing the full objective and calling ``backward()``; then
+  ``step(closure)`` on the batch (SVRG);
+- ``"sample_index"``: ``step(slot, closure)``, ``slot`` the index of the sample (or fixed block of
+  samples) whose loss the closure evaluates and differentiates (SAGA);
+- ``"model"``: bound to a model whose layers' hooks feed it statistics (K-FAC), then as
+  ``"step"``. It cannot be rebuilt from param groups alone, so it offers
   ``restricted_to(params)`` (the same optimizer over a subset, taking over the hooks), and
   ``pending_factors()`` (the statistics of the last backward pass, by layer in ``layers``)
   for data parallelism to average;
-- ``"hessian_refresh"``: a plain ``step()``, and before the backward pass, when
-  ``optimizer.hessian_update_due``, ``optimizer.update_hessian(estimate, params)`` (Sophia);
-- ``"sample_index"``: ``step(slot)``, the index of the sample whose gradient was computed (SAGA).
+- ``"hessian_refresh"``: as ``"step"``, and before the backward pass, when
+  ``optimizer.hessian_update_due``, ``optimizer.update_hessian(estimate, params)`` (Sophia).
 """
 
-DRIVES: tuple[Drive, ...] = ("step", "closure", "hessian_closure", "model", "hessian_refresh", "sample_index")
+DRIVES: tuple[Drive, ...] = (
+    "step", "closure", "loss_closure", "hessian_closure", "snapshot_closure", "sample_index", "model",
+    "hessian_refresh",
+)
 
 Sharding = Literal["element", "tensor", "layer"]
 """How ZeRO divides the state among ranks:

@@ -127,6 +127,13 @@ class LBFGS(SingleParamGroup, GradwiseOptimizer):
         check_int("history_size", group["history_size"], 1)
         check_choice("line_search_fn", group["line_search_fn"], LINE_SEARCHES)
 
+    @property
+    def history_full(self) -> bool:
+        """Whether the history holds ``history_size`` curvature pairs: from then on the state is
+        as large as it gets (what the memory rule counts)."""
+        group = self.param_groups[0]
+        return len(self.state[group["params"][0]].get("old_dirs", [])) == group["history_size"]
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # noqa: C901 (one algorithm)
         """Run up to ``max_iter`` L-BFGS iterations; ``closure`` clears the gradients,

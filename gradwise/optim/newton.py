@@ -89,7 +89,7 @@ class Newton(SingleParamGroup, GradwiseOptimizer):
             opt.step(lambda: f(x))      # the closure returns the loss; no backward()
     """
 
-    description = Description(drive="closure", sharding=None, state=_no_tensor_state, flat_state=True)
+    description = Description(drive="loss_closure", sharding=None, state=_no_tensor_state, flat_state=True)
 
     def __init__(self, params: ParamsT, lr: float = 1.0, damping: float = 0.0, line_search: bool = True) -> None:
         super().__init__(params, dict(lr=lr, damping=damping, line_search=line_search))
@@ -175,7 +175,7 @@ class NewtonCG(SingleParamGroup, GradwiseOptimizer):
     """
 
     description = Description(
-        drive="hessian_closure",
+        drive="loss_closure",  # the optional hessian_closure is a subsample: plain step(loss_fn) is Newton-CG
         sharding=None,
         state=_no_tensor_state,
         flat_state=True,

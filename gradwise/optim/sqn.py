@@ -68,6 +68,13 @@ class SQN(SingleParamGroup, GradwiseOptimizer):
         check_int("update_every", group["update_every"], 1)
 
     @property
+    def history_full(self) -> bool:
+        """Whether the history holds ``history_size`` curvature pairs: from then on the state is
+        as large as it gets (what the memory rule counts)."""
+        group = self.param_groups[0]
+        return len(self.state[group["params"][0]].get("s_history", [])) == group["history_size"]
+
+    @property
     def needs_hessian_closure(self) -> bool:
         """Whether the next ``step()`` forms a curvature pair (and so calls ``hessian_closure``)."""
         group = self.param_groups[0]

@@ -60,7 +60,7 @@ class SVRG(GradwiseOptimizer):
     """
 
     description = Description(
-        drive="closure",
+        drive="snapshot_closure",
         sharding=None,
         state=moments(2),  # the snapshot and its full gradient (Johnson & Zhang 2013)
         presets={"svrg": Preset("SVRG (stochastic variance-reduced gradient)")},
