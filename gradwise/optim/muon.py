@@ -343,12 +343,13 @@ def muon_param_groups(
     states; an embedding is a lookup table (each row sees its own token's gradient only) and
     the output head maps to logits, so both go to the internal AdamW, as in Jordan et al.
     A parameter is an embedding when an ``nn.Embedding`` owns it; the head is ``head`` (the
-    module, or its name in ``model.named_modules()``), and any parameter that a module other
-    than an embedding shares with an embedding (a tied output layer registered as such).
-    A head tied by reuse in ``forward`` (``x @ embedding.weight.T``, as tiny-gpt) is the
-    embedding itself, so it is found without a guess; an untied head must be named. No
-    layer is taken for the head by its position: a wrong guess would silently move a hidden
-    matrix to AdamW.
+    module, or its name in ``model.named_modules()``), by default the module that the model
+    itself declares with ``get_output_embeddings()`` (Hugging Face's convention, which the
+    mlp workload's model follows), and any parameter that a module other than an embedding
+    shares with an embedding (a tied output layer registered as such). A head tied by reuse
+    in ``forward`` (``x @ embedding.weight.T``, as tiny-gpt) is the embedding itself, so it is
+    found without a guess; an untied head must be named or declared. No layer is taken for
+    the head by its position: a wrong guess would silently move a hidden matrix to AdamW.
 
     Biases, gains and normalisation layers' parameters (the rule of
     :func:`~gradwise.optim.weight_decay_groups`: fewer than two dimensions, or owned by a
@@ -362,6 +363,11 @@ def muon_param_groups(
 
         opt = gradwise.optim.Muon(muon_param_groups(model, adamw_lr=3e-4, weight_decay=0.1), lr=0.02)
     """
+    declared = getattr(model, "get_output_embeddings", None)
+    if head is None and callable(declared):
+        head = declared()  # the model's own word for its head; None when it has none
+    if head is not None and not isinstance(head, (nn.Module, str)):
+        raise TypeError(f"head must be an nn.Module, its name or None, got a {type(head).__name__}")
     if isinstance(head, str):
         modules = dict(model.named_modules())
         if head not in modules:

@@ -17,6 +17,8 @@ accuracy of the teacher's own argmax on the validation set.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,6 +30,38 @@ from gradwise.validation import check_int
 MLP_TARGET = 0.85
 DATA_SEED = 1234
 """The teacher and the data are the same for every run; ``seed`` moves the model and the batches."""
+
+
+class MLP(nn.Sequential):
+    """A stack of ReLU hidden layers under a linear classifier head, which is its last layer.
+
+    The model names its head the way Hugging Face models do, ``get_output_embeddings()``,
+    which :func:`gradwise.optim.muon_param_groups` reads: Muon's recipe trains the layer that
+    maps to the logits with AdamW and only the hidden matrices with Muon, and an untied head
+    cannot be told from a hidden layer by its shape. A slice of the stack (split learning cuts
+    it in two) is an ``MLP`` only when it holds the head; any other slice is a plain
+    ``nn.Sequential``, which names no head, so a hidden layer is never taken for one.
+    """
+
+    def get_output_embeddings(self) -> nn.Module:
+        """The classifier head (the last layer)."""
+        return self[-1]
+
+    def __getitem__(self, index: slice | int) -> nn.Sequential | nn.Module:
+        item = super().__getitem__(index)
+        if isinstance(item, MLP) and (len(item) == 0 or item[-1] is not self[-1]):
+            return nn.Sequential(OrderedDict(item.named_children()))
+        return item
+
+
+def relu_mlp(inputs: int, hidden: int, depth: int, classes: int) -> MLP:
+    """``depth`` ReLU layers of width ``hidden`` on ``inputs`` features, then the head to ``classes`` logits."""
+    layers: list[nn.Module] = []
+    width = inputs
+    for _ in range(depth):
+        layers += [nn.Linear(width, hidden), nn.ReLU()]
+        width = hidden
+    return MLP(*layers, nn.Linear(width, classes))
 
 
 def teacher_data(dim: int, classes: int, count: int, hidden: int | None, logit_scale: float = 4.0,
@@ -97,12 +131,7 @@ def mlp(batch_size: int, seed: int = 0, dim: int = 8, classes: int = 4, hidden: 
         check_int(name, value, 2 if name == "classes" else 1)
     inputs, labels, _ = teacher_data(dim, classes, train_examples + val_examples, teacher_hidden)
     torch.manual_seed(seed)
-    layers: list[nn.Module] = []
-    width = dim
-    for _ in range(depth):
-        layers += [nn.Linear(width, hidden), nn.ReLU()]
-        width = hidden
-    model = nn.Sequential(*layers, nn.Linear(width, classes))
+    model = relu_mlp(dim, hidden, depth, classes)
     baseline = majority_accuracy(labels[train_examples:])
     return classifier(
         "mlp", model, inputs, labels, train_examples, batch_size, seed,

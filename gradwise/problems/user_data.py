@@ -23,10 +23,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from gradwise.problems.corpus import ByteCorpus
-from gradwise.problems.mlp import classifier, majority_accuracy
+from gradwise.problems.mlp import classifier, majority_accuracy, relu_mlp
 from gradwise.problems.tiny_gpt import byte_language_model
 from gradwise.problems.workload import Target, Workload
 from gradwise.user_files import MAX_DATA_BYTES, check_user_file, read_user_file
@@ -161,14 +160,10 @@ def npy_pair(batch_size: int, seed: int = 0, data: list[str] | None = None, hidd
     labels = torch.from_numpy(y_array)[order]
     classes = int(labels.max()) + 1
     torch.manual_seed(seed)
-    layers: list[nn.Module] = []
-    width = inputs.shape[1]
-    for _ in range(depth):
-        layers += [nn.Linear(width, hidden), nn.ReLU()]
-        width = hidden
+    model = relu_mlp(inputs.shape[1], hidden, depth, classes)
     baseline = majority_accuracy(labels[train_count:])
     return classifier(
-        "npy", nn.Sequential(*layers, nn.Linear(width, classes)), inputs, labels, train_count, batch_size, seed,
+        "npy", model, inputs, labels, train_count, batch_size, seed,
         Target("val_accuracy", (1 + baseline) / 2, True, baseline, "majority-class accuracy"),
         f"{files[0]} ({inputs.shape[0]} x {inputs.shape[1]}), {files[1]} ({classes} classes); "
         f"ReLU MLP {depth} x {hidden}",
