@@ -98,7 +98,8 @@ def test_hostile_text_is_escaped():
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.lists(st.floats(0, 1e6, allow_nan=False), min_size=3, max_size=3), min_size=1, max_size=6))
+@given(st.lists(st.lists(st.one_of(st.just(0.0), st.floats(1e-6, 1e6)), min_size=3, max_size=3), min_size=1,
+                max_size=6))
 def test_any_values_give_proportional_stacks_under_the_top_tick(columns):
     series = {f"s{i}": [column[i] for column in columns] for i in range(3)}
     root = parse(stacked_bars_svg([f"c{j}" for j in range(len(columns))], series, "t", "y"))
@@ -125,6 +126,9 @@ def test_ticks_are_one_two_or_five_times_a_power_of_ten(span, step):
     (lambda: stacked_bars_svg(["a"], {"s": [1.0, 2.0]}, "t", "y"), "series 's': 2 values for 1 categories"),
     (lambda: stacked_bars_svg(["a"], {"s": [-1.0]}, "t", "y"), "finite and >= 0, got -1.0"),
     (lambda: stacked_bars_svg(["a"], {"s": [math.nan]}, "t", "y"), "finite and >= 0, got nan"),
+    (lambda: stacked_bars_svg(["a"], {"s": [5e-324]}, "t", "y"), "the tallest bar, 5e-324, is outside"),
+    (lambda: stacked_bars_svg(["a", "b"], {"s": [1e300, 0.0], "r": [1e300, 1.0]}, "t", "y"),
+     "the tallest bar, 2e+300, is outside the drawable range [1e-300, 1e+300]"),
     (lambda: nice_step(0.0), "span must be a finite number > 0, got 0.0"),
     (lambda: nice_step(math.inf), "span must be a finite number > 0, got inf"),
 ])

@@ -26,6 +26,10 @@ WIDTH, HEIGHT = 800, 450
 LEFT, RIGHT, TOP, BOTTOM = 70.0, 600.0, 50.0, 400.0
 """The plot area in the 800 x 450 canvas; the legend sits to its right, so it never hides a bar."""
 
+LARGEST_RANGE = (1e-300, 1e300)
+"""The tallest bar's total must lie here: the axis' round top and its tick step are then
+ordinary floats (a subnormal total would have no tick step, one near 1e308 no headroom)."""
+
 BAR_FILL = 0.8
 """The share of each category's slot a bar covers (matplotlib's default bar width)."""
 
@@ -69,6 +73,9 @@ def stacked_bars_svg(categories: Sequence[str], series: Mapping[str, Sequence[fl
                 raise ValueError(f"series {name!r}: values must be finite and >= 0, got {value!r}")
     drawn = {name: values for name, values in series.items() if any(values)}
     totals = [sum(values[i] for values in drawn.values()) for i in range(len(categories))]
+    if max(totals) and not LARGEST_RANGE[0] <= max(totals) <= LARGEST_RANGE[1]:
+        raise ValueError(f"series: the tallest bar, {max(totals)!r}, is outside the drawable range "
+                         f"[{LARGEST_RANGE[0]:g}, {LARGEST_RANGE[1]:g}] (or all zero); rescale the values")
     step = nice_step(max(totals) * 1.08) if max(totals) > 0 else 1.0  # 8%: room for the total's label
     top = step * math.ceil(max(totals) * 1.08 / step) if max(totals) > 0 else 1.0
     scale = (BOTTOM - TOP) / top
