@@ -65,6 +65,8 @@ def drive_step(optimizer: Optimizer, loss: LossFn, *, full_loss: LossFn | None =
     What a drive needs and is not given is a ``ValueError`` naming it.
     """
     drive = drive or description_of(type(optimizer), inherited=True).drive
+    step: Callable[..., Any] = optimizer.step  # the drives' signatures differ from torch's step(closure)
+    value: Any
     if drive in ("step", "model", "hessian_refresh"):
         optimizer.zero_grad()
         value = loss()
@@ -75,25 +77,25 @@ def drive_step(optimizer: Optimizer, loss: LossFn, *, full_loss: LossFn | None =
             params = [p for group in optimizer.param_groups for p in group["params"]]
             cast(HessianRefreshed, optimizer).update_hessian(list(hessian_estimate(value, params)), params)
         value.backward()
-        optimizer.step()
+        step()
     elif drive == "closure":
-        value = optimizer.step(backward_closure(optimizer, loss))
+        value = step(backward_closure(optimizer, loss))
     elif drive == "loss_closure":
-        value = optimizer.step(loss)  # type: ignore[arg-type]  # the closure returns a tensor loss
+        value = step(loss)
     elif drive == "hessian_closure":
         optimizer.zero_grad()
         value = loss()
         value.backward()
-        optimizer.step(hessian_closure=hessian_loss or loss)  # type: ignore[call-arg]  # SQN's keyword
+        step(hessian_closure=hessian_loss or loss)
     elif drive == "snapshot_closure":
         if full_loss is not None:
             cast(Snapshotted, optimizer).update_snapshot(backward_closure(optimizer, full_loss))
-        value = optimizer.step(backward_closure(optimizer, loss))
+        value = step(backward_closure(optimizer, loss))
     elif drive == "sample_index":
         if slot is None:
             raise ValueError(f"{type(optimizer).__name__} is driven by 'sample_index': give slot, the index of "
                              "the sample whose loss is evaluated")
-        value = optimizer.step(slot, backward_closure(optimizer, loss))  # type: ignore[call-arg]  # SAGA's slot
+        value = step(slot, backward_closure(optimizer, loss))
     else:  # a Drive added to the vocabulary without a way to call it here
         raise ValueError(f"drive {drive!r} of {type(optimizer).__name__} has no driver")
     return value.detach()

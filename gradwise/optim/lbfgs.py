@@ -88,7 +88,8 @@ class LBFGS(SingleParamGroup, GradwiseOptimizer):
         sharding=None,
         state=_lbfgs_state,
         flat_state=True,
-        presets={"lbfgs": Preset("L-BFGS with a history of 10", {"history_size": 10})},
+        presets={"lbfgs": Preset("L-BFGS with a history of 10", {"history_size": 10},
+                                 train={"line_search_fn": "strong_wolfe", "max_iter": 1}, lr_scale=100.0)},
     )
 
     def __init__(

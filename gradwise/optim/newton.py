@@ -179,7 +179,8 @@ class NewtonCG(SingleParamGroup, GradwiseOptimizer):
         sharding=None,
         state=_no_tensor_state,
         flat_state=True,
-        presets={"newton-cg": Preset("Newton-CG (truncated conjugate gradient)")},
+        presets={"newton-cg": Preset("Newton-CG (truncated conjugate gradient)", train={"cg_max_iter": 10},
+                                     lr_scale=30.0)},
     )
 
     def __init__(

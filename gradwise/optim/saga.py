@@ -62,7 +62,7 @@ class SAGA(GradwiseOptimizer):
         drive="sample_index",
         sharding=None,
         state=_saga_state,
-        presets={"saga": Preset("SAGA (a stored gradient per sample)")},
+        presets={"saga": Preset("SAGA (a stored gradient per sample)", train={}, lr_scale=30.0)},
     )
 
     def __init__(self, params: ParamsT, lr: float = 0.01, num_slots: int = 1) -> None:

@@ -56,7 +56,7 @@ class SQN(SingleParamGroup, GradwiseOptimizer):
         sharding=None,
         state=history_state,
         flat_state=True,
-        presets={"sqn": Preset("stochastic quasi-Newton (Byrd et al. 2016)")},
+        presets={"sqn": Preset("stochastic quasi-Newton (Byrd et al. 2016)", train={}, lr_scale=30.0)},
     )
 
     def __init__(self, params: ParamsT, lr: float = 0.1, history_size: int = 10, update_every: int = 10) -> None:

@@ -63,7 +63,7 @@ class SVRG(GradwiseOptimizer):
         drive="snapshot_closure",
         sharding=None,
         state=moments(2),  # the snapshot and its full gradient (Johnson & Zhang 2013)
-        presets={"svrg": Preset("SVRG (stochastic variance-reduced gradient)")},
+        presets={"svrg": Preset("SVRG (stochastic variance-reduced gradient)", train={}, lr_scale=30.0)},
     )
 
     def __init__(self, params: ParamsT, lr: float = 0.01) -> None:

@@ -64,15 +64,16 @@ from gradwise.curvature import hutchinson_diagonal
 from gradwise.distributed import DistContext, RankSlice, init_distributed, shutdown
 from gradwise.distributed.strategies.base import Strategy
 from gradwise.distributed.strategies.registry import make_strategy
-from gradwise.optim.description import HessianRefreshed, description_of
+from gradwise.optim.description import HessianRefreshed
 from gradwise.problems.data import Batch
 from gradwise.problems.workload import Target, Workload
 from gradwise.problems.workloads import WORKLOADS, make_workload
 from gradwise.schedules import ScheduleLR, make_schedule
+from gradwise.train.closures import CLOSURE_DRIVES, ClosureFeed
 from gradwise.train.config import TrainConfig, check_allowed_changes, required, settings_difference
 from gradwise.train.guards import DivergenceGuard, NonFiniteWeights, TrainingDiverged
 from gradwise.train.metrics import MetricsWriter, Throughput, read_records
-from gradwise.train.optimizers import build_optimizer
+from gradwise.train.optimizers import build_optimizer, drive_of
 from gradwise.train.plots import plot_training
 from gradwise.train.precision import Precision
 
@@ -265,9 +266,17 @@ class Trainer:
         self.steps = required(config.steps, "steps")
         """The run's length (``config.steps``, as resolved)."""
         lr, warmup = required(config.lr, "lr"), required(config.warmup_steps, "warmup_steps")
-        built = build_optimizer(config.optimizer, self.trained, lr, config.weight_decay, config.optimizer_options)
-        self.drive = description_of(type(built)).drive
-        """How the optimizer is driven (its description's): the loop feeds a ``"hessian_refresh"`` one."""
+        self.drive = drive_of(config.optimizer)
+        """How the optimizer is driven (its description's): the loop feeds a ``"hessian_refresh"`` one and
+        hands a closure-driven one the step's batch (:attr:`closures`)."""
+        self.closures = ClosureFeed(self.drive, config, strategy.name, self.workload) \
+            if self.drive in CLOSURE_DRIVES else None
+        """What a closure-driven optimizer is fed (``None`` for the others); built before the optimizer,
+        whose options (SAGA's slots) it may set."""
+        self.closure_batch: Batch | None = None
+        """The step's batch, which a closure-driven optimizer re-evaluates."""
+        built = build_optimizer(config.optimizer, self.trained, lr, config.weight_decay,
+                                {**config.optimizer_options, **(self.closures.build_options if self.closures else {})})
         if self.drive == "hessian_refresh" and strategy.name not in HESSIAN_REFRESH_STRATEGIES:
             # the estimate is taken on the whole model and handed to the whole optimizer
             raise ValueError(f"optimizer {config.optimizer!r} refreshes a Hessian estimate of the whole model: "
@@ -411,9 +420,10 @@ class Trainer:
     def train_step(self) -> StepTaken:
         """One step: the micro-batches' gradients, reduced and unscaled, then the guarded update and the
         schedule's step. On a rollback verdict nothing is updated or stepped (``event == "rollback"``)."""
-        refresh = self.refresh_hessian if self.drive == "hessian_refresh" else None
+        before_backward = self.refresh_hessian if self.drive == "hessian_refresh" else \
+            self.keep_batch if self.closures is not None else None
         loss, items = accumulate_gradients(self.workload, self.forward_model, self.strategy, self.precision,
-                                           self.scaler, self.config.accumulate, self.device, refresh)
+                                           self.scaler, self.config.accumulate, self.device, before_backward)
         self.strategy.reduce_gradients()
         self.scaler.unscale_(self.optimizer)
         grad_norm, nonfinite = self.strategy.grad_norm(self.named_parameters)
@@ -430,6 +440,10 @@ class Trainer:
             self.strategy.after_step()
             self.step += 1
         return StepTaken(loss, grad_norm, items, event)
+
+    def keep_batch(self, batch: Batch) -> None:
+        """Keep the step's batch for a closure-driven optimizer to re-evaluate."""
+        self.closure_batch = batch
 
     def refresh_hessian(self, batch: Batch) -> None:
         """Sophia-H: when the optimizer's estimate is due, a one-probe Hutchinson estimate of the
@@ -460,6 +474,10 @@ class Trainer:
         if verdict != "update":
             scaler.update()  # fp16: closes this step's unscale_ (no-op for bf16/fp32)
             return "skip-nonfinite" if verdict == "skip" else "rollback"
+        if self.closures is not None and self.closure_batch is not None:  # it evaluates (and clips) itself
+            self.closures.step(optimizer, self.workload.loss, self.forward_model, self.closure_batch, self.step,
+                               grad_norm, self.precision)
+            return ""
         if self.config.clip_value is not None:
             torch.nn.utils.clip_grad_value_(self.trained.parameters(), self.config.clip_value)
         if self.config.clip is not None:

@@ -16,13 +16,15 @@ from torch import nn
 from torch.optim import Optimizer
 
 from gradwise import optim
-from gradwise.optim.description import description_of, presets
+from gradwise.optim.description import Drive, description_of, presets
+from gradwise.train.closures import CLOSURE_DRIVES
 from gradwise.validation import check_choice
 
-TRAINED_DRIVES = ("step", "model", "hessian_refresh")
+TRAINED_DRIVES: tuple[Drive, ...] = ("step", "model", "hessian_refresh", *CLOSURE_DRIVES)
 """The drives (:data:`gradwise.optim.description.Drive`) the loop feeds: a plain step after the
-backward pass, an optimizer bound to the model (built with it, see :func:`build_optimizer`), and
-a Hessian refresh before the backward pass (:meth:`gradwise.train.loop.Trainer.refresh_hessian`)."""
+backward pass, an optimizer bound to the model (built with it, see :func:`build_optimizer`), a
+Hessian refresh before the backward pass (:meth:`gradwise.train.loop.Trainer.refresh_hessian`),
+and the closure-driven methods (:mod:`gradwise.train.closures`): every drive there is."""
 
 
 def _offered(name: str, optimizer_class: type[Optimizer]) -> bool:
@@ -41,7 +43,7 @@ OPTIMIZERS: dict[str, tuple[type[Optimizer], dict[str, Any]]] = {
 each optimizer's description (:class:`gradwise.optim.description.Preset`: ``train``), for the
 drives in :data:`TRAINED_DRIVES`: Muon with the groups of its description
 (:func:`gradwise.optim.muon_param_groups`), K-FAC bound to the model, Sophia refreshed by the
-loop. The closure-driven second-order and the variance-reduced methods are not offered yet.
+loop, L-BFGS, Newton-CG, SQN, SVRG and SAGA through closures (:mod:`gradwise.train.closures`).
 """
 
 
@@ -102,6 +104,11 @@ def _construct(optimizer_class: type[Optimizer], model: nn.Module, params: Any, 
     if description_of(optimizer_class).drive == "model":
         return construct(model, lr=lr, params=params, **settings)
     return construct(params, lr=lr, **settings)
+
+
+def drive_of(name: str) -> Drive:
+    """How the loop drives optimizer ``name`` (its description's drive), known before it is built."""
+    return description_of(OPTIMIZERS[check_choice("optimizer", name, OPTIMIZERS)][0]).drive
 
 
 def build_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float,
