@@ -50,8 +50,9 @@ def test_a_closure_method_trains_from_the_command_line(tmp_path, optimizer, work
 @pytest.mark.parametrize("optimizer, workload", [("lbfgs", "mlp"), ("newton-cg", "logreg"), ("sqn", "logreg"),
                                                  ("svrg", "logreg"), ("saga", "logreg")])
 def test_a_closure_method_resumes_bit_for_bit(tmp_path, optimizer, workload):
-    argv = ["train", "--workload", workload, "--optimizer", optimizer, "--steps", "10", "--checkpoint-every", "2", "--keep-checkpoints", "10",
-            *QUICK, *(["--optimizer-options", "update_every=2"] if optimizer == "sqn" else [])]  # pairs by step 4
+    pairs_early = ["--optimizer-options", "update_every=2"] if optimizer == "sqn" else []  # SQN: pairs by step 4
+    argv = ["train", "--workload", workload, "--optimizer", optimizer, "--steps", "10", "--checkpoint-every", "2",
+            "--keep-checkpoints", "10", *QUICK, *pairs_early]
     full, cut = tmp_path / "full", tmp_path / "cut"
     assert main([*argv, "--out", str(full)]) == 0
     assert main([*argv, "--out", str(cut)]) == 0
