@@ -179,8 +179,9 @@ class NewtonCG(SingleParamGroup, GradwiseOptimizer):
         sharding=None,
         state=_no_tensor_state,
         flat_state=True,
-        presets={"newton-cg": Preset("Newton-CG (truncated conjugate gradient)", train={"cg_max_iter": 10},
-                                     lr_scale=30.0)},
+        # training: on a mini-batch, a stronger damping and a short CG keep it from fitting the batch alone
+        presets={"newton-cg": Preset("Newton-CG (truncated conjugate gradient)",
+                                     train={"cg_max_iter": 5, "damping": 0.1}, lr_scale=30.0)},
     )
 
     def __init__(
