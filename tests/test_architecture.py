@@ -31,7 +31,7 @@ LAYERS: dict[str, frozenset[str] | str] = {
     "distributed": frozenset({"foundation", "optim", "problems", "checkpoints"}),
     "train": frozenset({"foundation", "optim", "schedules", "curvature", "problems", "checkpoints", "distributed"}),
     "plan": frozenset({"foundation", "optim", "schedules", "problems"}),
-    "bench": frozenset({"foundation", "optim", "schedules", "curvature", "problems", "train"}),
+    "bench": frozenset({"foundation", "optim", "schedules", "curvature", "problems", "checkpoints", "plan", "train"}),
     "cli": EVERYTHING,
 }
 """Each layer, bottom to top, and the layers it may import besides itself (the page's table)."""

@@ -30,6 +30,7 @@ from gradwise.validation import check_choice, check_int, check_range
 
 PROBLEM = "logistic"
 DEFAULT_EPOCHS = 10.0
+DEFAULT_BATCH_SIZE = 16
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,7 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--epochs", type=float, default=DEFAULT_EPOCHS, metavar="E",
         help="budget of examples accessed per method, in passes over the data (default: %(default)g)",
     )
-    group.add_argument("--batch-size", type=int, default=16, metavar="B", help="mini-batch size (default: %(default)s)")
+    group.add_argument("--batch-size", type=int, metavar="B",
+                       help=f"mini-batch size (default: {DEFAULT_BATCH_SIZE}; with --workload: the workload's)")
     group.add_argument("--full-size", action="store_true", help="RCV1's shape: 20,000 examples, 47,000 features")
     group.add_argument("--methods", default=",".join(METHODS), metavar="LIST", help="default: %(default)s")
 
@@ -66,6 +68,8 @@ def check_arguments(args: argparse.Namespace) -> None:
     for method in methods:
         check_choice("method", method, METHODS)
     check_range("epochs", args.epochs, 0.0, low_open=True)
+    if args.batch_size is None:
+        args.batch_size = DEFAULT_BATCH_SIZE
     check_int("batch-size", args.batch_size, 1)
 
 

@@ -11,10 +11,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from gradwise.bench.optimizers import DEFAULT_OPTIMIZERS, OPTIMIZERS, get_optimizer
-from gradwise.bench.plots import plot_race
 from gradwise.bench.race import planned_runs, race
 from gradwise.bench.report import format_table, to_json
-from gradwise.cli import logistic_race
+from gradwise.cli import logistic_race, workload_race
 from gradwise.cli.parsing import UsageError, check_output_folder, output_folder, parse_key_values, parse_list
 from gradwise.problems import PROBLEMS, Problem
 from gradwise.train.config import LARGEST_SEED
@@ -44,13 +43,18 @@ optimizers (sweep range of lr):
     for name, spec in OPTIMIZERS.items()
 ) + f"""
 
-problems: {", ".join(PROBLEMS)}; logistic (alone: its own race, see below)"""
+problems: {", ".join(PROBLEMS)}; logistic (alone: its own race, see below)
+
+--workload NAME races on a training workload instead (see "workload race" below)."""
 
 EPILOG = """\
 examples:
   gradwise race
   gradwise race --optimizers adam,lion --problems rosenbrock --dim 10 --steps 3000
-  gradwise race --problems quadratic --dim 50 --kappa 1000 --lr sgd=1,adam=0.1 --json"""
+  gradwise race --problems quadratic --dim 50 --kappa 1000 --lr sgd=1,adam=0.1 --json
+  gradwise race --workload tiny-gpt --workload-options n_layer=2 --optimizers adamw,muon,soap \
+      --steps 400 --trials 4 --seeds 3 --out tiny-gpt-race
+  gradwise race --workload mlp --optimizers adamw,lion,lbfgs --budget-minutes 10 --out mlp-race"""
 
 
 def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
@@ -64,9 +68,9 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
     )
     parser.add_argument(
         "--optimizers",
-        default=",".join(DEFAULT_OPTIMIZERS),
         metavar="LIST",
-        help="comma-separated optimizer names (default: %(default)s)",
+        help=f"comma-separated optimizer names (default: {','.join(DEFAULT_OPTIMIZERS)}; with --workload: "
+        f"{workload_race.DEFAULT_OPTIMIZERS}, names of gradwise train)",
     )
     parser.add_argument(
         "--problems",
@@ -84,7 +88,8 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
     parser.add_argument("--kappa", type=float, metavar="K", help="condition number of quadratic (default: 100)")
     parser.add_argument("--seed", type=int, metavar="S", help="seed of quadratic's random rotation (default: 0)")
     parser.add_argument(
-        "--steps", type=int, default=DEFAULT_STEPS, metavar="N", help="optimizer steps per run (default: %(default)s)"
+        "--steps", type=int, metavar="N",
+        help=f"optimizer steps per run (default: {DEFAULT_STEPS}; with --workload: the workload's)"
     )
     parser.add_argument(
         "--lr",
@@ -113,7 +118,8 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
     parser.add_argument("--json", action="store_true", help="also write the tables as DIR/race.json")
     parser.add_argument("--no-plots", action="store_true", help="write no PNGs")
     logistic_race.add_arguments(parser)
-    parser.set_defaults(handler=run)
+    workload_race.add_arguments(parser)
+    parser.set_defaults(handler=lambda args: run(args, parser))
 
 
 def _names(text: str, option: str, noun: str, choices) -> list[str]:
@@ -142,9 +148,15 @@ def build_problems(names: list[str], dim: int | None, kappa: float | None, seed:
     return problems
 
 
-def check_arguments(args: argparse.Namespace) -> dict[str, float]:
+def check_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, float]:
     """Check every option, whichever race runs and whether or not a problem uses it (an option that
-    is ignored without a word hides a typo); returns the fixed learning rates of ``--lr``."""
+    is ignored without a word hides a typo), filling in the test problems' defaults; returns the
+    fixed learning rates of ``--lr``."""
+    for dest in workload_race.OWN_OPTIONS:
+        if getattr(args, dest) != parser.get_default(dest):
+            raise UsageError(f"--{dest.replace('_', '-')} applies to a race with --workload")
+    args.optimizers = args.optimizers or ",".join(DEFAULT_OPTIMIZERS)
+    args.steps = DEFAULT_STEPS if args.steps is None else args.steps
     optimizers = _names(args.optimizers, "--optimizers", "optimizer", OPTIMIZERS)
     if not logistic_race.wants_logistic(args.problems):
         _names(args.problems, "--problems", "problem", PROBLEMS)
@@ -167,9 +179,13 @@ def check_arguments(args: argparse.Namespace) -> dict[str, float]:
     return lrs
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Check the arguments, run the race, print the tables and write the files; return 0."""
-    lrs = check_arguments(args)
+    if workload_race.wants_workload(args):
+        kept = workload_race.OWN_OPTIONS + workload_race.SHARED_OPTIONS
+        workload_race.refuse_options_of(parser, args, kept, "a race with --workload")
+        return workload_race.run(args)
+    lrs = check_arguments(args, parser)
     if logistic_race.wants_logistic(args.problems):
         return logistic_race.run(args)
     optimizers = [get_optimizer(name) for name in parse_list(args.optimizers)]
@@ -191,6 +207,8 @@ def run(args: argparse.Namespace) -> int:
     print("\n\n".join(format_table(result, problem) for problem in result.problems))
     written: list[Path] = []
     if not args.no_plots:
+        from gradwise.bench.plots import plot_race  # matplotlib, only for the plots
+
         written += plot_race(result, out)
     if args.json:
         out.mkdir(parents=True, exist_ok=True)

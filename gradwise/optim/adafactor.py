@@ -79,7 +79,7 @@ class Adafactor(GradwiseOptimizer):
         state=_adafactor_state,
         lr_range=(1e-4, 1.0),
         presets={
-            "adafactor": Preset("Adafactor (relative step, update clipping)", train={}, race={}),
+            "adafactor": Preset("Adafactor (relative step, update clipping)", train={}, race={}, lr_scale=15.0),
             "adafactor-momentum": Preset("Adafactor with a first moment (beta1 0.9)", {"beta1": 0.9}),
         },
     )

@@ -115,6 +115,13 @@ class Preset:
         race: ``None`` when the race does not offer the name; otherwise the hyperparameters
             the race adds to ``options``.
         race_default: the race runs it when no optimizers are named.
+        lr_scale: the training learning rate as a multiple of the workload's (each workload's
+            default lr is the one tuned for AdamW): ``gradwise train`` uses ``lr * lr_scale``
+            when no lr is given, and the workload race centres its search there. The
+            scales are set from measurement (tiny-gpt, ``benchmarks/results/race_tiny_gpt*``)
+            and the literature: Muon's orthogonalised updates have unit spectral norm, so its
+            lr is 10-20x AdamW's; Lion's sign updates are larger per coordinate than Adam's,
+            so its lr is a fifth (Chen et al. 2023 recommend 3-10x smaller).
 
     Training and the race differ where their problems differ: training follows the usual
     settings of language-model training (GPT-style betas), the race runs deterministic test
@@ -126,6 +133,11 @@ class Preset:
     train: Mapping[str, Any] | None = None
     race: Mapping[str, Any] | None = None
     race_default: bool = False
+    lr_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.lr_scale) and self.lr_scale > 0):
+            raise ValueError(f"lr_scale must be a finite number > 0, got {self.lr_scale!r}")
 
     def train_options(self) -> dict[str, Any]:
         """The hyperparameters of a training run (a ``ValueError`` if training lacks it)."""

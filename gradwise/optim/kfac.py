@@ -110,7 +110,7 @@ class KFAC(GradwiseOptimizer):
         sharding="layer",  # a weight and its bias share the layer's factors
         state=_kfac_state,
         # training: bound to the run's model (drive "model"), the class defaults
-        presets={"kfac": Preset("K-FAC (Kronecker-factored curvature of a model's layers)", train={})},
+        presets={"kfac": Preset("K-FAC (Kronecker-factored curvature of a model's layers)", train={}, lr_scale=5.0)},
     )
 
     def __init__(

@@ -67,7 +67,8 @@ class Lion(GradwiseOptimizer):
         presets={
             # training uses the betas Chen et al. 2023 (arXiv:2302.06675) use for language models
             "lion": Preset(
-                "Lion (sign of interpolated momentum)", train={"betas": (0.9, 0.99)}, race={}, race_default=True
+                "Lion (sign of interpolated momentum)", train={"betas": (0.9, 0.99)}, race={}, race_default=True,
+                lr_scale=0.2,
             ),
         },
     )

@@ -185,6 +185,7 @@ class Muon(GradwiseOptimizer):
                 "Muon on the point as a 1 x n matrix: normalised Nesterov momentum",
                 train={},
                 race={"use_muon": True, "weight_decay": 0.0},
+                lr_scale=15.0,
             ),
         },
         groups=_model_groups,

@@ -175,6 +175,7 @@ class Shampoo(GradwiseOptimizer):
                 "Shampoo (roots every 10 steps; training: momentum 0.9, Adam grafting; race: Adagrad grafting)",
                 train={"momentum": 0.9, "graft": "adam"},
                 race={},
+                lr_scale=0.15,
             ),
             "shampoo-momentum": Preset("Shampoo with momentum 0.9", {"momentum": 0.9}),
         },

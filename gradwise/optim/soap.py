@@ -77,7 +77,7 @@ class SOAP(GradwiseOptimizer):
         lr_range=(1e-3, 10.0),  # Adam in a rotated basis: Adam's range
         presets={
             # the race's test functions have nothing to regularise
-            "soap": Preset("SOAP (Adam in Shampoo's eigenbasis)", train={}, race={"weight_decay": 0.0}),
+            "soap": Preset("SOAP (Adam in Shampoo's eigenbasis)", train={}, race={"weight_decay": 0.0}, lr_scale=5.0),
             "soap-no-1d": Preset("SOAP without rotating vectors", {"precondition_1d": False}),
         },
     )

@@ -63,6 +63,7 @@ class Sophia(GradwiseOptimizer):
                 "Sophia-H (Hutchinson diagonal every 10 steps, rho 1)",
                 train={},
                 race={"rho": 1.0, "weight_decay": 0.0},
+                lr_scale=0.5,
             ),
         },
     )

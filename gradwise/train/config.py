@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from gradwise.optim.description import presets
 from gradwise.schedules import SCHEDULES
 from gradwise.train.optimizers import OPTIMIZERS, check_optimizer_options
 from gradwise.train.precision import PRECISIONS
@@ -91,7 +92,7 @@ class TrainConfig:
                              help="one of {choices} (default: adamw)")
     optimizer_options: dict[str, Any] = setting(default_factory=dict, metavar="K=V,...",
                                                 help="extra hyperparameters, e.g. momentum=0.8")
-    lr: float | None = setting(None, help="peak learning rate (default: the workload's)")
+    lr: float | None = setting(None, help="peak learning rate (default: the workload's, scaled for the optimizer)")
     weight_decay: float = setting(0.1, help="decoupled weight decay of matrices (default: 0.1)")
     schedule: str = setting("cosine", metavar="NAME", choices=lambda: SCHEDULES,
                             help="one of {choices} (default: cosine)")
@@ -189,10 +190,14 @@ class TrainConfig:
         return self
 
     def with_workload_defaults(self, defaults: dict[str, Any]) -> TrainConfig:
-        """A copy with every ``None`` that ``defaults`` names filled in, and the warmup resolved."""
+        """A copy with every ``None`` that ``defaults`` names filled in, and the warmup resolved.
+        The workload's lr is AdamW's: another optimizer's default is that times its preset's
+        ``lr_scale`` (:class:`gradwise.optim.description.Preset`)."""
         filled = dataclasses.replace(self, **{
             name: value for name, value in defaults.items() if getattr(self, name) is None
         })
+        if self.lr is None and "lr" in defaults:
+            filled.lr = defaults["lr"] * presets()[self.optimizer][1].lr_scale
         if filled.warmup_steps is None:
             filled.warmup_steps = math.ceil(0.05 * required(filled.steps, "steps"))
         return filled.validate()

@@ -504,7 +504,7 @@ class Trainer:
         evaluation = self.evaluate(full=False)
         if self.metrics is not None:
             self.metrics.write({"kind": "eval", "step": self.step, **evaluation})
-        if self.strategy.is_main:
+        if self.strategy.is_main and self.progress:  # a quiet run (a race's) prints nothing
             self.progress_bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in evaluation.items()))
 
     def log_checkpoint(self) -> None:

@@ -62,8 +62,13 @@ class MetricsWriter:
         return buffer.getvalue()
 
     def start(self, resume_step: int | None) -> list[dict[str, Any]]:
-        """Begin a fresh log (``resume_step=None``) or keep the records up to ``resume_step``; returns those kept."""
-        kept = [] if resume_step is None else [r for r in read_records(self.jsonl) if r["step"] <= resume_step]
+        """Begin a fresh log (``resume_step=None``) or keep the records written before the checkpoint of
+        ``resume_step``; returns those kept. The final full evaluation follows the last checkpoint, so
+        a run resumed from that checkpoint writes it again: the old one is dropped."""
+        kept = [] if resume_step is None else [
+            r for r in read_records(self.jsonl)
+            if r["step"] < resume_step or (r["step"] == resume_step and not r.get("full"))
+        ]
         write_atomically(self.jsonl, "".join(json.dumps(record) + "\n" for record in kept).encode())
         write_atomically(self.csv, self._csv_text(kept, header=True).encode())
         return kept
