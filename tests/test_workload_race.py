@@ -217,3 +217,36 @@ def test_a_race_killed_at_a_random_moment_resumes_to_the_uninterrupted_results(t
     done = race([*SMALL, "--out", str(killed), "--resume"])
     assert done.returncode == 0, done.stderr
     assert final_losses(killed) == final_losses(whole)  # bit for bit: every run resumed exactly
+
+
+def workload_arguments(name: str, folder: Path) -> list[str]:
+    """The smallest settings of each workload: the race's mechanics, not its findings."""
+    if name == "tiny-gpt":
+        return ["--workload-options", "n_layer=1,d_model=32,n_head=2,seq_len=32,eval_windows=4,final_eval_windows=8",
+                "--batch-size", "4"]
+    if name == "text":
+        text = folder / "corpus.txt"
+        text.write_text(Path(json.__file__).read_text() * 4)  # text that ships with Python
+        return ["--data", str(text), "--workload-options",
+                "n_layer=1,d_model=32,n_head=2,seq_len=32,eval_windows=4,final_eval_windows=8", "--batch-size", "4"]
+    if name == "npy":
+        import numpy as np
+
+        rng = np.random.default_rng(0)
+        inputs = rng.standard_normal((256, 6)).astype(np.float32)
+        np.save(folder / "X.npy", inputs)
+        np.save(folder / "y.npy", (inputs[:, 0] > 0).astype(np.int64))
+        return ["--data", f"{folder / 'X.npy'},{folder / 'y.npy'}", "--workload-options", "hidden=16"]
+    return []
+
+
+@pytest.mark.parametrize("workload", ["tiny-gpt", "mlp", "logreg", "text", "npy"])
+def test_the_race_runs_on_every_workload(tmp_path, workload):
+    out = tmp_path / "race"
+    done = race(["--workload", workload, *workload_arguments(workload, tmp_path), "--optimizers", "adamw,muon",
+                 "--steps", "4", "--trials", "1", "--seeds", "1", "--out", str(out)])
+    assert done.returncode == 0, done.stderr
+    report = json.loads((out / "race.json").read_text())
+    assert [entry["name"] for entry in report["optimizers"]] == ["adamw", "muon"]
+    assert all(math.isfinite(run["final_loss"]) for runs in report["runs"].values() for run in runs["seeds"])
+    assert (out / "loss-vs-step.png").stat().st_size > 0 and (out / "loss-vs-time.png").stat().st_size > 0
