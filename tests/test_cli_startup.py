@@ -44,8 +44,9 @@ def test_the_memory_plan_writes_its_plot_without_matplotlib(tmp_path):
     assert (tmp_path / "memory.svg").read_text(encoding="utf-8").startswith('<?xml version="1.0"')
 
 
-def test_distributed_help_does_not_load_matplotlib():
-    assert not [name for name in modules_loaded(["distributed", "--help"]) if name.startswith("matplotlib")]
+@pytest.mark.parametrize("command", ["distributed", "race"])
+def test_help_does_not_load_matplotlib(command):
+    assert not [name for name in modules_loaded([command, "--help"]) if name.startswith("matplotlib")]
 
 
 def test_a_plan_that_plots_a_curve_loads_matplotlib_only_then(tmp_path):

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import TypedDict
 
 import torch
-from matplotlib.figure import Figure
 
 from gradwise.optim import LBFGS, SAGA, SGD, SQN, SVRG, NewtonCG
 from gradwise.problems.logistic import SparseLogistic
@@ -359,6 +358,8 @@ def plot_logistic_race(result: LogisticRace, path: str | Path) -> Path:
     """``F(w) - F*`` (log scale) against epochs of examples accessed, one curve per method."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    from matplotlib.figure import Figure  # here: the race's --help and tables need no matplotlib
+
     figure = Figure(figsize=(7.5, 4.8), dpi=130)
     axes = figure.subplots()
     floor = 1e-16
