@@ -195,6 +195,18 @@ _PER_MATRIX_COMPLEX = (
 _SINGLE_GROUP = "one param group: the method treats all parameters as one vector"
 _NOT_COMPILED = "step() runs closures, line searches or host-side control flow; compile the model, not the step"
 
+# Schedule-free AdamW and SGD (gradwise.optim.schedule_free): torch's inputs on the foreach path.
+_SCHEDULE_FREE = frozenset({"complex", "strided", "foreach", "bfloat16", "float16", "maximize", "param_groups"})
+_SCHEDULE_FREE_INVALID = [("warmup_steps", -1), ("warmup_steps", 2.5), ("r", -1.0), ("weight_lr_power", -1.0)]
+_SCHEDULE_FREE_NOTES = {
+    "differentiable": "no torch twin: torch's keywords are promised for the algorithms torch has",
+    "capturable": "no torch twin (see differentiable)",
+    "fused": "no fused kernel",
+    "compile": "the averaging weight is a number that changes every step: step() runs eagerly (a graph break); "
+    "compile the model",
+    "sparse": "the interpolation between z and the average is dense: refused",
+}
+
 ENTRIES: list[Entry] = [
     Entry(
         "SGD", gw.SGD, {"lr": 0.1, "momentum": 0.9},
@@ -387,6 +399,25 @@ ENTRIES: list[Entry] = [
         invalid=_LR_INVALID + [("num_slots", 0)],
         notes={"compile": _NOT_COMPILED, "bfloat16": "variance reduction cancels gradient differences "
                "that bf16/fp16 rounding swamps", "float16": "see bfloat16", "maximize": "minimises its loss"},
+    ),
+    # Schedule-free: no torch twin; the `schedulefree` package is the reference (tests/test_schedule_free.py).
+    Entry(
+        "ScheduleFreeAdamW", gw.ScheduleFreeAdamW, {"lr": 0.05, "weight_decay": 0.01, "warmup_steps": 2},
+        _SCHEDULE_FREE,
+        invalid=_LR_INVALID + _BETAS_INVALID + _BOOL_INVALID + _SCHEDULE_FREE_INVALID
+        + [("betas", (0.0, 0.999)), ("weight_decay", -1.0)],
+        paths=({}, {"foreach": False}),
+        converge_lr=0.05,
+        notes=_SCHEDULE_FREE_NOTES,
+    ),
+    Entry(
+        "ScheduleFreeSGD", gw.ScheduleFreeSGD, {"lr": 0.1, "weight_decay": 0.01, "warmup_steps": 2},
+        _SCHEDULE_FREE,
+        invalid=_LR_INVALID + _BOOL_INVALID + _SCHEDULE_FREE_INVALID
+        + [("momentum", 0.0), ("momentum", 1.0), ("weight_decay", -1.0)],
+        paths=({}, {"foreach": False}),
+        converge_lr=0.5,  # 0.1: 3e-3 from the minimiser after 2000 cosine steps
+        notes=_SCHEDULE_FREE_NOTES,
     ),
 ]
 

@@ -14,6 +14,7 @@ from gradwise.optim.newton import Newton, NewtonCG
 from gradwise.optim.param_groups import weight_decay_groups
 from gradwise.optim.rmsprop import RMSprop
 from gradwise.optim.saga import SAGA
+from gradwise.optim.schedule_free import ScheduleFreeAdamW, ScheduleFreeSGD
 from gradwise.optim.sgd import SGD
 from gradwise.optim.shampoo import Shampoo
 from gradwise.optim.soap import SOAP
@@ -42,6 +43,8 @@ __all__ = [
     "NewtonCG",
     "RMSprop",
     "SAGA",
+    "ScheduleFreeAdamW",
+    "ScheduleFreeSGD",
     "SQN",
     "SVRG",
     "weight_decay_groups",

@@ -169,6 +169,13 @@ class Description:
             model's parameters for this optimizer (Muon: hidden matrices, embeddings and
             head, biases and gains); ``None``: the usual
             :func:`~gradwise.optim.weight_decay_groups`.
+        eval_switch: the parameters hold a training point while it trains and another point to
+            evaluate and deploy (schedule-free: :math:`y` and the average :math:`x`); the
+            optimizer offers :class:`TrainEvalSwitched` (``eval()`` moves the parameters to the
+            evaluation point, ``train()`` back), which a caller that evaluates, checkpoints or
+            exports weights calls.
+        constant_lr: the optimizer replaces the decay of a schedule (schedule-free averages its
+            iterates instead): a run gives it a constant lr after warmup.
     """
 
     drive: Drive
@@ -178,6 +185,8 @@ class Description:
     lr_range: tuple[float, float] | None = None
     presets: Mapping[str, Preset] = field(default_factory=dict)
     groups: Callable[[Any, float], list[dict[str, Any]]] | None = None
+    eval_switch: bool = False
+    constant_lr: bool = False
 
     def __post_init__(self) -> None:
         if self.drive not in DRIVES:
@@ -232,6 +241,15 @@ class HessianRefreshed(Protocol):
     def hessian_update_due(self) -> bool: ...
 
     def update_hessian(self, estimates: Any, params: Any = None) -> None: ...
+
+
+class TrainEvalSwitched(Protocol):
+    """What an optimizer whose description has ``eval_switch`` offers (schedule-free): the
+    names of ``torch.nn.Module``'s modes and of the ``schedulefree`` package's."""
+
+    def train(self) -> None: ...
+
+    def eval(self) -> None: ...
 
 
 def described_optimizers() -> Iterator[type]:
