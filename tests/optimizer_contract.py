@@ -174,6 +174,19 @@ def _lion(rng: np.random.Generator) -> dict[str, Any]:
     )
 
 
+def _ademamix(rng: np.random.Generator) -> dict[str, Any]:
+    beta1, beta2 = _betas(rng)
+    return dict(
+        lr=_log_uniform(rng, 1e-4, 1e-1),
+        betas=(beta1, beta2, float(1 - _log_uniform(rng, 1e-4, 1 - beta1))),
+        alpha=float(rng.uniform(0.0, 10.0)),
+        t_alpha_beta3=None if rng.random() < 0.3 else int(rng.integers(1, 200)),
+        eps=_log_uniform(rng, 1e-10, 1e-6),
+        weight_decay=_maybe_decay(rng),
+        maximize=bool(rng.random() < 0.2),
+    )
+
+
 _LR_INVALID = [("lr", -0.1), ("lr", float("nan")), ("lr", float("inf")), ("lr", "fast")]
 _BETAS_INVALID = [("betas", (1.0, 0.999)), ("betas", (0.9, -0.1)), ("betas", (0.9,)), ("eps", -1e-8)]
 _BOOL_INVALID = [("maximize", "False")]  # a string is truthy: a bool option must be a bool
@@ -184,6 +197,20 @@ _TORCH_ELEMENTWISE = frozenset({
     "compile", "maximize", "param_groups",
 })
 _LOW_PRECISION = frozenset({"bfloat16", "float16"})
+# What an optimizer without a torch twin claims on its foreach path (AdEMAMix; the cautious and
+# MARS variants, whose masks and corrections torch's classes do not have).
+_FOREACH_ONLY = frozenset({
+    "complex", "strided", "foreach", "bfloat16", "float16", "compile", "maximize", "param_groups",
+})
+_NO_TWIN = {
+    "differentiable": "no torch twin: torch's keywords are promised for the algorithms torch has",
+    "capturable": "no torch twin (see differentiable)",
+}
+_OPTION_INVALID = [("cautious", "yes"), ("mars_gamma", -0.1), ("mars_gamma", 1.5)]
+_MARS_FLOAT16 = (
+    "MARS clips the gradient to norm 1: squares of its small entries underflow float16 (below 6e-8), where "
+    "eps = 1e-8 is 0 too, and a masked 0/0 is NaN; use bfloat16"
+)
 _FLAT_NOTE = (
     "works on the flat parameter vector in the parameters' dtype: Cholesky, CG and line "
     "searches in bf16/fp16 are not meaningful; use float32 or float64"
@@ -286,6 +313,76 @@ ENTRIES: list[Entry] = [
             "differentiable": "no torch twin (see foreach)",
             "capturable": "no torch twin (see foreach)",
         },
+    ),
+    Entry(
+        "AdEMAMix", gw.AdEMAMix, {"lr": 0.05, "t_alpha_beta3": 3, "weight_decay": 0.01},
+        _FOREACH_ONLY, sample=_ademamix,
+        invalid=_LR_INVALID + _BOOL_INVALID + _OPTION_INVALID
+        + [("betas", (0.9, 0.999)), ("betas", (0.9, 0.999, 1.0)), ("betas", (-0.1, 0.999, 0.9999)), ("eps", -1e-8),
+           ("alpha", -1.0), ("t_alpha_beta3", 0), ("t_alpha_beta3", 2.5), ("weight_decay", -1.0)],
+        paths=({}, {"foreach": False}),
+        # the check runs the class defaults: beta3 = 0.9999 remembers the first steps' gradients for
+        # 10^4 steps; tests/test_ademamix.py converges with a slow EMA sized to its run
+        notes={**_NO_TWIN, "fused": "no fused kernel", "sparse": "as Adam, refuses sparse gradients"},
+    ),
+    # The shared options, each on every class that takes it (gradwise.optim.base: cautious_updates,
+    # _mars_gradients).
+    Entry(
+        "AdamW[cautious]", gw.AdamW, {"lr": 0.05, "weight_decay": 0.1, "cautious": True},
+        _FOREACH_ONLY,
+        invalid=_LR_INVALID + _OPTION_INVALID,
+        paths=({}, {"foreach": False}),
+        converge_lr=0.05,
+        notes={**_NO_TWIN, "fused": "the mask needs the update, which the fused kernel keeps inside: refused"},
+    ),
+    Entry(
+        "AdamW[mars]", gw.AdamW, {"lr": 0.05, "weight_decay": 0.1, "mars_gamma": 0.025, "betas": (0.95, 0.99)},
+        _FOREACH_ONLY | {"fused"},
+        invalid=_LR_INVALID + _OPTION_INVALID,
+        paths=({}, {"fused": False}, {"foreach": False}),
+        converge_lr=0.05,
+        notes=_NO_TWIN,
+    ),
+    Entry(
+        "Adam[cautious,mars]", gw.Adam, {"lr": 0.05, "cautious": True, "mars_gamma": 0.5, "amsgrad": True},
+        _FOREACH_ONLY - {"float16"},
+        invalid=_LR_INVALID + _OPTION_INVALID,
+        paths=({}, {"foreach": False}),
+        converge_lr=0.05,
+        notes={**_NO_TWIN, "float16": _MARS_FLOAT16},
+    ),
+    Entry(
+        "Lion[cautious]", gw.Lion, {"lr": 0.01, "cautious": True},
+        _FOREACH_ONLY - {"foreach"},
+        invalid=_LR_INVALID + _OPTION_INVALID,
+        converge_lr=0.01,
+        notes={**_NO_TWIN, "foreach": "as Lion", "fused": "the mask needs the signs, which Lion's kernel keeps inside"},
+    ),
+    Entry(
+        "Lion[mars]", gw.Lion, {"lr": 0.01, "mars_gamma": 0.025},
+        (_FOREACH_ONLY - {"foreach"}) | {"fused"},
+        invalid=_LR_INVALID + _OPTION_INVALID,
+        paths=({}, {"fused": True}),
+        converge_lr=0.01,
+        notes={**_NO_TWIN, "foreach": "as Lion"},
+    ),
+    Entry(
+        # lr 0.02: a sign that bf16 rounds the other way moves its coordinate by a whole masked step
+        "SGD[cautious]", gw.SGD, {"lr": 0.02, "momentum": 0.9, "cautious": True},
+        _FOREACH_ONLY,
+        invalid=_LR_INVALID + [("cautious", "yes")],
+        paths=({}, {"foreach": False}),
+        converge_lr=0.1,
+        notes={**_NO_TWIN, "fused": "the mask needs the step, which the fused kernel keeps inside: refused",
+               "sparse": "the mask is dense: refused"},
+    ),
+    Entry(
+        "AdEMAMix[cautious,mars]", gw.AdEMAMix,
+        {"lr": 0.05, "t_alpha_beta3": 3, "weight_decay": 0.01, "cautious": True, "mars_gamma": 0.1},
+        _FOREACH_ONLY - {"float16"},
+        invalid=_LR_INVALID + _OPTION_INVALID,
+        paths=({}, {"foreach": False}),
+        notes={**_NO_TWIN, "fused": "no fused kernel", "sparse": "as Adam", "float16": _MARS_FLOAT16},
     ),
     Entry(
         "Adafactor", gw.Adafactor, {"lr": 0.01},

@@ -226,10 +226,12 @@ def _equal(x, y) -> bool:
 
 
 def test_every_exported_optimizer_has_an_entry() -> None:
+    """One entry named as each exported class; entries of a shared option (cautious updates,
+    MARS) are named ``Class[option]``."""
     exported = exported_optimizers()
-    assert set(exported) == {entry.name for entry in ENTRIES}
+    assert set(exported) <= {entry.name for entry in ENTRIES}
     for entry in ENTRIES:
-        assert exported[entry.name] is entry.optimizer
+        assert exported[entry.name.split("[")[0]] is entry.optimizer
 
 
 def test_every_twin_is_in_torchs_optim_db() -> None:

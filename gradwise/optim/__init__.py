@@ -3,6 +3,7 @@
 from gradwise.optim.adafactor import Adafactor
 from gradwise.optim.adagrad import Adagrad
 from gradwise.optim.adam import Adam, AdamW
+from gradwise.optim.ademamix import AdEMAMix
 from gradwise.optim.base import GradwiseOptimizer
 from gradwise.optim.dynamic_sampling import GeometricBatchSize
 from gradwise.optim.kfac import KFAC
@@ -34,6 +35,7 @@ __all__ = [
     "Adagrad",
     "Adam",
     "AdamW",
+    "AdEMAMix",
     "GeometricBatchSize",
     "GradwiseOptimizer",
     "LBFGS",

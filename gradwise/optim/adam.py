@@ -14,9 +14,11 @@ from gradwise.optim.base import (
     apply_weight_decay,
     by_device_and_dtype,
     cache_blocks,
+    cautious_updates,
     check_state_shapes,
     fused_kernel_applies,
     fused_scaling,
+    mars_buffers,
     maybe_negate,
     roots_to_edit,
     scalar_values,
@@ -37,8 +39,10 @@ def update_moments(
 
 
 def _adam_state(shape, options) -> StateSize:
-    """Two moments (three with ``amsgrad``: the running maximum) and a step counter."""
-    return StateSize((3 if options.get("amsgrad", False) else 2) * numel(shape), scalars=1)
+    """Two moments (three with ``amsgrad``: the running maximum; one more with MARS: the
+    previous gradient) and a step counter."""
+    buffers = (3 if options.get("amsgrad", False) else 2) + mars_buffers(options)
+    return StateSize(buffers * numel(shape), scalars=1)
 
 
 class Adam(GradwiseOptimizer):
@@ -64,6 +68,14 @@ class Adam(GradwiseOptimizer):
     By default (``fused=None``) dense floating-point parameters on CPU or CUDA are updated
     by torch's fused Adam/AdamW kernel, which computes exactly this update; ``fused=False``
     uses the ``torch._foreach_*`` path.
+
+    Two options shared with the other momentum optimizers (see :mod:`gradwise.optim.base`):
+    ``cautious=True`` (C-AdamW, Liang et al. 2024, arXiv:2411.16085) masks the coordinates
+    where :math:`m_t` and :math:`g_t` disagree in sign and rescales the rest
+    (:func:`~gradwise.optim.base.cautious_updates`; it runs on the foreach path);
+    ``mars_gamma`` (MARS-AdamW, Yuan et al. 2024, arXiv:2411.10438; the paper uses 0.025 with
+    betas (0.95, 0.99)) feeds the clipped variance-reduced gradient :math:`\tilde c_t` to both
+    moments in place of :math:`g_t`, keeping :math:`g_{t-1}` (4 more bytes per parameter).
 
     Example::
 
@@ -98,6 +110,8 @@ class Adam(GradwiseOptimizer):
         differentiable: bool = False,
         fused: bool | None = None,
         decoupled_weight_decay: bool = False,
+        cautious: bool = False,
+        mars_gamma: float | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -111,6 +125,8 @@ class Adam(GradwiseOptimizer):
             differentiable=differentiable,
             fused=fused,
             decoupled_weight_decay=decoupled_weight_decay,
+            cautious=cautious,
+            mars_gamma=mars_gamma,
         )
         super().__init__(params, defaults)
 
@@ -154,7 +170,9 @@ class Adam(GradwiseOptimizer):
                 denominators = roots_to_edit(exp_avg_sqs, group.get("differentiable", False))
             torch._foreach_div_(denominators, bias_correction2_sqrts)
             torch._foreach_add_(denominators, group["eps"])
-            addcdiv_scaled_(params, exp_avgs, denominators, minus_step_sizes)
+            # the update m / denominator has the sign of m, so masking m masks the update
+            numerators = cautious_updates(exp_avgs, grads) if group.get("cautious") else exp_avgs
+            addcdiv_scaled_(params, numerators, denominators, minus_step_sizes)
 
     @staticmethod
     @torch._disable_dynamo
@@ -239,6 +257,13 @@ class AdamW(Adam):
                 "AdamW (decoupled weight decay 0.01)", train={"betas": (0.9, 0.95)}, race={}, race_default=True
             ),
             "adamw-amsgrad": Preset("AdamW with AMSGrad", {"amsgrad": True}),
+            "adamw-cautious": Preset(
+                "cautious AdamW (Liang et al. 2024)", {"cautious": True}, train={"betas": (0.9, 0.95)}, race={}
+            ),
+            # the MARS paper's GPT-2 settings: gamma 0.025, betas (0.95, 0.99)
+            "mars-adamw": Preset(
+                "MARS-AdamW (Yuan et al. 2024)", {"mars_gamma": 0.025}, train={"betas": (0.95, 0.99)}, race={}
+            ),
         },
     )
 
@@ -256,6 +281,8 @@ class AdamW(Adam):
         capturable: bool = False,
         differentiable: bool = False,
         fused: bool | None = None,
+        cautious: bool = False,
+        mars_gamma: float | None = None,
     ) -> None:
         super().__init__(
             params,
@@ -270,6 +297,8 @@ class AdamW(Adam):
             differentiable=differentiable,
             fused=fused,
             decoupled_weight_decay=True,
+            cautious=cautious,
+            mars_gamma=mars_gamma,
         )
 
     # An AdamW is an AdamW whatever state_dict it loads (an Adam's says otherwise).

@@ -37,7 +37,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.optimizer import _get_capturable_supported_devices
 
-from gradwise.validation import check_bool, check_optional_bool
+from gradwise.validation import check_bool, check_optional_bool, check_range
 
 if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
@@ -49,7 +49,7 @@ _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Options that are switches: each must be a bool, never a truthy string or number.
 _BOOL_OPTIONS = (
     "maximize", "amsgrad", "nesterov", "centered", "decoupled_weight_decay", "differentiable", "capturable",
-    "line_search", "relative_step", "precondition_1d",
+    "line_search", "relative_step", "precondition_1d", "cautious",
 )
 # Options where None lets the library choose.
 _OPTIONAL_BOOL_OPTIONS = ("foreach", "fused")
@@ -67,6 +67,10 @@ def check_common_options(group: dict[str, Any]) -> None:
         raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
     if group.get("fused") and group.get("differentiable"):
         raise RuntimeError("`fused` does not support `differentiable`")
+    if group.get("fused") and group.get("cautious"):
+        raise ValueError("cautious=True masks the update, which a fused kernel computes inside: pass fused=None")
+    if group.get("mars_gamma") is not None:
+        check_range("mars_gamma", group["mars_gamma"], 0.0, 1.0)
     lr = group.get("lr")
     if isinstance(lr, Tensor) and lr.numel() != 1:
         raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(lr.shape)}")
@@ -244,6 +248,8 @@ class GradwiseOptimizer(Optimizer):
         if group.get("differentiable"):
             self._fresh_state(params)
         params, grads = self._real_views(params, grads)
+        if group.get("mars_gamma") is not None:
+            grads = self._mars_gradients(group, params, grads)
         try:
             if group.get("foreach") is False or group.get("differentiable"):
                 for param, grad in zip(params, grads):  # torch's single-tensor path
@@ -252,6 +258,41 @@ class GradwiseOptimizer(Optimizer):
                 self._update(group, params, grads)
         finally:
             self._complex_owners.clear()
+
+    def _mars_beta(self, group: dict[str, Any]) -> float:
+        r"""The momentum coefficient :math:`\beta_1` that scales MARS's correction: the first
+        of ``betas`` (Adam's, Lion's, AdEMAMix's fast EMA)."""
+        return group["betas"][0]
+
+    def _mars_gradients(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
+        r"""MARS's variance-reduced gradients (Yuan et al. 2024, "MARS: Unleashing the Power of
+        Variance Reduction for Training Large Models", arXiv:2411.10438, MARS-approx), which the
+        optimizer then uses in place of :math:`g_t`:
+
+        .. math::
+            c_t = g_t + \gamma\,rac{eta_1}{1-eta_1}\,(g_t - g_{t-1}),\qquad
+            	ilde c_t = c_t / \max(1, \lVert c_t
+Vert_2)
+
+        per parameter tensor, :math:`\gamma` = ``mars_gamma``. The previous gradient is the
+        state ``last_grad`` (one buffer the size of the parameter), zero before the first step
+        as in pytorch_optimizer's ``MARS`` (so :math:`c_1 = (1 + \gammaeta_1/(1-eta_1))\,g_1`
+        before clipping). The clipping divides by the norm clamped at 1: no host read.
+
+        Done here, before ``_update``, so every optimizer that accepts ``mars_gamma`` gets it
+        through one mechanism, its fused kernel included. ``maximize`` commutes with it (the
+        map is odd), so the raw gradients are stored and the optimizer negates :math:`	ilde c_t`.
+        Under ZeRO's element sharding the norm is that of the slice a rank holds."""
+        last_grads = [self._state(p, "last_grad", zeros_like) for p in params]
+        beta1 = self._mars_beta(group)
+        corrected = torch._foreach_sub(grads, last_grads)
+        torch._foreach_mul_(corrected, group["mars_gamma"] * beta1 / (1 - beta1))
+        torch._foreach_add_(corrected, grads)
+        norms = torch._foreach_norm(corrected)
+        torch._foreach_clamp_min_(norms, 1.0)
+        torch._foreach_div_(corrected, norms)
+        torch._foreach_copy_(last_grads, grads)
+        return list(corrected)
 
     def _fresh_state(self, params: list[Tensor]) -> None:
         """Under ``differentiable=True``, give each state tensor a new copy before the step
@@ -508,6 +549,7 @@ def fused_kernel_applies(
         return False
     if fused is None and (
         group.get("foreach") is False
+        or group.get("cautious")
         or group.get("differentiable")
         or group.get("capturable")
         or torch.compiler.is_compiling()
@@ -577,6 +619,40 @@ def roots_to_edit(tensors: list[Tensor] | tuple[Tensor, ...], differentiable: bo
     ``differentiable=True`` the edits go to a copy rather than to the recorded output."""
     roots = torch._foreach_sqrt(tensors)
     return [root.clone() for root in roots] if differentiable else list(roots)
+
+
+def cautious_updates(updates: list[Tensor] | tuple[Tensor, ...], grads: list[Tensor]) -> list[Tensor]:
+    r"""Cautious updates (Liang et al. 2024, "Cautious Optimizers: Improving Training with One
+    Line of Code", arXiv:2411.16085): the coordinates of each update tensor :math:`u` whose sign
+    disagrees with the gradient's are zeroed, and the rest rescaled to keep the update's size,
+
+    .. math:: u \leftarrow u \circ \phi \cdot \frac{d}{\lVert\phi\rVert_0 + 1},\qquad
+              \phi = \mathbb{1}[u \circ g > 0],
+
+    :math:`d` the tensor's number of elements (the authors' code, and pytorch_optimizer's
+    ``apply_cautious``; the +1 keeps an all-zero mask finite). Returns new tensors (the
+    ``updates`` may be state, such as a momentum buffer). Each optimizer that takes
+    ``cautious=True`` calls this on its update direction before the learning rate scales it
+    and before decoupled weight decay, which is not masked. The mask's count is summed in at
+    least float32 (exact for a 16-bit tensor too); the tensors share one dtype, as the foreach
+    lists of :func:`by_device_and_dtype` do."""
+    masks = torch._foreach_mul(updates, grads)
+    torch._foreach_sign_(masks)
+    torch._foreach_clamp_min_(masks, 0.0)  # 1 where the signs agree, 0 elsewhere
+    if not masks:
+        return []
+    counts = torch._foreach_norm(masks, 1, dtype=torch.promote_types(masks[0].dtype, torch.float32))
+    torch._foreach_add_(counts, 1.0)
+    torch._foreach_reciprocal_(counts)
+    torch._foreach_mul_(counts, [float(mask.numel()) for mask in masks])
+    torch._foreach_mul_(masks, [count.to(mask.dtype) for count, mask in zip(counts, masks)])
+    return list(torch._foreach_mul(updates, masks))
+
+
+def mars_buffers(options: MutableMapping[str, Any] | dict[str, Any]) -> int:
+    """Buffers of the size of the parameter that MARS adds to its state: the previous gradient
+    (``last_grad``) when ``mars_gamma`` is set, for the optimizers' memory rules."""
+    return 0 if options.get("mars_gamma") is None else 1
 
 
 def maybe_negate(grads: list[Tensor], maximize: bool) -> list[Tensor]:

@@ -14,16 +14,23 @@ from gradwise.optim.base import (
     apply_weight_decay,
     by_device_and_dtype,
     cache_blocks,
+    cautious_updates,
     is_dtensor,
+    mars_buffers,
     maybe_negate,
     zeros_like,
 )
-from gradwise.optim.description import Description, Preset, moments
+from gradwise.optim.description import Description, Preset, StateSize, numel
 from gradwise.optim.kernels import lion_cpu
 from gradwise.validation import check_betas, check_range
 
 if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
+
+
+def _lion_state(shape, options) -> StateSize:
+    """One momentum (two buffers with MARS: the previous gradient too), no step counter."""
+    return StateSize((1 + mars_buffers(options)) * numel(shape))
 
 
 class Lion(GradwiseOptimizer):
@@ -41,6 +48,17 @@ class Lion(GradwiseOptimizer):
 
     State: one tensor :math:`m` (4 bytes per fp32 parameter), half of Adam's; no step
     counter.
+
+    ``cautious=True`` (C-Lion, Liang et al. 2024, arXiv:2411.16085) zeroes the signs that
+    disagree with :math:`g_t` and rescales the rest (:func:`~gradwise.optim.base.cautious_updates`;
+    pytorch_optimizer's ``Lion(cautious=True)`` computes the same); ``mars_gamma`` (Yuan et al.
+    2024, arXiv:2411.10438) feeds the clipped variance-reduced gradient :math:`\tilde c_t` in
+    place of :math:`g_t` to both lines of the update, keeping :math:`g_{t-1}` (4 more bytes per
+    parameter). The paper's MARS-Lion is the sign of one EMA,
+    :math:`m_t = \beta_1 m_{t-1} + (1-\beta_1)\tilde c_t`, :math:`\theta \mathrel{-}= \eta\,
+    \operatorname{sign}(m_t)`: this is Lion's rule with ``betas=(beta1, beta1)``. Both run on the
+    foreach path (``fused=True`` with ``cautious`` is refused; with MARS the kernel takes
+    :math:`\tilde c_t`).
 
     ``fused=False`` or ``None`` (default) runs five ``torch._foreach_*`` passes, block by
     block on a CPU (see :func:`gradwise.optim.base.cache_blocks`).
@@ -60,7 +78,7 @@ class Lion(GradwiseOptimizer):
     description = Description(
         drive="step",
         sharding="element",
-        state=moments(1),  # one momentum, no step counter
+        state=_lion_state,
         # sign steps of exactly lr that never shrink: the best rates on the race's deterministic
         # problems are about 100x smaller than Adam's (Chen et al. recommend 3-10x for training)
         lr_range=(10**-4.5, 10**-0.5),
@@ -68,6 +86,14 @@ class Lion(GradwiseOptimizer):
             # training uses the betas Chen et al. 2023 (arXiv:2302.06675) use for language models
             "lion": Preset(
                 "Lion (sign of interpolated momentum)", train={"betas": (0.9, 0.99)}, race={}, race_default=True,
+                lr_scale=0.2,
+            ),
+            "lion-cautious": Preset(
+                "cautious Lion (Liang et al. 2024)", {"cautious": True}, train={"betas": (0.9, 0.99)}, race={},
+                lr_scale=0.2,
+            ),
+            "mars-lion": Preset(
+                "MARS-Lion (Yuan et al. 2024)", {"mars_gamma": 0.025}, train={"betas": (0.9, 0.99)}, race={},
                 lr_scale=0.2,
             ),
         },
@@ -82,8 +108,13 @@ class Lion(GradwiseOptimizer):
         *,
         maximize: bool = False,
         fused: bool | None = None,
+        cautious: bool = False,
+        mars_gamma: float | None = None,
     ) -> None:
-        defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize, fused=fused)
+        defaults = dict(
+            lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize, fused=fused, cautious=cautious,
+            mars_gamma=mars_gamma,
+        )
         super().__init__(params, defaults)
 
     def _validate(self, group: dict[str, Any]) -> None:
@@ -108,6 +139,8 @@ class Lion(GradwiseOptimizer):
         for block_params, block_grads, block_avgs in cache_blocks(params, grads, exp_avgs):
             directions = torch._foreach_lerp(block_grads, block_avgs, beta1)  # beta1 m + (1 - beta1) g
             torch._foreach_sign_(directions)
+            if group.get("cautious"):
+                directions = cautious_updates(directions, block_grads)
             apply_weight_decay(block_params, block_grads, lr, weight_decay, decoupled=True)
             torch._foreach_add_(block_params, directions, alpha=-lr)
             torch._foreach_lerp_(block_avgs, block_grads, 1 - beta2)

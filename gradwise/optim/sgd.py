@@ -12,6 +12,7 @@ from gradwise.optim.base import (
     ParamsT,
     by_device_and_dtype,
     cache_blocks,
+    cautious_updates,
     check_state_shapes,
     fused_kernel_applies,
     fused_scaling,
@@ -51,6 +52,11 @@ class SGD(GradwiseOptimizer):
     ``fused=False`` uses the ``torch._foreach_*`` path, ``foreach=False`` torch's
     single-tensor path. Sparse gradients are supported, as in torch.
 
+    ``cautious=True`` (with ``momentum > 0``; Liang et al. 2024, arXiv:2411.16085) zeroes the
+    coordinates of the step (:math:`b_t`, or the Nesterov direction) whose sign disagrees with
+    :math:`g_t` and rescales the rest (:func:`~gradwise.optim.base.cautious_updates`), on the
+    foreach path; weight decay enters :math:`g_t` before the mask, as it does the momentum.
+
     Example::
 
         opt = gradwise.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
@@ -77,6 +83,12 @@ class SGD(GradwiseOptimizer):
                 race={},
                 race_default=True,
             ),
+            "momentum-cautious": Preset(
+                "SGD with heavy-ball momentum 0.9, cautious (Liang et al. 2024)",
+                {"momentum": 0.9, "cautious": True},
+                train={},
+                race={},
+            ),
         },
     )
 
@@ -93,6 +105,7 @@ class SGD(GradwiseOptimizer):
         foreach: bool | None = None,
         differentiable: bool = False,
         fused: bool | None = None,
+        cautious: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -104,6 +117,7 @@ class SGD(GradwiseOptimizer):
             foreach=foreach,
             differentiable=differentiable,
             fused=fused,
+            cautious=cautious,
         )
         super().__init__(params, defaults)
 
@@ -117,12 +131,16 @@ class SGD(GradwiseOptimizer):
                 "nesterov=True requires momentum > 0 and dampening = 0, got "
                 f"momentum={group['momentum']!r}, dampening={group['dampening']!r}"
             )
+        if group.get("cautious") and group["momentum"] <= 0:
+            raise ValueError(f"cautious=True masks a momentum update: it requires momentum > 0, got {group['momentum']!r}")
 
     def _sparse_update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
         """Sparse gradients (an ``nn.Embedding(sparse=True)``), the same update one tensor at
         a time, as torch computes it: without momentum or weight decay only the rows present
         in the gradient move; the momentum buffer is itself sparse (rows ever seen); weight
         decay adds the dense parameter, so the step becomes dense (torch's SGD raises there)."""
+        if group.get("cautious"):
+            raise RuntimeError("SGD(cautious=True) does not support sparse gradients")
         momentum, dampening = group["momentum"], group["dampening"]
         for param, grad in zip(params, grads):
             grad = -grad if group["maximize"] else grad
@@ -180,6 +198,8 @@ class SGD(GradwiseOptimizer):
                     direction = torch._foreach_add(grads, buffers, alpha=momentum)
                 else:
                     direction = buffers
+                if group.get("cautious"):
+                    direction = cautious_updates(direction, grads)
             torch._foreach_add_(params, direction, alpha=-group["lr"])
 
     def _fused_update(
