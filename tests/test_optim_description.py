@@ -29,7 +29,7 @@ def test_every_exported_optimizer_class_is_walked():
     exported = {getattr(gradwise.optim, name) for name in gradwise.optim.__all__}
     optimizers = {obj for obj in exported if isinstance(obj, type) and issubclass(obj, torch.optim.Optimizer)}
     assert set(CLASSES) == optimizers - {gradwise.optim.GradwiseOptimizer}
-    assert len(CLASSES) == 19
+    assert len(CLASSES) == 22
 
 
 @pytest.mark.parametrize("cls", CLASSES, ids=lambda cls: cls.__name__)
@@ -60,7 +60,10 @@ def test_the_registries_are_derived_from_the_descriptions():
 def test_names_of_today_keep_their_behaviour():
     assert set(train_registry.OPTIMIZERS) == {"sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw",
                                               "nadam", "lion", "adafactor", "shampoo", "soap", "muon", "kfac",
-                                              "sophia", "lbfgs", "newton-cg", "sqn", "svrg", "saga"}
+                                              "sophia", "lbfgs", "newton-cg", "sqn", "svrg", "saga",
+                                              "schedule-free-adamw", "schedule-free-sgd",
+                                              "ademamix", "ademamix-cautious", "adamw-cautious", "mars-adamw",
+                                              "lion-cautious", "mars-lion", "momentum-cautious"}
     closure_methods = {"lbfgs", "newton-cg", "sqn", "svrg", "saga"}  # the race evaluates each loss once a step
     assert set(race_registry.OPTIMIZERS) == set(train_registry.OPTIMIZERS) - {"kfac"} - closure_methods
     # training follows GPT-style betas; the race keeps the papers' defaults and no weight decay
