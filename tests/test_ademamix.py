@@ -92,7 +92,8 @@ def test_matches_pytorch_optimizer_on_a_model(warmup, path):
 def test_matches_pytorch_optimizer_on_random_tensors():
     """200 steps on a matrix and a vector in float64, maximizing: equal to rounding."""
     shapes = [(5, 4), (7,)]
-    ours = [torch.randn(s, dtype=torch.float64, generator=torch.Generator().manual_seed(i)) for i, s in enumerate(shapes)]
+    ours = [torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(i))
+            for i, shape in enumerate(shapes)]
     theirs = [p.clone() for p in ours]
     kwargs = dict(lr=1e-2, betas=(0.8, 0.99, 0.9995), alpha=8.0, t_alpha_beta3=100, eps=1e-10, weight_decay=0.1,
                   maximize=True)

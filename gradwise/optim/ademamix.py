@@ -214,7 +214,7 @@ class AdEMAMix(GradwiseOptimizer):
         denominators = roots_to_edit(exp_avg_sqs, group.get("differentiable", False))
         torch._foreach_div_(denominators, bias_correction2_sqrts)
         torch._foreach_add_(denominators, group["eps"])
-        updates = torch._foreach_div(exp_avgs, bias_corrections1)
+        updates = list(torch._foreach_div(exp_avgs, bias_corrections1))
         torch._foreach_add_(updates, torch._foreach_mul(exp_avg_slows, alphas))
         if group["cautious"]:
             updates = cautious_updates(updates, grads)

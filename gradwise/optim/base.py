@@ -270,18 +270,17 @@ class GradwiseOptimizer(Optimizer):
         optimizer then uses in place of :math:`g_t`:
 
         .. math::
-            c_t = g_t + \gamma\,rac{eta_1}{1-eta_1}\,(g_t - g_{t-1}),\qquad
-            	ilde c_t = c_t / \max(1, \lVert c_t
-Vert_2)
+            c_t = g_t + \gamma\,\frac{\beta_1}{1-\beta_1}\,(g_t - g_{t-1}),\qquad
+            \tilde c_t = c_t / \max(1, \lVert c_t\rVert_2)
 
         per parameter tensor, :math:`\gamma` = ``mars_gamma``. The previous gradient is the
         state ``last_grad`` (one buffer the size of the parameter), zero before the first step
-        as in pytorch_optimizer's ``MARS`` (so :math:`c_1 = (1 + \gammaeta_1/(1-eta_1))\,g_1`
+        as in pytorch_optimizer's ``MARS`` (so :math:`c_1 = (1 + \gamma\beta_1/(1-\beta_1))\,g_1`
         before clipping). The clipping divides by the norm clamped at 1: no host read.
 
         Done here, before ``_update``, so every optimizer that accepts ``mars_gamma`` gets it
         through one mechanism, its fused kernel included. ``maximize`` commutes with it (the
-        map is odd), so the raw gradients are stored and the optimizer negates :math:`	ilde c_t`.
+        map is odd), so the raw gradients are stored and the optimizer negates :math:`\tilde c_t`.
         Under ZeRO's element sharding the norm is that of the slice a rank holds."""
         last_grads = [self._state(p, "last_grad", zeros_like) for p in params]
         beta1 = self._mars_beta(group)

@@ -137,7 +137,7 @@ class Lion(GradwiseOptimizer):
     ) -> None:
         lr, (beta1, beta2), weight_decay = group["lr"], group["betas"], group["weight_decay"]
         for block_params, block_grads, block_avgs in cache_blocks(params, grads, exp_avgs):
-            directions = torch._foreach_lerp(block_grads, block_avgs, beta1)  # beta1 m + (1 - beta1) g
+            directions = list(torch._foreach_lerp(block_grads, block_avgs, beta1))  # beta1 m + (1 - beta1) g
             torch._foreach_sign_(directions)
             if group.get("cautious"):
                 directions = cautious_updates(directions, block_grads)

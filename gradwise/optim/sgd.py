@@ -132,7 +132,9 @@ class SGD(GradwiseOptimizer):
                 f"momentum={group['momentum']!r}, dampening={group['dampening']!r}"
             )
         if group.get("cautious") and group["momentum"] <= 0:
-            raise ValueError(f"cautious=True masks a momentum update: it requires momentum > 0, got {group['momentum']!r}")
+            raise ValueError(
+                f"cautious=True masks a momentum update: it requires momentum > 0, got {group['momentum']!r}"
+            )
 
     def _sparse_update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
         """Sparse gradients (an ``nn.Embedding(sparse=True)``), the same update one tensor at
