@@ -153,6 +153,14 @@ def test_race_on_a_workload_from_the_command_line(tmp_path):
     assert len(list((out / "runs").glob("*/trial*-seed*/trial.json"))) == 6
     # every run is a gradwise train run folder
     assert all((folder / "summary.json").exists() for folder in (out / "runs").glob("*/trial*"))
+    # a race grows on resume: one more seed runs one more run per optimizer, the others are read back
+    before = {path: path.stat().st_mtime_ns for path in out.glob("runs/*/*/trial.json")}
+    done = race([*SMALL, "--seeds", "3", "--out", str(out), "--resume"])
+    assert done.returncode == 0, done.stderr
+    grown = json.loads((out / "race.json").read_text())
+    assert all(len(grown["runs"][name]["seeds"]) == 3 for name in ("adamw", "lion"))
+    assert {path: path.stat().st_mtime_ns for path in out.glob("runs/*/*/trial.json") if path in before} == before
+    assert len(list(out.glob("runs/*/*/trial.json"))) == 8
 
 
 @pytest.mark.parametrize(("args", "message"), [

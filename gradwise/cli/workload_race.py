@@ -115,22 +115,28 @@ def settings_from(args: argparse.Namespace) -> Any:
     return settings
 
 
+RESIZABLE = ("trials", "seeds")
+"""Settings a resumed race may change: runs already ended are kept, and a race can grow (more seeds
+for the error bars) or shrink (fewer trials when time runs short); any other setting changes what
+a run means."""
+
+
 def first_difference(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
     for key, value in current.items():
-        if saved.get(key) != value:
+        if key not in RESIZABLE and saved.get(key) != value:
             return f"{key}={saved.get(key)!r}, not {value!r}"
     return None
 
 
-def check_folder(out: Path, requested: dict[str, Any], resume: bool) -> dict[str, Any] | None:
-    """The saved plan of the race in ``out`` when resuming (same settings required); refuses to race
-    over files without ``--resume`` and to resume where there is no race."""
+def check_folder(out: Path, requested: dict[str, Any], resume: bool) -> None:
+    """Refuse to race over files without ``--resume``, to resume where there is no race, and to resume
+    one run with other settings (but :data:`RESIZABLE`)."""
     plan = out / PLAN_FILE
     if not resume:
         if out.exists() and any(out.iterdir()):
             raise UsageError(f"--out {str(out)!r} already holds files; pass --resume to continue the race there "
                              "or choose a new folder")
-        return None
+        return
     if not plan.is_file():
         raise UsageError(f"--resume: {str(out)!r} holds no race ({PLAN_FILE} is missing)")
     try:
@@ -139,15 +145,14 @@ def check_folder(out: Path, requested: dict[str, Any], resume: bool) -> dict[str
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise UsageError(f"--resume: {str(plan)!r} is unreadable: {error}") from None
     if difference is not None:
-        raise UsageError(f"--resume: the race in {str(out)!r} was run with {difference}; resume with its settings")
-    return saved
+        raise UsageError(f"--resume: the race in {str(out)!r} was run with {difference}; resume with its settings "
+                         f"(only {' and '.join(RESIZABLE)} may change)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Plan (timing first), race, print the table, write race.json and the plots; returns 0."""
     from gradwise.bench.machine import describe_machine
     from gradwise.bench.workload_race import (
-        RaceSettings,
         Timing,
         describe_plan,
         fit_to_budget,
@@ -161,11 +166,10 @@ def run(args: argparse.Namespace) -> int:
 
     settings = settings_from(args)
     out = Path(args.out)
-    saved = check_folder(out, settings.to_dict(), args.resume)
+    check_folder(out, settings.to_dict(), args.resume)
     out.mkdir(parents=True, exist_ok=True)
     plan = {"requested": settings.to_dict(), "budget_minutes": args.budget_minutes}
-    if saved is None:
-        write_atomically(out / PLAN_FILE, json.dumps(plan, indent=2).encode())
+    write_atomically(out / PLAN_FILE, json.dumps(plan, indent=2).encode())
     timing_path = out / TIMING_FILE
     if timing_path.is_file():
         timing = Timing.from_dict(read_json(timing_path))
@@ -174,12 +178,9 @@ def run(args: argparse.Namespace) -> int:
                   file=sys.stderr, disable=None, leave=False) as bar:
             timing = measure_step_costs(settings, on_round=lambda: bar.update(1))
         write_atomically(timing_path, json.dumps(timing.to_dict(), indent=2).encode())
-    if saved is not None and "planned" in saved:
-        settings = RaceSettings(**saved["planned"])
-    else:
-        if args.budget_minutes is not None:
-            settings = fit_to_budget(settings, timing, args.budget_minutes)
-        write_atomically(out / PLAN_FILE, json.dumps({**plan, "planned": settings.to_dict()}, indent=2).encode())
+    if args.budget_minutes is not None:  # deterministic from the stored timing: a resumed race plans the same
+        settings = fit_to_budget(settings, timing, args.budget_minutes)
+    write_atomically(out / PLAN_FILE, json.dumps({**plan, "planned": settings.to_dict()}, indent=2).encode())
     print(describe_plan(settings, timing), flush=True)
     with tqdm(total=planned_run_count(settings), desc="race", unit="run", file=sys.stderr, disable=None,
               leave=False) as bar:
