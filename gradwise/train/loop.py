@@ -33,6 +33,14 @@ skipped, as is one whose weights or optimizer state are not finite; ``resume=Tru
 usable checkpoint is refused, never a silent fresh start over an existing run. Settings
 named in ``allow_changes`` (:data:`gradwise.train.config.CHANGEABLE`) may differ on purpose.
 
+Two points: an optimizer whose description has ``eval_switch`` (schedule-free) trains at one
+point and evaluates at another (``optimizer.train()``/``optimizer.eval()``). The loop trains,
+checkpoints and resumes at the training point, evaluates at the evaluation point (switching
+back after a quick evaluation: the round trip rounds, identically in a resumed run), and ends
+there: the final evaluation and ``model.pt`` are of the weights to deploy. Such an optimizer's
+description also asks for ``constant_lr``: a decaying schedule is replaced by warmup then constant
+(:func:`resolved_config`, with a warning).
+
 Divergence: no checkpoint is written while the weights are unhealthy (an update was just
 skipped for a non-finite loss or gradient, or a parameter or optimizer-state tensor holds
 a NaN or an infinity), so a rollback returns to weights that trained; a run whose final
@@ -42,6 +50,7 @@ weights are not finite raises :class:`NonFiniteWeights` and writes no ``model.pt
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -64,7 +73,7 @@ from gradwise.curvature import hutchinson_diagonal
 from gradwise.distributed import DistContext, RankSlice, init_distributed, shutdown
 from gradwise.distributed.strategies.base import Strategy
 from gradwise.distributed.strategies.registry import make_strategy
-from gradwise.optim.description import HessianRefreshed
+from gradwise.optim.description import HessianRefreshed, TrainEvalSwitched, description_of
 from gradwise.problems.data import Batch
 from gradwise.problems.workload import Target, Workload
 from gradwise.problems.workloads import WORKLOADS, make_workload
@@ -73,7 +82,7 @@ from gradwise.train.closures import CLOSURE_DRIVES, ClosureFeed
 from gradwise.train.config import TrainConfig, check_allowed_changes, required, settings_difference
 from gradwise.train.guards import DivergenceGuard, NonFiniteWeights, TrainingDiverged
 from gradwise.train.metrics import MetricsWriter, Throughput, read_records
-from gradwise.train.optimizers import build_optimizer, drive_of
+from gradwise.train.optimizers import OPTIMIZERS, build_optimizer, drive_of
 from gradwise.train.plots import plot_training
 from gradwise.train.precision import Precision
 
@@ -130,9 +139,20 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+CONSTANT_SCHEDULES = ("constant", "linear_warmup")
+"""The schedules that do not decay: what an optimizer whose description has ``constant_lr`` runs with."""
+
+
 def resolved_config(config: TrainConfig) -> TrainConfig:
-    """``config`` checked, with the workload's defaults filled in."""
+    """``config`` checked, with the workload's defaults filled in. An optimizer whose description has
+    ``constant_lr`` (schedule-free: its average does what a decay would) gets ``linear_warmup`` (the run's
+    warmup, then constant) in place of a decaying schedule, with a one-line warning: the config it runs
+    under, and records, is then the one it ran."""
     config.validate()
+    if description_of(OPTIMIZERS[config.optimizer][0]).constant_lr and config.schedule not in CONSTANT_SCHEDULES:
+        warnings.warn(f"optimizer {config.optimizer!r} averages its iterates in place of a decaying schedule: "
+                      f"schedule {config.schedule!r} replaced by 'linear_warmup' (warmup, then constant)", stacklevel=2)
+        config = dataclasses.replace(config, schedule="linear_warmup")
     return config.with_workload_defaults(WORKLOADS[config.workload].defaults)
 
 
@@ -171,7 +191,8 @@ def check_run_folder(out: Path, config: TrainConfig, resume: bool, allow_changes
 
 HESSIAN_REFRESH_STRATEGIES = ("single", "ddp")
 """Strategies under which every rank holds the whole model and the whole optimizer, as a Hessian
-refresh (Sophia's) needs; sharded ones (ZeRO, FSDP, TP, PP) would hand it a part."""
+refresh (Sophia's) and an optimizer's own evaluation point (schedule-free's) need; sharded ones
+(ZeRO, FSDP, TP, PP) would hand it a part."""
 
 
 def holds_checkpoints(out: Path) -> bool:
@@ -282,6 +303,12 @@ class Trainer:
             raise ValueError(f"optimizer {config.optimizer!r} refreshes a Hessian estimate of the whole model: "
                              f"run it with strategy {' or '.join(HESSIAN_REFRESH_STRATEGIES)}, "
                              f"not {strategy.name!r}")
+        self.switches_weights = description_of(type(built), inherited=True).eval_switch
+        """Whether the optimizer trains and evaluates at two points (see the module's docstring)."""
+        if self.switches_weights and strategy.name not in HESSIAN_REFRESH_STRATEGIES:
+            # ZeRO, FSDP, TP and PP hand the optimizer a part of the model, whose evaluation point it cannot set alone
+            raise ValueError(f"optimizer {config.optimizer!r} evaluates at weights of its own (optimizer.eval()): "
+                             f"run it with strategy {' or '.join(HESSIAN_REFRESH_STRATEGIES)}, not {strategy.name!r}")
         self.optimizer = strategy.wrap_optimizer(built)
         schedule = make_schedule(config.schedule, self.steps, warmup, floor=config.lr_floor,
                                  T_0=max(1, (self.steps - warmup) // 3))
@@ -360,6 +387,7 @@ class Trainer:
         self.started = time.perf_counter()
         resumed_from = self.resume_run() if self.resume and self.checkpoints is not None else None
         self.open_outputs(resumed_from)
+        self.switch_weights(train=True)  # a checkpoint holds the training point; a fresh optimizer may not
         if resumed_from is None:
             self.save_checkpoint()  # step 0: a rollback always has somewhere to go
         throughput = Throughput()
@@ -501,7 +529,11 @@ class Trainer:
 
     def log_evaluation(self) -> None:
         """The quick evaluation of ``eval_every``: a metrics record and a line under the bar."""
-        evaluation = self.evaluate(full=False)
+        self.switch_weights(train=False)
+        try:
+            evaluation = self.evaluate(full=False)
+        finally:
+            self.switch_weights(train=True)
         if self.metrics is not None:
             self.metrics.write({"kind": "eval", "step": self.step, **evaluation})
         if self.strategy.is_main and self.progress:  # a quiet run (a race's) prints nothing
@@ -527,6 +559,7 @@ class Trainer:
                                    f"{found}): the run failed, no model.pt or summary.json was written; its "
                                    "newest checkpoint holds the last finite weights")
         workload, strategy = self.workload, self.strategy
+        self.switch_weights(train=False)  # the run is over: evaluate and save the weights to deploy
         final = self.evaluate(full=True)
         result = TrainResult(
             workload=workload.name, steps=self.step, final_metrics=final, target=workload.target,
@@ -545,6 +578,16 @@ class Trainer:
             write_atomically(self.out / "summary.json", json.dumps(result.to_dict(), indent=2).encode())
             self.plot(self.out)
         return result
+
+    def switch_weights(self, train: bool) -> None:
+        """Put the parameters at the optimizer's training point (``train``) or at its evaluation point,
+        for an optimizer whose description has ``eval_switch``; the others train and evaluate at one."""
+        if self.switches_weights:
+            optimizer = cast(TrainEvalSwitched, self.optimizer)
+            if train:
+                optimizer.train()
+            else:
+                optimizer.eval()
 
     def evaluate(self, full: bool) -> dict[str, float]:
         """The workload's validation metrics: the quick estimate under the run's precision, the full one in fp32."""
