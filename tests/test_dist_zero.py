@@ -28,6 +28,8 @@ from gradwise.optim import (
     Muon,
     NAdam,
     RMSprop,
+    ScheduleFreeAdamW,
+    ScheduleFreeSGD,
     Shampoo,
     muon_param_groups,
 )
@@ -44,6 +46,9 @@ OPTIMIZERS = {
     "nadam": lambda m: NAdam(m.parameters(), lr=0.02),
     "rmsprop": lambda m: RMSprop(m.parameters(), lr=0.01, momentum=0.5, centered=True),
     "adagrad": lambda m: Adagrad(m.parameters(), lr=0.05),
+    # the step count and averaging weights live in the param groups (as the schedulefree package keeps them)
+    "schedule-free-adamw": lambda m: ScheduleFreeAdamW(m.parameters(), lr=0.05, weight_decay=0.1, warmup_steps=2),
+    "schedule-free-sgd": lambda m: ScheduleFreeSGD(m.parameters(), lr=0.1, weight_decay=0.01),
     "muon": lambda m: Muon(muon_param_groups(m), lr=0.05, adamw_lr=0.01, ns_dtype=torch.float32),
     "adafactor": lambda m: Adafactor(m.parameters(), lr=0.01),
     "kfac": lambda m: KFAC(m, lr=0.05, damping=0.01, momentum=0.9, inverse_every=1),

@@ -506,6 +506,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
             inner.update(_hyperparameters(outer))
         self._layout.before_step()
         self.local_optimizer.step()
+        for outer, inner in zip(self.param_groups, self.local_optimizer.param_groups, strict=True):
+            outer.update(_hyperparameters(inner))  # what a step writes to its groups (schedule-free's counters)
         self._layout.after_step()
         self._reduced = False
         return loss
