@@ -24,6 +24,7 @@ from gradwise.optim import (
     Adafactor,
     Adagrad,
     AdamW,
+    AdEMAMix,
     Lion,
     Muon,
     NAdam,
@@ -54,6 +55,9 @@ OPTIMIZERS = {
     "kfac": lambda m: KFAC(m, lr=0.05, damping=0.01, momentum=0.9, inverse_every=1),
     "shampoo": lambda m: Shampoo(m.parameters(), lr=0.01, precondition_every=1, start_preconditioning_step=1,
                                  eps=1e-4),
+    # per-tensor statistics (the mask's count, MARS's norm): sharded by whole tensors
+    "adamw-cautious-mars": lambda m: AdamW(m.parameters(), lr=0.05, weight_decay=0.1, cautious=True, mars_gamma=0.5),
+    "ademamix-mars": lambda m: AdEMAMix(m.parameters(), lr=0.05, t_alpha_beta3=2, mars_gamma=0.5),
 }
 CLIPPED = {"adamw": 0.05}  # clip_grad_norm_ below the gradient's norm, so it scales
 
@@ -190,7 +194,7 @@ def test_elementwise_state_is_one_nth_up_to_padding(results, name, stage):
         assert case["reference_bytes"] == per_element * 63 + 3 * step_bytes
 
 
-@pytest.mark.parametrize("name", ["muon", "adafactor", "shampoo", "kfac"])
+@pytest.mark.parametrize("name", ["muon", "adafactor", "shampoo", "kfac", "adamw-cautious-mars", "ademamix-mars"])
 def test_whole_tensor_state_is_one_nth_within_one_tensor(results, name):
     for stage in (1, 2):
         per_rank = [results[rank][name, stage]["bytes"] for rank in range(WORLD)]

@@ -259,6 +259,12 @@ class GradwiseOptimizer(Optimizer):
         finally:
             self._complex_owners.clear()
 
+    def needs_whole_tensors(self) -> bool:
+        """Whether some param group's update reads a statistic of each whole tensor (the cautious
+        mask's count, MARS's norm). ZeRO then gives each rank whole tensors rather than flat
+        slices of an element-wise optimizer, so that the sharded step equals the unsharded one."""
+        return any(group.get("cautious") or group.get("mars_gamma") is not None for group in self.param_groups)
+
     def _mars_beta(self, group: dict[str, Any]) -> float:
         r"""The momentum coefficient :math:`\beta_1` that scales MARS's correction: the first
         of ``betas`` (Adam's, Lion's, AdEMAMix's fast EMA)."""
@@ -281,7 +287,8 @@ class GradwiseOptimizer(Optimizer):
         Done here, before ``_update``, so every optimizer that accepts ``mars_gamma`` gets it
         through one mechanism, its fused kernel included. ``maximize`` commutes with it (the
         map is odd), so the raw gradients are stored and the optimizer negates :math:`\tilde c_t`.
-        Under ZeRO's element sharding the norm is that of the slice a rank holds."""
+        The norm is the whole tensor's: ZeRO shards such a group by whole tensors
+        (:meth:`needs_whole_tensors`), FSDP2's DTensors reduce it across ranks."""
         last_grads = [self._state(p, "last_grad", zeros_like) for p in params]
         beta1 = self._mars_beta(group)
         corrected = torch._foreach_sub(grads, last_grads)

@@ -73,11 +73,16 @@ def sharding_of(optimizer: torch.optim.Optimizer) -> str | None:
     """How the optimizer's state is divided, from its class's description
     (:attr:`gradwise.optim.description.Description.sharding`; a subclass inherits it):
     ``"element"`` (flat slices), ``"tensor"`` (whole tensors), ``"layer"`` (whole layers), or
-    ``None`` for an optimizer that ZeRO cannot shard (or one without a description)."""
+    ``None`` for an optimizer that ZeRO cannot shard (or one without a description). An
+    element-wise optimizer whose options read whole-tensor statistics (cautious updates, MARS:
+    ``needs_whole_tensors()``) is sharded by whole tensors."""
     try:
-        return description_of(type(optimizer), inherited=True).sharding
+        sharding = description_of(type(optimizer), inherited=True).sharding
     except KeyError:
         return None
+    if sharding == "element" and getattr(optimizer, "needs_whole_tensors", lambda: False)():
+        return "tensor"
+    return sharding
 
 
 def assign_whole_tensors(sizes: Sequence[int], world_size: int) -> list[int]:
