@@ -30,6 +30,8 @@ def config(**settings) -> TrainConfig:
 RUNS = {
     "zero1": config(strategy="zero1", checkpoint_every=3),
     "zero2": config(strategy="zero2", optimizer="lion", lr=1e-3),
+    # evaluations at x in the middle of the run: ZeroOptimizer.eval() moves each rank's part and gathers them
+    "zero2-schedule-free": config(strategy="zero2", optimizer="schedule-free-adamw", eval_every=2, warmup_steps=2),
     "fsdp": config(strategy="fsdp", accumulate=2, batch_size=4),
     "localsgd": config(strategy="localsgd", strategy_options={"sync_every": 1}, optimizer="sgd", clip=None),
     "diloco": config(strategy="diloco", strategy_options={"sync_every": 2}),
@@ -74,7 +76,7 @@ def ranks(tmp_path_factory):
     return run_processes(every_strategy, 2, str(folder), timeout_s=170), folder
 
 
-@pytest.mark.parametrize("name", ["zero1", "zero2", "fsdp", "localsgd", "pp"])
+@pytest.mark.parametrize("name", ["zero1", "zero2", "zero2-schedule-free", "fsdp", "localsgd", "pp"])
 def test_the_strategy_equals_one_process_on_the_global_batch(ranks, name):
     results, _ = ranks
     expected = train_and_report(reference(name))

@@ -191,8 +191,11 @@ def check_run_folder(out: Path, config: TrainConfig, resume: bool, allow_changes
 
 HESSIAN_REFRESH_STRATEGIES = ("single", "ddp")
 """Strategies under which every rank holds the whole model and the whole optimizer, as a Hessian
-refresh (Sophia's) and an optimizer's own evaluation point (schedule-free's) need; sharded ones
-(ZeRO, FSDP, TP, PP) would hand it a part."""
+refresh (Sophia's) needs; sharded ones (ZeRO, FSDP, TP, PP) would hand it a part."""
+
+SWITCHING_STRATEGIES = ("single", "ddp", "zero1", "zero2")
+"""Strategies under which an optimizer's ``train()``/``eval()`` moves the whole model (ZeRO's
+optimizer moves each rank's part and gathers them); FSDP, TP and PP are not checked with it, so refused."""
 
 
 def holds_checkpoints(out: Path) -> bool:
@@ -305,10 +308,9 @@ class Trainer:
                              f"not {strategy.name!r}")
         self.switches_weights = description_of(type(built), inherited=True).eval_switch
         """Whether the optimizer trains and evaluates at two points (see the module's docstring)."""
-        if self.switches_weights and strategy.name not in HESSIAN_REFRESH_STRATEGIES:
-            # ZeRO, FSDP, TP and PP hand the optimizer a part of the model, whose evaluation point it cannot set alone
+        if self.switches_weights and strategy.name not in SWITCHING_STRATEGIES:
             raise ValueError(f"optimizer {config.optimizer!r} evaluates at weights of its own (optimizer.eval()): "
-                             f"run it with strategy {' or '.join(HESSIAN_REFRESH_STRATEGIES)}, not {strategy.name!r}")
+                             f"run it with strategy {', '.join(SWITCHING_STRATEGIES)}, not {strategy.name!r}")
         self.optimizer = strategy.wrap_optimizer(built)
         schedule = make_schedule(config.schedule, self.steps, warmup, floor=config.lr_floor,
                                  T_0=max(1, (self.steps - warmup) // 3))

@@ -65,7 +65,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from gradwise.distributed.state_bytes import optimizer_state_bytes
-from gradwise.optim.description import ModelBound, description_of
+from gradwise.optim.description import ModelBound, TrainEvalSwitched, description_of
 from gradwise.validation import check_choice, check_int, check_range
 
 
@@ -516,6 +516,31 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._layout.after_step()
         self._reduced = False
         return loss
+
+    def train(self) -> None:
+        """The parameters to the local optimizer's training point (schedule-free's y), on every rank:
+        see :class:`gradwise.optim.description.TrainEvalSwitched`."""
+        self._switch(train=True)
+
+    def eval(self) -> None:
+        """The parameters to the local optimizer's evaluation point (schedule-free's average x)."""
+        self._switch(train=False)
+
+    @torch.no_grad()
+    def _switch(self, train: bool) -> None:
+        """Each rank moves its part, as a step does, and the parts are gathered."""
+        if not description_of(type(self.local_optimizer), inherited=True).eval_switch:
+            raise TypeError(f"{type(self.local_optimizer).__name__} trains and evaluates at the same weights: "
+                            "it has no train()/eval()")
+        self._layout.before_step()
+        local = cast(TrainEvalSwitched, self.local_optimizer)
+        if train:
+            local.train()
+        else:
+            local.eval()
+        for outer, inner in zip(self.param_groups, self.local_optimizer.param_groups, strict=True):
+            outer.update(_hyperparameters(inner))  # the mode, which the next step copies inward
+        self._layout.after_step()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
