@@ -189,13 +189,14 @@ class ScheduleFreeAdamW(_ScheduleFree):
         drive="step",
         sharding="element",
         state=moments(2),  # z and v; the counters are the group's
-        lr_range=(1e-3, 10.0),  # as AdamW's: steps are about lr per coordinate
+        # Not in the test-function race, which records the loss at the parameters (y here, not the
+        # average x); the workload race runs gradwise train, which evaluates at x.
         presets={
             # GPT-style betas for training, as the adamw preset's. lr: twice AdamW's, measured (300 steps,
             # final validation loss; 2026-12-02): tiny-gpt 2 x 64 wide 2.447 / 2.378 / 2.528 at 1x / 2x / 4x
             # (AdamW with cosine at 1x: 2.479); mlp's best is higher still (accuracy 0.871 / 0.883 / 0.902)
             "schedule-free-adamw": Preset(
-                "schedule-free AdamW (Defazio et al. 2024)", train={"betas": (0.9, 0.95)}, race={}, lr_scale=2.0
+                "schedule-free AdamW (Defazio et al. 2024)", train={"betas": (0.9, 0.95)}, lr_scale=2.0
             ),
         },
         eval_switch=True,
@@ -268,13 +269,12 @@ class ScheduleFreeSGD(_ScheduleFree):
         drive="step",
         sharding="element",
         state=moments(1),  # z; the counters are the group's
-        lr_range=(10**-3.5, 10**0.5),  # as SGD's
         presets={
             # lr: 100x AdamW's (SGD's steps scale with the gradient), measured (300 steps, 2026-12-02): best
             # near 0.3 on mlp (accuracy 0.68 / 0.71 / 0.71 at 0.1 / 0.3 / 1.0) and on tiny-gpt 2 x 64 wide
             # (validation loss 3.07 / 3.01 / 3.08)
             "schedule-free-sgd": Preset(
-                "schedule-free SGD, momentum 0.9 (Defazio et al. 2024)", train={}, race={}, lr_scale=100.0
+                "schedule-free SGD, momentum 0.9 (Defazio et al. 2024)", train={}, lr_scale=100.0
             ),
         },
         eval_switch=True,
