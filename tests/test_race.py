@@ -30,7 +30,9 @@ def _run(losses, diverged=False, tol=1e-6, minimum=0.0, lr=0.1):
 
 def test_registry_names_and_builds():
     assert set(OPTIMIZERS) == {"sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw", "nadam", "lion",
-                               "adafactor", "muon", "shampoo", "soap", "sophia"}
+                               "adafactor", "muon", "shampoo", "soap", "sophia",
+                               "ademamix", "ademamix-cautious", "adamw-cautious", "mars-adamw", "lion-cautious",
+                               "mars-lion", "momentum-cautious"}
     assert set(DEFAULT_OPTIMIZERS) == {"sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw", "lion"}
     x = torch.zeros(2, requires_grad=True)
     for name, spec in OPTIMIZERS.items():
