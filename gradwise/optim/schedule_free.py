@@ -61,7 +61,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gradwise.optim.base import GradwiseOptimizer, ParamsT, by_device_and_dtype, lr_value, maybe_negate, zeros_like
+from gradwise.optim.base import (
+    GradwiseOptimizer,
+    ParamsT,
+    by_device_and_dtype,
+    cache_blocks,
+    lr_value,
+    maybe_negate,
+    zeros_like,
+)
 from gradwise.optim.description import Description, Preset, moments
 from gradwise.validation import check_betas, check_bool, check_int, check_range
 
@@ -131,14 +139,22 @@ class _ScheduleFree(GradwiseOptimizer):
         beta = self._beta(group)
         zs = [self._state(p, "z", _clone) for p in params]
         grads = maybe_negate(grads, group["maximize"])
-        directions = self._direction(group, params, grads)
-        for ys, z, u in by_device_and_dtype(params, zs, directions):
-            torch._foreach_lerp_(ys, z, average)
-            torch._foreach_add_(ys, u, alpha=lr * (beta * (1 - average) - 1))
-            torch._foreach_add_(z, u, alpha=-lr)
+        for columns in by_device_and_dtype(params, grads, zs, *self._buffers(params)):
+            # block by block on a CPU, so that the direction's temporaries stay in cache
+            for ys, block_grads, z, *buffers in cache_blocks(*columns):
+                directions = self._direction(group, ys, block_grads, *buffers)
+                torch._foreach_lerp_(ys, z, average)
+                torch._foreach_add_(ys, directions, alpha=lr * (beta * (1 - average) - 1))
+                torch._foreach_add_(z, directions, alpha=-lr)
 
-    def _direction(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
-        """:math:`\\hat g` of each parameter: new tensors (the gradients are left as they are)."""
+    def _buffers(self, params: list[Tensor]) -> list[list[Tensor]]:
+        """The subclass's state besides :math:`z`, one list per kind, created on first use."""
+        return []
+
+    def _direction(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+                   *buffers: list[Tensor]) -> list[Tensor]:
+        """:math:`\\hat g` of each parameter, updating ``buffers``: new tensors (the gradients are
+        left as they are)."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -232,9 +248,13 @@ class ScheduleFreeAdamW(_ScheduleFree):
     def _beta(self, group: dict[str, Any]) -> float:
         return group["betas"][0]
 
-    def _direction(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
+    def _buffers(self, params: list[Tensor]) -> list[list[Tensor]]:
+        return [[self._state(p, "exp_avg_sq", zeros_like) for p in params]]
+
+    def _direction(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+                   *buffers: list[Tensor]) -> list[Tensor]:
         beta2 = group["betas"][1]
-        exp_avg_sqs = [self._state(p, "exp_avg_sq", zeros_like) for p in params]
+        [exp_avg_sqs] = buffers
         torch._foreach_mul_(exp_avg_sqs, beta2)
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
         denominators = torch._foreach_div(exp_avg_sqs, 1 - beta2 ** group["k"])
@@ -307,7 +327,8 @@ class ScheduleFreeSGD(_ScheduleFree):
     def _beta(self, group: dict[str, Any]) -> float:
         return group["momentum"]
 
-    def _direction(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
+    def _direction(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+                   *buffers: list[Tensor]) -> list[Tensor]:
         if group["weight_decay"] == 0:
             return grads
         return list(torch._foreach_add(grads, params, alpha=group["weight_decay"]))
