@@ -13,7 +13,7 @@ import torch
 from gradwise.distributed import run_processes
 from gradwise.distributed.state_bytes import optimizer_state_bytes
 from gradwise.distributed.strategies.fsdp import shard_model
-from gradwise.optim import SGD, AdamW, Lion, Muon, muon_param_groups
+from gradwise.optim import SGD, AdamW, AdEMAMix, Lion, Muon, muon_param_groups
 from gradwise.problems.tiny_gpt import TinyGPT, next_byte_loss
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(120)]
@@ -25,8 +25,13 @@ OPTIMIZERS = {
     "lion": lambda params: Lion(params, lr=0.003, weight_decay=0.3),
     "muon": lambda params: Muon(params, lr=0.02, adamw_lr=0.01, ns_dtype=torch.float32),
     "sgd": lambda params: SGD(params, lr=0.1, momentum=0.9, nesterov=True),
+    # the paper's gamma (a larger one amplifies the key bias's rounding noise past the check's
+    # tolerance); the norms of sharded tensors: test_statistics_of_dtensors_are_the_whole_tensors
+    "adamw-mars": lambda params: AdamW(params, lr=0.01, weight_decay=0.1, mars_gamma=0.025),
+    "ademamix-mars": lambda params: AdEMAMix(params, lr=0.01, t_alpha_beta3=2, mars_gamma=0.025),
 }
-CASES = [("adamw", True), ("adamw", False), ("lion", True), ("muon", True), ("muon", False), ("sgd", True)]
+CASES = [("adamw", True), ("adamw", False), ("lion", True), ("muon", True), ("muon", False), ("sgd", True),
+         ("adamw-mars", True), ("ademamix-mars", True)]
 
 
 def make_model() -> TinyGPT:
@@ -77,7 +82,29 @@ def fsdp_cases(rank: int, world_size: int) -> dict:
             reference_bytes=optimizer_state_bytes(reference), reference_scalar_bytes=scalar_bytes(reference),
             sharded=all(type(p).__name__ == "DTensor" for p in model.parameters()),
         )
+    results["statistics"] = statistics_of_dtensors(world_size)
     return results
+
+
+def statistics_of_dtensors(world_size: int) -> dict:
+    """Three AdamW(cautious, MARS) steps on row-sharded DTensors and on the same plain tensors,
+    with gradients whose corrected norm exceeds 1 (MARS clips): the mask's count and the norm are
+    reduced over the shards. Checked on given gradients: a model's sharded and unsharded
+    gradients differ by rounding, and a sign flipped by it moves a whole masked step."""
+    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    generator = torch.Generator().manual_seed(2)
+    plain = [torch.randn(shape, generator=generator) for shape in ((8, 3), (6,))]
+    sharded = [distribute_tensor(p.clone(), mesh, [Shard(0)]) for p in plain]
+    optimizers = [AdamW(params, lr=0.1, cautious=True, mars_gamma=0.5) for params in (plain, sharded)]
+    for _ in range(3):
+        grads = [3 * torch.randn(p.shape, generator=generator) for p in plain]
+        for p, q, g in zip(plain, sharded, grads):
+            p.grad, q.grad = g, distribute_tensor(g, mesh, [Shard(0)])
+        for optimizer in optimizers:
+            optimizer.step()
+    return dict(sharded=[q.full_tensor() for q in sharded], plain=plain)
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +126,13 @@ def test_fsdp_equals_the_unsharded_optimizer(results, name, reshard):
                 torch.testing.assert_close(actual[keys], expected[keys], rtol=0, atol=1e-5)
                 actual[keys], expected[keys] = 0, 0
             torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6, msg=lambda m, n=name_: f"{n}: {m}")
+
+
+def test_statistics_of_dtensors_are_the_whole_tensors(results):
+    for rank in range(WORLD):
+        case = results[rank]["statistics"]
+        for sharded, plain in zip(case["sharded"], case["plain"]):
+            torch.testing.assert_close(sharded, plain, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("name, reshard", CASES)

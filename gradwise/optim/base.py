@@ -288,16 +288,17 @@ class GradwiseOptimizer(Optimizer):
         through one mechanism, its fused kernel included. ``maximize`` commutes with it (the
         map is odd), so the raw gradients are stored and the optimizer negates :math:`\tilde c_t`.
         The norm is the whole tensor's: ZeRO shards such a group by whole tensors
-        (:meth:`needs_whole_tensors`), FSDP2's DTensors reduce it across ranks."""
+        (:meth:`needs_whole_tensors`); a DTensor's norm (FSDP2) is reduced over its shards."""
         last_grads = [self._state(p, "last_grad", zeros_like) for p in params]
         beta1 = self._mars_beta(group)
         corrected = torch._foreach_sub(grads, last_grads)
         torch._foreach_mul_(corrected, group["mars_gamma"] * beta1 / (1 - beta1))
         torch._foreach_add_(corrected, grads)
-        norms = torch._foreach_norm(corrected)
-        torch._foreach_clamp_min_(norms, 1.0)
+        # out of place: DTensor keeps a norm as a pending reduction, which in-place edits cannot change
+        norms = torch._foreach_clamp_min(torch._foreach_norm(corrected), 1.0)
         torch._foreach_div_(corrected, norms)
-        torch._foreach_copy_(last_grads, grads)
+        for last_grad, grad in zip(last_grads, grads):  # a loop: DTensor has no foreach copy
+            last_grad.copy_(grad)
         return list(corrected)
 
     def _fresh_state(self, params: list[Tensor]) -> None:
@@ -647,11 +648,11 @@ def cautious_updates(updates: list[Tensor] | tuple[Tensor, ...], grads: list[Ten
     torch._foreach_clamp_min_(masks, 0.0)  # 1 where the signs agree, 0 elsewhere
     if not masks:
         return []
+    # out of place: DTensor keeps a norm as a pending reduction, which in-place edits cannot change
     counts = torch._foreach_norm(masks, 1, dtype=torch.promote_types(masks[0].dtype, torch.float32))
-    torch._foreach_add_(counts, 1.0)
-    torch._foreach_reciprocal_(counts)
-    torch._foreach_mul_(counts, [float(mask.numel()) for mask in masks])
-    torch._foreach_mul_(masks, [count.to(mask.dtype) for count, mask in zip(counts, masks)])
+    scales = torch._foreach_reciprocal(torch._foreach_add(counts, 1.0))
+    scales = torch._foreach_mul(scales, [float(mask.numel()) for mask in masks])
+    torch._foreach_mul_(masks, [scale.to(mask.dtype) for scale, mask in zip(scales, masks)])
     return list(torch._foreach_mul(updates, masks))
 
 
