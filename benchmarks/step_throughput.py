@@ -2,7 +2,8 @@
 
 Every gradwise optimizer runs on the same GPT-shaped parameters (about 16M fp32 values) next
 to torch.optim's implementations of the same algorithm (single-tensor, foreach and fused)
-and, for Lion, the PyPI packages ``pytorch-optimizer`` and ``lion-pytorch``. The
+and, for Lion, the PyPI packages ``pytorch-optimizer`` and ``lion-pytorch``, for schedule-free
+AdamW and SGD the authors' ``schedulefree`` and ``pytorch-optimizer``. The
 implementations are timed in interleaved rounds, in a new random order each round, so that
 the machine's drift, other load and the caches left by the previous implementation fall on
 all of them alike; the table reports each one's median and its ratio to the fastest
@@ -114,6 +115,30 @@ def implementations() -> list[Implementation]:
         Implementation("Lion", "pytorch-optimizer", lambda p: pytorch_optimizer.Lion(p, lr=lr, **lion_options), 5),
         Implementation("Lion", "lion-pytorch", lambda p: lion_pytorch.Lion(p, lr=lr, **lion_options), 5),
     ]
+
+    # Schedule-free: the authors' package and pytorch_optimizer's port (torch.optim has none). An ideal
+    # kernel reads y, g, z (and v) and writes y, z (and v). The package divides p.grad in place by the
+    # denominator; the gradients stay near unit scale, so the other implementations' timings are unaffected.
+    import schedulefree
+
+    schedule_free = [
+        ("ScheduleFreeAdamW", gw.ScheduleFreeAdamW, schedulefree.AdamWScheduleFree, pytorch_optimizer.ScheduleFreeAdamW,
+         7, {"weight_decay": 0.1}),
+        ("ScheduleFreeSGD", gw.ScheduleFreeSGD, schedulefree.SGDScheduleFree, pytorch_optimizer.ScheduleFreeSGD,
+         5, {"weight_decay": 0.1}),
+    ]
+    for algorithm, ours_cls, package_cls, port_cls, tensors, options in schedule_free:
+
+        def in_train_mode(cls, params, options=options):
+            optimizer = cls(params, lr=lr, **options)
+            optimizer.train()
+            return optimizer
+
+        result += [
+            Implementation(algorithm, "gradwise foreach", lambda p, c=ours_cls: in_train_mode(c, p), tensors),
+            Implementation(algorithm, "schedulefree", lambda p, c=package_cls: in_train_mode(c, p), tensors),
+            Implementation(algorithm, "pytorch-optimizer", lambda p, c=port_cls: in_train_mode(c, p), tensors),
+        ]
     return result
 
 
