@@ -11,7 +11,7 @@ import torch
 from gradwise.train import OPTIMIZERS, TrainConfig, train
 
 LEARNING_RATES = {"sgd": 0.1, "momentum": 0.05, "nesterov": 0.05, "momentum-cautious": 0.05, "adagrad": 0.05,
-                  "lion": 1e-3,
+                  "lion": 1e-3, "schedule-free-sgd": 0.3,
                   # the closure methods at their presets' lr (mlp's 3e-3 x lr_scale)
                   "lbfgs": 0.3, "newton-cg": 0.09, "sqn": 0.09, "svrg": 0.09, "saga": 0.09}
 
