@@ -75,6 +75,33 @@ def test_cautious_mask_equals_the_formula(seed, dtype):
 # Cautious: each optimizer that takes it.
 
 
+@pytest.mark.parametrize("cls, options", [
+    (gw.AdamW, {"weight_decay": 0.0}), (gw.Lion, {}), (gw.SGD, {"momentum": 0.9}), (gw.AdEMAMix, {}),
+])
+def test_cautious_masks_a_large_tensor_as_a_whole(cls, options):
+    """A tensor larger than a CPU cache block (2^18 elements) is masked with its own count, not
+    a block's. Two runs share their state (the mask does not touch it) and, without weight decay,
+    the plain step is -lr u: the cautious step must be -lr u * 1[u g > 0] * d / (nnz + 1) over the
+    whole tensor (the first block's signs are flipped, so the blocks' counts differ)."""
+    generator = torch.Generator().manual_seed(0)
+    plain_param = torch.zeros(600, 500)
+    cautious_param = torch.zeros(600, 500)
+    plain = cls([plain_param], lr=0.1, **options)
+    cautious = cls([cautious_param], lr=0.1, cautious=True, **options)
+    for step in range(2):
+        grad = torch.randn(600, 500, generator=generator)
+        if step:
+            grad[:50] = -grad[:50].abs()
+        before = plain_param.clone(), cautious_param.clone()
+        plain_param.grad, cautious_param.grad = grad, grad.clone()
+        plain.step()
+        cautious.step()
+    plain_step, cautious_step = plain_param - before[0], cautious_param - before[1]
+    kept = (-plain_step * grad > 0).float()
+    expected = plain_step * kept * (kept.numel() / (kept.sum() + 1))
+    torch.testing.assert_close(cautious_step, expected, rtol=1e-4, atol=1e-7)
+
+
 def test_cautious_adamw_is_the_papers_c_adamw():
     """C-AdamW (Algorithm 2 of the paper): AdamW whose update m_hat / (sqrt(v_hat) + eps) is
     masked against g_t, decay unmasked. pytorch_optimizer has no cautious AdamW to compare."""

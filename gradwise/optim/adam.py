@@ -158,7 +158,7 @@ class Adam(GradwiseOptimizer):
         if group["amsgrad"]:
             columns.append(max_exp_avg_sqs)
         for params, grads, exp_avgs, exp_avg_sqs, minus_step_sizes, bias_correction2_sqrts, *maxima in cache_blocks(
-            *columns
+            *columns, whole_tensors=group.get("cautious", False)
         ):
             grads = maybe_negate(grads, group["maximize"])
             grads = apply_weight_decay(params, grads, lr, weight_decay, group["decoupled_weight_decay"])

@@ -13,6 +13,7 @@ from gradwise.optim.base import (
     ParamsT,
     apply_weight_decay,
     by_device_and_dtype,
+    cache_blocks,
     cautious_updates,
     mars_buffers,
     maybe_negate,
@@ -95,7 +96,8 @@ class AdEMAMix(GradwiseOptimizer):
     State: :math:`m_1, m_2, \nu` (12 bytes per fp32 parameter, 4 more than Adam's) and a step
     counter; 16 bytes with ``mars_gamma``.
 
-    Runs on ``torch._foreach_*`` lists (``foreach=False``: one tensor at a time).
+    Runs on ``torch._foreach_*`` lists, block by block on a CPU (:func:`~gradwise.optim.base.cache_blocks`;
+    ``foreach=False``: one tensor at a time).
 
     Example::
 
@@ -204,18 +206,22 @@ class AdEMAMix(GradwiseOptimizer):
         bias_corrections1 = [1 - beta1**t for t in counts]
         bias_correction2_sqrts = [(1 - beta2**t) ** 0.5 for t in counts]
 
-        grads = maybe_negate(grads, group["maximize"])
-        apply_weight_decay(params, grads, lr, group["weight_decay"], decoupled=True)
-        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-        torch._foreach_lerp_(exp_avg_slows, grads, slow_weights)
-        torch._foreach_mul_(exp_avg_sqs, beta2)
-        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+        columns = (params, grads, exp_avgs, exp_avg_slows, exp_avg_sqs, alphas, slow_weights, bias_corrections1,
+                   bias_correction2_sqrts)
+        for (params, grads, exp_avgs, exp_avg_slows, exp_avg_sqs, alphas, slow_weights, bias_corrections1,
+             bias_correction2_sqrts) in cache_blocks(*columns, whole_tensors=group["cautious"]):
+            grads = maybe_negate(grads, group["maximize"])
+            apply_weight_decay(params, grads, lr, group["weight_decay"], decoupled=True)
+            torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+            torch._foreach_lerp_(exp_avg_slows, grads, slow_weights)
+            torch._foreach_mul_(exp_avg_sqs, beta2)
+            torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
 
-        denominators = roots_to_edit(exp_avg_sqs, group.get("differentiable", False))
-        torch._foreach_div_(denominators, bias_correction2_sqrts)
-        torch._foreach_add_(denominators, group["eps"])
-        updates = list(torch._foreach_div(exp_avgs, bias_corrections1))
-        torch._foreach_add_(updates, torch._foreach_mul(exp_avg_slows, alphas))
-        if group["cautious"]:
-            updates = cautious_updates(updates, grads)
-        torch._foreach_addcdiv_(params, updates, denominators, value=-lr)
+            denominators = roots_to_edit(exp_avg_sqs, group.get("differentiable", False))
+            torch._foreach_div_(denominators, bias_correction2_sqrts)
+            torch._foreach_add_(denominators, group["eps"])
+            updates = list(torch._foreach_div(exp_avgs, bias_corrections1))
+            torch._foreach_add_(updates, torch._foreach_mul(exp_avg_slows, alphas))
+            if group["cautious"]:
+                updates = cautious_updates(updates, grads)
+            torch._foreach_addcdiv_(params, updates, denominators, value=-lr)

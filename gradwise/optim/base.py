@@ -583,7 +583,9 @@ def fused_kernel_applies(
 CPU_BLOCK_NUMEL = 2**18
 
 
-def cache_blocks(*columns: list, block_numel: int = CPU_BLOCK_NUMEL) -> Iterator[tuple[list, ...]]:
+def cache_blocks(
+    *columns: list, block_numel: int = CPU_BLOCK_NUMEL, whole_tensors: bool = False
+) -> Iterator[tuple[list, ...]]:
     """Cut parallel per-parameter columns into blocks of about ``block_numel`` elements.
 
     A chain of ``torch._foreach_*`` passes over all parameters streams every tensor and
@@ -591,7 +593,9 @@ def cache_blocks(*columns: list, block_numel: int = CPU_BLOCK_NUMEL) -> Iterator
     keeps them in cache (on a 2-core EPYC it halves RMSprop's step time). Large contiguous
     tensors are split into flat views (updates through the views land in the tensors);
     small ones are gathered until a block is full. Columns that are not tensors (per-parameter
-    step sizes, say) are repeated for each piece of their parameter. On other devices the
+    step sizes, say) are repeated for each piece of their parameter. ``whole_tensors`` never
+    cuts a tensor (an update that reads a statistic of each tensor, the cautious mask's count,
+    needs all of it in one block). On other devices the
     columns are yielded whole: a GPU foreach kernel already covers every tensor in one launch;
     so are DTensors, whose flat views would need communication.
     """
@@ -603,7 +607,7 @@ def cache_blocks(*columns: list, block_numel: int = CPU_BLOCK_NUMEL) -> Iterator
     for row in zip(*columns):
         tensors = [x for x in row if isinstance(x, Tensor)]
         numel = row[0].numel()
-        if numel > block_numel and all(t.is_contiguous() and t.numel() == numel for t in tensors):
+        if not whole_tensors and numel > block_numel and all(t.is_contiguous() and t.numel() == numel for t in tensors):
             splits = [x.view(-1).split(block_numel) if isinstance(x, Tensor) else None for x in row]
             count = -(-numel // block_numel)  # as many pieces as split() cuts each tensor of the row into
             pieces = [[x] * count if parts is None else parts for x, parts in zip(row, splits)]

@@ -136,7 +136,9 @@ class Lion(GradwiseOptimizer):
         group: dict[str, Any], params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor]
     ) -> None:
         lr, (beta1, beta2), weight_decay = group["lr"], group["betas"], group["weight_decay"]
-        for block_params, block_grads, block_avgs in cache_blocks(params, grads, exp_avgs):
+        for block_params, block_grads, block_avgs in cache_blocks(
+            params, grads, exp_avgs, whole_tensors=group.get("cautious", False)
+        ):
             directions = list(torch._foreach_lerp(block_grads, block_avgs, beta1))  # beta1 m + (1 - beta1) g
             torch._foreach_sign_(directions)
             if group.get("cautious"):

@@ -182,7 +182,7 @@ class SGD(GradwiseOptimizer):
         """``fresh`` marks buffers created this step, which start as b_1 = g_1."""
         momentum, dampening = group["momentum"], group["dampening"]
         columns = (params, grads, buffers, fresh) if momentum != 0 else (params, grads)
-        for params, grads, *momentum_columns in cache_blocks(*columns):
+        for params, grads, *momentum_columns in cache_blocks(*columns, whole_tensors=group.get("cautious", False)):
             grads = maybe_negate(grads, group["maximize"])
             grads = with_l2_penalty(grads, params, group["weight_decay"])
             direction: list[Tensor] | tuple[Tensor, ...] = grads
