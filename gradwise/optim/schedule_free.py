@@ -153,8 +153,8 @@ class _ScheduleFree(GradwiseOptimizer):
 
     def _direction(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
                    *buffers: list[Tensor]) -> list[Tensor]:
-        """:math:`\\hat g` of each parameter, updating ``buffers``: new tensors (the gradients are
-        left as they are)."""
+        """:math:`\\hat g` of each parameter, updating ``buffers``; the gradients are only read (the
+        package overwrites them)."""
         raise NotImplementedError
 
     @torch.no_grad()
