@@ -107,7 +107,9 @@ class _ScheduleFree(GradwiseOptimizer):
     # The averaging weight is a Python number that changes every step (the package's group
     # counters, kept so that checkpoints interchange): a compiled step would specialise on it and
     # recompile at every step, so the step runs eagerly inside a compiled region (a graph break).
-    @torch.compiler.disable
+    # torch._disable_dynamo, as torch.optim uses it: torch.compiler.disable would import
+    # torch._dynamo (1.3 s) when this module loads, in every CLI command.
+    @torch._disable_dynamo
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         r"""One step from :math:`y_t`: advance each group's averaging weight, then update
         :math:`y` and :math:`z` (in training mode only)."""
