@@ -89,6 +89,15 @@ def test_muon_groups_step_the_no_decay_group_without_decay():
     assert group_of(opt.param_groups, model.head.weight)["lr"] == 0.1
 
 
+def test_a_trained_muons_adamw_groups_step_at_the_runs_lr_over_its_lr_scale():
+    model = TinyGPT(seq_len=16, d_model=32, n_layer=2, n_head=2)
+    opt = build_optimizer("muon", model, lr=0.03, weight_decay=0.1)  # Muon's lr_scale is 15
+    assert group_of(opt.param_groups, model.token_embedding.weight)["lr"] == pytest.approx(0.002)
+    assert group_of(opt.param_groups, model.blocks[0].mlp[0].weight)["lr"] == 0.03
+    opt = build_optimizer("muon", model, lr=0.03, weight_decay=0.1, options={"adamw_lr": 1e-3})
+    assert group_of(opt.param_groups, model.token_embedding.weight)["lr"] == 1e-3
+
+
 # --- K-FAC ---------------------------------------------------------------------------------
 
 

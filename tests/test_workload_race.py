@@ -30,7 +30,7 @@ from gradwise.bench.workload_race import (
     halton,
     search_point,
 )
-from gradwise.bench.workload_report import bootstrap_ratio, steps_to, summarize, targets
+from gradwise.bench.workload_report import bootstrap_ratio, format_race_table, steps_to, summarize, targets
 
 RACE = [sys.executable, "-m", "gradwise", "race"]
 SMALL = ["--workload", "mlp", "--optimizers", "adamw,lion", "--steps", "12", "--trials", "2", "--seeds", "2",
@@ -126,6 +126,10 @@ def test_summary_against_the_tuned_baseline():
     assert lion.step_time_ratio == pytest.approx(2.0)
     assert lion.loss_p_value is not None and 0 < lion.loss_p_value < 1
     assert targets(RaceSettings(**{**race.to_dict(), "target": 1.25}), runs)["target"] == 1.25
+    # one AdamW seed of two never reached 1.3: a resample of that seed alone makes Lion infinitely faster
+    assert math.isinf(lion.to_target["target"]["speedup_interval"][1])
+    table = format_race_table(race, goals, summaries)
+    assert "[low, never]: in some bootstrap resamples no adamw seed reached" in table
 
 
 def race(args: list[str], **kwargs) -> subprocess.CompletedProcess:

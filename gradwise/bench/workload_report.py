@@ -190,6 +190,10 @@ def format_race_table(settings: RaceSettings, goals: dict[str, float], summaries
              f"loose target: {goals['loose']:.4f} ({LOOSE_TARGET_FACTOR:g}x the target)",
              "steps to target: mean over the seeds that reached it (reached/seeds); time = steps x step time",
              "p: Welch's t-test of the final losses against the baseline's"]
+    if any(math.isinf(goal["speedup_interval"][1]) for summary in summaries for goal in summary.to_target.values()
+           if summary.name != settings.baseline and goal["reached"]):
+        notes.append(f"[low, never]: in some bootstrap resamples no {settings.baseline} seed reached the target "
+                     "(the speedup has no upper bound there)")
     if any(summary.lr_at_edge for summary in summaries):
         notes.append("*: the best lr is at the edge of the values tried; a wider search may find better")
     return "\n".join(lines + [""] + notes)
