@@ -13,6 +13,7 @@ from gradwise.optim.muon import Muon, muon_param_groups
 from gradwise.optim.nadam import NAdam
 from gradwise.optim.newton import Newton, NewtonCG
 from gradwise.optim.param_groups import weight_decay_groups
+from gradwise.optim.psgd_kron import PSGDKron
 from gradwise.optim.rmsprop import RMSprop
 from gradwise.optim.saga import SAGA
 from gradwise.optim.schedule_free import ScheduleFreeAdamW, ScheduleFreeSGD
@@ -43,6 +44,7 @@ __all__ = [
     "NAdam",
     "Newton",
     "NewtonCG",
+    "PSGDKron",
     "RMSprop",
     "SAGA",
     "ScheduleFreeAdamW",
