@@ -19,6 +19,34 @@ from gradwise.validation import check_betas, check_choice, check_int, check_rang
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NS_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
+ORTHOGONALIZATIONS = ("newton_schulz", "polar_express")
+
+# Polar Express (Amsel, Persson, Musco and Gower 2025, arXiv:2505.16932, Algorithm 1; also
+# https://github.com/NoahAmsel/PolarExpress): the degree-5 polynomial p_t(x) = a x + b x^3 + c x^5 of
+# each iteration, optimal in the sup norm for the singular values left by the previous ones, from
+# a lower bound of 1e-3 on the normalised spectrum. Iterations past the last row repeat it (the
+# table converges to (15/8, -10/8, 3/8), the Newton-Schulz quintic that fixes 1).
+_POLAR_EXPRESS_TABLE = (
+    (8.28721201814563, -23.595886519098837, 17.300387312530933),
+    (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
+    (3.9486908534822946, -2.908902115962949, 0.5518191394370137),
+    (3.3184196573706015, -2.488488024314874, 0.51004894012372),
+    (2.300652019954817, -1.6689039845747493, 0.4188073119525673),
+    (1.891301407787398, -1.2679958271945868, 0.37680408948524835),
+    (1.8750014808534479, -1.2500016453999487, 0.3750001645474248),
+    (1.875, -1.25, 0.375),
+)
+POLAR_EXPRESS_SAFETY = 1.01
+"""Algorithm 1's safety factor for half precision: the input is divided by 1.01 times its
+Frobenius norm, and every polynomial but the last is rescaled to p(x / 1.01), so a singular
+value that rounding pushed slightly above the interval the polynomials were fitted on is not
+blown up."""
+POLAR_EXPRESS_COEFFICIENTS = tuple(
+    (a / POLAR_EXPRESS_SAFETY, b / POLAR_EXPRESS_SAFETY**3, c / POLAR_EXPRESS_SAFETY**5)
+    for a, b, c in _POLAR_EXPRESS_TABLE[:-1]
+) + (_POLAR_EXPRESS_TABLE[-1],)
+NORMUON_EPS = 1e-10
+"""Added to the root of NorMuon's row second moment (the reference implementation's value)."""
 
 
 def newton_schulz(
@@ -40,23 +68,60 @@ def newton_schulz(
     ``dtype`` (bf16 by default: on the CPUs and GPUs measured it is several times faster than
     fp32 and the iteration tolerates its rounding). A batch of matrices runs as batched
     matrix products (``torch.baddbmm``), a single one as 2-D products (``torch.addmm``).
-    Returns a new tensor of ``dtype``.
+    Each step costs three matrix products. Returns a new tensor of ``dtype``.
     """
-    a, b, c = coefficients
+    return odd_polynomial_iteration(matrices, (coefficients,) * steps, 1.0, eps, dtype)
+
+
+def polar_express(
+    matrices: Tensor, steps: int = 5, eps: float = 1e-7, dtype: torch.dtype = torch.bfloat16
+) -> Tensor:
+    r"""Approximate the polar factor :math:`UV^\top` of each matrix of ``matrices`` by Polar
+    Express (Amsel et al. 2025, arXiv:2505.16932, Algorithm 1).
+
+    The same odd quintic iteration as :func:`newton_schulz`, at the same cost (three matrix
+    products a step), but with a different polynomial at each step
+    (:data:`POLAR_EXPRESS_COEFFICIENTS`): step :math:`t` applies the degree-5 odd polynomial
+    that best approximates :math:`\operatorname{sign}` in the sup norm on the interval where
+    the previous steps left the singular values, so the composition is the optimal one of its
+    degree (the paper's Theorem 4.1). Early polynomials grow small singular values fast, later
+    ones converge to 1, where Jordan's fixed quintic stalls at a 0.7-1.2 band. The input is
+    normalised by :data:`POLAR_EXPRESS_SAFETY` times its Frobenius norm. Returns a new tensor of
+    ``dtype``.
+    """
+    last = len(POLAR_EXPRESS_COEFFICIENTS) - 1
+    schedule = tuple(POLAR_EXPRESS_COEFFICIENTS[min(step, last)] for step in range(steps))
+    return odd_polynomial_iteration(matrices, schedule, POLAR_EXPRESS_SAFETY, eps, dtype)
+
+
+def odd_polynomial_iteration(
+    matrices: Tensor,
+    schedule: tuple[tuple[float, float, float], ...],
+    norm_scale: float,
+    eps: float,
+    dtype: torch.dtype,
+) -> Tensor:
+    r"""The shared engine of :func:`newton_schulz` and :func:`polar_express`: from
+    :math:`X_0 = G / \max(s\|G\|_F, \epsilon)` (``s = norm_scale``), one step
+    :math:`X \leftarrow aX + (bA + cA^2)X`, :math:`A = XX^\top`, per ``(a, b, c)`` of
+    ``schedule``, on the wide orientation of each matrix, in ``dtype``."""
     shape = matrices.shape
     x = matrices.reshape(-1, *shape[-2:]).to(dtype, copy=True)
     tall = shape[-2] > shape[-1]
     if tall:
         x = x.mT
-    x.div_(torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True).clamp_(min=eps))
+    norm = torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True)
+    if norm_scale != 1.0:
+        norm.mul_(norm_scale)
+    x.div_(norm.clamp_(min=eps))
     if x.shape[0] == 1:  # one matrix: 2-D products (a batch of one ran 1.5x slower on a CPU)
         x = x[0]
-        for _ in range(steps):
+        for a, b, c in schedule:
             gram = x @ x.T
             x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
         x = x.unsqueeze(0)
     else:
-        for _ in range(steps):
+        for a, b, c in schedule:
             gram = torch.bmm(x, x.mT)
             x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
     if tall:
@@ -95,13 +160,19 @@ def adjusted_lr(lr: float, adjust_lr_fn: str | None, rows: int, cols: int) -> fl
 
 
 def _muon_state(shape, options) -> StateSize:
-    """Jordan et al. 2024: a momentum buffer for the matrices Muon orthogonalises; the tensors
+    """Jordan et al. 2024: a momentum buffer for the matrices Muon orthogonalises, plus with
+    NorMuon (``normuon_beta2``) one second-moment value per row of each matrix; the tensors
     it routes to its internal AdamW (by default those of fewer than two dimensions, or a
     group's ``use_muon``) keep AdamW's two moments and step."""
     use_muon = options.get("use_muon")
     if use_muon is None:
         use_muon = len(shape) >= 2
-    return StateSize(numel(shape)) if use_muon else StateSize(2 * numel(shape), scalars=1)
+    if not use_muon:
+        return StateSize(2 * numel(shape), scalars=1)
+    if options.get("normuon_beta2") is None:
+        return StateSize(numel(shape))
+    batch, rows, _ = matrix_shape(torch.empty(shape, device="meta"))
+    return StateSize(numel(shape) + batch * rows)
 
 
 def _model_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -122,8 +193,9 @@ class Muon(GradwiseOptimizer):
         \theta_t = (1 - \eta\lambda)\,\theta_{t-1} - \eta\,s(m, n)\,
             \operatorname{NS}_k(\tilde B_t),
 
-    with :func:`newton_schulz` for :math:`\operatorname{NS}_k` and the shape scaling
-    :math:`s` of :func:`adjusted_lr`. Same arguments, defaults, update, state and
+    with :func:`newton_schulz` for :math:`\operatorname{NS}_k` (or :func:`polar_express`:
+    ``orthogonalization="polar_express"``) and the shape scaling :math:`s` of
+    :func:`adjusted_lr`. Same arguments, defaults, update, state and
     ``state_dict`` as ``torch.optim.Muon`` (whose state_dicts load here and the other way),
     which it extends:
 
@@ -147,6 +219,35 @@ class Muon(GradwiseOptimizer):
     AdamW's betas are named ``adamw_betas``, not ``betas``, so that a torch scheduler that
     cycles momentum (``OneCycleLR(cycle_momentum=True)`` looks for ``betas`` first, then
     ``momentum``) cycles Muon's ``momentum``; AdamW groups keep their ``adamw_betas``.
+
+    Refinements (each an option, off by default, so the defaults stay torch's Muon):
+
+    - ``orthogonalization="polar_express"``: Polar Express's per-step optimal polynomials
+      (:func:`polar_express`) instead of Jordan's fixed quintic, at the same number of matrix
+      products; ``ns_steps`` counts its steps and ``ns_coefficients`` must stay the default.
+      At 5 or more steps it lands closer to the polar factor :math:`UV^\top` than the quintic
+      (``benchmarks/muon_orthogonalization.py`` measures both against the SVD).
+    - ``normuon_beta2`` (NorMuon, Li et al. 2025, arXiv:2510.05491; ``None``: off, 0.95 in
+      the paper): with :math:`O_t` the orthogonalised update of an :math:`m \times n` matrix,
+      :math:`v_t = \beta_2 v_{t-1} + (1-\beta_2)\operatorname{mean}_j O_{t,ij}^2` per row
+      (neuron) :math:`i`, :math:`\hat O_t = O_t / (\sqrt{v_t} + 10^{-10})` row by row, then
+      :math:`\hat O_t` is rescaled to the Frobenius norm of :math:`O_t`, so the shape rule
+      :math:`s` keeps its meaning. Rows that move a lot are damped relative to the rest, the
+      per-neuron balance Adam has and Muon lacks. This is the reference implementation's
+      scaling (https://github.com/zichongli5/NorMuon); the paper's Algorithm 1 instead sets
+      the update RMS to 0.2 (:math:`0.2\sqrt{mn}/\|\hat O_t\|_F`), which
+      ``adjust_lr_fn="match_rms_adamw"`` here reproduces exactly when :math:`O_t` is exactly
+      semi-orthogonal (:math:`\|O_t\|_F = \sqrt{\min(m, n)}`) and within the
+      orthogonalisation's error otherwise. State: one value per row (``normuon_second_moment``,
+      shape ``(rows,)``, ``(heads, rows)`` for a 3-D weight).
+    - ``adjust_lr_fn="match_rms_adamw"`` (Liu et al. 2025, arXiv:2502.16982): scale the step
+      by :math:`0.2\sqrt{\max(m, n)}` so its RMS is about 0.2 lr, an AdamW update's; then
+      AdamW's tuned lr and weight decay carry over to the matrices (Moonlight's recipe). The
+      default (``None``/``"original"``, Jordan's :math:`\sqrt{\max(1, m/n)}`) keeps the update's
+      spectral norm near lr: Muon's own lr (about 0.02) is then the one to use.
+    - QK-Clip (MuonClip, Kimi K2) rescales attention weights after the step and needs the
+      model's attention logits: it is :class:`gradwise.optim.qk_clip.QKClip`, attached to
+      the optimizer with a step hook.
 
     Deliberate choices: complex parameters are refused at ``step()`` (a ``RuntimeError``, as
     torch: a real view would add a fake axis to the matrix); zero-size parameters are
@@ -209,6 +310,8 @@ class Muon(GradwiseOptimizer):
         adamw_betas: tuple[float, float] = (0.9, 0.95),
         adamw_eps: float = 1e-8,
         use_muon: bool | None = None,
+        orthogonalization: str = "newton_schulz",
+        normuon_beta2: float | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -225,6 +328,8 @@ class Muon(GradwiseOptimizer):
             adamw_betas=adamw_betas,
             adamw_eps=adamw_eps,
             use_muon=use_muon,
+            orthogonalization=orthogonalization,
+            normuon_beta2=normuon_beta2,
         )
         super().__init__(params, defaults)
 
@@ -255,6 +360,14 @@ class Muon(GradwiseOptimizer):
         check_betas("adamw_betas", group["adamw_betas"])
         check_range("adamw_eps", group["adamw_eps"], 0.0)
         check_choice("use_muon", group["use_muon"], (None, True, False))
+        check_choice("orthogonalization", group["orthogonalization"], ORTHOGONALIZATIONS)
+        if group["orthogonalization"] == "polar_express" and tuple(coefficients) != NS_COEFFICIENTS:
+            raise ValueError(
+                f"ns_coefficients must stay the default {NS_COEFFICIENTS} with orthogonalization='polar_express' "
+                f"(it has a coefficient table of its own), got {tuple(coefficients)!r}"
+            )
+        if group["normuon_beta2"] is not None:
+            check_range("normuon_beta2", group["normuon_beta2"], 0.0, 1.0, high_open=True)
         if group["use_muon"] is None:
             for param in group.get("params", ()):
                 if param.ndim < 2:
@@ -272,6 +385,12 @@ class Muon(GradwiseOptimizer):
 
     def _muon_update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
         lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
+        normuon_beta2 = group["normuon_beta2"]
+        if normuon_beta2 is not None and any(is_dtensor(param) for param in params):
+            raise ValueError(
+                "normuon_beta2: NorMuon's row second moment is not implemented for sharded (DTensor) parameters; "
+                "use normuon_beta2=None with FSDP/tensor parallelism (ZeRO's whole-tensor sharding works)"
+            )
         buffers = [self._state(p, "momentum_buffer", zeros_like) for p in params]
         torch._foreach_lerp_(buffers, grads, 1 - momentum)
         updates = torch._foreach_lerp(grads, buffers, momentum) if group["nesterov"] else buffers
@@ -279,7 +398,7 @@ class Muon(GradwiseOptimizer):
             torch._foreach_mul_(params, 1 - lr * weight_decay)
         # A sharded (DTensor) matrix is orthogonalised whole: gather it on every rank.
         updates = [update.full_tensor() if is_dtensor(update) else update for update in updates]
-        # Matrices of one shape, dtype and device share one batched Newton-Schulz call.
+        # Matrices of one shape, dtype and device share one batched orthogonalisation call.
         batches: dict[tuple, list[int]] = {}
         for index, param in enumerate(params):
             _, rows, cols = matrix_shape(param)
@@ -288,9 +407,15 @@ class Muon(GradwiseOptimizer):
             stacked = torch.cat([updates[i].reshape(-1, rows, cols) for i in indices]) if len(indices) > 1 else (
                 updates[indices[0]].reshape(-1, rows, cols)
             )
-            orthogonal = newton_schulz(
-                stacked, group["ns_steps"], group["ns_coefficients"], group["eps"], group["ns_dtype"]
-            )
+            if group["orthogonalization"] == "polar_express":
+                orthogonal = polar_express(stacked, group["ns_steps"], group["eps"], group["ns_dtype"])
+            else:
+                orthogonal = newton_schulz(
+                    stacked, group["ns_steps"], group["ns_coefficients"], group["eps"], group["ns_dtype"]
+                )
+            if normuon_beta2 is not None:
+                moments = [self._state(params[i], "normuon_second_moment", row_moment_like) for i in indices]
+                orthogonal = normalize_rows(orthogonal, moments, normuon_beta2)
             step = -adjusted_lr(lr, group["adjust_lr_fn"], rows, cols)
             start = 0
             for i in indices:
@@ -314,6 +439,35 @@ class Muon(GradwiseOptimizer):
             "differentiable": False,
         }
         adam_update(self, adamw, params, grads)
+
+
+def row_moment_like(param: Tensor) -> Tensor:
+    """NorMuon's state for ``param``: one zero per row of each of its matrices (see
+    :func:`matrix_shape`), shape ``(rows,)`` or ``(batch, rows)`` for a 3-D weight."""
+    batch, rows, _ = matrix_shape(param)
+    shape = (batch, rows) if param.ndim == 3 else (batch * rows,)
+    return torch.zeros(shape, dtype=param.dtype, device=param.device)
+
+
+def normalize_rows(orthogonal: Tensor, moments: list[Tensor], beta2: float) -> Tensor:
+    r"""NorMuon's neuron-wise normalisation of a stack of orthogonalised updates (shape
+    ``(matrices, rows, cols)``; ``moments`` the row second moments of its tensors, in order,
+    updated in place): :math:`v \leftarrow \beta_2 v + (1-\beta_2)\operatorname{mean}_j O_{ij}^2`,
+    :math:`\hat O = O / (\sqrt v + 10^{-10})` row by row, rescaled to the Frobenius norm of
+    :math:`O`, matrix by matrix. Computed in float32 (the orthogonalisation may be bf16);
+    returns the float32 update."""
+    update = orthogonal.float()
+    norms = torch.linalg.vector_norm(update, dim=(-2, -1), keepdim=True)
+    rows = update.shape[-2]
+    stacked = torch.cat([moment.reshape(-1, rows, 1) for moment in moments]).float()
+    stacked.lerp_(update.square().mean(dim=-1, keepdim=True), 1 - beta2)
+    start = 0
+    for moment in moments:
+        count = moment.numel() // rows
+        moment.copy_(stacked[start : start + count].view(moment.shape))
+        start += count
+    update.div_(stacked.sqrt_().add_(NORMUON_EPS))
+    return update.mul_(norms / torch.linalg.vector_norm(update, dim=(-2, -1), keepdim=True).add_(NORMUON_EPS))
 
 
 def local_part(full: Tensor, like: Tensor) -> Tensor:
