@@ -431,6 +431,16 @@ ENTRIES: list[Entry] = [
         notes={"complex": _PER_MATRIX_COMPLEX},
     ),
     Entry(
+        "PSGDKron", gw.PSGDKron, {"lr": 0.01, "weight_decay": 0.01},
+        frozenset({"strided", "bfloat16", "float16", "compile", "maximize", "param_groups"}),
+        invalid=_LR_INVALID + _BOOL_INVALID
+        + [("beta", 1.0), ("weight_decay", -1.0), ("precond_lr", 0.0), ("precond_update_prob", 0.0),
+           ("precond_update_prob", 1.5), ("max_size_triangular", 0), ("min_ndim_triangular", 0),
+           ("precond_init_scale", -1.0), ("lower_bound_beta", 1.0), ("dampening", -1e-9), ("power_iterations", -1),
+           ("clip_update", "yes"), ("momentum_into_precond_update", 1), ("seed", -1), ("seed", 2**31)],
+        notes={"complex": _PER_MATRIX_COMPLEX, "foreach": "per-tensor factors: one path"},
+    ),
+    Entry(
         "KFAC", gw.KFAC, {"lr": 0.05, "momentum": 0.5, "inverse_every": 1},
         frozenset({"strided", "param_groups"}),
         invalid=_LR_INVALID + [("damping", 0.0), ("momentum", 1.0), ("stat_decay", 1.0), ("inverse_every", 0),
