@@ -29,7 +29,7 @@ def test_every_exported_optimizer_class_is_walked():
     exported = {getattr(gradwise.optim, name) for name in gradwise.optim.__all__}
     optimizers = {obj for obj in exported if isinstance(obj, type) and issubclass(obj, torch.optim.Optimizer)}
     assert set(CLASSES) == optimizers - {gradwise.optim.GradwiseOptimizer}
-    assert len(CLASSES) == 22
+    assert len(CLASSES) == 23
 
 
 @pytest.mark.parametrize("cls", CLASSES, ids=lambda cls: cls.__name__)
@@ -63,7 +63,8 @@ def test_names_of_today_keep_their_behaviour():
                                               "sophia", "lbfgs", "newton-cg", "sqn", "svrg", "saga",
                                               "schedule-free-adamw", "schedule-free-sgd",
                                               "ademamix", "ademamix-cautious", "adamw-cautious", "mars-adamw",
-                                              "lion-cautious", "mars-lion", "momentum-cautious"}
+                                              "lion-cautious", "mars-lion", "momentum-cautious",
+                                              "psgd-kron"}
     closure_methods = {"lbfgs", "newton-cg", "sqn", "svrg", "saga"}  # the race evaluates each loss once a step
     averaged = {"schedule-free-adamw", "schedule-free-sgd"}  # the test-function race records the loss at y, not x
     assert set(race_registry.OPTIMIZERS) == set(train_registry.OPTIMIZERS) - {"kfac"} - closure_methods - averaged
