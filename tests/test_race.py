@@ -32,7 +32,7 @@ def test_registry_names_and_builds():
     assert set(OPTIMIZERS) == {"sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw", "nadam", "lion",
                                "adafactor", "muon", "shampoo", "soap", "sophia",
                                "ademamix", "ademamix-cautious", "adamw-cautious", "mars-adamw", "lion-cautious",
-                               "mars-lion", "momentum-cautious"}
+                               "mars-lion", "momentum-cautious", "psgd-kron"}
     assert set(DEFAULT_OPTIMIZERS) == {"sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw", "lion"}
     x = torch.zeros(2, requires_grad=True)
     for name, spec in OPTIMIZERS.items():
