@@ -14,6 +14,7 @@ loss at most ``TARGET_FRACTION`` of the unigram baseline on the same split.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import cast
 
 import torch
@@ -38,6 +39,9 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.proj = nn.Linear(d_model, d_model)
         nn.init.normal_(self.proj.weight, std=0.02 / math.sqrt(2 * n_layer))
+        self.logit_observer: Callable[[torch.Tensor], None] | None = None
+        """Called with each head's largest attention logit when set (QK-Clip's protocol,
+        :class:`gradwise.optim.qk_clip.ReportsAttentionLogits`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, _ = x.shape
@@ -45,8 +49,28 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.qkv(x).chunk(3, dim=2)
         heads = q.shape[2] // self.head_dim
         q, k, v = (t.view(batch, length, heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        if self.logit_observer is not None:
+            self.logit_observer(self.max_logits(q, k))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.proj(y.transpose(1, 2).reshape(batch, length, heads * self.head_dim))
+
+    @torch.no_grad()
+    def max_logits(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Each head's largest logit ``q_i . k_j / sqrt(head_dim)`` over the batch and the
+        causal pairs ``j <= i`` (what softmax sees inside scaled_dot_product_attention), in fp32."""
+        logits = q.float() @ k.float().transpose(-2, -1) / math.sqrt(self.head_dim)
+        length = q.shape[2]
+        causal = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
+        return logits.masked_fill(~causal, -math.inf).amax(dim=(0, 2, 3))
+
+    @torch.no_grad()
+    def scale_query_key_(self, factors: torch.Tensor) -> None:
+        """Scale head ``h``'s logits by ``factors[h]``: its query and key rows of ``qkv`` (weight
+        and bias) by ``sqrt(factors[h])`` (QK-Clip's protocol)."""
+        heads = factors.shape[0]
+        roots = factors.sqrt().to(self.qkv.weight.dtype)
+        self.qkv.weight.view(3, heads, self.head_dim, -1)[:2].mul_(roots.view(1, heads, 1, 1))
+        self.qkv.bias.view(3, heads, self.head_dim)[:2].mul_(roots.view(1, heads, 1))
 
 
 class Block(nn.Module):
