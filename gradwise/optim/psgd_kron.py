@@ -52,6 +52,15 @@ def _psgd_kron_state(shape, options) -> StateSize:
     return StateSize(numel(shape) + factors, scalars=1 + 2 + 2 * len(kept))
 
 
+def probe_seed(seed: int, step: int) -> int:
+    """The seed of the generator that draws a tensor's probe at ``step``: ``(step + seed *
+    0x9E3779B9) mod 2**32``. torch's CPU generator (a Mersenne Twister) keeps 32 bits of a
+    seed, so the option and the step share them: the multiplier (odd, the golden ratio's 32-bit
+    fraction) sets different seeds' streams of steps far apart, and one seed repeats a probe only
+    after 2**32 refreshes."""
+    return (step + seed * 0x9E3779B9) % 2**32
+
+
 def refresh_probability(step: int, probability: float | None) -> float:
     """The probability of refreshing the preconditioner at ``step`` (1-based): ``probability``
     when given, else HeavyBall's annealed schedule ``max(0.03, 0.999 ** max(step - 1000, 0))``."""
@@ -106,10 +115,10 @@ class PSGDKron(GradwiseOptimizer):
     :math:`\operatorname{mean}(|g_1|^4)^{-1/16}` (HeavyBall's heuristic; a first gradient of
     zeros has no such scale and is refused, as HeavyBall refuses it).
 
-    Randomness: the probe :math:`v` of tensor refresh at step :math:`t` comes from a generator
-    on the parameter's device seeded with ``(seed << 32) + t``, so a run is reproducible, resumes
-    bit for bit from a ``state_dict`` (no generator state to save), and is the same when ZeRO
-    gives each rank a share of the tensors. HeavyBall draws from torch's global generator
+    Randomness: the probe :math:`v` of a tensor's refresh at step :math:`t` comes from a
+    generator on the parameter's device seeded with :func:`probe_seed` of ``seed`` and :math:`t`,
+    so a run is reproducible, resumes bit for bit from a ``state_dict`` (no generator state to
+    save), and is the same when ZeRO gives each rank a share of the tensors. HeavyBall draws from torch's global generator
     instead; with that generator seeded the same way per tensor and step the iterates are
     HeavyBall's (tests/test_psgd_kron.py).
 
@@ -259,7 +268,7 @@ class PSGDKron(GradwiseOptimizer):
     def _refresh(group: dict[str, Any], state: Any, factors: list[Tensor], fitted: Tensor, step: int) -> None:
         """One step of Li's factor fit on the pair (v, h) (see the class docstring)."""
         balance(factors)
-        generator = torch.Generator(device=fitted.device).manual_seed((group["seed"] << 32) + step)
+        generator = torch.Generator(device=fitted.device).manual_seed(probe_seed(group["seed"], step))
         probe = torch.randn(fitted.shape, generator=generator, dtype=fitted.dtype, device=fitted.device)
         damping = group["dampening"] + torch.finfo(torch.float32).eps * fitted.abs()
         perturbed = fitted + damping * probe
@@ -281,7 +290,8 @@ class PSGDKron(GradwiseOptimizer):
             gram_a, gram_b = _mode_gram(a, mode, factor.ndim == 2), _mode_gram(b, mode, factor.ndim == 2)
             total = gram_a + gram_b
             largest = max_eigenvalue(total, group["power_iterations"]) if factor.ndim == 2 else total.amax()
-            bound = torch.maximum(largest.double(), lower_bound[mode] + (largest.double() - lower_bound[mode]) * (1 - beta))
+            largest = largest.double()
+            bound = torch.maximum(largest, lower_bound[mode] + (largest - lower_bound[mode]) * (1 - beta))
             lower_bound[mode] = bound
             difference = gram_a - gram_b
             change = difference.triu() @ factor if factor.ndim == 2 else factor * difference
