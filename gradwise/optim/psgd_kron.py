@@ -118,9 +118,9 @@ class PSGDKron(GradwiseOptimizer):
     Randomness: the probe :math:`v` of a tensor's refresh at step :math:`t` comes from a
     generator on the parameter's device seeded with :func:`probe_seed` of ``seed`` and :math:`t`,
     so a run is reproducible, resumes bit for bit from a ``state_dict`` (no generator state to
-    save), and is the same when ZeRO gives each rank a share of the tensors. HeavyBall draws from torch's global generator
-    instead; with that generator seeded the same way per tensor and step the iterates are
-    HeavyBall's (tests/test_psgd_kron.py).
+    save), and is the same when ZeRO gives each rank a share of the tensors. HeavyBall draws
+    from torch's global generator instead; with that generator seeded the same way per tensor
+    and step the iterates are HeavyBall's (tests/test_psgd_kron.py).
 
     Differences from HeavyBall: dense factors are stored as full matrices (HeavyBall keeps the
     upper triangle as a line, half the bytes, at the cost of a scatter and a gather per step);
