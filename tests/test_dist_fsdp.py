@@ -24,13 +24,16 @@ OPTIMIZERS = {
     "adamw": lambda params: AdamW(params, lr=0.01, weight_decay=0.1),
     "lion": lambda params: Lion(params, lr=0.003, weight_decay=0.3),
     "muon": lambda params: Muon(params, lr=0.02, adamw_lr=0.01, ns_dtype=torch.float32),
+    "muon-polar-express": lambda params: Muon(params, lr=0.02, adamw_lr=0.01, ns_dtype=torch.float32,
+                                              orthogonalization="polar_express"),
     "sgd": lambda params: SGD(params, lr=0.1, momentum=0.9, nesterov=True),
     # the paper's gamma (a larger one amplifies the key bias's rounding noise past the check's
     # tolerance); the norms of sharded tensors: test_statistics_of_dtensors_are_the_whole_tensors
     "adamw-mars": lambda params: AdamW(params, lr=0.01, weight_decay=0.1, mars_gamma=0.025),
     "ademamix-mars": lambda params: AdEMAMix(params, lr=0.01, t_alpha_beta3=2, mars_gamma=0.025),
 }
-CASES = [("adamw", True), ("adamw", False), ("lion", True), ("muon", True), ("muon", False), ("sgd", True),
+CASES = [("adamw", True), ("adamw", False), ("lion", True), ("muon", True), ("muon", False),
+         ("muon-polar-express", True), ("sgd", True),
          ("adamw-mars", True), ("ademamix-mars", True)]
 
 
@@ -40,7 +43,7 @@ def make_model() -> TinyGPT:
 
 
 def param_groups(name, model):
-    return muon_param_groups(model) if name == "muon" else model.parameters()
+    return muon_param_groups(model) if name.startswith("muon") else model.parameters()
 
 
 def train(model, optimizer, rank=None):

@@ -51,6 +51,9 @@ OPTIMIZERS = {
     "schedule-free-adamw": lambda m: ScheduleFreeAdamW(m.parameters(), lr=0.05, weight_decay=0.1, warmup_steps=2),
     "schedule-free-sgd": lambda m: ScheduleFreeSGD(m.parameters(), lr=0.1, weight_decay=0.01),
     "muon": lambda m: Muon(muon_param_groups(m), lr=0.05, adamw_lr=0.01, ns_dtype=torch.float32),
+    # Muon's refinements: NorMuon's row state goes with its tensor's whole-tensor shard
+    "muon-normuon-polar-express": lambda m: Muon(muon_param_groups(m), lr=0.05, adamw_lr=0.01, ns_dtype=torch.float32,
+                                                 normuon_beta2=0.95, orthogonalization="polar_express"),
     "adafactor": lambda m: Adafactor(m.parameters(), lr=0.01),
     "kfac": lambda m: KFAC(m, lr=0.05, damping=0.01, momentum=0.9, inverse_every=1),
     "shampoo": lambda m: Shampoo(m.parameters(), lr=0.01, precondition_every=1, start_preconditioning_step=1,
