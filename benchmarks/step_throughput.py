@@ -3,7 +3,7 @@
 Every gradwise optimizer runs on the same GPT-shaped parameters (about 16M fp32 values) next
 to torch.optim's implementations of the same algorithm (single-tensor, foreach and fused)
 and, for Lion, the PyPI packages ``pytorch-optimizer`` and ``lion-pytorch``, for schedule-free
-AdamW and SGD the authors' ``schedulefree`` and ``pytorch-optimizer``. The
+AdamW and SGD the authors' ``schedulefree`` and ``pytorch-optimizer``, for PSGD-Kron ``heavyball``. The
 implementations are timed in interleaved rounds, in a new random order each round, so that
 the machine's drift, other load and the caches left by the previous implementation fall on
 all of them alike; the table reports each one's median and its ratio to the fastest
@@ -139,6 +139,17 @@ def implementations() -> list[Implementation]:
             Implementation(algorithm, "schedulefree", lambda p, c=package_cls: in_train_mode(c, p), tensors),
             Implementation(algorithm, "pytorch-optimizer", lambda p, c=port_cls: in_train_mode(c, p), tensors),
         ]
+
+    # PSGD-Kron beside HeavyBall's (the reference; torch.optim has none), each at its defaults (HeavyBall
+    # stacks same-shape tensors and compiles its kernels with inductor). HeavyBall drops .grad after a
+    # step unless told not to. An ideal element-wise kernel moves p, g, m in and p, m out; the factor
+    # products come on top.
+    import heavyball
+
+    result += [
+        Implementation("PSGD-Kron", "gradwise", lambda p: gw.PSGDKron(p, lr=lr), 5),
+        Implementation("PSGD-Kron", "heavyball", lambda p: heavyball.PSGDKron(p, lr=lr, consume_grad=False), 5),
+    ]
     return result
 
 

@@ -241,7 +241,7 @@ class PSGDKron(GradwiseOptimizer):
 
         direction = momentum
         for mode, factor in enumerate(factors):
-            direction = _apply_on_mode(direction, factor.T @ factor if factor.ndim == 2 else factor * factor, mode)
+            direction = _precondition_on_mode(direction, factor, mode)
         if group["clip_update"]:
             direction = trust_region_clip(direction)
         lr = group["lr"]
@@ -361,6 +361,18 @@ def _apply_on_mode(x: Tensor, factor: Tensor, mode: int) -> Tensor:
     if x.ndim == 2:
         return factor @ x if mode == 0 else x @ factor.T
     return torch.tensordot(factor, x, dims=([1], [mode])).movedim(0, mode)
+
+
+def _precondition_on_mode(x: Tensor, factor: Tensor, mode: int) -> Tensor:
+    """``x`` times :math:`Q^\top Q` on dimension ``mode``, in the cheaper order: :math:`Q` then
+    :math:`Q^\top` (:math:`2dN` multiply-adds for ``x`` of :math:`N` elements) when ``x`` has
+    fewer elements than :math:`Q` (the embedding's narrow side, a vector), else :math:`Q^\top Q`
+    formed first (:math:`d^3 + dN`)."""
+    if factor.ndim == 1:
+        return _apply_on_mode(x, factor * factor, mode)
+    if x.numel() < factor.numel():
+        return _apply_on_mode(_apply_on_mode(x, factor, mode), factor.T, mode)
+    return _apply_on_mode(x, factor.T @ factor, mode)
 
 
 def _mode_gram(x: Tensor, mode: int, dense: bool) -> Tensor:
