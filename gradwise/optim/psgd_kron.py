@@ -156,9 +156,11 @@ class PSGDKron(GradwiseOptimizer):
         # the clipped update moves each coordinate by at most 2 lr: Adam-like rates
         lr_range=(1e-4, 1.0),
         presets={
+            # lr_scale measured on tiny-gpt (2 layers, 100 steps, bf16, 1 seed): final validation loss
+            # 3.893 / 2.915 / 2.556 at 0.3x / 1x / 3x the workload's AdamW lr 2e-3 (AdamW at 1x: 2.785)
             "psgd-kron": Preset(
                 "PSGD-Kron (Kronecker-factored preconditioner on a Lie group)", train={},
-                race={"weight_decay": 0.0}, lr_scale=1.0,
+                race={"weight_decay": 0.0}, lr_scale=3.0,
             ),
         },
     )
