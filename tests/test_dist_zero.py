@@ -28,6 +28,7 @@ from gradwise.optim import (
     Lion,
     Muon,
     NAdam,
+    PSGDKron,
     RMSprop,
     ScheduleFreeAdamW,
     ScheduleFreeSGD,
@@ -61,6 +62,8 @@ OPTIMIZERS = {
     # per-tensor statistics (the mask's count, MARS's norm): sharded by whole tensors
     "adamw-cautious-mars": lambda m: AdamW(m.parameters(), lr=0.05, weight_decay=0.1, cautious=True, mars_gamma=0.5),
     "ademamix-mars": lambda m: AdEMAMix(m.parameters(), lr=0.05, t_alpha_beta3=2, mars_gamma=0.5),
+    # probes seeded per tensor and step, not per rank: the sharded run draws the unsharded run's probes
+    "psgd-kron": lambda m: PSGDKron(m.parameters(), lr=0.01, weight_decay=0.1),
 }
 CLIPPED = {"adamw": 0.05}  # clip_grad_norm_ below the gradient's norm, so it scales
 
@@ -197,7 +200,9 @@ def test_elementwise_state_is_one_nth_up_to_padding(results, name, stage):
         assert case["reference_bytes"] == per_element * 63 + 3 * step_bytes
 
 
-@pytest.mark.parametrize("name", ["muon", "adafactor", "shampoo", "kfac", "adamw-cautious-mars", "ademamix-mars"])
+@pytest.mark.parametrize(
+    "name", ["muon", "adafactor", "shampoo", "kfac", "adamw-cautious-mars", "ademamix-mars", "psgd-kron"]
+)
 def test_whole_tensor_state_is_one_nth_within_one_tensor(results, name):
     for stage in (1, 2):
         per_rank = [results[rank][name, stage]["bytes"] for rank in range(WORLD)]
