@@ -36,9 +36,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from gradwise.bench.machine import describe_machine
 from gradwise.checkpoints.atomic import read_checkpoint
+from gradwise.problems.tiny_gpt import TinyGPT
 
 RESULTS = Path(__file__).parent / "results" / "race_tiny_gpt_probes.json"
 RACE = ["--workload", "tiny-gpt", "--workload-options", "n_layer=2", "--steps", "400", "--eval-every", "100",
@@ -90,6 +92,13 @@ def at_budget(folder: Path, init: dict[str, torch.Tensor]) -> dict[str, float]:
             for key in MOVED}
 
 
+def linear_share() -> float:
+    """The share of the race's model's parameters in ``nn.Linear`` layers: what K-FAC preconditions."""
+    model = TinyGPT(n_layer=2)
+    linear = sum(p.numel() for module in model.modules() if isinstance(module, nn.Linear) for p in module.parameters())
+    return linear / sum(p.numel() for p in model.parameters())
+
+
 def sophia_clipped(folder: Path) -> float:
     """The fraction of coordinates whose last Sophia step was clipped (``|m| >= rho * h``)."""
     [checkpoint] = sorted((folder / "checkpoints").glob("*.ckpt"))[-1:]
@@ -124,10 +133,12 @@ def main() -> None:
     for name, row in saturated.items():
         print(f"{name:<16} {'  '.join(f'{row[key]:>29.3f}' for key in MOVED)}")
     print(f"\nSophia's coordinates clipped at the end: {clipped:.1%}")
+    print(f"K-FAC preconditions {linear_share():.1%} of the parameters (nn.Linear)")
     RESULTS.write_text(json.dumps({"machine": describe_machine(), "settings": RACE, "probes": PROBES,
                                    "final_val_loss": losses, "moved_from_init": movement,
                                    "coordinates_at_the_step_budget": saturated,
-                                   "sophia_clipped_fraction": clipped}, indent=2) + "\n")
+                                   "sophia_clipped_fraction": clipped,
+                                   "kfac_preconditioned_share": linear_share()}, indent=2) + "\n")
     print(f"\nwrote {RESULTS}")
 
 
