@@ -33,6 +33,9 @@ RUNS = {
     # evaluations at x in the middle of the run: ZeroOptimizer.eval() moves each rank's part and gathers them
     "zero2-schedule-free": config(strategy="zero2", optimizer="schedule-free-adamw", eval_every=2, warmup_steps=2),
     "fsdp": config(strategy="fsdp", accumulate=2, batch_size=4),
+    # QK-Clip at about the initial logits, so it acts on most heads and steps: the ranks combine their maxima
+    "ddp-qk-clip": config(strategy="ddp", workload="tiny-gpt", workload_options=GPT, optimizer="momentum", lr=0.1,
+                          batch_size=4, steps=4, qk_clip=0.03, precision="fp32"),
     "localsgd": config(strategy="localsgd", strategy_options={"sync_every": 1}, optimizer="sgd", clip=None),
     "diloco": config(strategy="diloco", strategy_options={"sync_every": 2}),
     "tp": config(strategy="tp", workload="tiny-gpt", workload_options=GPT, lr=3e-3, batch_size=4, steps=4),
@@ -76,7 +79,7 @@ def ranks(tmp_path_factory):
     return run_processes(every_strategy, 2, str(folder), timeout_s=170), folder
 
 
-@pytest.mark.parametrize("name", ["zero1", "zero2", "zero2-schedule-free", "fsdp", "localsgd", "pp"])
+@pytest.mark.parametrize("name", ["zero1", "zero2", "zero2-schedule-free", "fsdp", "ddp-qk-clip", "localsgd", "pp"])
 def test_the_strategy_equals_one_process_on_the_global_batch(ranks, name):
     results, _ = ranks
     expected = train_and_report(reference(name))
@@ -85,6 +88,15 @@ def test_the_strategy_equals_one_process_on_the_global_batch(ranks, name):
     for key, tensor in expected["params"].items():
         torch.testing.assert_close(torch.from_numpy(ours["params"][key]), torch.from_numpy(tensor),
                                    rtol=1e-5, atol=1e-6)
+
+
+def test_qk_clip_scales_the_same_heads_by_the_same_factors_on_every_rank(ranks):
+    """Each rank sees half the batch, hence other logits; the all-reduce MAX makes the factors agree, so
+    the replicas stay bitwise equal (DDP itself synchronises the gradients, not the weights)."""
+    results, _ = ranks
+    first, second = (rank["ddp-qk-clip"]["params"] for rank in results)
+    for key, tensor in first.items():
+        assert (second[key] == tensor).all(), key
 
 
 def test_tensor_parallel_tiny_gpt_has_the_loss_curve_of_one_process(ranks):

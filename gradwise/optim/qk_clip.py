@@ -28,6 +28,12 @@ observer in every such module of a model and clips after each step of the optimi
 attached to (a torch step post-hook, so any optimizer works, Muon first of all).
 Forward passes without gradients (evaluations) are not recorded.
 
+Under data parallelism each rank sees part of the batch, so each records its own maxima; with
+``process_group`` set, :meth:`QKClip.clip` first takes their maximum over the group (one
+all-reduce of every head's logit), so every replica scales its heads by the same factors and the
+replicas stay equal. Tensor parallelism (heads split over ranks) is not covered: a rank would
+hold only its own heads' logits and rows.
+
 Example::
 
     clip = QKClip(model, tau=100.0)
@@ -41,6 +47,7 @@ from functools import partial
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
@@ -71,12 +78,16 @@ class QKClip:
     at ``tau`` (Kimi K2's default: 100) after each optimizer step (see the module docstring).
 
     ``record`` keeps, per module, the largest logit per head seen in training forward passes
-    since the last :meth:`clip`; :meth:`clip` rescales the heads above ``tau`` and forgets them.
+    since the last :meth:`clip`; :meth:`clip` rescales the heads above ``tau`` and forgets them
+    (:meth:`forget` drops them without clipping: a step that did not update the weights).
     No host synchronisation: the factors are computed and applied as tensors.
+    ``process_group``: the data-parallel ranks whose maxima :meth:`clip` combines (see the module
+    docstring); ``None`` for one process.
     """
 
-    def __init__(self, model: nn.Module, tau: float = 100.0) -> None:
+    def __init__(self, model: nn.Module, tau: float = 100.0, process_group: dist.ProcessGroup | None = None) -> None:
         self.tau = check_range("tau", tau, 0.0, low_open=True)
+        self.process_group = process_group
         self.modules = [module for module in model.modules() if isinstance(module, ReportsAttentionLogits)]
         if not self.modules:
             raise ValueError(
@@ -98,10 +109,28 @@ class QKClip:
 
     @torch.no_grad()
     def clip(self) -> None:
-        """Scale the query and key weights of each head whose recorded logit exceeds ``tau``."""
+        """Scale the query and key weights of each head whose recorded logit exceeds ``tau``
+        (over every rank of ``process_group``, when set)."""
+        if self.process_group is not None:
+            self.combine_ranks()
         for index, max_logits in self.max_logits.items():
             factors = (self.tau / max_logits.clamp(min=self.tau)).nan_to_num(nan=1.0)
             self.modules[index].scale_query_key_(factors)
+        self.forget()
+
+    def combine_ranks(self) -> None:
+        """Every recorded maximum replaced by its maximum over ``process_group``: one all-reduce of
+        all heads' logits together (every rank records the same modules: the same forward passes)."""
+        indices = sorted(self.max_logits)
+        if not indices:
+            return
+        flat = torch.cat([self.max_logits[index] for index in indices])
+        dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=self.process_group)
+        for index, part in zip(indices, flat.split([self.max_logits[index].numel() for index in indices])):
+            self.max_logits[index] = part
+
+    def forget(self) -> None:
+        """Drop the recorded logits without clipping."""
         self.max_logits.clear()
 
     def attach(self, optimizer: torch.optim.Optimizer) -> RemovableHandle:
@@ -112,4 +141,4 @@ class QKClip:
         """Stop observing: the modules' ``logit_observer`` back to ``None``."""
         for module in self.modules:
             module.logit_observer = None
-        self.max_logits.clear()
+        self.forget()

@@ -39,6 +39,10 @@ LARGEST_SEED = 2**63 - 1
 LARGEST_CLIP_VALUE = float(torch.finfo(torch.float32).max)
 """Gradients are float32 (or narrower): clamping them to a larger bound overflows in torch."""
 
+QK_CLIP_STRATEGIES = ("single", "ddp", "zero1", "zero2")
+"""Strategies under which every rank holds whole attention heads after the step, so QK-Clip's agreed
+factors keep the replicas equal; FSDP, tensor and pipeline parallelism split them."""
+
 T = TypeVar("T")
 
 
@@ -112,6 +116,12 @@ class TrainConfig:
     clip_value: float | None = setting(None, metavar="V", none_is_off=True,
                                        help="largest gradient entry, or none (default: none)")
     """Largest absolute gradient entry (None: no clipping by value)."""
+    qk_clip: float | None = setting(None, metavar="TAU", none_is_off=True,
+                                    help="cap each attention head's largest logit at TAU by rescaling its query "
+                                         "and key weights after every step (QK-Clip; Kimi K2 used 100), or none "
+                                         "(default: none)")
+    """QK-Clip's threshold (:class:`gradwise.optim.qk_clip.QKClip`), for a workload whose attention reports
+    its logits; None: off. Strategies that keep the whole model on every rank only (:data:`QK_CLIP_STRATEGIES`)."""
     precision: str | None = setting(None, metavar="NAME", choices=lambda: PRECISIONS,
                                     help="one of {choices} (default: the workload's)")
     device: str = setting("cpu", metavar="NAME", help="cpu, cuda or auto (default: cpu)")
@@ -162,6 +172,11 @@ class TrainConfig:
             check_range("clip", self.clip, 0.0, low_open=True)
         if self.clip_value is not None:
             check_range("clip_value", self.clip_value, 0.0, LARGEST_CLIP_VALUE, low_open=True)
+        if self.qk_clip is not None:
+            check_range("qk_clip", self.qk_clip, 0.0, low_open=True)
+            if self.strategy is not None and self.strategy not in QK_CLIP_STRATEGIES:
+                raise ValueError(f"qk_clip rescales whole attention heads on every rank: run it with strategy "
+                                 f"{', '.join(QK_CLIP_STRATEGIES)}, not {self.strategy!r}")
         if self.precision is not None:
             check_choice("precision", self.precision, PRECISIONS)
         check_choice("device", self.device, ("cpu", "cuda", "auto"))
@@ -257,10 +272,14 @@ def check_allowed_changes(names: Iterable[str]) -> frozenset[str]:
 
 def settings_difference(saved: Any, current: dict[str, Any], allowed: Iterable[str] = ()) -> str | None:
     """The first setting of ``current`` that ``saved`` (a run's recorded settings) has otherwise, as one
-    phrase, or ``None``. Compared as JSON values (a tuple equals a list); ``allowed`` names are not compared."""
+    phrase, or ``None``. Compared as JSON values (a tuple equals a list); ``allowed`` names are not compared.
+    A setting that ``saved`` lacks (added to gradwise after the run was written) counts as its default,
+    which a new setting keeps at the behaviour from before it existed."""
     if not isinstance(saved, dict):
         return "it records no settings"
-    normal = json.loads(json.dumps({**saved}, default=str))
+    defaults = {item.name: item.default for item in dataclasses.fields(TrainConfig)
+                if item.default is not dataclasses.MISSING}
+    normal = json.loads(json.dumps({**defaults, **saved}, default=str))
     for name, value in json.loads(json.dumps(current, default=str)).items():
         if name not in allowed and normal.get(name, "(none)") != value:
             hint = f" (--allow-change {name} to continue with {value!r})" if name in CHANGEABLE else ""

@@ -10,7 +10,8 @@ Per step, in order: the gradients of the micro-batches (under autocast for bf16/
 loss scaled for fp16), the unscaled gradients' global norm ``||g|| = sqrt(sum_i ||g_i||^2)``
 and which tensors are not finite, the divergence guard's verdict, clipping by value
 (``g <- clamp(g, -v, v)``) and by global norm (``g <- g * min(1, c / (||g|| + 1e-6))``, as
-``torch.nn.utils.clip_grad_norm_``), the optimizer and schedule steps, a metrics record;
+``torch.nn.utils.clip_grad_norm_``), the optimizer step, QK-Clip's rescaling of the attention heads
+whose logits exceeded ``qk_clip`` (when set), the schedule's step, a metrics record;
 every ``eval_every`` steps an evaluation and every ``checkpoint_every`` steps a checkpoint.
 
 On N processes (``torchrun``, or ``gradwise train --nproc N``) a strategy
@@ -74,6 +75,7 @@ from gradwise.distributed import DistContext, RankSlice, init_distributed, shutd
 from gradwise.distributed.strategies.base import Strategy
 from gradwise.distributed.strategies.registry import make_strategy
 from gradwise.optim.description import HessianRefreshed, TrainEvalSwitched, description_of
+from gradwise.optim.qk_clip import QKClip
 from gradwise.problems.data import Batch
 from gradwise.problems.workload import Target, Workload
 from gradwise.problems.workloads import WORKLOADS, make_workload
@@ -312,6 +314,10 @@ class Trainer:
             raise ValueError(f"optimizer {config.optimizer!r} evaluates at weights of its own (optimizer.eval()): "
                              f"run it with strategy {', '.join(SWITCHING_STRATEGIES)}, not {strategy.name!r}")
         self.optimizer = strategy.wrap_optimizer(built)
+        self.qk_clip = None if config.qk_clip is None else QKClip(
+            self.trained, config.qk_clip, dist.group.WORLD if strategy.world_size > 1 else None)
+        """QK-Clip (``--qk-clip``): after every update, the heads whose logits exceeded the threshold in
+        the step's forward passes (over all ranks) are rescaled (see :mod:`gradwise.optim.qk_clip`)."""
         schedule = make_schedule(config.schedule, self.steps, warmup, floor=config.lr_floor,
                                  T_0=max(1, (self.steps - warmup) // 3))
         self.scheduler = ScheduleLR(self.optimizer, schedule)
@@ -460,6 +466,12 @@ class Trainer:
         if self.strategy.world_size > 1:
             loss, grad_norm = self.strategy.agree([loss, grad_norm])
         event = self.guarded_update(loss, grad_norm, nonfinite)
+        if self.qk_clip is not None:
+            if event == "":
+                with self.strategy.counting():
+                    self.qk_clip.clip()
+            else:  # the weights did not move (or go back to a checkpoint): the logits may be non-finite
+                self.qk_clip.forget()
         if event != "rollback":
             with warnings.catch_warnings():
                 # A skipped update (non-finite gradient, fp16 overflow) steps the schedule but not the
