@@ -291,6 +291,14 @@ class Muon(GradwiseOptimizer):
                 race={"use_muon": True, "weight_decay": 0.0},
                 lr_scale=15.0,
             ),
+            # the modded-nanogpt speedrun's Muon since its 2025 records: Polar Express orthogonalisation and
+            # NorMuon's per-row normalisation (norm-preserving, so Muon's lr carries over)
+            "normuon": Preset(
+                "NorMuon: Muon with Polar Express and a per-row second moment",
+                {"orthogonalization": "polar_express", "normuon_beta2": 0.95},
+                train={},
+                lr_scale=15.0,
+            ),
         },
         groups=_model_groups,
     )
