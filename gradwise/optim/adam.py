@@ -76,6 +76,10 @@ class Adam(GradwiseOptimizer):
     ``mars_gamma`` (MARS-AdamW, Yuan et al. 2024, arXiv:2411.10438; the paper uses 0.025 with
     betas (0.95, 0.99)) feeds the clipped variance-reduced gradient :math:`\tilde c_t` to both
     moments in place of :math:`g_t`, keeping :math:`g_{t-1}` (4 more bytes per parameter).
+    ``state_format`` stores the moments in fewer bits (``"bf16"``, ``"bf16-sr"``, ``"8bit"``;
+    default ``"fp32"``, torch's rule; see :mod:`gradwise.optim.state_formats`): :math:`m` signed,
+    :math:`v` and :math:`\hat v` unsigned; 8-bit AdamW keeps 2 bytes per parameter and 8 per
+    block of 256.
 
     Example::
 
@@ -83,6 +87,8 @@ class Adam(GradwiseOptimizer):
         loss_fn(model(x), y).backward()
         opt.step(); opt.zero_grad()
     """
+
+    _formatted_state = {"exp_avg": True, "exp_avg_sq": False, "max_exp_avg_sq": False}
 
     description = Description(
         drive="step",
@@ -112,6 +118,7 @@ class Adam(GradwiseOptimizer):
         decoupled_weight_decay: bool = False,
         cautious: bool = False,
         mars_gamma: float | None = None,
+        state_format: str = "fp32",
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -127,6 +134,7 @@ class Adam(GradwiseOptimizer):
             decoupled_weight_decay=decoupled_weight_decay,
             cautious=cautious,
             mars_gamma=mars_gamma,
+            state_format=state_format,
         )
         super().__init__(params, defaults)
 
@@ -283,6 +291,7 @@ class AdamW(Adam):
         fused: bool | None = None,
         cautious: bool = False,
         mars_gamma: float | None = None,
+        state_format: str = "fp32",
     ) -> None:
         super().__init__(
             params,
@@ -299,6 +308,7 @@ class AdamW(Adam):
             decoupled_weight_decay=True,
             cautious=cautious,
             mars_gamma=mars_gamma,
+            state_format=state_format,
         )
 
     # An AdamW is an AdamW whatever state_dict it loads (an Adam's says otherwise).

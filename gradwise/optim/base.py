@@ -37,7 +37,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.optimizer import _get_capturable_supported_devices
 
-from gradwise.validation import check_bool, check_optional_bool, check_range
+from gradwise.optim.state_formats import ABSMAX_SUFFIX, CHUNK_ELEMENTS, STATE_FORMATS, FormattedState
+from gradwise.validation import check_bool, check_choice, check_optional_bool, check_range
 
 if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
@@ -71,6 +72,11 @@ def check_common_options(group: dict[str, Any]) -> None:
         raise ValueError("cautious=True masks the update, which a fused kernel computes inside: pass fused=None")
     if group.get("mars_gamma") is not None:
         check_range("mars_gamma", group["mars_gamma"], 0.0, 1.0)
+    if "state_format" in group:
+        check_choice("state_format", group["state_format"], STATE_FORMATS)
+        if group["state_format"] != "fp32" and group.get("differentiable"):
+            raise ValueError(f"state_format={group['state_format']!r} rounds the state, which autograd cannot "
+                             "differentiate: pass differentiable=False or state_format='fp32'")
     lr = group.get("lr")
     if isinstance(lr, Tensor) and lr.numel() != 1:
         raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(lr.shape)}")
@@ -132,6 +138,7 @@ class GradwiseOptimizer(Optimizer):
         check_common_options(defaults)
         self._validate_defaults(defaults)
         self._complex_owners: dict[Tensor, Tensor] = {}
+        self._formatted_views: dict[Tensor, FormattedState] = {}
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -165,6 +172,11 @@ class GradwiseOptimizer(Optimizer):
     # own dtype too, onto the parameter's device, where torch would round them to bf16.
     _float32_state_keys: tuple[str, ...] = ()
 
+    # The moments a ``state_format`` applies to (an optimizer that offers the option), each
+    # with whether its values are signed (Adam's m) or not (Adam's v): the 8-bit format
+    # quantises them on different maps. See gradwise.optim.state_formats.
+    _formatted_state: dict[str, bool] = {}
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         # torch's __setstate__ (run by load_state_dict and unpickling) adds "differentiable"
         # to every optimizer's defaults; one that has no such option keeps its groups' keys.
@@ -174,12 +186,17 @@ class GradwiseOptimizer(Optimizer):
         if not had_differentiable:
             self.defaults.pop("differentiable", None)
         self.__dict__.setdefault("_complex_owners", {})
+        self.__dict__.setdefault("_formatted_views", {})
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         own_dtype = (*self._scalar_state_keys, *self._float32_state_keys)
+        # a moment saved in a state format keeps it (torch would cast it to the parameter's dtype)
+        formatted = {i for group in state_dict["param_groups"] if group.get("state_format", "fp32") != "fp32"
+                     for i in group["params"]}
         kept = {
-            i: {key: state_dict["state"][i][key] for key in own_dtype if key in state_dict["state"][i]}
+            i: {key: value for key, value in state_dict["state"][i].items()
+                if key in own_dtype or key.endswith(ABSMAX_SUFFIX) or (i in formatted and key in self._formatted_state)}
             for i in saved_ids
             if i in state_dict["state"]
         }
@@ -251,7 +268,9 @@ class GradwiseOptimizer(Optimizer):
         if group.get("mars_gamma") is not None:
             grads = self._mars_gradients(group, params, grads)
         try:
-            if group.get("foreach") is False or group.get("differentiable"):
+            if group.get("state_format", "fp32") != "fp32":
+                self._formatted_update(group, params, grads)
+            elif group.get("foreach") is False or group.get("differentiable"):
                 for param, grad in zip(params, grads):  # torch's single-tensor path
                     self._update(group, [param], [grad])
             else:
@@ -259,11 +278,46 @@ class GradwiseOptimizer(Optimizer):
         finally:
             self._complex_owners.clear()
 
+    def _formatted_update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+        """The update with the moments in ``group["state_format"]``: chunk by chunk of at most
+        ``CHUNK_ELEMENTS`` parameter elements (a larger tensor alone), the moments decoded into
+        working tensors, the optimizer's own update run on them (foreach or fused as the group
+        says), and the result encoded back (see :mod:`gradwise.optim.state_formats`)."""
+        name = type(self).__name__
+        if not self._formatted_state:
+            raise ValueError(f"{name} has no state_format option: its state is kept as torch keeps it")
+        if any(param in self._complex_owners or is_dtensor(param) for param in params):
+            raise ValueError(f"{name}(state_format={group['state_format']!r}) supports real, unsharded "
+                             "parameters (ZeRO shards by whole tensors); complex and DTensor ones need 'fp32'")
+        start = 0
+        while start < len(params):
+            stop, elements = start + 1, params[start].numel()
+            while stop < len(params) and elements + params[stop].numel() <= CHUNK_ELEMENTS:
+                elements += params[stop].numel()
+                stop += 1
+            chunk, chunk_grads = params[start:stop], grads[start:stop]
+            self._formatted_views = {
+                param: FormattedState(self.state[param], group["state_format"], self._formatted_state, param.dtype)
+                for param in chunk
+            }
+            try:
+                if group.get("foreach") is False:
+                    for param, grad in zip(chunk, chunk_grads):
+                        self._update(group, [param], [grad])
+                else:
+                    self._update(group, chunk, chunk_grads)
+                for view in self._formatted_views.values():
+                    view.commit()
+            finally:
+                self._formatted_views = {}
+            start = stop
+
     def needs_whole_tensors(self) -> bool:
         """Whether some param group's update reads a statistic of each whole tensor (the cautious
-        mask's count, MARS's norm). ZeRO then gives each rank whole tensors rather than flat
+        mask's count, MARS's norm, a state format's blocks). ZeRO then gives each rank whole tensors rather than flat
         slices of an element-wise optimizer, so that the sharded step equals the unsharded one."""
-        return any(group.get("cautious") or group.get("mars_gamma") is not None for group in self.param_groups)
+        return any(group.get("cautious") or group.get("mars_gamma") is not None
+                   or group.get("state_format", "fp32") != "fp32" for group in self.param_groups)
 
     def _mars_beta(self, group: dict[str, Any]) -> float:
         r"""The momentum coefficient :math:`\beta_1` that scales MARS's correction: the first
@@ -329,7 +383,10 @@ class GradwiseOptimizer(Optimizer):
 
     def param_state(self, param: Tensor) -> MutableMapping:
         """The state of ``param``: for the real view of a complex parameter, its owner's state
-        seen through real views."""
+        seen through real views; during a step in a state format, its moments as working tensors."""
+        view = self._formatted_views.get(param)
+        if view is not None:
+            return view
         owner = self._complex_owners.get(param)
         if owner is None:
             return self.state[param]

@@ -262,6 +262,9 @@ class Muon(GradwiseOptimizer):
 
     State: the momentum buffer (4 bytes per fp32 parameter) for Muon parameters; AdamW's
     two moments and step (8 bytes) for the others, with AdamW's layout.
+    ``state_format`` stores the moments in fewer bits (``"bf16"``, ``"bf16-sr"``, ``"8bit"``;
+    default ``"fp32"``, torch's rule; see :mod:`gradwise.optim.state_formats`): the momentum of
+    the matrices and AdamW's moments; NorMuon's row moment stays as it is.
 
     Example::
 
@@ -275,6 +278,9 @@ class Muon(GradwiseOptimizer):
     def _updates_matrices(self, group: dict[str, Any]) -> bool:
         # The AdamW groups are element-wise: complex parameters there go as real views.
         return group["use_muon"] is not False
+
+    # the momentum of the matrices, and the moments of the tensors routed to AdamW
+    _formatted_state = {"momentum_buffer": True, "exp_avg": True, "exp_avg_sq": False}
 
     description = Description(
         drive="step",
@@ -323,6 +329,7 @@ class Muon(GradwiseOptimizer):
         use_muon: bool | None = None,
         orthogonalization: str = "newton_schulz",
         normuon_beta2: float | None = None,
+        state_format: str = "fp32",
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -341,6 +348,7 @@ class Muon(GradwiseOptimizer):
             use_muon=use_muon,
             orthogonalization=orthogonalization,
             normuon_beta2=normuon_beta2,
+            state_format=state_format,
         )
         super().__init__(params, defaults)
 

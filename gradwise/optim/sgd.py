@@ -57,12 +57,17 @@ class SGD(GradwiseOptimizer):
     :math:`g_t` and rescales the rest (:func:`~gradwise.optim.base.cautious_updates`), on the
     foreach path; weight decay enters :math:`g_t` before the mask, as it does the momentum.
 
+    ``state_format`` stores the moments in fewer bits (``"bf16"``, ``"bf16-sr"``, ``"8bit"``;
+    default ``"fp32"``, torch's rule; see :mod:`gradwise.optim.state_formats`): the momentum buffer, signed.
+
     Example::
 
         opt = gradwise.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
         loss_fn(model(x), y).backward()
         opt.step(); opt.zero_grad()
     """
+
+    _formatted_state = {"momentum_buffer": True}
 
     description = Description(
         drive="step",
@@ -106,6 +111,7 @@ class SGD(GradwiseOptimizer):
         differentiable: bool = False,
         fused: bool | None = None,
         cautious: bool = False,
+        state_format: str = "fp32",
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -118,6 +124,7 @@ class SGD(GradwiseOptimizer):
             differentiable=differentiable,
             fused=fused,
             cautious=cautious,
+            state_format=state_format,
         )
         super().__init__(params, defaults)
 
