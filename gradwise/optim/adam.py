@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from gradwise.optim.base import (
+    AMP_SCALING_KEYS,
     GradwiseOptimizer,
     ParamsT,
     addcdiv_scaled_,
@@ -18,6 +20,7 @@ from gradwise.optim.base import (
     check_state_shapes,
     fused_kernel_applies,
     fused_scaling,
+    is_dtensor,
     mars_buffers,
     maybe_negate,
     roots_to_edit,
@@ -26,6 +29,8 @@ from gradwise.optim.base import (
     zeros_like,
 )
 from gradwise.optim.description import Description, Preset, StateSize, numel
+from gradwise.optim.kernels import adam_8bit_cpu, optional_kernel
+from gradwise.optim.state_formats import ABSMAX_SUFFIX, BLOCK, dynamic_map, quantize_8bit
 from gradwise.validation import check_betas, check_range
 
 
@@ -147,6 +152,37 @@ class Adam(GradwiseOptimizer):
     def _update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
         adam_update(self, group, params, grads)
 
+    def _fused_formatted_update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> bool:
+        """8-bit moments of float32 CPU parameters: one pass of the fused kernel
+        (``gradwise/optim/kernels/adam_8bit_cpu.cpp``) over the stored codes and block scales,
+        bit for bit the generic path's result with ``fused=False``. Elsewhere (other formats,
+        dtypes or devices, strided parameters, ``amsgrad``, ``cautious``, ``foreach=False``,
+        AMP's ``grad_scale``, a differentiable, capturable or compiled step, moments loaded in
+        another format) it returns False and the generic path runs; so it does when the kernel
+        cannot be built (warned once; an error under ``fused=True``)."""
+        if not _adam_8bit_kernel_applies(self, group, params):
+            return False
+        kernel = adam_8bit_cpu() if group["fused"] else optional_kernel(adam_8bit_cpu)
+        if kernel is None:
+            return False
+        steps = self._step_counters(params, on_device=False)
+        for param in params:  # a fresh moment: what the generic path stores, zeros' codes and scales
+            state = self.state[param]
+            for key, signed in (("exp_avg", True), ("exp_avg_sq", False)):
+                if key not in state:
+                    state[key], state[key + ABSMAX_SUFFIX] = quantize_8bit(torch.zeros_like(param), signed)
+        moments, scales = ([[self.state[p][key + suffix] for p in params] for key in ("exp_avg", "exp_avg_sq")]
+                           for suffix in ("", ABSMAX_SUFFIX))
+        lr, (beta1, beta2) = group["lr"], group["betas"]
+        torch._foreach_add_(steps, 1)
+        counts = [step.item() for step in steps]
+        kernel.adam_8bit_(
+            params, grads, moments[0], scales[0], moments[1], scales[1], *_dynamic_maps(),
+            [-lr / (1 - beta1**t) for t in counts], [(1 - beta2**t) ** 0.5 for t in counts],
+            beta1, beta2, group["eps"], group["weight_decay"], lr, group["decoupled_weight_decay"], group["maximize"],
+        )
+        return True
+
     @staticmethod
     def _foreach_update(
         group: dict[str, Any],
@@ -213,6 +249,35 @@ class Adam(GradwiseOptimizer):
             **fused_scaling(group),
         )
         undo_skipped_steps(steps, group)
+
+
+@functools.cache
+def _dynamic_maps() -> tuple[Tensor, Tensor]:
+    """The 8-bit format's signed and unsigned maps, which the fused kernel decodes through."""
+    return dynamic_map(True), dynamic_map(False)
+
+
+def _adam_8bit_kernel_applies(optimizer: GradwiseOptimizer, group: dict[str, Any], params: list[Tensor]) -> bool:
+    """Whether the fused 8-bit kernel computes ``group``'s step of ``params`` exactly as the
+    generic path with ``fused=False`` would (see :meth:`Adam._fused_formatted_update`)."""
+    if (group["state_format"] != "8bit" or group["fused"] is False or group["amsgrad"] or group.get("cautious")
+            or group.get("foreach") is False or group.get("differentiable") or group.get("capturable")
+            or any(group.get(key) is not None for key in AMP_SCALING_KEYS) or torch.compiler.is_compiling()):
+        return False
+    for param in params:
+        if (param.device.type != "cpu" or param.dtype != torch.float32 or not param.is_contiguous()
+                or is_dtensor(param) or param in optimizer._complex_owners):
+            return False
+        state = optimizer.state[param]
+        for key in ("exp_avg", "exp_avg_sq"):
+            codes, scales = state.get(key), state.get(key + ABSMAX_SUFFIX)
+            if codes is None and scales is None:
+                continue
+            if (codes is None or scales is None or codes.dtype != torch.uint8 or codes.shape != param.shape
+                    or not codes.is_contiguous() or scales.dtype != torch.float32 or not scales.is_contiguous()
+                    or scales.numel() != -(-param.numel() // BLOCK) or codes.device != param.device):
+                return False
+    return True
 
 
 def adam_update(optimizer: GradwiseOptimizer, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:

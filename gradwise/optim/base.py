@@ -269,7 +269,8 @@ class GradwiseOptimizer(Optimizer):
             grads = self._mars_gradients(group, params, grads)
         try:
             if group.get("state_format", "fp32") != "fp32":
-                self._formatted_update(group, params, grads)
+                if not self._fused_formatted_update(group, params, grads):
+                    self._formatted_update(group, params, grads)
             elif group.get("foreach") is False or group.get("differentiable"):
                 for param, grad in zip(params, grads):  # torch's single-tensor path
                     self._update(group, [param], [grad])
@@ -277,6 +278,13 @@ class GradwiseOptimizer(Optimizer):
                 self._update(group, params, grads)
         finally:
             self._complex_owners.clear()
+
+    def _fused_formatted_update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> bool:
+        """Update ``params`` with a kernel that reads and writes ``group["state_format"]``'s stored
+        moments directly (one pass over the smaller state, no working copies), and return True; or
+        return False, changing nothing, where no such kernel applies: the generic
+        :meth:`_formatted_update` then runs. An optimizer that has such a kernel overrides this."""
+        return False
 
     def _formatted_update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
         """The update with the moments in ``group["state_format"]``: chunk by chunk of at most

@@ -10,15 +10,16 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+import warnings
 from pathlib import Path
 from types import ModuleType
 
 _HERE = Path(__file__).parent
 
 
-@functools.cache
-def lion_cpu() -> ModuleType:
-    """The fused CPU Lion kernel: ``lion_(params, grads, exp_avgs, lr, decay, beta1, beta2)``."""
+def _build(name: str, source: str, what: str, fallback: str, cflags: tuple[str, ...] = ()) -> ModuleType:
+    """Compile (or load from torch's cache) the extension ``name`` from ``source`` beside this file;
+    a failure is a ``RuntimeError`` that names the kernel (``what``) and the way around it."""
     from torch.utils.cpp_extension import load
 
     if shutil.which("ninja") is None:
@@ -28,13 +29,56 @@ def lion_cpu() -> ModuleType:
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     try:
         return load(
-            name="gradwise_lion_cpu",
-            sources=[str(_HERE / "lion_cpu.cpp")],
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            name=name,
+            sources=[str(_HERE / source)],
+            extra_cflags=["-O3", "-march=native", "-fopenmp", *cflags],
             extra_ldflags=["-fopenmp"],
         )
-    except (OSError, RuntimeError) as error:
+    except (OSError, RuntimeError, ImportError) as error:
         raise RuntimeError(
-            f"could not build gradwise's fused CPU Lion kernel ({error}); "
-            "it needs a C++ compiler and the ninja package; use Lion(fused=False) instead"
+            f"could not build gradwise's {what} ({error}); it needs a C++ compiler and the ninja package; {fallback}"
         ) from error
+
+
+@functools.cache
+def lion_cpu() -> ModuleType:
+    """The fused CPU Lion kernel: ``lion_(params, grads, exp_avgs, lr, decay, beta1, beta2)``."""
+    return _build("gradwise_lion_cpu", "lion_cpu.cpp", "fused CPU Lion kernel", "use Lion(fused=False) instead")
+
+
+@functools.cache
+def adam_8bit_cpu() -> ModuleType:
+    """The fused CPU Adam/AdamW kernel for 8-bit moments (``state_format="8bit"``):
+    ``adam_8bit_(params, grads, exp_avg_codes, exp_avg_absmaxes, exp_avg_sq_codes,
+    exp_avg_sq_absmaxes, signed_map, unsigned_map, minus_step_sizes, bias_correction2_sqrts,
+    beta1, beta2, eps, weight_decay, lr, decoupled, maximize)``.
+
+    Built without contracting products into fused multiply-adds (``-ffp-contract=off``) and
+    with ``-fno-math-errno -fno-trapping-math`` (so its selects vectorise; neither changes a
+    result): its arithmetic is spelled out op by op
+    to match ATen's kernels bit for bit (see the source)."""
+    return _build(
+        "gradwise_adam_8bit_cpu",
+        "adam_8bit_cpu.cpp",
+        "fused CPU 8-bit Adam kernel",
+        "pass fused=False to use the generic 8-bit path",
+        cflags=("-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"),
+    )
+
+
+_FAILED: dict[str, str] = {}
+
+
+def optional_kernel(loader) -> ModuleType | None:
+    """``loader()``, or ``None`` when it cannot be built: a default run then takes the generic
+    path, warned once per process (the failure is remembered, so the build is not retried every
+    step)."""
+    name = loader.__name__
+    if name in _FAILED:
+        return None
+    try:
+        return loader()
+    except RuntimeError as error:
+        _FAILED[name] = str(error)
+        warnings.warn(f"{error}; falling back to the generic path", RuntimeWarning, stacklevel=3)
+        return None
