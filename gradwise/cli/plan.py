@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gradwise.cli.parsing import OneLineErrorParser, UsageError, output_folder, parse_key_values, parse_list
+from gradwise.optim.state_formats import check_state_format
 from gradwise.plan import memory, svg_bars
 from gradwise.train.config import LARGEST_SEED
 from gradwise.validation import check_choice, check_int, check_range
@@ -96,6 +97,9 @@ def _add_memory(models) -> None:
                         help="parameter count (default: that of the transformer of --layers/--width/--vocab)")
     parser.add_argument("--optimizer", default="adamw", help="optimizer (default: adamw)")
     parser.add_argument("--precision", default="bf16", help="number format recipe (default: bf16)")
+    parser.add_argument("--state-format", default="fp32", metavar="FORMAT",
+                        help="the optimizer's moments: fp32 (as the precision says), bf16, bf16-sr or 8bit "
+                             "(default: fp32)")
     parser.add_argument("--zero", type=int, default=0, metavar="STAGE", help="ZeRO stage 0-3 (default: 0)")
     parser.add_argument("--devices", type=int, default=1, metavar="N", help="data-parallel devices (default: 1)")
     parser.add_argument("--layers", type=int, metavar="L", help="transformer layers (for activations)")
@@ -113,6 +117,7 @@ def _add_memory(models) -> None:
 def _memory(args: argparse.Namespace) -> int:
     check_choice("optimizer", args.optimizer, memory.OPTIMIZERS)
     check_choice("precision", args.precision, memory.PRECISIONS)
+    check_state_format(memory.OPTIMIZERS[args.optimizer].optimizer, args.state_format)
     check_choice("zero", args.zero, memory.ZERO_STAGES)
     check_int("devices", args.devices, 1)
     if args.params is not None:
@@ -141,21 +146,25 @@ def _memory(args: argparse.Namespace) -> int:
     params = memory.parameter_count(shapes)
     rows: list[dict[str, Any]] = []
     for stage in memory.ZERO_STAGES:
-        estimate = memory.estimate_memory(shapes, args.optimizer, args.precision, stage, args.devices, activations)
+        estimate = memory.estimate_memory(shapes, args.optimizer, args.precision, stage, args.devices, activations,
+                                          args.state_format)
         label = "DP" if stage == 0 else f"ZeRO-{stage}"
         rows.append({"zero_stage": stage, "label": label, "bytes": estimate.as_dict()})
     chosen = rows[args.zero]
     payload = {
-        "params": params, "optimizer": args.optimizer, "precision": args.precision, "devices": args.devices,
+        "params": params, "optimizer": args.optimizer, "precision": args.precision,
+        "state_format": args.state_format, "devices": args.devices,
         "zero_stage": args.zero, "bytes_per_param": {
             "weights": fmt.weight_bytes, "gradients": fmt.grad_bytes, "master": fmt.master_bytes,
-            "optimizer_state": memory.optimizer_state_bytes(shapes, args.optimizer, fmt.state_bytes) / params,
+            "optimizer_state": memory.optimizer_state_bytes(shapes, args.optimizer, fmt.state_bytes,
+                                                            args.state_format) / params,
         },
         "activations_included": args.seq_len is not None, "per_device": chosen["bytes"], "by_stage": rows,
     }
     path = _plot_path(args, "memory.svg")
     if path is not None:  # SVG written by hand: importing matplotlib would cost a third of torch's start-up
-        title = f"{params / 1e9:.3g}B params, {args.optimizer}, {args.precision}, {args.devices} devices"
+        title = f"{params / 1e9:.3g}B params, {args.optimizer} ({args.state_format} state), {args.precision}, " \
+                f"{args.devices} devices"
         series = {kind.replace("_", " "): [row["bytes"][kind] / GB for row in rows] for kind in MEMORY_KINDS}
         payload["plot"] = str(svg_bars.write_stacked_bars(path, [row["label"] for row in rows], series, title,
                                                           "GB per device", total_format="{:.3g} GB"))
@@ -166,7 +175,8 @@ def _memory(args: argparse.Namespace) -> int:
     )
     per_param = payload["bytes_per_param"]
     text = (
-        f"{params:.4g} parameters, {args.optimizer}, {args.precision} ({fmt.description}), "
+        f"{params:.4g} parameters, {args.optimizer} ({args.state_format} state), {args.precision} "
+        f"({fmt.description}), "
         f"{args.devices} device(s); GB (1e9 bytes) per device\n"
         f"bytes per parameter: weights {per_param['weights']}, gradients {per_param['gradients']}, "
         f"master {per_param['master']}, optimizer state {per_param['optimizer_state']:.4g}\n\n{table}\n"

@@ -28,7 +28,7 @@ from gradwise.optim.base import (
     undo_skipped_steps,
     zeros_like,
 )
-from gradwise.optim.description import Description, Preset, StateSize, numel
+from gradwise.optim.description import Description, Preset, StateSize, moment_buffers, numel
 from gradwise.optim.kernels import adam_8bit_cpu, optional_kernel
 from gradwise.optim.state_formats import ABSMAX_SUFFIX, BLOCK, dynamic_map, quantize_8bit
 from gradwise.validation import check_betas, check_range
@@ -46,8 +46,8 @@ def update_moments(
 def _adam_state(shape, options) -> StateSize:
     """Two moments (three with ``amsgrad``: the running maximum; one more with MARS: the
     previous gradient) and a step counter."""
-    buffers = (3 if options.get("amsgrad", False) else 2) + mars_buffers(options)
-    return StateSize(buffers * numel(shape), scalars=1)
+    return moment_buffers(3 if options.get("amsgrad", False) else 2, shape,
+                          others=mars_buffers(options) * numel(shape), scalars=1)
 
 
 class Adam(GradwiseOptimizer):

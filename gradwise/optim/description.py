@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal, Protocol
 
+from gradwise.optim.state_formats import BLOCK, format_bytes
+
 Drive = Literal[
     "step", "closure", "loss_closure", "hessian_closure", "snapshot_closure", "sample_index", "model",
     "hessian_refresh",
@@ -74,10 +76,40 @@ SHARDINGS: tuple[Sharding, ...] = ("element", "tensor", "layer")
 @dataclass(frozen=True)
 class StateSize:
     """Optimizer state of one parameter tensor: ``values`` stored in the state's number format
-    and ``scalars`` scalar tensors (step counters, running products) of 4 bytes each."""
+    and ``scalars`` scalar tensors (step counters, running products) of 4 bytes each.
+
+    Of ``values``, ``moments`` are in the moment buffers that a ``state_format`` stores
+    (:mod:`gradwise.optim.state_formats`), and ``moment_blocks`` counts those buffers' blocks of
+    ``BLOCK`` values, buffer by buffer (the 8-bit format keeps a scale per block)."""
 
     values: int
     scalars: int = 0
+    moments: int = 0
+    moment_blocks: int = 0
+
+    def __add__(self, other: StateSize) -> StateSize:
+        return StateSize(self.values + other.values, self.scalars + other.scalars,
+                         self.moments + other.moments, self.moment_blocks + other.moment_blocks)
+
+    def __mul__(self, count: int) -> StateSize:
+        return StateSize(self.values * count, self.scalars * count, self.moments * count, self.moment_blocks * count)
+
+    def bytes(self, element_size: int, state_format: str = "fp32") -> int:
+        """Bytes of this state with values of ``element_size`` bytes and the moments in
+        ``state_format``."""
+        return ((self.values - self.moments) * element_size + self.scalars * SCALAR_STATE_BYTES
+                + format_bytes(state_format, self.moments, self.moment_blocks, element_size))
+
+
+SCALAR_STATE_BYTES = 4
+"""A scalar state tensor (a step counter) is a float32 or int32 tensor."""
+
+
+def moment_buffers(count: int, shape: tuple[int, ...], others: int = 0, scalars: int = 0) -> StateSize:
+    """``count`` moment buffers the size of a tensor of ``shape`` (a ``state_format`` applies to
+    them), plus ``others`` values and ``scalars`` scalars it does not apply to."""
+    size = numel(shape)
+    return StateSize(count * size + others, scalars, count * size, count * -(-size // BLOCK))
 
 
 StateRule = Callable[[tuple[int, ...], Mapping[str, Any]], StateSize]
@@ -204,8 +236,7 @@ class Description:
         ``options``: one call on the flat group for ``flat_state``, else the sum per tensor."""
         if self.flat_state:
             return self.state((sum(numel(shape) * count for shape, count in shapes),), options)
-        sizes = [(self.state(tuple(shape), options), count) for shape, count in shapes]
-        return StateSize(sum(s.values * c for s, c in sizes), sum(s.scalars * c for s, c in sizes))
+        return sum((self.state(tuple(shape), options) * count for shape, count in shapes), StateSize(0))
 
 
 def description_of(optimizer_class: type, inherited: bool = False) -> Description:

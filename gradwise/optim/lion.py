@@ -20,7 +20,7 @@ from gradwise.optim.base import (
     maybe_negate,
     zeros_like,
 )
-from gradwise.optim.description import Description, Preset, StateSize, numel
+from gradwise.optim.description import Description, Preset, StateSize, moment_buffers, numel
 from gradwise.optim.kernels import lion_cpu
 from gradwise.validation import check_betas, check_range
 
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 def _lion_state(shape, options) -> StateSize:
     """One momentum (two buffers with MARS: the previous gradient too), no step counter."""
-    return StateSize((1 + mars_buffers(options)) * numel(shape))
+    return moment_buffers(1, shape, others=mars_buffers(options) * numel(shape))
 
 
 class Lion(GradwiseOptimizer):

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from gradwise.optim.adam import adam_update
 from gradwise.optim.base import GradwiseOptimizer, ParamsT, is_dtensor, maybe_negate, zeros_like
-from gradwise.optim.description import Description, Preset, StateSize, numel
+from gradwise.optim.description import Description, Preset, StateSize, moment_buffers
 from gradwise.optim.param_groups import NORMALIZATION_LAYERS
 from gradwise.validation import check_betas, check_choice, check_int, check_range
 
@@ -168,11 +168,11 @@ def _muon_state(shape, options) -> StateSize:
     if use_muon is None:
         use_muon = len(shape) >= 2
     if not use_muon:
-        return StateSize(2 * numel(shape), scalars=1)
+        return moment_buffers(2, shape, scalars=1)
     if options.get("normuon_beta2") is None:
-        return StateSize(numel(shape))
+        return moment_buffers(1, shape)
     batch, rows, _ = matrix_shape(torch.empty(shape, device="meta"))
-    return StateSize(numel(shape) + batch * rows)
+    return moment_buffers(1, shape, others=batch * rows)
 
 
 def _model_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:

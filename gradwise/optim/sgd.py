@@ -19,13 +19,13 @@ from gradwise.optim.base import (
     maybe_negate,
     with_l2_penalty,
 )
-from gradwise.optim.description import Description, Preset, StateSize, numel
+from gradwise.optim.description import Description, Preset, StateSize, moment_buffers
 from gradwise.validation import check_range
 
 
 def _sgd_state(shape, options) -> StateSize:
     """A momentum buffer when ``momentum`` is nonzero; nothing otherwise."""
-    return StateSize(numel(shape) if options.get("momentum", 0) != 0 else 0)
+    return moment_buffers(1 if options.get("momentum", 0) != 0 else 0, shape)
 
 
 class SGD(GradwiseOptimizer):

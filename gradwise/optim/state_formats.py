@@ -106,9 +106,9 @@ def quantize_8bit(values: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
     bounds = _map_and_bounds(signed, values.device)[1]
     blocks = _blocks(values)
     absmax = blocks.abs().amax(dim=1)
-    scaled = blocks / absmax.clamp(min=torch.finfo(torch.float32).tiny).unsqueeze(1)
-    codes = torch.bucketize(scaled.clamp(-1.0, 1.0), bounds).to(torch.uint8)
-    return codes.view(-1)[: values.numel()].view(values.shape), absmax
+    scaled = (blocks / absmax.clamp(min=torch.finfo(torch.float32).tiny).unsqueeze(1)).view(-1)[: values.numel()]
+    codes = torch.bucketize(scaled.clamp(-1.0, 1.0), bounds).to(torch.uint8)  # a tensor of its own: no padding kept
+    return codes.view(values.shape), absmax
 
 
 def dequantize_8bit(codes: Tensor, absmax: Tensor, signed: bool, dtype: torch.dtype) -> Tensor:
@@ -141,6 +141,17 @@ def draw_seed(draws: int, key: str, numel: int) -> int:
     an odd multiplier (the golden ratio's 32-bit fraction), the key and size mixed in, so tensors
     and moments draw apart."""
     return (draws * 0x9E3779B9 + zlib.crc32(key.encode()) * 0x85EBCA6B + numel) % 2**32
+
+
+def check_state_format(optimizer_class: type, state_format: str) -> str:
+    """``state_format`` if ``optimizer_class`` offers it (it names its moments); a ``ValueError``
+    otherwise."""
+    if state_format not in STATE_FORMATS:
+        raise ValueError(f"state_format must be one of {', '.join(map(repr, STATE_FORMATS))}, got {state_format!r}")
+    if state_format != "fp32" and not getattr(optimizer_class, "_formatted_state", None):
+        raise ValueError(f"state_format: {optimizer_class.__name__} keeps its state as torch does, "
+                         f"only 'fp32'; got {state_format!r}")
+    return state_format
 
 
 def is_stored(key: str) -> bool:
@@ -223,11 +234,12 @@ class FormattedState(MutableMapping):
             self.stored[key] = value
 
 
-def format_bytes(state_format: str, values: int, element_size: int) -> int:
-    """Bytes of one moment of ``values`` elements stored in ``state_format`` (``element_size``:
-    the parameter's bytes per value, which ``"fp32"`` keeps)."""
+def format_bytes(state_format: str, values: int, blocks: int, element_size: int) -> int:
+    """Bytes of moments of ``values`` elements in ``blocks`` blocks (counted per buffer) stored in
+    ``state_format`` (``element_size``: the parameter's bytes per value, which ``"fp32"`` keeps):
+    8-bit AdamW, 2 bytes per parameter and 8 per block of 256."""
     if state_format == "fp32":
         return values * element_size
     if state_format in ("bf16", "bf16-sr"):
         return 2 * values
-    return values + 4 * -(-values // BLOCK)
+    return values + 4 * blocks

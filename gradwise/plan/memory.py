@@ -50,10 +50,8 @@ from typing import Any
 import torch
 
 from gradwise.optim.description import StateSize, description_of, numel, presets
+from gradwise.optim.state_formats import check_state_format
 from gradwise.validation import check_choice, check_int, check_range
-
-SCALAR_STATE_BYTES = 4
-"""Bytes of one scalar state tensor (a float32 step counter or running product)."""
 
 ZERO_STAGES = (0, 1, 2, 3)
 
@@ -233,12 +231,13 @@ class MemoryEstimate:
         }
 
 
-def optimizer_state_bytes(shapes: Shapes, optimizer: str, state_bytes: int) -> int:
+def optimizer_state_bytes(shapes: Shapes, optimizer: str, state_bytes: int, state_format: str = "fp32") -> int:
     """Bytes of optimizer state for parameters of ``shapes`` with the optimizer preset
-    ``optimizer`` (a name in :data:`OPTIMIZERS`), state values of ``state_bytes`` each."""
+    ``optimizer`` (a name in :data:`OPTIMIZERS`), state values of ``state_bytes`` each, its
+    moments in ``state_format`` (:mod:`gradwise.optim.state_formats`)."""
     preset = OPTIMIZERS[check_choice("optimizer", optimizer, OPTIMIZERS)]
-    size = group_state_size(preset.optimizer, shapes, preset.options)
-    return size.values * state_bytes + size.scalars * SCALAR_STATE_BYTES
+    check_state_format(preset.optimizer, state_format)
+    return group_state_size(preset.optimizer, shapes, preset.options).bytes(state_bytes, state_format)
 
 
 def estimate_memory(
@@ -248,6 +247,7 @@ def estimate_memory(
     zero_stage: int = 0,
     devices: int = 1,
     activations: int = 0,
+    state_format: str = "fp32",
 ) -> MemoryEstimate:
     """Bytes per device for parameters of ``shapes`` trained with ``optimizer`` in
     ``precision`` under ZeRO ``zero_stage`` (0: plain data parallelism) over ``devices``;
@@ -260,7 +260,7 @@ def estimate_memory(
     count = parameter_count(shapes)
     if count <= 0:
         raise ValueError(f"params must be > 0, got {count}")
-    state = optimizer_state_bytes(shapes, optimizer, fmt.state_bytes)
+    state = optimizer_state_bytes(shapes, optimizer, fmt.state_bytes, state_format)
     master = count * fmt.master_bytes
     return MemoryEstimate(
         parameters=count * fmt.weight_bytes / (devices if zero_stage >= 3 else 1),
@@ -304,7 +304,7 @@ def measured_bytes(optimizer: torch.optim.Optimizer) -> dict[str, int]:
 def predicted_bytes(optimizer: torch.optim.Optimizer) -> dict[str, int]:
     """The model's bytes for the same: parameters and gradients in the parameters' formats,
     state by the class's rule with each param group's hyperparameters, state values in the
-    parameters' format."""
+    parameters' format, the moments in each group's ``state_format``."""
     description = description_of(type(optimizer))
     totals = {"parameters": 0, "gradients": 0, "optimizer_state": 0}
     for group in optimizer.param_groups:
@@ -314,11 +314,12 @@ def predicted_bytes(optimizer: torch.optim.Optimizer) -> dict[str, int]:
             totals["gradients"] += param.numel() * param.element_size()
         if not params:
             continue
+        state_format = group.get("state_format", "fp32")
         if description.flat_state:
             size = description.state_of(shapes_of(params), group)
-            totals["optimizer_state"] += size.values * params[0].element_size() + size.scalars * SCALAR_STATE_BYTES
+            totals["optimizer_state"] += size.bytes(params[0].element_size(), state_format)
             continue
         for param in params:
-            size = description.state(tuple(param.shape), group)
-            totals["optimizer_state"] += size.values * param.element_size() + size.scalars * SCALAR_STATE_BYTES
+            totals["optimizer_state"] += description.state(tuple(param.shape), group).bytes(
+                param.element_size(), state_format)
     return totals

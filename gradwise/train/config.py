@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 import torch
 
 from gradwise.optim.description import presets
+from gradwise.optim.state_formats import STATE_FORMATS, check_state_format
 from gradwise.schedules import SCHEDULES
 from gradwise.train.optimizers import OPTIMIZERS, check_optimizer_options
 from gradwise.train.precision import PRECISIONS
@@ -38,6 +39,9 @@ LARGEST_SEED = 2**63 - 1
 """torch's generators take a signed or unsigned 64-bit seed; a run adds small offsets to it."""
 LARGEST_CLIP_VALUE = float(torch.finfo(torch.float32).max)
 """Gradients are float32 (or narrower): clamping them to a larger bound overflows in torch."""
+
+DTENSOR_STRATEGIES = ("fsdp", "tp")
+"""Strategies whose optimizer steps sharded (DTensor) parameters."""
 
 QK_CLIP_STRATEGIES = ("single", "ddp", "zero1", "zero2")
 """Strategies under which every rank holds whole attention heads after the step, so QK-Clip's agreed
@@ -122,6 +126,11 @@ class TrainConfig:
                                          "(default: none)")
     """QK-Clip's threshold (:class:`gradwise.optim.qk_clip.QKClip`), for a workload whose attention reports
     its logits; None: off. Strategies that keep the whole model on every rank only (:data:`QK_CLIP_STRATEGIES`)."""
+    state_format: str = setting("fp32", metavar="FORMAT", choices=lambda: STATE_FORMATS,
+                                help="the optimizer's moments: {choices} (default: fp32, torch's rule; "
+                                     "adam, adamw, lion, sgd, muon and their variants)")
+    """How the optimizer stores its moments (:mod:`gradwise.optim.state_formats`); refused by an optimizer
+    that keeps its state as torch does, and under FSDP and tensor parallelism (sharded parameters)."""
     precision: str | None = setting(None, metavar="NAME", choices=lambda: PRECISIONS,
                                     help="one of {choices} (default: the workload's)")
     device: str = setting("cpu", metavar="NAME", help="cpu, cuda or auto (default: cpu)")
@@ -177,6 +186,10 @@ class TrainConfig:
             if self.strategy is not None and self.strategy not in QK_CLIP_STRATEGIES:
                 raise ValueError(f"qk_clip rescales whole attention heads on every rank: run it with strategy "
                                  f"{', '.join(QK_CLIP_STRATEGIES)}, not {self.strategy!r}")
+        check_state_format(OPTIMIZERS[self.optimizer][0], self.state_format)
+        if self.state_format != "fp32" and self.strategy in DTENSOR_STRATEGIES:
+            raise ValueError(f"state_format {self.state_format!r} is kept per whole tensor: strategy "
+                             f"{self.strategy!r} shards parameters (use ddp, zero1 or zero2)")
         if self.precision is not None:
             check_choice("precision", self.precision, PRECISIONS)
         check_choice("device", self.device, ("cpu", "cuda", "auto"))

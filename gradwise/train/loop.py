@@ -301,8 +301,10 @@ class Trainer:
         whose options (SAGA's slots) it may set."""
         self.closure_batch: Batch | None = None
         """The step's batch, which a closure-driven optimizer re-evaluates."""
+        formatted = {"state_format": config.state_format} if config.state_format != "fp32" else {}
         built = build_optimizer(config.optimizer, self.trained, lr, config.weight_decay,
-                                {**config.optimizer_options, **(self.closures.build_options if self.closures else {})})
+                                {**config.optimizer_options, **formatted,
+                                 **(self.closures.build_options if self.closures else {})})
         if self.drive == "hessian_refresh" and strategy.name not in HESSIAN_REFRESH_STRATEGIES:
             # the estimate is taken on the whole model and handed to the whole optimizer
             raise ValueError(f"optimizer {config.optimizer!r} refreshes a Hessian estimate of the whole model: "
