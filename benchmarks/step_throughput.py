@@ -16,6 +16,14 @@ Usage::
 
     python benchmarks/step_throughput.py                  # prints the table, writes JSON
     python benchmarks/step_throughput.py --rounds 3 --layers 1  # a quick look
+    python benchmarks/step_throughput.py --state-formats  # AdamW's state formats and 8-bit peers
+
+``--state-formats`` times AdamW with its moments in each ``state_format`` (torch's fused fp32
+AdamW as the bar; bf16; bf16 with stochastic rounding; 8-bit through the generic path and
+through gradwise's fused kernel) beside bitsandbytes' ``AdamW8bit`` and torchao's ``AdamW8bit``
+(block-wise 8-bit states too), where they install and run; one that fails is reported as such.
+Bytes moved then count each format's own bytes: 8-bit moments are 1 byte per value plus a
+4-byte scale per block of 256, read and written once.
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ class Implementation:
     name: str  # e.g. "gradwise (fused)", "torch foreach"
     make: Callable[[list[torch.Tensor]], torch.optim.Optimizer]
     tensors_moved: int  # tensors read plus tensors written per parameter by an ideal kernel
+    state_bytes: float | None = None  # bytes of state read plus written per parameter, where not fp32 tensors
 
 
 @dataclass
@@ -153,6 +162,44 @@ def implementations() -> list[Implementation]:
     return result
 
 
+def state_format_implementations() -> list[Implementation]:
+    """AdamW (weight decay 0.1) with its moments in each state format, beside the 8-bit AdamW of
+    bitsandbytes and of torchao. An ideal kernel reads p and g and writes p (12 bytes per fp32
+    parameter) and reads and writes both moments: 8 bytes of bf16, 2 bytes of codes and 16 bytes
+    of scales per 256 values in 8 bits."""
+    lr, options = 1e-6, {"weight_decay": 0.1}
+    eight_bit = 2 * (2 * 1 + 2 * 4 / 256)
+
+    def adamw(**extra):
+        return lambda p: gw.AdamW(p, lr=lr, **options, **extra)
+
+    result = [
+        Implementation("AdamW formats", "torch fused fp32",
+                       lambda p: torch.optim.AdamW(p, lr=lr, fused=True, **options), 7),
+        Implementation("AdamW formats", "gradwise fp32", adamw(), 7),
+        Implementation("AdamW formats", "gradwise bf16", adamw(state_format="bf16"), 3, 8.0),
+        Implementation("AdamW formats", "gradwise bf16-sr", adamw(state_format="bf16-sr"), 3, 8.0),
+        Implementation("AdamW formats", "gradwise 8bit generic", adamw(state_format="8bit", fused=False), 3, eight_bit),
+        Implementation("AdamW formats", "gradwise 8bit fused", adamw(state_format="8bit"), 3, eight_bit),
+    ]
+
+    def bitsandbytes_adamw8bit(params):
+        import bitsandbytes
+
+        return bitsandbytes.optim.AdamW8bit(params, lr=lr, min_8bit_size=1, **options)
+
+    def torchao_adamw8bit(params):
+        import torchao.optim
+
+        return torchao.optim.AdamW8bit(params, lr=lr, **options)
+
+    result += [
+        Implementation("AdamW formats", "bitsandbytes AdamW8bit", bitsandbytes_adamw8bit, 3, eight_bit),
+        Implementation("AdamW formats", "torchao AdamW8bit", torchao_adamw8bit, 3, eight_bit),
+    ]
+    return result
+
+
 def time_steps(optimizer: torch.optim.Optimizer, steps: int) -> float:
     start = time.perf_counter()
     for _ in range(steps):
@@ -161,15 +208,24 @@ def time_steps(optimizer: torch.optim.Optimizer, steps: int) -> float:
 
 
 def run(
-    layers: int, width: int, vocab: int, rounds: int, steps: int, warmup: int, algorithms: set[str] | None = None
+    layers: int, width: int, vocab: int, rounds: int, steps: int, warmup: int, algorithms: set[str] | None = None,
+    state_formats: bool = False,
 ) -> dict[str, object]:
     params = gpt_shaped_params(layers, width, vocab)
     numel = sum(p.numel() for p in params)
-    candidates = [i for i in implementations() if algorithms is None or i.algorithm.lower() in algorithms]
-    optimizers = []
-    for impl in tqdm(candidates, desc="warming up", unit="impl"):
-        optimizer = impl.make(params)
-        time_steps(optimizer, warmup)  # lazily created state, compiled kernels
+    pool = state_format_implementations() if state_formats else implementations()
+    candidates = [i for i in pool if algorithms is None or i.algorithm.lower() in algorithms]
+    optimizers, failures = [], {}
+    for impl in tqdm(list(candidates), desc="warming up", unit="impl"):
+        try:
+            optimizer = impl.make(params)
+            time_steps(optimizer, warmup)  # lazily created state, compiled kernels
+        except Exception as error:  # a peer library that does not install or run here is reported
+            if not state_formats:
+                raise
+            failures[impl.name] = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+            candidates.remove(impl)
+            continue
         optimizers.append(optimizer)
     timings: list[list[float]] = [[] for _ in candidates]
     order = list(range(len(candidates)))
@@ -182,12 +238,12 @@ def run(
     medians = [statistics.median(t) for t in timings]
     best_torch = {}
     for impl, median in zip(candidates, medians):
-        if impl.name.startswith("torch"):
+        if impl.name.startswith("torch "):
             best_torch[impl.algorithm] = min(median, best_torch.get(impl.algorithm, float("inf")))
     results = []
     for impl, times, median in zip(candidates, timings, medians):
         best = best_torch.get(impl.algorithm)
-        moved = impl.tensors_moved * numel * params[0].element_size()
+        moved = impl.tensors_moved * numel * params[0].element_size() + (impl.state_bytes or 0) * numel
         results.append(
             Result(
                 algorithm=impl.algorithm,
@@ -203,6 +259,7 @@ def run(
         "setup": {"parameters": numel, "tensors": len(params), "layers": layers, "width": width,
                   "vocab": vocab, "dtype": "float32", "rounds": rounds, "steps_per_round": steps},
         "results": [asdict(r) for r in results],
+        **({"did_not_run": failures} if failures else {}),
     }
 
 
@@ -219,6 +276,8 @@ def format_table(report: dict[str, object]) -> str:
             f"{r['algorithm']:<14} {r['implementation']:<20} {r['median_ms']:>10.2f} "
             f"{r['gbytes_per_s']:>7.1f} {ratio:>14}"
         )
+    for name, error in report.get("did_not_run", {}).items():
+        lines.append(f"{'':<14} {name:<20} did not run: {error}")
     return "\n".join(lines)
 
 
@@ -231,10 +290,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="steps per timing round")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--algorithms", help="comma-separated subset, e.g. 'adamw,lion' (default: all)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "step_throughput.json")
+    parser.add_argument("--state-formats", action="store_true",
+                        help="time AdamW's state formats and bitsandbytes'/torchao's 8-bit AdamW instead")
+    parser.add_argument("--out", type=Path, help="JSON to write (default: results/step_throughput.json, "
+                        "or results/step_throughput_state_formats.json with --state-formats)")
     args = parser.parse_args()
+    if args.out is None:
+        name = "step_throughput_state_formats.json" if args.state_formats else "step_throughput.json"
+        args.out = Path(__file__).parent / "results" / name
     algorithms = None if args.algorithms is None else {a.strip().lower() for a in args.algorithms.split(",")}
-    report = run(args.layers, args.width, args.vocab, args.rounds, args.steps, args.warmup, algorithms)
+    report = run(args.layers, args.width, args.vocab, args.rounds, args.steps, args.warmup, algorithms,
+                 state_formats=args.state_formats)
     print(format_table(report))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
