@@ -1,0 +1,236 @@
+"""The fused CPU kernel of 8-bit Adam/AdamW (gradwise/optim/kernels/adam_8bit_cpu.cpp) against
+the generic 8-bit path (moments decoded, Adam's foreach update, quantize_8bit): bit for bit
+in parameters, codes and block scales, over many steps, shapes and hyperparameters; resume;
+the cases it leaves to the generic path; a build failure."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import gradwise.optim.adam as adam_module
+import gradwise.optim.kernels as kernels
+from gradwise.optim import Adam, AdamW
+from gradwise.optim.state_formats import _map_and_bounds, dynamic_map, quantize_8bit
+
+SHAPES = [(0,), (1,), (3, 7), (256,), (257,), (300, 7), (2, 3, 100), (2, 256)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernel():
+    """Build (or load) the kernel once; a machine without a compiler skips these tests."""
+    try:
+        return kernels.adam_8bit_cpu()
+    except RuntimeError as error:
+        pytest.skip(str(error))
+
+
+def _params(shapes, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=generator) for shape in shapes]
+
+
+def _run(cls, params, steps, fused, seed=1, scale=3.0, opt=None, **options):
+    """``steps`` steps of random gradients; returns the optimizer."""
+    opt = opt or cls(params, state_format="8bit", fused=fused, **options)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for param in params:
+            param.grad = torch.randn(param.shape, generator=generator) * scale
+        opt.step()
+    return opt
+
+
+def _same(a, b):
+    """Bit for bit (NaN included): equal values, and zeros of the same sign."""
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b) or (
+        a.dtype == torch.float32 and torch.equal(a.detach().view(torch.int32), b.detach().view(torch.int32)))
+
+
+def _assert_same(params_a, opt_a, params_b, opt_b):
+    for a, b in zip(params_a, params_b):
+        assert _same(a, b), (a - b).abs().max()
+        state_a, state_b = opt_a.state[a], opt_b.state[b]
+        assert list(state_a) == list(state_b)
+        for key in state_b:
+            assert _same(state_a[key], state_b[key]), key
+
+
+@pytest.mark.parametrize("cls", [Adam, AdamW])
+@pytest.mark.parametrize("options", [
+    {},
+    {"maximize": True},
+    {"weight_decay": 0.1},
+    {"weight_decay": 0.3, "maximize": True, "lr": 0.01},
+    {"betas": (0.5, 0.6), "eps": 1e-3},
+    {"betas": (0.0, 0.0)},  # lerp's other branch (weight >= 0.5), v = g^2
+])
+def test_kernel_equals_generic_path_bit_for_bit(cls, options, monkeypatch):
+    fused_params = _params(SHAPES)
+    with monkeypatch.context() as patch:
+        patch.setattr(Adam, "_formatted_update", lambda *args: pytest.fail("generic path ran"))
+        fused = _run(cls, fused_params, 50, None, **options)
+    generic_params = _params(SHAPES)
+    generic = _run(cls, generic_params, 50, False, **options)
+    _assert_same(fused_params, fused, generic_params, generic)
+    assert any(not torch.equal(a, b) for a, b in zip(fused_params, _params(SHAPES)) if a.numel())  # it moved
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    shapes=st.lists(st.lists(st.integers(0, 600), min_size=1, max_size=2).map(tuple), min_size=1, max_size=4),
+    decoupled=st.booleans(),
+    maximize=st.booleans(),
+    weight_decay=st.sampled_from([0.0, 1e-2, 0.5]),
+    beta1=st.floats(0.0, 0.99),
+    beta2=st.floats(0.0, 0.9999),
+    lr=st.floats(1e-4, 1.0),
+    scale=st.sampled_from([1e-6, 1.0, 1e4]),
+)
+def test_kernel_equals_generic_path_random(shapes, decoupled, maximize, weight_decay, beta1, beta2, lr, scale):
+    options = dict(lr=lr, betas=(beta1, beta2), weight_decay=weight_decay, maximize=maximize,
+                   decoupled_weight_decay=decoupled)
+    fused_params, generic_params = _params(shapes), _params(shapes)
+    fused = _run(Adam, fused_params, 8, None, scale=scale, **options)
+    generic = _run(Adam, generic_params, 8, False, scale=scale, **options)
+    _assert_same(fused_params, fused, generic_params, generic)
+
+
+def test_hostile_gradients_encode_as_the_generic_path():
+    """NaN and infinite gradients: the kernel writes the codes (255 for NaN) and scales that
+    quantize_8bit writes."""
+    def run(fused):
+        params = _params([(600,)])
+        opt = AdamW(params, state_format="8bit", fused=fused)
+        for values in ([float("nan"), 1.0], [float("inf"), -2.0], [1e38, -1e38]):
+            grad = torch.randn(600, generator=torch.Generator().manual_seed(3))
+            grad[:2] = torch.tensor(values)
+            grad[300:302] = torch.tensor(values)
+            params[0].grad = grad
+            opt.step()
+        return params, opt
+
+    _assert_same(*run(None), *run(False))
+
+
+def test_ties_round_as_bucketize():
+    """With beta1 = 0 the stored m is the gradient itself: values on the midpoints between codes
+    (the ties) and on the codes must get torch.bucketize's (right=False) codes."""
+    values, bounds = _map_and_bounds(True, torch.device("cpu"))
+    grad = torch.cat([bounds, values, -bounds, bounds.nextafter(torch.tensor(2.0)), torch.tensor([1.0])])
+    param = torch.zeros(grad.numel())
+    param.grad = grad.clone()
+    opt = Adam([param], betas=(0.0, 0.9), state_format="8bit")
+    opt.step()
+    codes, absmax = quantize_8bit(grad, signed=True)
+    assert torch.equal(opt.state[param]["exp_avg"], codes)
+    assert torch.equal(opt.state[param]["exp_avg_absmax"], absmax)
+
+
+@pytest.mark.parametrize("resumed_fused", [None, False])
+def test_resume_through_state_dict_is_exact(resumed_fused):
+    """20 steps with the kernel, state_dict through torch.save/torch.load(weights_only=True),
+    30 more with the kernel or the generic path: the 50 uninterrupted steps, bit for bit."""
+    whole_params = _params(SHAPES)
+    whole = _run(AdamW, whole_params, 50, None, weight_decay=0.1)
+    params = _params(SHAPES)
+    opt = AdamW(params, state_format="8bit", weight_decay=0.1)
+    generator = torch.Generator().manual_seed(1)
+    for step in range(50):
+        grads = [torch.randn(p.shape, generator=generator) * 3.0 for p in params]
+        if step == 20:
+            buffer = io.BytesIO()
+            torch.save(opt.state_dict(), buffer)
+            buffer.seek(0)
+            params = [p.detach().clone() for p in params]
+            opt = AdamW(params, state_format="8bit", fused=resumed_fused, weight_decay=0.1)
+            opt.load_state_dict(torch.load(buffer, weights_only=True))
+        for param, grad in zip(params, grads):
+            param.grad = grad
+        opt.step()
+    _assert_same(whole_params, whole, params, opt)
+
+
+def _kernel_refused(monkeypatch):
+    def adam_8bit_cpu():
+        raise AssertionError("the kernel was asked for where it does not apply")
+
+    monkeypatch.setattr(adam_module, "adam_8bit_cpu", adam_8bit_cpu)
+
+
+@pytest.mark.parametrize("case", ["amsgrad", "bf16", "strided", "foreach=False", "cautious", "fp32 format"])
+def test_cases_the_kernel_leaves_to_the_generic_path(case, monkeypatch):
+    _kernel_refused(monkeypatch)
+    param = torch.randn(40, 30)
+    options = {"state_format": "8bit"}
+    if case == "amsgrad":
+        options["amsgrad"] = True
+    elif case == "bf16":
+        param = param.bfloat16()
+    elif case == "strided":
+        param = torch.randn(40, 60)[:, ::2]
+    elif case == "foreach=False":
+        options["foreach"] = False
+    elif case == "cautious":
+        options["cautious"] = True
+    else:
+        options["state_format"] = "fp32"
+    param.grad = torch.randn_like(param)
+    opt = AdamW([param], **options)
+    before = param.detach().clone()
+    opt.step()
+    assert not torch.equal(param, before)
+
+
+def test_moments_loaded_in_another_format_take_the_generic_path_once(monkeypatch):
+    """A moment stored in bf16 (say by a run under state_format='bf16') is not codes: the generic
+    path decodes it and writes codes, and the next step is the kernel's."""
+    param = torch.randn(300)
+    param.grad = torch.randn(300)
+    opt = AdamW([param], state_format="bf16")
+    opt.step()
+    opt.param_groups[0]["state_format"] = "8bit"
+    calls = []
+    original = Adam._formatted_update
+    monkeypatch.setattr(Adam, "_formatted_update", lambda *args: calls.append(1) or original(*args))
+    opt.step()
+    assert opt.state[param]["exp_avg"].dtype == torch.uint8 and calls == [1]
+    opt.step()
+    assert calls == [1]
+
+
+def test_build_failure_falls_back_with_one_warning(monkeypatch):
+    def adam_8bit_cpu():
+        raise RuntimeError("could not build gradwise's fused CPU 8-bit Adam kernel (no compiler)")
+
+    monkeypatch.setattr(adam_module, "adam_8bit_cpu", adam_8bit_cpu)
+    monkeypatch.setattr(kernels, "_FAILED", {})
+    params = _params([(300,)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt = _run(AdamW, params, 3, None)
+    assert [str(w.message) for w in caught if w.category is RuntimeWarning] == [
+        "could not build gradwise's fused CPU 8-bit Adam kernel (no compiler); falling back to the generic path"]
+    generic_params = _params([(300,)])
+    _run(AdamW, generic_params, 3, False)
+    # the generic path with fused=None runs torch's fused AdamW on the decoded moments: last-bit apart
+    torch.testing.assert_close(params[0], generic_params[0])
+    assert opt.state[params[0]]["exp_avg"].dtype == torch.uint8
+    with pytest.raises(RuntimeError, match="no compiler"):
+        _run(AdamW, _params([(300,)]), 1, True)
+
+
+def test_kernel_refuses_mismatched_lists(kernel):
+    """The kernel checks what it is given: codes of another size are refused, not read past."""
+    param, grad = torch.zeros(300), torch.zeros(300)
+    codes, scales = torch.zeros(299, dtype=torch.uint8), torch.zeros(2)
+    with pytest.raises(RuntimeError, match="codes"):
+        kernel.adam_8bit_(
+            [param], [grad], [codes], [scales], [codes], [scales], dynamic_map(True), dynamic_map(False),
+            [-1e-3], [1.0], 0.9, 0.999, 1e-8, 0.0, 1e-3, True, False,
+        )
