@@ -76,6 +76,14 @@ def built(name: str, net: torch.nn.Module, **options) -> torch.optim.Optimizer:
     return OPTIMIZERS[name](params, **options)
 
 
+def trained(name: str, state_format: str, steps: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The test model after ``steps`` steps of optimizer ``name`` in ``state_format``."""
+    net = model()
+    optimizer = built(name, net, state_format=state_format)
+    train(optimizer, net, range(steps))
+    return net, optimizer
+
+
 # ---- the codecs ----------------------------------------------------------------------------
 
 
@@ -151,9 +159,7 @@ def test_round_to_nearest_bf16_drops_an_update_below_half_an_ulp_that_stochastic
 @pytest.mark.parametrize("state_format", LOW_BIT)
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_moments_are_stored_in_the_format_and_the_rest_as_before(name, state_format) -> None:
-    net = model()
-    optimizer = built(name, net, state_format=state_format)
-    train(optimizer, net, range(3))
+    net, optimizer = trained(name, state_format, 3)
     moment_keys = type(optimizer)._formatted_state
     for param in net.parameters():
         state = optimizer.state[param]
@@ -174,9 +180,7 @@ def test_moments_are_stored_in_the_format_and_the_rest_as_before(name, state_for
 @pytest.mark.parametrize("state_format", LOW_BIT)
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_resume_through_a_saved_state_dict_is_exact(name, state_format) -> None:
-    net = model()
-    optimizer = built(name, net, state_format=state_format)
-    train(optimizer, net, range(4))
+    net, optimizer = trained(name, state_format, 4)
     buffer = io.BytesIO()
     torch.save({"model": net.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
     train(optimizer, net, range(4, 9))
