@@ -181,7 +181,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/low-precision-states"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    results = [run(name, fmt, seed, args.out) for name, fmt in STUDY for seed in SEEDS]
+    # seed by seed: an interrupted study has every (optimizer, format) at the first seeds
+    results = [run(name, fmt, seed, args.out) for seed in SEEDS for name, fmt in STUDY]
     rows = summarise(results)
     print(f"{'optimizer/format':<18} {'val loss':>9} {'min..max':>15} {'vs fp32':>8} {'state MB':>9}"
           f" {'v <ulp/2':>8} {'v drift':>8}")
