@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import gradwise.optim
-from gradwise.optim.description import Description
+from gradwise.optim.description import SCALAR_STATE_BYTES, Description
 from gradwise.optim.driving import drive_step
 from gradwise.plan import memory
 
@@ -162,7 +162,7 @@ def test_mixed_precision_adam_keeps_16_bytes_per_parameter_and_stage_3_divides_i
     shapes = [((1000, 1000), 10)]
     full = memory.estimate_memory(shapes, "adam", "mixed")
     sharded = memory.estimate_memory(shapes, "adam", "mixed", zero_stage=3, devices=8)
-    scalars = 10 * memory.SCALAR_STATE_BYTES
+    scalars = 10 * SCALAR_STATE_BYTES
     assert full.total == 16 * 10**7 + scalars
     assert (full.parameters, full.gradients, full.master_weights) == (2e7, 2e7, 4e7)
     assert sharded.total == pytest.approx((2 + 2 + 12) * 10**7 / 8 + scalars / 8)

@@ -118,6 +118,8 @@ def _memory(args: argparse.Namespace) -> int:
     check_choice("optimizer", args.optimizer, memory.OPTIMIZERS)
     check_choice("precision", args.precision, memory.PRECISIONS)
     check_state_format(memory.OPTIMIZERS[args.optimizer].optimizer, args.state_format)
+    if args.state_format == "fp32":  # a preset may name one (adamw-8bit)
+        args.state_format = memory.OPTIMIZERS[args.optimizer].options.get("state_format", "fp32")
     check_choice("zero", args.zero, memory.ZERO_STAGES)
     check_int("devices", args.devices, 1)
     if args.params is not None:

@@ -337,6 +337,15 @@ class AdamW(Adam):
             "mars-adamw": Preset(
                 "MARS-AdamW (Yuan et al. 2024)", {"mars_gamma": 0.025}, train={"betas": (0.95, 0.99)}, race={}
             ),
+            # the moments in fewer bits (gradwise.optim.state_formats): names the race and the planner can use
+            "adamw-8bit": Preset(
+                "AdamW with 8-bit block-wise moments (Dettmers et al. 2021)", {"state_format": "8bit"},
+                train={"betas": (0.9, 0.95)},
+            ),
+            "adamw-bf16-sr": Preset(
+                "AdamW with bf16 moments, stochastic rounding", {"state_format": "bf16-sr"},
+                train={"betas": (0.9, 0.95)},
+            ),
         },
     )
 

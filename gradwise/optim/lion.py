@@ -94,6 +94,10 @@ class Lion(GradwiseOptimizer):
                 "Lion (sign of interpolated momentum)", train={"betas": (0.9, 0.99)}, race={}, race_default=True,
                 lr_scale=0.2,
             ),
+            "lion-8bit": Preset(
+                "Lion with an 8-bit block-wise momentum", {"state_format": "8bit"}, train={"betas": (0.9, 0.99)},
+                lr_scale=0.2,
+            ),
             "lion-cautious": Preset(
                 "cautious Lion (Liang et al. 2024)", {"cautious": True}, train={"betas": (0.9, 0.99)}, race={},
                 lr_scale=0.2,

@@ -297,6 +297,10 @@ class Muon(GradwiseOptimizer):
                 race={"use_muon": True, "weight_decay": 0.0},
                 lr_scale=15.0,
             ),
+            "muon-8bit": Preset(
+                "Muon with an 8-bit block-wise momentum (and its AdamW's moments)", {"state_format": "8bit"},
+                train={}, lr_scale=15.0,
+            ),
             # the modded-nanogpt speedrun's Muon since its 2025 records: Polar Express orthogonalisation and
             # NorMuon's per-row normalisation (norm-preserving, so Muon's lr carries over)
             "normuon": Preset(

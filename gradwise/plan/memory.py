@@ -236,7 +236,10 @@ def optimizer_state_bytes(shapes: Shapes, optimizer: str, state_bytes: int, stat
     ``optimizer`` (a name in :data:`OPTIMIZERS`), state values of ``state_bytes`` each, its
     moments in ``state_format`` (:mod:`gradwise.optim.state_formats`)."""
     preset = OPTIMIZERS[check_choice("optimizer", optimizer, OPTIMIZERS)]
-    check_state_format(preset.optimizer, state_format)
+    named = preset.options.get("state_format", "fp32")  # a preset may name one (adamw-8bit)
+    if state_format != "fp32" and named not in ("fp32", state_format):
+        raise ValueError(f"state_format: optimizer {optimizer!r} keeps its moments in {named!r}, got {state_format!r}")
+    state_format = check_state_format(preset.optimizer, named if state_format == "fp32" else state_format)
     return group_state_size(preset.optimizer, shapes, preset.options).bytes(state_bytes, state_format)
 
 
