@@ -84,7 +84,8 @@ class Adam(GradwiseOptimizer):
     ``state_format`` stores the moments in fewer bits (``"bf16"``, ``"bf16-sr"``, ``"8bit"``;
     default ``"fp32"``, torch's rule; see :mod:`gradwise.optim.state_formats`): :math:`m` signed,
     :math:`v` and :math:`\hat v` unsigned; 8-bit AdamW keeps 2 bytes per parameter and 8 per
-    block of 256.
+    block of 256. Its fused CPU kernel takes the correctly rounded square root, torch.sqrt MKL's
+    (not correctly rounded), so it agrees with ``fused=False`` to the parameters' last bits.
 
     Example::
 
@@ -154,8 +155,13 @@ class Adam(GradwiseOptimizer):
 
     def _fused_formatted_update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> bool:
         """8-bit moments of float32 CPU parameters: one pass of the fused kernel
-        (``gradwise/optim/kernels/adam_8bit_cpu.cpp``) over the stored codes and block scales,
-        bit for bit the generic path's result with ``fused=False``. Elsewhere (other formats,
+        (``gradwise/optim/kernels/adam_8bit_cpu.cpp``) over the stored codes and block scales.
+        It computes the generic path's step (``fused=False``) operation for operation except the
+        square root of :math:`v`: the CPU's correctly rounded one, where torch.sqrt on float32 CPU
+        tensors calls MKL's, which is not correctly rounded (matching it cost an eighth of the
+        step). So the codes and scales are the generic path's bit for bit (with coupled weight
+        decay, a moment may land on the neighbouring code), the parameters agree to the last bits
+        of each step, and a run resumed with the kernel is bit for bit the uninterrupted one. Elsewhere (other formats,
         dtypes or devices, strided parameters, ``amsgrad``, ``cautious``, ``foreach=False``,
         AMP's ``grad_scale``, a differentiable, capturable or compiled step, moments loaded in
         another format) it returns False and the generic path runs; so it does when the kernel
@@ -258,8 +264,9 @@ def _dynamic_maps() -> tuple[Tensor, Tensor]:
 
 
 def _adam_8bit_kernel_applies(optimizer: GradwiseOptimizer, group: dict[str, Any], params: list[Tensor]) -> bool:
-    """Whether the fused 8-bit kernel computes ``group``'s step of ``params`` exactly as the
-    generic path with ``fused=False`` would (see :meth:`Adam._fused_formatted_update`)."""
+    """Whether the fused 8-bit kernel computes ``group``'s step of ``params`` as the generic path
+    with ``fused=False`` would, up to the square root's last bit (see
+    :meth:`Adam._fused_formatted_update`)."""
     if (group["state_format"] != "8bit" or group["fused"] is False or group["amsgrad"] or group.get("cautious")
             or group.get("foreach") is False or group.get("differentiable") or group.get("capturable")
             or any(group.get(key) is not None for key in AMP_SCALING_KEYS) or torch.compiler.is_compiling()):

@@ -55,8 +55,8 @@ def adam_8bit_cpu() -> ModuleType:
 
     Built without contracting products into fused multiply-adds (``-ffp-contract=off``) and
     with ``-fno-math-errno -fno-trapping-math`` (so its selects vectorise; neither changes a
-    result): its arithmetic is spelled out op by op
-    to match ATen's kernels bit for bit (see the source)."""
+    result): its arithmetic is spelled out op by op as ATen's kernels do it, except the square
+    root, which is the CPU's correctly rounded one where torch.sqrt uses MKL's (see the source)."""
     return _build(
         "gradwise_adam_8bit_cpu",
         "adam_8bit_cpu.cpp",
