@@ -71,7 +71,7 @@ inline float bits_float(uint32_t bits) {
 struct Codebook {
   float values[256];
   float bounds[256];
-  uint8_t cells[2 * kCells + 3];  // + 3: a 32-bit gather of the last cell reads past it
+  uint8_t cells[2 * kCells];
 
   explicit Codebook(const at::Tensor& map) {
     TORCH_CHECK(map.numel() == 256 && map.scalar_type() == at::kFloat && map.is_contiguous() && map.device().is_cpu(),
@@ -79,7 +79,6 @@ struct Codebook {
     std::memcpy(values, map.data_ptr<float>(), sizeof(values));
     for (int i = 0; i < 255; ++i) bounds[i] = (values[i] + values[i + 1]) / 2.0f;  // as torch: add, then halve
     bounds[255] = std::numeric_limits<float>::infinity();
-    std::memset(cells + 2 * kCells, 0, 3);
     // Cells in increasing order of their arguments, so that the counts of midpoints below them
     // are found in one sweep each (binary searches per cell took 0.3 ms a step).
     Sweep below_low(bounds), below_high(bounds), below_minus_high(bounds), below_minus_low(bounds);
@@ -130,8 +129,8 @@ enum class Decay { kNone, kDecoupled, kCoupled };
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VBMI__)
 
-inline __mmask16 lanes(int64_t left) {
-  return left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1u);
+inline __mmask16 lanes(int64_t left) {  // the first `left` of 16 lanes (none when left <= 0)
+  return left >= 16 ? static_cast<__mmask16>(0xffff) : left <= 0 ? 0 : static_cast<__mmask16>((1u << left) - 1u);
 }
 
 inline __mmask64 byte_lanes(int64_t left) {
@@ -200,7 +199,7 @@ inline void decode_block(const Lookup& values, const uint8_t* __restrict codes, 
 inline void encode_block(const Codebook& book, const Lookup& bounds, const float* __restrict values, int64_t n,
                          bool has_nan, float largest, uint8_t* __restrict codes, float* __restrict absmax) {
   alignas(64) float clamped[kBlock];
-  alignas(64) uint16_t cells[kBlock];
+  alignas(64) uint32_t cells[kBlock];
   alignas(64) uint8_t below[kBlock];
   const float scale_stored = has_nan ? std::numeric_limits<float>::quiet_NaN() : largest;
   *absmax = scale_stored;
@@ -209,7 +208,8 @@ inline void encode_block(const Codebook& book, const Lookup& bounds, const float
   const __m512 minus_one = _mm512_set1_ps(-1.0f), one = _mm512_set1_ps(1.0f);
   const __m512i magnitude = _mm512_set1_epi32(0x7fffffff), low = _mm512_set1_epi32(kKeyLow),
                 high = _mm512_set1_epi32(kKeyHigh), negative = _mm512_set1_epi32(kCells);
-  for (int64_t i = 0; i < n; i += 16) {
+  const int64_t rounded = (n + 63) / 64 * 64;  // past n: zeros, whose cell is a valid one
+  for (int64_t i = 0; i < rounded; i += 16) {
     const __mmask16 mask = lanes(n - i);
     const __m512 y = _mm512_div_ps(_mm512_maskz_loadu_ps(mask, values + i), scale);
     // clamped to [-1, 1]; a NaN stays NaN (max(a, b) is b when a is NaN), its cell is any valid one
@@ -219,24 +219,24 @@ inline void encode_block(const Codebook& book, const Lookup& bounds, const float
     key = _mm512_min_epu32(_mm512_max_epu32(key, low), high);
     const __m512i cell = _mm512_add_epi32(_mm512_sub_epi32(key, low),
                                           _mm512_and_si512(_mm512_srai_epi32(bits, 31), negative));
-    _mm256_store_si256(reinterpret_cast<__m256i*>(cells + i), _mm512_cvtepi32_epi16(cell));
+    _mm512_store_si512(cells + i, cell);
     _mm512_store_ps(clamped + i, _mm512_mask_mov_ps(bounded, _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q), y));
   }
-  const int64_t rounded = (n + 63) / 64 * 64;
-  for (int64_t i = 0; i < rounded; ++i) below[i] = book.cells[i < n ? cells[i] : 0];
-  const __m512i step = _mm512_set1_epi32(1), nan_code = _mm512_set1_epi32(255);
+#pragma GCC unroll 8
+  for (int64_t i = 0; i < rounded; ++i) below[i] = book.cells[cells[i]];
+  const __m512i step = _mm512_set1_epi8(1), nan_code = _mm512_set1_epi8(static_cast<char>(255));
   __m512 midpoint[4];
   for (int64_t i = 0; i < n; i += 64) {
     const __m512i counts = _mm512_load_si512(below + i);
     bounds(counts, midpoint);
-    for (int q = 0; q < 4 && i + 16 * q < n; ++q) {
-      const int64_t at = i + 16 * q;
-      const __m512 x = _mm512_load_ps(clamped + at);
-      __m512i code = _mm512_cvtepu8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(below + at)));
-      code = _mm512_mask_add_epi32(code, _mm512_cmp_ps_mask(midpoint[q], x, _CMP_LT_OQ), code, step);
-      code = _mm512_mask_mov_epi32(code, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), nan_code);  // as torch.bucketize
-      _mm512_mask_cvtepi32_storeu_epi8(codes + at, lanes(n - at), code);
+    __mmask64 up = 0, nan = 0;  // bit 16q + j: value i + 16q + j
+    for (int q = 0; q < 4; ++q) {
+      const __m512 x = _mm512_load_ps(clamped + i + 16 * q);
+      up |= static_cast<__mmask64>(_mm512_cmp_ps_mask(midpoint[q], x, _CMP_LT_OQ)) << (16 * q);
+      nan |= static_cast<__mmask64>(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q)) << (16 * q);
     }
+    const __m512i code = _mm512_mask_mov_epi8(_mm512_mask_add_epi8(counts, up, counts, step), nan, nan_code);
+    _mm512_mask_storeu_epi8(codes + i, byte_lanes(n - i), code);  // NaN: 255, as torch.bucketize
   }
 }
 
