@@ -56,15 +56,32 @@ def test_polar_express_table_is_the_papers_with_its_safety_factor() -> None:
 
 
 @settings(max_examples=12, deadline=None)
-@given(rows=st.integers(4, 48), cols=st.integers(4, 48), steps=st.integers(5, 8), seed=st.integers(0, 2**16))
-def test_polar_express_is_closer_to_the_polar_factor_than_newton_schulz(rows, cols, steps, seed) -> None:
-    """At equal iterations (equal matrix products: three a step for both), on Gaussian matrices."""
-    matrix = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+@given(rows=st.integers(4, 48), cols=st.integers(4, 48), steps=st.integers(5, 8), seed=st.integers(0, 2**16),
+       decades=st.floats(2.0, 3.0))
+def test_polar_express_is_closer_to_the_polar_factor_than_newton_schulz(rows, cols, steps, seed, decades) -> None:
+    """At equal iterations (equal matrix products: three a step for both), on matrices whose
+    singular values spread over 2-3 decades (as gradients' do; the range Amsel et al. optimise the
+    coefficients for)."""
+    generator = torch.Generator().manual_seed(seed)
+    rank = min(rows, cols)
+    left = torch.linalg.qr(torch.randn(rows, rank, generator=generator, dtype=torch.float64))[0]
+    right = torch.linalg.qr(torch.randn(cols, rank, generator=generator, dtype=torch.float64))[0]
+    matrix = left @ torch.diag(torch.logspace(0, -decades, rank, dtype=torch.float64)) @ right.T
     exact = polar_factor(matrix)
     express = relative_error(polar_express(matrix, steps, dtype=torch.float64), exact)
     jordan = relative_error(newton_schulz(matrix, steps, dtype=torch.float64), exact)
     assert express < jordan
     assert express < 0.15  # Jordan's quintic plateaus near 0.2-0.3 whatever the steps
+
+
+@settings(max_examples=12, deadline=None)
+@given(rows=st.integers(4, 48), cols=st.integers(4, 48), steps=st.integers(5, 8), seed=st.integers(0, 2**16))
+def test_polar_express_stays_near_the_polar_factor_on_gaussian_matrices(rows, cols, steps, seed) -> None:
+    """On a well-conditioned matrix Newton-Schulz is sometimes the closer of the two (15 x 4, seed 0,
+    5 steps: 0.078 against 0.095): Polar Express's coefficients minimise the worst case over
+    singular values down to 1e-3, not every case; its error stays small all the same."""
+    matrix = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    assert relative_error(polar_express(matrix, steps, dtype=torch.float64), polar_factor(matrix)) < 0.15
 
 
 def test_polar_express_converges_where_newton_schulz_plateaus() -> None:

@@ -120,6 +120,7 @@ def _memory(args: argparse.Namespace) -> int:
     check_state_format(memory.OPTIMIZERS[args.optimizer].optimizer, args.state_format)
     if args.state_format == "fp32":  # a preset may name one (adamw-8bit)
         args.state_format = memory.OPTIMIZERS[args.optimizer].options.get("state_format", "fp32")
+    optimizer = args.optimizer if args.state_format == "fp32" else f"{args.optimizer} ({args.state_format} state)"
     check_choice("zero", args.zero, memory.ZERO_STAGES)
     check_int("devices", args.devices, 1)
     if args.params is not None:
@@ -165,8 +166,7 @@ def _memory(args: argparse.Namespace) -> int:
     }
     path = _plot_path(args, "memory.svg")
     if path is not None:  # SVG written by hand: importing matplotlib would cost a third of torch's start-up
-        title = f"{params / 1e9:.3g}B params, {args.optimizer} ({args.state_format} state), {args.precision}, " \
-                f"{args.devices} devices"
+        title = f"{params / 1e9:.3g}B params, {optimizer}, {args.precision}, {args.devices} devices"
         series = {kind.replace("_", " "): [row["bytes"][kind] / GB for row in rows] for kind in MEMORY_KINDS}
         payload["plot"] = str(svg_bars.write_stacked_bars(path, [row["label"] for row in rows], series, title,
                                                           "GB per device", total_format="{:.3g} GB"))
@@ -177,8 +177,7 @@ def _memory(args: argparse.Namespace) -> int:
     )
     per_param = payload["bytes_per_param"]
     text = (
-        f"{params:.4g} parameters, {args.optimizer} ({args.state_format} state), {args.precision} "
-        f"({fmt.description}), "
+        f"{params:.4g} parameters, {optimizer}, {args.precision} ({fmt.description}), "
         f"{args.devices} device(s); GB (1e9 bytes) per device\n"
         f"bytes per parameter: weights {per_param['weights']}, gradients {per_param['gradients']}, "
         f"master {per_param['master']}, optimizer state {per_param['optimizer_state']:.4g}\n\n{table}\n"
