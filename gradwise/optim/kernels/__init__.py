@@ -7,6 +7,7 @@ processes load it in well under a second.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import os
 import shutil
@@ -20,7 +21,7 @@ _HERE = Path(__file__).parent
 def _build(name: str, source: str, what: str, fallback: str, cflags: tuple[str, ...] = ()) -> ModuleType:
     """Compile (or load from torch's cache) the extension ``name`` from ``source`` beside this file;
     a failure is a ``RuntimeError`` that names the kernel (``what``) and the way around it."""
-    from torch.utils.cpp_extension import load
+    from torch.utils.cpp_extension import _get_build_directory, load
 
     if shutil.which("ninja") is None:
         # torch looks for ninja on PATH; the ninja package from PyPI ships the binary.
@@ -28,12 +29,19 @@ def _build(name: str, source: str, what: str, fallback: str, cflags: tuple[str, 
 
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     try:
-        return load(
-            name=name,
-            sources=[str(_HERE / source)],
-            extra_cflags=["-O3", "-march=native", "-fopenmp", *cflags],
-            extra_ldflags=["-fopenmp"],
-        )
+        folder = Path(_get_build_directory(name, verbose=False))
+        with open(folder / "gradwise-build.flock", "w") as guard:
+            # torch serialises builds with a lock file, which a builder killed mid-build leaves
+            # behind: every later process would wait for it forever. An OS lock dies with its
+            # process; whoever holds it knows that no build is running, so a torch lock is stale.
+            fcntl.flock(guard, fcntl.LOCK_EX)
+            (folder / "lock").unlink(missing_ok=True)
+            return load(
+                name=name,
+                sources=[str(_HERE / source)],
+                extra_cflags=["-O3", "-march=native", "-fopenmp", *cflags],
+                extra_ldflags=["-fopenmp"],
+            )
     except (OSError, RuntimeError, ImportError) as error:
         raise RuntimeError(
             f"could not build gradwise's {what} ({error}); it needs a C++ compiler and the ninja package; {fallback}"
