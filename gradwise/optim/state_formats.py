@@ -40,6 +40,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from gradwise.validation import check_choice
+
 STATE_FORMATS = ("fp32", "bf16", "bf16-sr", "8bit")
 """The values of ``state_format``."""
 
@@ -147,8 +149,7 @@ def draw_seed(draws: int, key: str, numel: int) -> int:
 def check_state_format(optimizer_class: type, state_format: str) -> str:
     """``state_format`` if ``optimizer_class`` offers it (it names its moments); a ``ValueError``
     otherwise."""
-    if state_format not in STATE_FORMATS:
-        raise ValueError(f"state_format must be one of {', '.join(map(repr, STATE_FORMATS))}, got {state_format!r}")
+    check_choice("state_format", state_format, STATE_FORMATS)
     if state_format != "fp32" and not getattr(optimizer_class, "_formatted_state", None):
         raise ValueError(f"state_format: {optimizer_class.__name__} keeps its state as torch does, "
                          f"only 'fp32'; got {state_format!r}")
