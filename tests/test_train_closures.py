@@ -17,7 +17,7 @@ from gradwise.optim.driving import drive_step
 from gradwise.problems.workloads import make_workload
 from gradwise.train.closures import ClosureFeed, SampledBlocks
 from gradwise.train.config import TrainConfig
-from gradwise.train.optimizers import OPTIMIZERS
+from gradwise.train.optimizers import OPTIMIZERS, check_optimizer_strategy
 
 # batch 1024 of logreg's 8192 examples: an epoch is 8 steps, so SVRG takes snapshots at steps 0 and 8
 QUICK = ["--batch-size", "1024", "--threads", "1", "--no-progress", "--eval-every", "100"]
@@ -85,20 +85,27 @@ def test_what_the_loop_cannot_honour_is_refused_in_one_line(tmp_path, capsys, op
     assert err.count("\n") == 1 and expected in err, err
 
 
-@pytest.mark.parametrize("setting, value, expected", [
-    ("strategy", "ddp", "run it with strategy 'single', not 'ddp'"),
-    ("precision", "fp16", "use fp32 or bf16, not 'fp16'"),
+def test_a_loss_scaled_closure_run_is_refused():
+    config = TrainConfig(workload="logreg", optimizer="lbfgs", precision="fp16")
+    with pytest.raises(ValueError, match="use fp32 or bf16, not 'fp16'"):
+        ClosureFeed("closure", config, make_workload("logreg", 64, 0))
+
+
+@pytest.mark.parametrize("optimizer, strategy, expected", [
+    ("lbfgs", "ddp", "run it with strategy 'single', not 'ddp'"),
+    ("sophia", "zero1", "run it with strategy single or ddp, not 'zero1'"),
+    ("schedule-free-adamw", "fsdp", "run it with strategy single, ddp, zero1, zero2, not 'fsdp'"),
 ])
-def test_sharded_and_loss_scaled_runs_are_refused(setting, value, expected):
-    config = TrainConfig(workload="logreg", optimizer="lbfgs", precision="fp32")
-    workload = make_workload("logreg", 64, 0)
-    strategy = "single"
-    if setting == "strategy":
-        strategy = value
-    else:
-        config = TrainConfig(workload="logreg", optimizer="lbfgs", precision=value)
+def test_a_strategy_the_optimizer_rules_out_is_refused(optimizer, strategy, expected):
     with pytest.raises(ValueError, match=expected):
-        ClosureFeed("closure", config, strategy, workload)
+        check_optimizer_strategy(optimizer, strategy)
+
+
+@pytest.mark.parametrize("optimizer, strategy", [
+    ("lbfgs", "single"), ("sophia", "ddp"), ("schedule-free-adamw", "zero2"), ("adamw", "fsdp"),
+])
+def test_a_strategy_the_optimizer_allows_passes(optimizer, strategy):
+    check_optimizer_strategy(optimizer, strategy)
 
 
 def test_clipping_scales_the_step_objective_to_the_clipped_gradient(tmp_path):

@@ -146,10 +146,11 @@ def launch(args: argparse.Namespace, config: TrainConfig, out: Path) -> int:
     from gradwise.cli.launch import run_under_torchrun
     from gradwise.distributed.strategies.registry import check_strategy
     from gradwise.train.loop import check_run_folder, resolved_config
+    from gradwise.train.optimizers import check_optimizer_strategy
 
     check_int("max_restarts", args.max_restarts, 0)
     config = resolved_config(config)
-    check_strategy(config.strategy, config.strategy_options, args.nproc)
+    check_optimizer_strategy(config.optimizer, check_strategy(config.strategy, config.strategy_options, args.nproc))
     check_run_folder(out, config, args.resume, check_allowed_changes(args.allow_change))
     return run_under_torchrun(args.nproc, args.argv, args.max_restarts, out)
 

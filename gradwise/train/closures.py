@@ -94,11 +94,8 @@ class ClosureFeed:
     :class:`SampledBlocks` and says the optimizer's ``num_slots`` (:attr:`build_options`).
     """
 
-    def __init__(self, drive: Drive, config: TrainConfig, strategy_name: str, workload: Workload) -> None:
+    def __init__(self, drive: Drive, config: TrainConfig, workload: Workload) -> None:
         name = config.optimizer
-        if strategy_name != "single":
-            raise ValueError(f"strategy: optimizer {name!r} re-evaluates its loss in closures on one process; "
-                             f"run it with strategy 'single', not {strategy_name!r}")
         if config.accumulate != 1:
             raise ValueError(f"accumulate: optimizer {name!r} evaluates its closures on one batch; give accumulate 1, "
                              f"got {config.accumulate}")

@@ -84,7 +84,7 @@ from gradwise.train.closures import CLOSURE_DRIVES, ClosureFeed
 from gradwise.train.config import TrainConfig, check_allowed_changes, required, settings_difference
 from gradwise.train.guards import DivergenceGuard, NonFiniteWeights, TrainingDiverged
 from gradwise.train.metrics import MetricsWriter, Throughput, read_records
-from gradwise.train.optimizers import OPTIMIZERS, build_optimizer, drive_of
+from gradwise.train.optimizers import OPTIMIZERS, build_optimizer, check_optimizer_strategy, drive_of
 from gradwise.train.plots import plot_training
 from gradwise.train.precision import Precision
 
@@ -191,15 +191,6 @@ def check_run_folder(out: Path, config: TrainConfig, resume: bool, allow_changes
         raise ValueError(f"{str(out)!r} already holds files; pass --resume to continue that run or choose a new folder")
 
 
-HESSIAN_REFRESH_STRATEGIES = ("single", "ddp")
-"""Strategies under which every rank holds the whole model and the whole optimizer, as a Hessian
-refresh (Sophia's) needs; sharded ones (ZeRO, FSDP, TP, PP) would hand it a part."""
-
-SWITCHING_STRATEGIES = ("single", "ddp", "zero1", "zero2")
-"""Strategies under which an optimizer's ``train()``/``eval()`` moves the whole model (ZeRO's
-optimizer moves each rank's part and gathers them); FSDP, TP and PP are not checked with it, so refused."""
-
-
 def holds_checkpoints(out: Path) -> bool:
     """Whether ``out/checkpoints`` holds any checkpoint (usable or not), single-file or sharded."""
     checkpoints = out / "checkpoints"
@@ -292,10 +283,11 @@ class Trainer:
         self.steps = required(config.steps, "steps")
         """The run's length (``config.steps``, as resolved)."""
         lr, warmup = required(config.lr, "lr"), required(config.warmup_steps, "warmup_steps")
+        check_optimizer_strategy(config.optimizer, strategy.name)
         self.drive = drive_of(config.optimizer)
         """How the optimizer is driven (its description's): the loop feeds a ``"hessian_refresh"`` one and
         hands a closure-driven one the step's batch (:attr:`closures`)."""
-        self.closures = ClosureFeed(self.drive, config, strategy.name, self.workload) \
+        self.closures = ClosureFeed(self.drive, config, self.workload) \
             if self.drive in CLOSURE_DRIVES else None
         """What a closure-driven optimizer is fed (``None`` for the others); built before the optimizer,
         whose options (SAGA's slots) it may set."""
@@ -305,16 +297,8 @@ class Trainer:
         built = build_optimizer(config.optimizer, self.trained, lr, config.weight_decay,
                                 {**config.optimizer_options, **formatted,
                                  **(self.closures.build_options if self.closures else {})})
-        if self.drive == "hessian_refresh" and strategy.name not in HESSIAN_REFRESH_STRATEGIES:
-            # the estimate is taken on the whole model and handed to the whole optimizer
-            raise ValueError(f"optimizer {config.optimizer!r} refreshes a Hessian estimate of the whole model: "
-                             f"run it with strategy {' or '.join(HESSIAN_REFRESH_STRATEGIES)}, "
-                             f"not {strategy.name!r}")
         self.switches_weights = description_of(type(built), inherited=True).eval_switch
         """Whether the optimizer trains and evaluates at two points (see the module's docstring)."""
-        if self.switches_weights and strategy.name not in SWITCHING_STRATEGIES:
-            raise ValueError(f"optimizer {config.optimizer!r} evaluates at weights of its own (optimizer.eval()): "
-                             f"run it with strategy {', '.join(SWITCHING_STRATEGIES)}, not {strategy.name!r}")
         self.optimizer = strategy.wrap_optimizer(built)
         self.qk_clip = None if config.qk_clip is None else QKClip(
             self.trained, config.qk_clip, dist.group.WORLD if strategy.world_size > 1 else None)

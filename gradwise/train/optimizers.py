@@ -111,6 +111,32 @@ def drive_of(name: str) -> Drive:
     return description_of(OPTIMIZERS[check_choice("optimizer", name, OPTIMIZERS)][0]).drive
 
 
+HESSIAN_REFRESH_STRATEGIES = ("single", "ddp")
+"""Strategies under which every rank holds the whole model and the whole optimizer, as a Hessian
+refresh (Sophia's) needs; sharded ones (ZeRO, FSDP, TP, PP) would hand it a part."""
+
+SWITCHING_STRATEGIES = ("single", "ddp", "zero1", "zero2")
+"""Strategies under which an optimizer's ``train()``/``eval()`` moves the whole model (ZeRO's
+optimizer moves each rank's part and gathers them); FSDP, TP and PP are not checked with it, so refused."""
+
+
+def check_optimizer_strategy(name: str, strategy: str) -> None:
+    """Refuse (one-line ``ValueError``) a strategy the optimizer ``name``'s description rules out: a
+    closure-driven one re-evaluates its loss on one process, a Hessian refresh needs the whole model
+    on every rank, and an eval switch moves the whole model. Checked by the launcher before any worker
+    starts (a refusal inside the workers races their teardown) and by each worker."""
+    description = description_of(OPTIMIZERS[check_choice("optimizer", name, OPTIMIZERS)][0], inherited=True)
+    if description.drive in CLOSURE_DRIVES and strategy != "single":
+        raise ValueError(f"strategy: optimizer {name!r} re-evaluates its loss in closures on one process; "
+                         f"run it with strategy 'single', not {strategy!r}")
+    if description.drive == "hessian_refresh" and strategy not in HESSIAN_REFRESH_STRATEGIES:
+        raise ValueError(f"optimizer {name!r} refreshes a Hessian estimate of the whole model: "
+                         f"run it with strategy {' or '.join(HESSIAN_REFRESH_STRATEGIES)}, not {strategy!r}")
+    if description.eval_switch and strategy not in SWITCHING_STRATEGIES:
+        raise ValueError(f"optimizer {name!r} evaluates at weights of its own (optimizer.eval()): "
+                         f"run it with strategy {', '.join(SWITCHING_STRATEGIES)}, not {strategy!r}")
+
+
 def build_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float,
                     options: dict[str, Any] | None = None) -> Optimizer:
     """The optimizer ``name`` over ``model``'s parameters (bound to ``model`` when its description's
