@@ -66,6 +66,7 @@ OPTIMIZERS = {
     "psgd-kron": lambda m: PSGDKron(m.parameters(), lr=0.01, weight_decay=0.1),
     # state formats quantise per block of a whole tensor: ZeRO gives each rank whole tensors
     "adamw-8bit": lambda m: AdamW(m.parameters(), lr=0.05, weight_decay=0.1, state_format="8bit"),
+    "adamw-4bit": lambda m: AdamW(m.parameters(), lr=0.05, weight_decay=0.1, state_format="4bit"),
     "lion-bf16-sr": lambda m: Lion(m.parameters(), lr=0.01, weight_decay=0.5, state_format="bf16-sr"),
 }
 CLIPPED = {"adamw": 0.05}  # clip_grad_norm_ below the gradient's norm, so it scales
@@ -205,7 +206,7 @@ def test_elementwise_state_is_one_nth_up_to_padding(results, name, stage):
 
 @pytest.mark.parametrize(
     "name", ["muon", "adafactor", "shampoo", "kfac", "adamw-cautious-mars", "ademamix-mars", "psgd-kron", "adamw-8bit",
-             "lion-bf16-sr"]
+             "adamw-4bit", "lion-bf16-sr"]
 )
 def test_whole_tensor_state_is_one_nth_within_one_tensor(results, name):
     for stage in (1, 2):

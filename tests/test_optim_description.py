@@ -64,12 +64,12 @@ def test_names_of_today_keep_their_behaviour():
                                               "schedule-free-adamw", "schedule-free-sgd",
                                               "ademamix", "ademamix-cautious", "adamw-cautious", "mars-adamw",
                                               "lion-cautious", "mars-lion", "momentum-cautious",
-                                              "psgd-kron", "normuon", "adamw-8bit", "adamw-bf16-sr", "lion-8bit",
-                                              "muon-8bit"}
+                                              "psgd-kron", "normuon", "adamw-8bit", "adamw-bf16-sr", "adamw-4bit",
+                                              "lion-8bit", "muon-8bit"}
     closure_methods = {"lbfgs", "newton-cg", "sqn", "svrg", "saga"}  # the race evaluates each loss once a step
     averaged = {"schedule-free-adamw", "schedule-free-sgd"}  # the test-function race records the loss at y, not x
     # training presets only: state formats and NorMuon's row statistics mean nothing on the race's 2-D points
-    training_only = {"normuon", "adamw-8bit", "adamw-bf16-sr", "lion-8bit", "muon-8bit"}
+    training_only = {"normuon", "adamw-8bit", "adamw-bf16-sr", "adamw-4bit", "lion-8bit", "muon-8bit"}
     assert set(race_registry.OPTIMIZERS) == (set(train_registry.OPTIMIZERS) - {"kfac"} - closure_methods - averaged
                                              - training_only)
     # training follows GPT-style betas; the race keeps the papers' defaults and no weight decay

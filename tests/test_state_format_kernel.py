@@ -153,7 +153,7 @@ def test_hostile_gradients_encode_as_the_generic_path():
 def test_ties_round_as_bucketize():
     """With beta1 = 0 the stored m is the gradient itself: values on the midpoints between codes
     (the ties) and on the codes must get torch.bucketize's (right=False) codes."""
-    values, bounds = _map_and_bounds(True, torch.device("cpu"))
+    values, bounds = _map_and_bounds("8bit", True, torch.device("cpu"))
     grad = torch.cat([bounds, values, -bounds, bounds.nextafter(torch.tensor(2.0)), torch.tensor([1.0])])
     param = torch.zeros(grad.numel())
     param.grad = grad.clone()

@@ -30,7 +30,7 @@ from gradwise.optim.base import (
 )
 from gradwise.optim.description import Description, Preset, StateSize, moment_buffers, numel
 from gradwise.optim.kernels import adam_8bit_cpu, optional_kernel
-from gradwise.optim.state_formats import ABSMAX_SUFFIX, BLOCK, dynamic_map, quantize_8bit
+from gradwise.optim.state_formats import ABSMAX_SUFFIX, BLOCK, STATE_FORMATS, dynamic_map, quantize_8bit
 from gradwise.validation import check_betas, check_range
 
 
@@ -46,7 +46,7 @@ def update_moments(
 def _adam_state(shape, options) -> StateSize:
     """Two moments (three with ``amsgrad``: the running maximum; one more with MARS: the
     previous gradient) and a step counter."""
-    return moment_buffers(3 if options.get("amsgrad", False) else 2, shape,
+    return moment_buffers(shape, signed=1, unsigned=2 if options.get("amsgrad", False) else 1,
                           others=mars_buffers(options) * numel(shape), scalars=1)
 
 
@@ -81,11 +81,13 @@ class Adam(GradwiseOptimizer):
     ``mars_gamma`` (MARS-AdamW, Yuan et al. 2024, arXiv:2411.10438; the paper uses 0.025 with
     betas (0.95, 0.99)) feeds the clipped variance-reduced gradient :math:`\tilde c_t` to both
     moments in place of :math:`g_t`, keeping :math:`g_{t-1}` (4 more bytes per parameter).
-    ``state_format`` stores the moments in fewer bits (``"bf16"``, ``"bf16-sr"``, ``"8bit"``;
-    default ``"fp32"``, torch's rule; see :mod:`gradwise.optim.state_formats`): :math:`m` signed,
-    :math:`v` and :math:`\hat v` unsigned; 8-bit AdamW keeps 2 bytes per parameter and 8 per
-    block of 256. Its fused CPU kernel takes the correctly rounded square root, torch.sqrt MKL's
-    (not correctly rounded), so it agrees with ``fused=False`` to the parameters' last bits.
+    ``state_format`` stores the moments in fewer bits (``"bf16"``, ``"bf16-sr"``, ``"8bit"``,
+    ``"4bit"``; default ``"fp32"``, torch's rule; see :mod:`gradwise.optim.state_formats`):
+    :math:`m` signed, :math:`v` and :math:`\hat v` unsigned; 8-bit AdamW keeps 2 bytes per
+    parameter and 8 per block of 256, 4-bit AdamW 1 byte per parameter, 4 per block of 128 of
+    :math:`m` and 4 per row and column of :math:`v`. The fused CPU kernel (8 bits) takes the
+    correctly rounded square root, torch.sqrt MKL's (not correctly rounded), so it agrees with
+    ``fused=False`` to the parameters' last bits.
 
     Example::
 
@@ -95,6 +97,7 @@ class Adam(GradwiseOptimizer):
     """
 
     _formatted_state = {"exp_avg": True, "exp_avg_sq": False, "max_exp_avg_sq": False}
+    _state_formats = STATE_FORMATS
 
     description = Description(
         drive="step",
@@ -352,6 +355,9 @@ class AdamW(Adam):
             "adamw-bf16-sr": Preset(
                 "AdamW with bf16 moments, stochastic rounding", {"state_format": "bf16-sr"},
                 train={"betas": (0.9, 0.95)},
+            ),
+            "adamw-4bit": Preset(
+                "AdamW with 4-bit moments (Li et al. 2023)", {"state_format": "4bit"}, train={"betas": (0.9, 0.95)},
             ),
         },
     )

@@ -37,8 +37,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.optimizer import _get_capturable_supported_devices
 
-from gradwise.optim.state_formats import ABSMAX_SUFFIX, CHUNK_ELEMENTS, STATE_FORMATS, FormattedState
-from gradwise.validation import check_bool, check_choice, check_optional_bool, check_range
+from gradwise.optim.state_formats import ABSMAX_SUFFIX, CHUNK_ELEMENTS, FormattedState, check_state_format
+from gradwise.validation import check_bool, check_optional_bool, check_range
 
 if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
@@ -56,8 +56,9 @@ _BOOL_OPTIONS = (
 _OPTIONAL_BOOL_OPTIONS = ("foreach", "fused")
 
 
-def check_common_options(group: dict[str, Any]) -> None:
-    """The checks every optimizer shares: switches, keyword combinations, tensor lr and betas."""
+def check_common_options(group: dict[str, Any], optimizer_class: type) -> None:
+    """The checks every optimizer (``optimizer_class``) shares: switches, keyword combinations, the
+    state format, tensor lr and betas."""
     for key in _BOOL_OPTIONS:
         if key in group:
             check_bool(key, group[key])
@@ -73,7 +74,7 @@ def check_common_options(group: dict[str, Any]) -> None:
     if group.get("mars_gamma") is not None:
         check_range("mars_gamma", group["mars_gamma"], 0.0, 1.0)
     if "state_format" in group:
-        check_choice("state_format", group["state_format"], STATE_FORMATS)
+        check_state_format(optimizer_class, group["state_format"])
         if group["state_format"] != "fp32" and group.get("differentiable"):
             raise ValueError(f"state_format={group['state_format']!r} rounds the state, which autograd cannot "
                              "differentiate: pass differentiable=False or state_format='fp32'")
@@ -135,7 +136,7 @@ class GradwiseOptimizer(Optimizer):
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
         # Hyperparameters first, as torch checks them before it reads the parameters.
-        check_common_options(defaults)
+        check_common_options(defaults, type(self))
         self._validate_defaults(defaults)
         self._complex_owners: dict[Tensor, Tensor] = {}
         self._formatted_views: dict[Tensor, FormattedState] = {}
@@ -143,7 +144,7 @@ class GradwiseOptimizer(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
-        check_common_options(self.param_groups[-1])
+        check_common_options(self.param_groups[-1], type(self))
         self._validate(self.param_groups[-1])
 
     def _validate(self, group: dict[str, Any]) -> None:
@@ -176,6 +177,9 @@ class GradwiseOptimizer(Optimizer):
     # with whether its values are signed (Adam's m) or not (Adam's v): the 8-bit format
     # quantises them on different maps. See gradwise.optim.state_formats.
     _formatted_state: dict[str, bool] = {}
+
+    # The values of ``state_format`` the optimizer offers (fp32 only without formatted moments).
+    _state_formats: tuple[str, ...] = ("fp32",)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # torch's __setstate__ (run by load_state_dict and unpickling) adds "differentiable"
@@ -211,7 +215,7 @@ class GradwiseOptimizer(Optimizer):
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
             group.update(self._forced_options)
-            check_common_options(group)
+            check_common_options(group, type(self))
             self._validate(group)
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -305,7 +309,8 @@ class GradwiseOptimizer(Optimizer):
                 stop += 1
             chunk, chunk_grads = params[start:stop], grads[start:stop]
             self._formatted_views = {
-                param: FormattedState(self.state[param], group["state_format"], self._formatted_state, param.dtype)
+                param: FormattedState(self.state[param], group["state_format"], self._formatted_state, param.dtype,
+                                      tuple(param.shape))
                 for param in chunk
             }
             try:

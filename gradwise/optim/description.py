@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal, Protocol
 
-from gradwise.optim.state_formats import BLOCK, format_bytes
+from gradwise.optim.state_formats import buffer_bytes
 
 Drive = Literal[
     "step", "closure", "loss_closure", "hessian_closure", "snapshot_closure", "sample_index", "model",
@@ -78,38 +78,42 @@ class StateSize:
     """Optimizer state of one parameter tensor: ``values`` stored in the state's number format
     and ``scalars`` scalar tensors (step counters, running products) of 4 bytes each.
 
-    Of ``values``, ``moments`` are in the moment buffers that a ``state_format`` stores
-    (:mod:`gradwise.optim.state_formats`), and ``moment_blocks`` counts those buffers' blocks of
-    ``BLOCK`` values, buffer by buffer (the 8-bit format keeps a scale per block)."""
+    Of ``values``, the moment buffers that a ``state_format`` stores
+    (:mod:`gradwise.optim.state_formats`) are listed in ``moments`` as ``(shape, signed, count)``:
+    ``count`` buffers of ``shape`` whose values are signed (a first moment) or not (a second
+    moment); the quantised formats scale the two differently."""
 
     values: int
     scalars: int = 0
-    moments: int = 0
-    moment_blocks: int = 0
+    moments: tuple[tuple[tuple[int, ...], bool, int], ...] = ()
 
     def __add__(self, other: StateSize) -> StateSize:
-        return StateSize(self.values + other.values, self.scalars + other.scalars,
-                         self.moments + other.moments, self.moment_blocks + other.moment_blocks)
+        return StateSize(self.values + other.values, self.scalars + other.scalars, self.moments + other.moments)
 
     def __mul__(self, count: int) -> StateSize:
-        return StateSize(self.values * count, self.scalars * count, self.moments * count, self.moment_blocks * count)
+        return StateSize(self.values * count, self.scalars * count,
+                         tuple((shape, signed, buffers * count) for shape, signed, buffers in self.moments))
 
     def bytes(self, element_size: int, state_format: str = "fp32") -> int:
         """Bytes of this state with values of ``element_size`` bytes and the moments in
         ``state_format``."""
-        return ((self.values - self.moments) * element_size + self.scalars * SCALAR_STATE_BYTES
-                + format_bytes(state_format, self.moments, self.moment_blocks, element_size))
+        moment_values = sum(buffers * numel(shape) for shape, _, buffers in self.moments)
+        return ((self.values - moment_values) * element_size + self.scalars * SCALAR_STATE_BYTES
+                + sum(buffers * buffer_bytes(state_format, shape, signed, element_size)
+                      for shape, signed, buffers in self.moments))
 
 
 SCALAR_STATE_BYTES = 4
 """A scalar state tensor (a step counter) is a float32 or int32 tensor."""
 
 
-def moment_buffers(count: int, shape: tuple[int, ...], others: int = 0, scalars: int = 0) -> StateSize:
-    """``count`` moment buffers the size of a tensor of ``shape`` (a ``state_format`` applies to
-    them), plus ``others`` values and ``scalars`` scalars it does not apply to."""
-    size = numel(shape)
-    return StateSize(count * size + others, scalars, count * size, count * -(-size // BLOCK))
+def moment_buffers(shape: tuple[int, ...], signed: int = 0, unsigned: int = 0, others: int = 0,
+                   scalars: int = 0) -> StateSize:
+    """``signed`` first-moment and ``unsigned`` second-moment buffers the size of a tensor of
+    ``shape`` (a ``state_format`` applies to them), plus ``others`` values and ``scalars`` scalars
+    it does not apply to."""
+    moments = tuple((shape, sign, count) for sign, count in ((True, signed), (False, unsigned)) if count)
+    return StateSize((signed + unsigned) * numel(shape) + others, scalars, moments)
 
 
 StateRule = Callable[[tuple[int, ...], Mapping[str, Any]], StateSize]

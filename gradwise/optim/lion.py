@@ -22,6 +22,7 @@ from gradwise.optim.base import (
 )
 from gradwise.optim.description import Description, Preset, StateSize, moment_buffers, numel
 from gradwise.optim.kernels import lion_cpu
+from gradwise.optim.state_formats import MOMENTUM_STATE_FORMATS
 from gradwise.validation import check_betas, check_range
 
 if TYPE_CHECKING:
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
 
 def _lion_state(shape, options) -> StateSize:
     """One momentum (two buffers with MARS: the previous gradient too), no step counter."""
-    return moment_buffers(1, shape, others=mars_buffers(options) * numel(shape))
+    return moment_buffers(shape, signed=1, others=mars_buffers(options) * numel(shape))
 
 
 class Lion(GradwiseOptimizer):
@@ -80,6 +81,7 @@ class Lion(GradwiseOptimizer):
     """
 
     _formatted_state = {"exp_avg": True}
+    _state_formats = MOMENTUM_STATE_FORMATS
 
     description = Description(
         drive="step",

@@ -13,6 +13,7 @@ from gradwise.optim.adam import adam_update
 from gradwise.optim.base import GradwiseOptimizer, ParamsT, is_dtensor, maybe_negate, zeros_like
 from gradwise.optim.description import Description, Preset, StateSize, moment_buffers
 from gradwise.optim.param_groups import NORMALIZATION_LAYERS
+from gradwise.optim.state_formats import MOMENTUM_STATE_FORMATS
 from gradwise.validation import check_betas, check_choice, check_int, check_range
 
 # Keller Jordan's quintic coefficients, chosen to maximise the slope at zero.
@@ -168,11 +169,11 @@ def _muon_state(shape, options) -> StateSize:
     if use_muon is None:
         use_muon = len(shape) >= 2
     if not use_muon:
-        return moment_buffers(2, shape, scalars=1)
+        return moment_buffers(shape, signed=1, unsigned=1, scalars=1)
     if options.get("normuon_beta2") is None:
-        return moment_buffers(1, shape)
+        return moment_buffers(shape, signed=1)
     batch, rows, _ = matrix_shape(torch.empty(shape, device="meta"))
-    return moment_buffers(1, shape, others=batch * rows)
+    return moment_buffers(shape, signed=1, others=batch * rows)
 
 
 def _model_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -281,6 +282,7 @@ class Muon(GradwiseOptimizer):
 
     # the momentum of the matrices, and the moments of the tensors routed to AdamW
     _formatted_state = {"momentum_buffer": True, "exp_avg": True, "exp_avg_sq": False}
+    _state_formats = MOMENTUM_STATE_FORMATS
 
     description = Description(
         drive="step",

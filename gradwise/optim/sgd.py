@@ -20,12 +20,13 @@ from gradwise.optim.base import (
     with_l2_penalty,
 )
 from gradwise.optim.description import Description, Preset, StateSize, moment_buffers
+from gradwise.optim.state_formats import MOMENTUM_STATE_FORMATS
 from gradwise.validation import check_range
 
 
 def _sgd_state(shape, options) -> StateSize:
     """A momentum buffer when ``momentum`` is nonzero; nothing otherwise."""
-    return moment_buffers(1 if options.get("momentum", 0) != 0 else 0, shape)
+    return moment_buffers(shape, signed=1 if options.get("momentum", 0) != 0 else 0)
 
 
 class SGD(GradwiseOptimizer):
@@ -68,6 +69,7 @@ class SGD(GradwiseOptimizer):
     """
 
     _formatted_state = {"momentum_buffer": True}
+    _state_formats = MOMENTUM_STATE_FORMATS
 
     description = Description(
         drive="step",
