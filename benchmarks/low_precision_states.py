@@ -5,7 +5,8 @@ bytes, cosine schedule, bf16 autocast) with each optimizer at its tuned lr from 
 (``benchmarks/results/race_tiny_gpt_400.json``: AdamW 2e-3, Lion 4e-4, Muon 0.03; weight
 decay 0.1), 3 seeds per (optimizer, format):
 
-- AdamW with ``state_format`` fp32, bf16 (round to nearest), bf16-sr (stochastic rounding), 8bit;
+- AdamW with ``state_format`` fp32, bf16 (round to nearest), bf16-sr (stochastic rounding), 8bit,
+  4bit;
 - Lion and Muon (its momentum; the embedding and vectors' AdamW moments too) in fp32, bf16-sr
   and 8bit.
 
@@ -41,7 +42,7 @@ RESULTS = Path(__file__).parent / "results" / "low_precision_states.json"
 SEEDS = (0, 1, 2)
 TUNED = {"adamw": 2e-3, "lion": 4e-4, "muon": 0.03}
 """The race's best lr per optimizer on these settings (race_tiny_gpt_400.json)."""
-STUDY = [("adamw", fmt) for fmt in ("fp32", "bf16", "bf16-sr", "8bit")] + [
+STUDY = [("adamw", fmt) for fmt in ("fp32", "bf16", "bf16-sr", "8bit", "4bit")] + [
     (name, fmt) for name in ("lion", "muon") for fmt in ("fp32", "bf16-sr", "8bit")
 ]
 MECHANISM_EVERY = 10

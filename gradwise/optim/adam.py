@@ -88,6 +88,9 @@ class Adam(GradwiseOptimizer):
     :math:`m` and 4 per row and column of :math:`v`. The fused CPU kernel (8 bits) takes the
     correctly rounded square root, torch.sqrt MKL's (not correctly rounded), so it agrees with
     ``fused=False`` to the parameters' last bits.
+    ``param_rounding`` (``"stochastic"`` or ``"kahan"``; default ``"nearest"``, torch's rule) steps
+    bf16 parameters in float32 and stores them back by stochastic rounding or with a bf16 Kahan
+    compensation (:mod:`gradwise.optim.param_rounding`), for pure-bf16 training.
 
     Example::
 
@@ -128,6 +131,7 @@ class Adam(GradwiseOptimizer):
         cautious: bool = False,
         mars_gamma: float | None = None,
         state_format: str = "fp32",
+        param_rounding: str = "nearest",
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -144,6 +148,7 @@ class Adam(GradwiseOptimizer):
             cautious=cautious,
             mars_gamma=mars_gamma,
             state_format=state_format,
+            param_rounding=param_rounding,
         )
         super().__init__(params, defaults)
 
@@ -379,6 +384,7 @@ class AdamW(Adam):
         cautious: bool = False,
         mars_gamma: float | None = None,
         state_format: str = "fp32",
+        param_rounding: str = "nearest",
     ) -> None:
         super().__init__(
             params,
@@ -396,6 +402,7 @@ class AdamW(Adam):
             cautious=cautious,
             mars_gamma=mars_gamma,
             state_format=state_format,
+            param_rounding=param_rounding,
         )
 
     # An AdamW is an AdamW whatever state_dict it loads (an Adam's says otherwise).

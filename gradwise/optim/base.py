@@ -37,8 +37,9 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.optimizer import _get_capturable_supported_devices
 
+from gradwise.optim.param_rounding import PARAM_ROUNDINGS, float32_working_params
 from gradwise.optim.state_formats import ABSMAX_SUFFIX, CHUNK_ELEMENTS, FormattedState, check_state_format
-from gradwise.validation import check_bool, check_optional_bool, check_range
+from gradwise.validation import check_bool, check_choice, check_optional_bool, check_range
 
 if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
@@ -73,6 +74,11 @@ def check_common_options(group: dict[str, Any], optimizer_class: type) -> None:
         raise ValueError("cautious=True masks the update, which a fused kernel computes inside: pass fused=None")
     if group.get("mars_gamma") is not None:
         check_range("mars_gamma", group["mars_gamma"], 0.0, 1.0)
+    if group.get("param_rounding", "nearest") != "nearest":
+        check_choice("param_rounding", group["param_rounding"], PARAM_ROUNDINGS)
+        if group.get("differentiable"):
+            raise ValueError(f"param_rounding={group['param_rounding']!r} rounds the parameters, which autograd "
+                             "cannot differentiate: pass differentiable=False or param_rounding='nearest'")
     if "state_format" in group:
         check_state_format(optimizer_class, group["state_format"])
         if group["state_format"] != "fp32" and group.get("differentiable"):
@@ -198,9 +204,19 @@ class GradwiseOptimizer(Optimizer):
         # a moment saved in a state format keeps it (torch would cast it to the parameter's dtype)
         formatted = {i for group in state_dict["param_groups"] if group.get("state_format", "fp32") != "fp32"
                      for i in group["params"]}
+        # a group that steps bf16 parameters in float32 (param_rounding) keeps its float32 state,
+        # which goes with the parameter like torch's
+        rounded = {i for group in state_dict["param_groups"] if group.get("param_rounding", "nearest") != "nearest"
+                   for i in group["params"]}
+
+        def with_parameter(i: int, key: str, value: Any) -> bool:
+            return (key in self._float32_state_keys
+                    or (i in rounded and key not in own_dtype and torch.is_tensor(value) and value.dim() > 0))
+
         kept = {
             i: {key: value for key, value in state_dict["state"][i].items()
-                if key in own_dtype or key.endswith(ABSMAX_SUFFIX) or (i in formatted and key in self._formatted_state)}
+                if key in own_dtype or key.endswith(ABSMAX_SUFFIX) or (i in formatted and key in self._formatted_state)
+                or with_parameter(i, key, value)}
             for i in saved_ids
             if i in state_dict["state"]
         }
@@ -208,7 +224,7 @@ class GradwiseOptimizer(Optimizer):
         params = [p for group in self.param_groups for p in group["params"]]
         for saved_id, param in zip(saved_ids, params):
             for key, value in kept.get(saved_id, {}).items():
-                device = param.device if key in self._float32_state_keys else value.device
+                device = param.device if with_parameter(saved_id, key, value) else value.device
                 self.state[param][key] = value.detach().to(device, copy=True)
         # A state_dict from another optimizer (say torch.optim's) may lack some options.
         for group in self.param_groups:
@@ -268,20 +284,21 @@ class GradwiseOptimizer(Optimizer):
             return
         if group.get("differentiable"):
             self._fresh_state(params)
-        params, grads = self._real_views(params, grads)
-        if group.get("mars_gamma") is not None:
-            grads = self._mars_gradients(group, params, grads)
-        try:
-            if group.get("state_format", "fp32") != "fp32":
-                if not self._fused_formatted_update(group, params, grads):
-                    self._formatted_update(group, params, grads)
-            elif group.get("foreach") is False or group.get("differentiable"):
-                for param, grad in zip(params, grads):  # torch's single-tensor path
-                    self._update(group, [param], [grad])
-            else:
-                self._update(group, params, grads)
-        finally:
-            self._complex_owners.clear()
+        with float32_working_params(group, params, grads, self.param_state) as grads:
+            params, grads = self._real_views(params, grads)
+            if group.get("mars_gamma") is not None:
+                grads = self._mars_gradients(group, params, grads)
+            try:
+                if group.get("state_format", "fp32") != "fp32":
+                    if not self._fused_formatted_update(group, params, grads):
+                        self._formatted_update(group, params, grads)
+                elif group.get("foreach") is False or group.get("differentiable"):
+                    for param, grad in zip(params, grads):  # torch's single-tensor path
+                        self._update(group, [param], [grad])
+                else:
+                    self._update(group, params, grads)
+            finally:
+                self._complex_owners.clear()
 
     def _fused_formatted_update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> bool:
         """Update ``params`` with a kernel that reads and writes ``group["state_format"]``'s stored

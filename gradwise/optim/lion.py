@@ -72,6 +72,9 @@ class Lion(GradwiseOptimizer):
     ``state_format`` stores the moments in fewer bits (``"bf16"``, ``"bf16-sr"``, ``"8bit"``;
     default ``"fp32"``, torch's rule; see :mod:`gradwise.optim.state_formats`): the momentum
     :math:`m`, signed; the fused kernel runs on the decoded working copy.
+    ``param_rounding`` (``"stochastic"`` or ``"kahan"``; default ``"nearest"``, torch's rule) steps
+    bf16 parameters in float32 and stores them back by stochastic rounding or with a bf16 Kahan
+    compensation (:mod:`gradwise.optim.param_rounding`), for pure-bf16 training.
 
     Example::
 
@@ -123,10 +126,11 @@ class Lion(GradwiseOptimizer):
         cautious: bool = False,
         mars_gamma: float | None = None,
         state_format: str = "fp32",
+        param_rounding: str = "nearest",
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize, fused=fused, cautious=cautious,
-            mars_gamma=mars_gamma, state_format=state_format,
+            mars_gamma=mars_gamma, state_format=state_format, param_rounding=param_rounding,
         )
         super().__init__(params, defaults)
 

@@ -266,6 +266,9 @@ class Muon(GradwiseOptimizer):
     ``state_format`` stores the moments in fewer bits (``"bf16"``, ``"bf16-sr"``, ``"8bit"``;
     default ``"fp32"``, torch's rule; see :mod:`gradwise.optim.state_formats`): the momentum of
     the matrices and AdamW's moments; NorMuon's row moment stays as it is.
+    ``param_rounding`` (``"stochastic"`` or ``"kahan"``; default ``"nearest"``, torch's rule) steps
+    bf16 parameters in float32 and stores them back by stochastic rounding or with a bf16 Kahan
+    compensation (:mod:`gradwise.optim.param_rounding`), for pure-bf16 training.
 
     Example::
 
@@ -336,6 +339,7 @@ class Muon(GradwiseOptimizer):
         orthogonalization: str = "newton_schulz",
         normuon_beta2: float | None = None,
         state_format: str = "fp32",
+        param_rounding: str = "nearest",
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -355,6 +359,7 @@ class Muon(GradwiseOptimizer):
             orthogonalization=orthogonalization,
             normuon_beta2=normuon_beta2,
             state_format=state_format,
+            param_rounding=param_rounding,
         )
         super().__init__(params, defaults)
 

@@ -60,6 +60,9 @@ class SGD(GradwiseOptimizer):
 
     ``state_format`` stores the moments in fewer bits (``"bf16"``, ``"bf16-sr"``, ``"8bit"``;
     default ``"fp32"``, torch's rule; see :mod:`gradwise.optim.state_formats`): the momentum buffer, signed.
+    ``param_rounding`` (``"stochastic"`` or ``"kahan"``; default ``"nearest"``, torch's rule) steps
+    bf16 parameters in float32 and stores them back by stochastic rounding or with a bf16 Kahan
+    compensation (:mod:`gradwise.optim.param_rounding`), for pure-bf16 training.
 
     Example::
 
@@ -114,6 +117,7 @@ class SGD(GradwiseOptimizer):
         fused: bool | None = None,
         cautious: bool = False,
         state_format: str = "fp32",
+        param_rounding: str = "nearest",
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -127,6 +131,7 @@ class SGD(GradwiseOptimizer):
             fused=fused,
             cautious=cautious,
             state_format=state_format,
+            param_rounding=param_rounding,
         )
         super().__init__(params, defaults)
 

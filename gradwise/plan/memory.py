@@ -50,6 +50,7 @@ from typing import Any
 import torch
 
 from gradwise.optim.description import StateSize, description_of, numel, presets
+from gradwise.optim.param_rounding import compensation_bytes, state_element_size
 from gradwise.optim.state_formats import check_state_format
 from gradwise.validation import check_choice, check_int, check_range
 
@@ -307,7 +308,8 @@ def measured_bytes(optimizer: torch.optim.Optimizer) -> dict[str, int]:
 def predicted_bytes(optimizer: torch.optim.Optimizer) -> dict[str, int]:
     """The model's bytes for the same: parameters and gradients in the parameters' formats,
     state by the class's rule with each param group's hyperparameters, state values in the
-    parameters' format, the moments in each group's ``state_format``."""
+    parameters' format (float32 where ``param_rounding`` steps bf16 parameters in float32, with
+    Kahan's compensation), the moments in each group's ``state_format``."""
     description = description_of(type(optimizer))
     totals = {"parameters": 0, "gradients": 0, "optimizer_state": 0}
     for group in optimizer.param_groups:
@@ -318,11 +320,12 @@ def predicted_bytes(optimizer: torch.optim.Optimizer) -> dict[str, int]:
         if not params:
             continue
         state_format = group.get("state_format", "fp32")
+        totals["optimizer_state"] += sum(compensation_bytes(group, param) for param in params)
         if description.flat_state:
             size = description.state_of(shapes_of(params), group)
-            totals["optimizer_state"] += size.bytes(params[0].element_size(), state_format)
+            totals["optimizer_state"] += size.bytes(state_element_size(group, params[0]), state_format)
             continue
         for param in params:
             totals["optimizer_state"] += description.state(tuple(param.shape), group).bytes(
-                param.element_size(), state_format)
+                state_element_size(group, param), state_format)
     return totals
