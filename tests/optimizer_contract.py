@@ -211,6 +211,23 @@ _MARS_FLOAT16 = (
     "MARS clips the gradient to norm 1: squares of its small entries underflow float16 (below 6e-8), where "
     "eps = 1e-8 is 0 too, and a masked 0/0 is NaN; use bfloat16"
 )
+# A state format (the moments' codes are real and rounded) and bf16 parameter rounding: torch's
+# inputs on the foreach path, less what each refuses or does not claim.
+_FORMATTED = _FOREACH_ONLY - {"complex", "compile"}
+_FORMAT_INVALID = [("state_format", "int8"), ("state_format", 8)]
+_FORMAT_NOTES = {
+    **_NO_TWIN,
+    "complex": "the codes are real: complex parameters are refused at step() (checked)",
+    "differentiable": "the moments are rounded, which autograd cannot differentiate: refused",
+    "compile": "the codecs run eagerly (a generator per write, bucketize on the host's map): not claimed",
+}
+_ROUNDED = _FOREACH_ONLY - {"compile"}
+_ROUNDING_INVALID = [("param_rounding", "kahn"), ("param_rounding", None)]
+_ROUNDING_NOTES = {
+    **_NO_TWIN,
+    "differentiable": "the parameters are rounded, which autograd cannot differentiate: refused",
+    "compile": "the step swaps each bf16 parameter's storage for a float32 copy: eager only",
+}
 _FLAT_NOTE = (
     "works on the flat parameter vector in the parameters' dtype: Cholesky, CG and line "
     "searches in bf16/fp16 are not meaningful; use float32 or float64"
@@ -383,6 +400,63 @@ ENTRIES: list[Entry] = [
         invalid=_LR_INVALID + _OPTION_INVALID,
         paths=({}, {"foreach": False}),
         notes={**_NO_TWIN, "fused": "no fused kernel", "sparse": "as Adam", "float16": _MARS_FLOAT16},
+    ),
+    # State formats and bf16 parameter rounding, shared options too (gradwise.optim.state_formats,
+    # gradwise.optim.param_rounding): each codec on a class that offers it.
+    Entry(
+        "AdamW[8bit]", gw.AdamW, {"lr": 0.05, "weight_decay": 0.1, "state_format": "8bit"},
+        _FORMATTED | {"fused"},
+        invalid=_LR_INVALID + _FORMAT_INVALID,
+        paths=({}, {"fused": False}, {"foreach": False}),
+        converge_lr=0.05,
+        notes=_FORMAT_NOTES,
+    ),
+    Entry(
+        "Adam[4bit]", gw.Adam, {"lr": 0.05, "amsgrad": True, "state_format": "4bit"},
+        _FORMATTED | {"fused"},
+        invalid=_LR_INVALID + _FORMAT_INVALID,
+        paths=({}, {"fused": True}, {"foreach": False}),
+        converge_lr=0.05,
+        notes=_FORMAT_NOTES,
+    ),
+    Entry(
+        "Lion[bf16-sr]", gw.Lion, {"lr": 0.01, "state_format": "bf16-sr"},
+        (_FORMATTED - {"foreach"}) | {"fused"},
+        invalid=_LR_INVALID + _FORMAT_INVALID,
+        paths=({}, {"fused": True}),
+        converge_lr=0.01,
+        notes={**_FORMAT_NOTES, "foreach": "as Lion"},
+    ),
+    Entry(
+        "SGD[bf16]", gw.SGD, {"lr": 0.02, "momentum": 0.9, "state_format": "bf16"},
+        _FORMATTED | {"fused"},
+        invalid=_LR_INVALID + _FORMAT_INVALID,
+        paths=({}, {"fused": True}, {"foreach": False}),
+        converge_lr=0.1,
+        notes={**_FORMAT_NOTES, "sparse": "sparse gradients step the state as torch does: refused"},
+    ),
+    Entry(
+        "Muon[8bit]", gw.Muon, {"lr": 0.02, "state_format": "8bit"},
+        frozenset({"strided", "bfloat16", "float16", "maximize", "param_groups"}),
+        vectors_apart=True,
+        invalid=_LR_INVALID + _FORMAT_INVALID,
+        notes={**_FORMAT_NOTES, "foreach": "as Muon"},
+    ),
+    Entry(
+        "AdamW[kahan]", gw.AdamW, {"lr": 0.05, "weight_decay": 0.1, "param_rounding": "kahan"},
+        _ROUNDED | {"fused"},
+        invalid=_LR_INVALID + _ROUNDING_INVALID,
+        paths=({}, {"fused": False}, {"foreach": False}),
+        converge_lr=0.05,
+        notes=_ROUNDING_NOTES,
+    ),
+    Entry(
+        "SGD[stochastic]", gw.SGD, {"lr": 0.02, "momentum": 0.9, "param_rounding": "stochastic"},
+        _ROUNDED | {"fused"},
+        invalid=_LR_INVALID + _ROUNDING_INVALID,
+        paths=({}, {"fused": True}, {"foreach": False}),
+        converge_lr=0.1,
+        notes={**_ROUNDING_NOTES, "sparse": "sparse gradients step the parameters as torch does: refused"},
     ),
     Entry(
         "Adafactor", gw.Adafactor, {"lr": 0.01},

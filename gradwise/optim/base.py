@@ -279,6 +279,9 @@ class GradwiseOptimizer(Optimizer):
         group = resolve_tensor_hyperparameters(group)
         group = with_amp_scaling(group, self)
         if sparse_params:
+            if group.get("state_format", "fp32") != "fp32" or group.get("param_rounding", "nearest") != "nearest":
+                raise ValueError(f"{type(self).__name__}: sparse gradients step the state and the parameters as torch "
+                                 "does; use state_format='fp32' and param_rounding='nearest' with them")
             self._sparse_update(group, sparse_params, sparse_grads)
         if not params:
             return

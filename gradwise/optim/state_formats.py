@@ -165,8 +165,8 @@ def dequantize_8bit(codes: Tensor, absmax: Tensor, signed: bool, dtype: torch.dt
 
 def rank1_normalised(shape: tuple[int, ...]) -> bool:
     """Whether the 4-bit format scales an unsigned moment of ``shape`` by rank-1 normalisation (two
-    or more dimensions) rather than per block."""
-    return len(shape) >= 2
+    or more dimensions, none empty) rather than per block."""
+    return len(shape) >= 2 and math.prod(shape) > 0
 
 
 def _rank1_maxima(values: Tensor) -> Tensor:
