@@ -58,14 +58,19 @@ def parse_options(text: str) -> dict[str, Any]:
     return options
 
 
-def optional_float(text: str) -> float | None:
-    """A number, or ``none`` for "off"."""
-    if text.strip().lower() == "none":
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
+def none_or(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """A parser of ``parse``'s values, or ``none`` for "off"."""
+
+    def parse_or_none(text: str) -> Any:
+        if text.strip().lower() == "none":
+            return None
+        try:
+            return parse(text)
+        except ValueError:
+            wanted = "a number" if parse in (int, float) else "a value"
+            raise argparse.ArgumentTypeError(f"expected {wanted} or 'none', got {text!r}") from None
+
+    return parse_or_none
 
 
 def parse_names(text: str) -> list[str]:
@@ -88,7 +93,7 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
         if "choices" in meta:
             help_text = help_text.format(choices=", ".join(meta["choices"]()))
         parser.add_argument(f"--{meta.get('flag', item.name).replace('_', '-')}", dest=item.name,
-                            type=optional_float if meta.get("none_is_off") else PARSERS[kind],
+                            type=none_or(PARSERS[kind]) if meta.get("none_is_off") else PARSERS[kind],
                             metavar=meta.get("metavar"), help=help_text)
 
 

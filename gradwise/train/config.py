@@ -17,6 +17,7 @@ its top level, with ``workload_options`` and ``optimizer_options`` as tables::
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -28,6 +29,7 @@ from typing import Any, TypeVar
 import torch
 
 from gradwise.optim.description import presets
+from gradwise.optim.param_rounding import PARAM_ROUNDINGS
 from gradwise.optim.state_formats import STATE_FORMATS, check_state_format
 from gradwise.schedules import SCHEDULES
 from gradwise.train.optimizers import OPTIMIZERS, check_optimizer_options
@@ -42,6 +44,9 @@ LARGEST_CLIP_VALUE = float(torch.finfo(torch.float32).max)
 
 DTENSOR_STRATEGIES = ("fsdp", "tp")
 """Strategies whose optimizer steps sharded (DTensor) parameters."""
+
+BF16_PARAM_STRATEGIES = ("single", "ddp")
+"""Strategies that step the model's own parameters (ZeRO, FSDP, TP and PP keep buffers or shards of their own)."""
 
 QK_CLIP_STRATEGIES = ("single", "ddp", "zero1", "zero2")
 """Strategies under which every rank holds whole attention heads after the step, so QK-Clip's agreed
@@ -131,6 +136,13 @@ class TrainConfig:
                                      "adam, adamw, lion, sgd, muon and their variants)")
     """How the optimizer stores its moments (:mod:`gradwise.optim.state_formats`); refused by an optimizer
     that keeps its state as torch does, and under FSDP and tensor parallelism (sharded parameters)."""
+    bf16_params: str | None = setting(None, metavar="ROUNDING", none_is_off=True, choices=lambda: PARAM_ROUNDINGS,
+                                      help="train bf16 parameters, no float32 master copy, each step stored back by "
+                                           "{choices} rounding, or none: float32 parameters (default: none)")
+    """Pure-bf16 training: the model's parameters in bfloat16 and the optimizer's ``param_rounding``
+    (:mod:`gradwise.optim.param_rounding`); None: float32 parameters. Needs precision bf16 (autocast
+    casts the inputs), an optimizer that takes ``param_rounding`` and a strategy of
+    :data:`BF16_PARAM_STRATEGIES`."""
     precision: str | None = setting(None, metavar="NAME", choices=lambda: PRECISIONS,
                                     help="one of {choices} (default: the workload's)")
     device: str = setting("cpu", metavar="NAME", help="cpu, cuda or auto (default: cpu)")
@@ -192,6 +204,8 @@ class TrainConfig:
                              f"{self.strategy!r} shards parameters (use ddp, zero1 or zero2)")
         if self.precision is not None:
             check_choice("precision", self.precision, PRECISIONS)
+        if self.bf16_params is not None:
+            self.check_bf16_params()
         check_choice("device", self.device, ("cpu", "cuda", "auto"))
         if self.threads is not None:  # more threads than cores only slows torch; 1e5 exhausts OpenMP's memory
             check_int("threads", self.threads, 1, os.cpu_count() or 1)
@@ -217,10 +231,25 @@ class TrainConfig:
             raise ValueError(f"warmup_steps must be <= steps ({self.steps}), got {self.warmup_steps}")
         return self
 
+    def check_bf16_params(self) -> None:
+        """Refuse (one-line ``ValueError``) what pure-bf16 training cannot run with."""
+        check_choice("bf16_params", self.bf16_params, PARAM_ROUNDINGS)
+        optimizer_class = OPTIMIZERS[self.optimizer][0]
+        if "param_rounding" not in inspect.signature(optimizer_class).parameters:
+            raise ValueError(f"bf16_params: optimizer {self.optimizer!r} has no param_rounding option "
+                             "(adam, adamw, lion, sgd, muon and their variants have)")
+        if self.precision is not None and self.precision != "bf16":
+            raise ValueError(f"bf16_params needs precision 'bf16' (autocast casts the inputs), got {self.precision!r}")
+        if self.strategy is not None and self.strategy not in BF16_PARAM_STRATEGIES:
+            raise ValueError(f"bf16_params steps the model's own parameters: run it with strategy "
+                             f"{' or '.join(BF16_PARAM_STRATEGIES)}, not {self.strategy!r}")
+
     def with_workload_defaults(self, defaults: dict[str, Any]) -> TrainConfig:
         """A copy with every ``None`` that ``defaults`` names filled in, and the warmup resolved.
         The workload's lr is AdamW's: another optimizer's default is that times its preset's
         ``lr_scale`` (:class:`gradwise.optim.description.Preset`)."""
+        if self.bf16_params is not None:
+            defaults = {**defaults, "precision": "bf16"}  # autocast casts the inputs to the bf16 weights
         filled = dataclasses.replace(self, **{
             name: value for name, value in defaults.items() if getattr(self, name) is None
         })

@@ -51,6 +51,7 @@ weights are not finite raises :class:`NonFiniteWeights` and writes no ``model.pt
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -277,6 +278,8 @@ class Trainer:
         if strategy.dp_size > 1:
             self.workload.train_data = RankSlice(self.workload.train_data, strategy.dp_rank, strategy.dp_size)
         self.model = self.workload.model.to(self.device)
+        if config.bf16_params is not None:  # pure bf16: no float32 master copy (gradwise.optim.param_rounding)
+            self.model.to(torch.bfloat16)
         self.forward_model = strategy.wrap_model(self.model)
         self.trained = strategy.trained_module(self.model)
         self.named_parameters = [(name, p) for name, p in self.trained.named_parameters() if p.requires_grad]
@@ -294,6 +297,8 @@ class Trainer:
         self.closure_batch: Batch | None = None
         """The step's batch, which a closure-driven optimizer re-evaluates."""
         formatted = {"state_format": config.state_format} if config.state_format != "fp32" else {}
+        if config.bf16_params is not None:
+            formatted["param_rounding"] = config.bf16_params
         built = build_optimizer(config.optimizer, self.trained, lr, config.weight_decay,
                                 {**config.optimizer_options, **formatted,
                                  **(self.closures.build_options if self.closures else {})})
@@ -590,13 +595,12 @@ class Trainer:
                 optimizer.eval()
 
     def evaluate(self, full: bool) -> dict[str, float]:
-        """The workload's validation metrics: the quick estimate under the run's precision, the full one in fp32."""
+        """The workload's validation metrics: the quick estimate under the run's precision, the full one in
+        fp32 (under the run's precision too with bf16 parameters, whose inputs autocast casts)."""
         model = self.strategy.evaluation_model(self.model)
-        with torch.no_grad():
-            if full:
-                return self.workload.evaluate(model, True)
-            with self.precision.autocast():
-                return self.workload.evaluate(model, False)
+        in_fp32 = full and self.config.bf16_params is None
+        with torch.no_grad(), contextlib.nullcontext() if in_fp32 else self.precision.autocast():
+            return self.workload.evaluate(model, full)
 
     def roll_back(self, lr: float) -> None:
         """Go back to the newest valid checkpoint with a lower lr, or stop with the report."""
