@@ -19,11 +19,12 @@ Usage::
     python benchmarks/step_throughput.py --state-formats  # AdamW's state formats and 8-bit peers
 
 ``--state-formats`` times AdamW with its moments in each ``state_format`` (torch's fused fp32
-AdamW as the bar; bf16; bf16 with stochastic rounding; 8-bit through the generic path and
-through gradwise's fused kernel) beside bitsandbytes' ``AdamW8bit`` and torchao's ``AdamW8bit``
-(block-wise 8-bit states too), where they install and run; one that fails is reported as such.
-Bytes moved then count each format's own bytes: 8-bit moments are 1 byte per value plus a
-4-byte scale per block of 256, read and written once.
+AdamW as the bar; bf16, bf16 with stochastic rounding and 8 bits each through the generic path
+and through gradwise's fused kernel; 4 bits through the generic path) beside bitsandbytes'
+``AdamW8bit`` and torchao's ``AdamW8bit`` and ``AdamW4bit`` (block-wise states too), where they
+install and run; one that fails is reported as such. Bytes moved then count each format's own
+bytes: 8-bit moments are 1 byte per value plus a 4-byte scale per block of 256, read and written
+once.
 """
 
 from __future__ import annotations
@@ -166,9 +167,11 @@ def state_format_implementations() -> list[Implementation]:
     """AdamW (weight decay 0.1) with its moments in each state format, beside the 8-bit AdamW of
     bitsandbytes and of torchao. An ideal kernel reads p and g and writes p (12 bytes per fp32
     parameter) and reads and writes both moments: 8 bytes of bf16, 2 bytes of codes and 16 bytes
-    of scales per 256 values in 8 bits."""
+    of scales per 256 values in 8 bits, 1 byte of codes and m's 8 bytes of scales per 128 values
+    in 4 bits. torchao's AdamW4bit beside gradwise's 4 bits."""
     lr, options = 1e-6, {"weight_decay": 0.1}
     eight_bit = 2 * (2 * 1 + 2 * 4 / 256)
+    four_bit = 2 * (2 * 0.5 + 4 / 128)  # and v's rank-1 scales, a few per row and column
 
     def adamw(**extra):
         return lambda p: gw.AdamW(p, lr=lr, **options, **extra)
@@ -177,10 +180,13 @@ def state_format_implementations() -> list[Implementation]:
         Implementation("AdamW formats", "torch fused fp32",
                        lambda p: torch.optim.AdamW(p, lr=lr, fused=True, **options), 7),
         Implementation("AdamW formats", "gradwise fp32", adamw(), 7),
-        Implementation("AdamW formats", "gradwise bf16", adamw(state_format="bf16"), 3, 8.0),
-        Implementation("AdamW formats", "gradwise bf16-sr", adamw(state_format="bf16-sr"), 3, 8.0),
+        Implementation("AdamW formats", "gradwise bf16 generic", adamw(state_format="bf16", fused=False), 3, 8.0),
+        Implementation("AdamW formats", "gradwise bf16 fused", adamw(state_format="bf16"), 3, 8.0),
+        Implementation("AdamW formats", "gradwise bf16-sr generic", adamw(state_format="bf16-sr", fused=False), 3, 8.0),
+        Implementation("AdamW formats", "gradwise bf16-sr fused", adamw(state_format="bf16-sr"), 3, 8.0),
         Implementation("AdamW formats", "gradwise 8bit generic", adamw(state_format="8bit", fused=False), 3, eight_bit),
         Implementation("AdamW formats", "gradwise 8bit fused", adamw(state_format="8bit"), 3, eight_bit),
+        Implementation("AdamW formats", "gradwise 4bit generic", adamw(state_format="4bit"), 3, four_bit),
     ]
 
     def bitsandbytes_adamw8bit(params):
@@ -193,9 +199,15 @@ def state_format_implementations() -> list[Implementation]:
 
         return torchao.optim.AdamW8bit(params, lr=lr, **options)
 
+    def torchao_adamw4bit(params):
+        import torchao.optim
+
+        return torchao.optim.AdamW4bit(params, lr=lr, **options)
+
     result += [
         Implementation("AdamW formats", "bitsandbytes AdamW8bit", bitsandbytes_adamw8bit, 3, eight_bit),
         Implementation("AdamW formats", "torchao AdamW8bit", torchao_adamw8bit, 3, eight_bit),
+        Implementation("AdamW formats", "torchao AdamW4bit", torchao_adamw4bit, 3, four_bit),
     ]
     return result
 

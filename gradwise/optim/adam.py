@@ -29,8 +29,16 @@ from gradwise.optim.base import (
     zeros_like,
 )
 from gradwise.optim.description import Description, Preset, StateSize, moment_buffers, numel
-from gradwise.optim.kernels import adam_8bit_cpu, optional_kernel
-from gradwise.optim.state_formats import ABSMAX_SUFFIX, BLOCK, STATE_FORMATS, dynamic_map, quantize_8bit
+from gradwise.optim.kernels import adam_8bit_cpu, adam_bf16_cpu, optional_kernel
+from gradwise.optim.state_formats import (
+    ABSMAX_SUFFIX,
+    BLOCK,
+    DRAWS_KEY,
+    STATE_FORMATS,
+    draw_seed,
+    dynamic_map,
+    quantize_8bit,
+)
 from gradwise.validation import check_betas, check_range
 
 
@@ -162,39 +170,57 @@ class Adam(GradwiseOptimizer):
         adam_update(self, group, params, grads)
 
     def _fused_formatted_update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> bool:
-        """8-bit moments of float32 CPU parameters: one pass of the fused kernel
-        (``gradwise/optim/kernels/adam_8bit_cpu.cpp``) over the stored codes and block scales.
-        It computes the generic path's step (``fused=False``) operation for operation except the
-        square root of :math:`v`: the CPU's correctly rounded one, where torch.sqrt on float32 CPU
-        tensors calls MKL's, which is not correctly rounded (matching it cost an eighth of the
-        step). So the codes and scales are the generic path's bit for bit (with coupled weight
-        decay, a moment may land on the neighbouring code), the parameters agree to the last bits
-        of each step, and a run resumed with the kernel is bit for bit the uninterrupted one. Elsewhere (other formats,
-        dtypes or devices, strided parameters, ``amsgrad``, ``cautious``, ``foreach=False``,
-        AMP's ``grad_scale``, a differentiable, capturable or compiled step, moments loaded in
-        another format) it returns False and the generic path runs; so it does when the kernel
-        cannot be built (warned once; an error under ``fused=True``)."""
-        if not _adam_8bit_kernel_applies(self, group, params):
+        """8-bit or bf16 moments of float32 CPU parameters: one pass of a fused kernel over the stored
+        moments (``gradwise/optim/kernels/adam_8bit_cpu.cpp``: the codes and block scales;
+        ``adam_bf16_cpu.cpp``: the bf16 tensors). Each computes the generic path's step
+        (``fused=False``) operation for operation except the square root of :math:`v`: the CPU's
+        correctly rounded one, where torch.sqrt on float32 CPU tensors calls MKL's, which is not
+        correctly rounded (matching it cost an eighth of the step). So 8-bit codes and scales and
+        round-to-nearest bf16 moments are the generic path's bit for bit (with coupled weight decay,
+        a moment may land on the neighbouring value), the parameters agree to the last bits of each
+        step, and a run resumed with the kernel is bit for bit the uninterrupted one. ``"bf16-sr"``
+        draws its rounding noise from a counter-based hash seeded as the generic path seeds its
+        generator: the same distribution, other draws. Elsewhere (other formats, dtypes or devices,
+        strided parameters, ``amsgrad``, ``cautious``, ``foreach=False``, AMP's ``grad_scale``, a
+        differentiable, capturable or compiled step, moments loaded in another format) it returns
+        False and the generic path runs; so it does when the kernel cannot be built (warned once;
+        an error under ``fused=True``)."""
+        if not _adam_kernel_applies(self, group, params):
             return False
-        kernel = adam_8bit_cpu() if group["fused"] else optional_kernel(adam_8bit_cpu)
+        state_format = group["state_format"]
+        loader = adam_8bit_cpu if state_format == "8bit" else adam_bf16_cpu
+        kernel = loader() if group["fused"] else optional_kernel(loader)
         if kernel is None:
             return False
         steps = self._step_counters(params, on_device=False)
-        for param in params:  # a fresh moment: what the generic path stores, zeros' codes and scales
+        for param in params:  # a fresh moment: what the generic path stores (zeros' codes and scales)
             state = self.state[param]
             for key, signed in (("exp_avg", True), ("exp_avg_sq", False)):
-                if key not in state:
+                if key not in state and state_format == "8bit":
                     state[key], state[key + ABSMAX_SUFFIX] = quantize_8bit(torch.zeros_like(param), signed)
-        moments, scales = ([[self.state[p][key + suffix] for p in params] for key in ("exp_avg", "exp_avg_sq")]
-                           for suffix in ("", ABSMAX_SUFFIX))
+                elif key not in state:
+                    state[key] = torch.zeros_like(param, dtype=torch.bfloat16)
         lr, (beta1, beta2) = group["lr"], group["betas"]
         torch._foreach_add_(steps, 1)
         counts = [step.item() for step in steps]
-        kernel.adam_8bit_(
-            params, grads, moments[0], scales[0], moments[1], scales[1], *_dynamic_maps(),
-            [-lr / (1 - beta1**t) for t in counts], [(1 - beta2**t) ** 0.5 for t in counts],
-            beta1, beta2, group["eps"], group["weight_decay"], lr, group["decoupled_weight_decay"], group["maximize"],
-        )
+        step_sizes = [-lr / (1 - beta1**t) for t in counts]
+        bias_corrections = [(1 - beta2**t) ** 0.5 for t in counts]
+        scalars = (beta1, beta2, group["eps"], group["weight_decay"], lr, group["decoupled_weight_decay"],
+                   group["maximize"])
+        moments = [[self.state[p][key] for p in params] for key in ("exp_avg", "exp_avg_sq")]
+        if state_format == "8bit":
+            scales = [[self.state[p][key + ABSMAX_SUFFIX] for p in params] for key in ("exp_avg", "exp_avg_sq")]
+            kernel.adam_8bit_(params, grads, moments[0], scales[0], moments[1], scales[1], *_dynamic_maps(),
+                              step_sizes, bias_corrections, *scalars)
+            return True
+        seeds = []
+        if state_format == "bf16-sr":  # the generic path's counters: one draw per moment written
+            for param in params:
+                draws = self.state[param].get(DRAWS_KEY, 0)
+                seeds += [draw_seed(draws, "exp_avg", param.numel()), draw_seed(draws + 1, "exp_avg_sq", param.numel())]
+                self.state[param][DRAWS_KEY] = draws + 2
+        kernel.adam_bf16_(params, grads, moments[0], moments[1], step_sizes, bias_corrections, *scalars,
+                          state_format == "bf16-sr", seeds)
         return True
 
     @staticmethod
@@ -271,11 +297,15 @@ def _dynamic_maps() -> tuple[Tensor, Tensor]:
     return dynamic_map(True), dynamic_map(False)
 
 
-def _adam_8bit_kernel_applies(optimizer: GradwiseOptimizer, group: dict[str, Any], params: list[Tensor]) -> bool:
-    """Whether the fused 8-bit kernel computes ``group``'s step of ``params`` as the generic path
-    with ``fused=False`` would, up to the square root's last bit (see
-    :meth:`Adam._fused_formatted_update`)."""
-    if (group["state_format"] != "8bit" or group["fused"] is False or group["amsgrad"] or group.get("cautious")
+FUSED_FORMATS = ("8bit", "bf16", "bf16-sr")
+"""The state formats with a fused CPU Adam kernel (:meth:`Adam._fused_formatted_update`)."""
+
+
+def _adam_kernel_applies(optimizer: GradwiseOptimizer, group: dict[str, Any], params: list[Tensor]) -> bool:
+    """Whether a fused kernel computes ``group``'s step of ``params`` as the generic path with
+    ``fused=False`` would, up to the square root's last bit (see :meth:`Adam._fused_formatted_update`)."""
+    state_format = group["state_format"]
+    if (state_format not in FUSED_FORMATS or group["fused"] is False or group["amsgrad"] or group.get("cautious")
             or group.get("foreach") is False or group.get("differentiable") or group.get("capturable")
             or any(group.get(key) is not None for key in AMP_SCALING_KEYS) or torch.compiler.is_compiling()):
         return False
@@ -285,14 +315,22 @@ def _adam_8bit_kernel_applies(optimizer: GradwiseOptimizer, group: dict[str, Any
             return False
         state = optimizer.state[param]
         for key in ("exp_avg", "exp_avg_sq"):
-            codes, scales = state.get(key), state.get(key + ABSMAX_SUFFIX)
-            if codes is None and scales is None:
-                continue
-            if (codes is None or scales is None or codes.dtype != torch.uint8 or codes.shape != param.shape
-                    or not codes.is_contiguous() or scales.dtype != torch.float32 or not scales.is_contiguous()
-                    or scales.numel() != -(-param.numel() // BLOCK) or codes.device != param.device):
+            if not _kernel_reads(state_format, param, state.get(key), state.get(key + ABSMAX_SUFFIX)):
                 return False
     return True
+
+
+def _kernel_reads(state_format: str, param: Tensor, stored: Tensor | None, scales: Tensor | None) -> bool:
+    """Whether a moment stored as ``stored`` (and ``scales``) is what the fused kernel of
+    ``state_format`` reads for ``param``: absent (a fresh moment), or in the format's layout."""
+    if stored is None and scales is None:
+        return True
+    if stored is None or stored.shape != param.shape or not stored.is_contiguous() or stored.device != param.device:
+        return False
+    if state_format != "8bit":
+        return stored.dtype == torch.bfloat16 and scales is None
+    return (stored.dtype == torch.uint8 and scales is not None and scales.dtype == torch.float32
+            and scales.is_contiguous() and scales.numel() == -(-param.numel() // BLOCK))
 
 
 def adam_update(optimizer: GradwiseOptimizer, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:

@@ -74,6 +74,21 @@ def adam_8bit_cpu() -> ModuleType:
     )
 
 
+@functools.cache
+def adam_bf16_cpu() -> ModuleType:
+    """The fused CPU Adam/AdamW kernel for bfloat16 moments (``state_format="bf16"`` and
+    ``"bf16-sr"``): ``adam_bf16_(params, grads, exp_avgs, exp_avg_sqs, minus_step_sizes,
+    bias_correction2_sqrts, beta1, beta2, eps, weight_decay, lr, decoupled, maximize, stochastic,
+    seeds)``, built with the 8-bit kernel's flags (its arithmetic is spelled out op by op the same way)."""
+    return _build(
+        "gradwise_adam_bf16_cpu",
+        "adam_bf16_cpu.cpp",
+        "fused CPU bf16 Adam kernel",
+        "pass fused=False to use the generic bf16 path",
+        cflags=("-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"),
+    )
+
+
 _FAILED: dict[str, str] = {}
 
 

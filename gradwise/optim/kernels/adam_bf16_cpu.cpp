@@ -1,0 +1,161 @@
+// Adam/AdamW with bfloat16 moments (state_format "bf16" and "bf16-sr") in one pass over memory
+// on the CPU: per value it reads the parameter, the gradient and the two bf16 moments once and
+// writes the parameter and the moments once (12 bytes per value), where the generic path decodes
+// the moments into float32 working copies, runs the update and encodes them back.
+//
+// The arithmetic is the generic path's (Adam._foreach_update on float32 moments) operation for
+// operation, as in adam_8bit_cpu.cpp (the same fma for m's lerp and v's addcmul, the same division
+// order), except the square root: the CPU's correctly rounded one where torch.sqrt on float32 CPU
+// tensors calls MKL's. Decoding a bf16 moment is exact; encoding is
+//   "bf16":    round to nearest even, as torch's float -> bfloat16 conversion (NaN stays NaN);
+//   "bf16-sr": stochastic rounding, a 16-bit noise added to the 16 bits bf16 drops, then truncated,
+//              as state_formats.stochastic_round_bf16, non-finite values kept; the noise comes from
+//              a counter-based hash (SplitMix64 of the write's seed and the value's index), not
+//              from torch's generator as in the generic path: the same distribution, other draws.
+// Threads split tiles of 16384 values of all tensors (at::parallel_for).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kTile = 16384;
+
+inline uint32_t float_bits(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  return bits;
+}
+
+inline float bf16_float(uint16_t h) {
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float x;
+  std::memcpy(&x, &bits, sizeof(x));
+  return x;
+}
+
+inline uint16_t round_nearest_even(float x) {
+  if (x != x) return UINT16_C(0x7FC0);  // c10::BFloat16's NaN
+  const uint32_t bits = float_bits(x);
+  return static_cast<uint16_t>((bits + UINT32_C(0x7FFF) + ((bits >> 16) & 1u)) >> 16);
+}
+
+// The index-th output of SplitMix64 (Steele et al. 2014) started at `seed`: a counter-based draw.
+inline uint64_t splitmix64(uint64_t seed, uint64_t index) {
+  uint64_t z = seed + (index + 1) * UINT64_C(0x9E3779B97F4A7C15);
+  z = (z ^ (z >> 30)) * UINT64_C(0xBF58476D1CE4E5B9);
+  z = (z ^ (z >> 27)) * UINT64_C(0x94D049BB133111EB);
+  return z ^ (z >> 31);
+}
+
+inline uint16_t round_stochastic(float x, uint64_t seed, int64_t index) {
+  if (!std::isfinite(x)) return round_nearest_even(x);  // infinities exact, NaN stays NaN
+  const uint32_t noise = static_cast<uint32_t>(splitmix64(seed, static_cast<uint64_t>(index)) >> 48);
+  return static_cast<uint16_t>((float_bits(x) + noise) >> 16);
+}
+
+struct Scalars {
+  float coeff1, beta2, one_minus_beta2, eps, weight_decay, decay;
+  bool small1, maximize;
+};
+
+enum class Decay { kNone, kDecoupled, kCoupled };
+
+// n values of one tensor, the first at index `first` of the tensor (the noise's counter).
+template <Decay kDecay, bool kStochastic>
+void adam_tile(const Scalars& s, float minus_step, float bc2_sqrt, float* __restrict p, const float* __restrict g,
+               uint16_t* __restrict m_store, uint16_t* __restrict v_store, int64_t n, int64_t first, uint64_t m_seed,
+               uint64_t v_seed) {
+  const float sign = s.maximize ? -1.0f : 1.0f;  // exact: -g
+  for (int64_t i = 0; i < n; ++i) {
+    float grad = g[i] * sign;
+    float param = p[i];
+    if constexpr (kDecay == Decay::kDecoupled) param = param * s.decay;
+    if constexpr (kDecay == Decay::kCoupled) grad = std::fma(param, s.weight_decay, grad);
+    const float m = bf16_float(m_store[i]);
+    const float v = bf16_float(v_store[i]);
+    const float m1 = std::fma(s.coeff1, grad - m, s.small1 ? m : grad);  // ATen's lerp
+    const float v1 = std::fma(s.one_minus_beta2 * grad, grad, v * s.beta2);
+    p[i] = param + (minus_step * m1) / (std::sqrt(v1) / bc2_sqrt + s.eps);
+    if constexpr (kStochastic) {
+      m_store[i] = round_stochastic(m1, m_seed, first + i);
+      v_store[i] = round_stochastic(v1, v_seed, first + i);
+    } else {
+      m_store[i] = round_nearest_even(m1);
+      v_store[i] = round_nearest_even(v1);
+    }
+  }
+}
+
+void adam_bf16_(std::vector<at::Tensor> params, std::vector<at::Tensor> grads, std::vector<at::Tensor> exp_avgs,
+                std::vector<at::Tensor> exp_avg_sqs, std::vector<double> minus_step_sizes,
+                std::vector<double> bias_correction2_sqrts, double beta1, double beta2, double eps,
+                double weight_decay, double lr, bool decoupled, bool maximize, bool stochastic,
+                std::vector<int64_t> seeds) {
+  const size_t count = params.size();
+  TORCH_CHECK(grads.size() == count && exp_avgs.size() == count && exp_avg_sqs.size() == count &&
+                  minus_step_sizes.size() == count && bias_correction2_sqrts.size() == count &&
+                  (!stochastic || seeds.size() == 2 * count),
+              "adam_bf16_: lists differ in length");
+  std::vector<int64_t> first_tile(count + 1, 0);
+  for (size_t k = 0; k < count; ++k) {
+    const at::Tensor& p = params[k];
+    const int64_t numel = p.numel();
+    TORCH_CHECK(p.device().is_cpu() && p.scalar_type() == at::kFloat && p.is_contiguous(),
+                "adam_bf16_: parameters must be contiguous float32 CPU tensors");
+    TORCH_CHECK(grads[k].scalar_type() == at::kFloat && grads[k].is_contiguous() && grads[k].numel() == numel,
+                "adam_bf16_: a gradient differs from its parameter");
+    for (const at::Tensor* moment : {&exp_avgs[k], &exp_avg_sqs[k]}) {
+      TORCH_CHECK(moment->scalar_type() == at::kBFloat16 && moment->is_contiguous() && moment->numel() == numel,
+                  "adam_bf16_: moments must be contiguous bfloat16 tensors of the parameter's size");
+    }
+    first_tile[k + 1] = first_tile[k] + (numel + kTile - 1) / kTile;
+  }
+  Scalars s;
+  const float weight1 = static_cast<float>(1.0 - beta1);
+  s.small1 = std::fabs(weight1) < 0.5f;
+  s.coeff1 = s.small1 ? weight1 : weight1 - 1.0f;
+  s.beta2 = static_cast<float>(beta2);
+  s.one_minus_beta2 = static_cast<float>(1.0 - beta2);
+  s.eps = static_cast<float>(eps);
+  s.weight_decay = static_cast<float>(weight_decay);
+  s.decay = static_cast<float>(1.0 - lr * weight_decay);
+  s.maximize = maximize;
+  const Decay decay = weight_decay == 0.0 ? Decay::kNone : decoupled ? Decay::kDecoupled : Decay::kCoupled;
+  at::parallel_for(0, first_tile[count], 1, [&](int64_t begin, int64_t end) {
+    size_t k = std::upper_bound(first_tile.begin(), first_tile.end(), begin) - first_tile.begin() - 1;
+    for (int64_t tile = begin; tile < end; ++tile) {
+      while (tile >= first_tile[k + 1]) ++k;
+      const int64_t start = (tile - first_tile[k]) * kTile, n = std::min(kTile, params[k].numel() - start);
+      const uint64_t m_seed = stochastic ? static_cast<uint64_t>(seeds[2 * k]) : 0;
+      const uint64_t v_seed = stochastic ? static_cast<uint64_t>(seeds[2 * k + 1]) : 0;
+      auto* m = reinterpret_cast<uint16_t*>(exp_avgs[k].data_ptr<at::BFloat16>()) + start;
+      auto* v = reinterpret_cast<uint16_t*>(exp_avg_sqs[k].data_ptr<at::BFloat16>()) + start;
+      float* p = params[k].data_ptr<float>() + start;
+      const float* g = grads[k].data_ptr<float>() + start;
+      const float step = static_cast<float>(minus_step_sizes[k]), bc2 = static_cast<float>(bias_correction2_sqrts[k]);
+      if (stochastic) {
+        (decay == Decay::kNone        ? adam_tile<Decay::kNone, true>
+         : decay == Decay::kDecoupled ? adam_tile<Decay::kDecoupled, true>
+                                      : adam_tile<Decay::kCoupled, true>)(s, step, bc2, p, g, m, v, n, start,
+                                                                          m_seed, v_seed);
+      } else {
+        (decay == Decay::kNone        ? adam_tile<Decay::kNone, false>
+         : decay == Decay::kDecoupled ? adam_tile<Decay::kDecoupled, false>
+                                      : adam_tile<Decay::kCoupled, false>)(s, step, bc2, p, g, m, v, n, start, 0, 0);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.def("adam_bf16_", &adam_bf16_,
+             "Adam/AdamW step of contiguous float32 CPU parameters with bfloat16 moments, in place");
+}
