@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 
 import pytest
 import torch
@@ -162,30 +161,7 @@ def test_a_failed_update_leaves_the_parameters_as_stored() -> None:
     assert param.dtype == torch.bfloat16 and param.data_ptr() == storage and torch.equal(param, before)
 
 
-# ---- in a training run (gradwise train --bf16-params) ----------------------------------------------
-
-
-TINY_GPT = dict(seq_len=16, d_model=32, n_layer=1, n_head=2, eval_windows=2, final_eval_windows=2)
-
-
-def test_a_pure_bf16_training_run_resumes_bit_for_bit(tmp_path) -> None:
-    """A 6-step tiny-gpt run with bf16 parameters and Kahan compensation, checkpointed at step 3;
-    the same run resumed from its step-3 checkpoint ends with the same bf16 weights, bit for bit."""
-    from gradwise.train import TrainConfig, Trainer
-
-    config = TrainConfig(workload="tiny-gpt", workload_options=TINY_GPT, steps=6, batch_size=4, threads=1,
-                         checkpoint_every=3, eval_every=1000, bf16_params="kahan")
-    uninterrupted = Trainer(config, tmp_path / "run")
-    uninterrupted.run()
-    shutil.copytree(tmp_path / "run", tmp_path / "resumed")
-    (tmp_path / "resumed" / "checkpoints" / "step-00000006.ckpt").unlink()
-    resumed = Trainer(config, tmp_path / "resumed", resume=True)
-    assert resumed.run().resumed_from_step == 3
-    for mine, reference in zip(resumed.model.parameters(), uninterrupted.model.parameters()):
-        assert mine.dtype == torch.bfloat16 and torch.equal(mine, reference)
-    first = next(uninterrupted.model.parameters())
-    assert COMPENSATION_KEY in uninterrupted.optimizer.state[first]
-    assert uninterrupted.config.precision == "bf16"  # the default that bf16 parameters need
+# ---- in a training run (gradwise train --bf16-params; its bit-exact resume: test_state_formats.py) ---
 
 
 def test_pure_bf16_training_learns_the_mlp(tmp_path, capsys) -> None:

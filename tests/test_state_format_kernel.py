@@ -1,6 +1,7 @@
 """The fused CPU kernel of 8-bit Adam/AdamW (gradwise/optim/kernels/adam_8bit_cpu.cpp) against
 the generic 8-bit path (moments decoded, Adam's foreach update, quantize_8bit), over many steps,
-shapes and hyperparameters; resume; the cases it leaves to the generic path; a build failure.
+shapes and hyperparameters; resume; the cases it (and the bf16 kernel) leaves to the generic
+path; a build failure.
 
 The two paths differ only in the square root of v: the kernel's is the CPU's correctly rounded
 one, torch.sqrt on float32 CPU tensors goes through MKL, which is not (about one root in five is
@@ -192,18 +193,16 @@ def test_resume_through_state_dict_is_exact(resumed_fused):
         _assert_close(whole_params, whole, params, opt, moments_exact=True, steps=30)
 
 
-def _kernel_refused(monkeypatch):
-    def adam_8bit_cpu():
+@pytest.mark.parametrize("state_format, loader", [("8bit", "adam_8bit_cpu"), ("bf16-sr", "adam_bf16_cpu")])
+@pytest.mark.parametrize("case", ["amsgrad", "bf16", "strided", "foreach=False", "cautious", "fused=False",
+                                  "fp32 format"])
+def test_cases_the_kernel_leaves_to_the_generic_path(case, state_format, loader, monkeypatch):
+    def refused():
         raise AssertionError("the kernel was asked for where it does not apply")
 
-    monkeypatch.setattr(adam_module, "adam_8bit_cpu", adam_8bit_cpu)
-
-
-@pytest.mark.parametrize("case", ["amsgrad", "bf16", "strided", "foreach=False", "cautious", "fp32 format"])
-def test_cases_the_kernel_leaves_to_the_generic_path(case, monkeypatch):
-    _kernel_refused(monkeypatch)
+    monkeypatch.setattr(adam_module, loader, refused)
     param = torch.randn(40, 30)
-    options = {"state_format": "8bit"}
+    options = {"state_format": state_format}
     if case == "amsgrad":
         options["amsgrad"] = True
     elif case == "bf16":
@@ -214,6 +213,8 @@ def test_cases_the_kernel_leaves_to_the_generic_path(case, monkeypatch):
         options["foreach"] = False
     elif case == "cautious":
         options["cautious"] = True
+    elif case == "fused=False":
+        options["fused"] = False
     else:
         options["state_format"] = "fp32"
     param.grad = torch.randn_like(param)

@@ -2,7 +2,7 @@
 against the generic bf16 path (moments decoded, Adam's foreach update, rounded back): round to
 nearest equal to it up to the square root's last bit (the moments bit for bit without coupled
 weight decay); stochastic rounding unbiased onto the two neighbours, with its own draws; resume
-bit for bit; the cases left to the generic path."""
+bit for bit (the cases left to the generic path: test_state_format_kernel.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import io
 import pytest
 import torch
 
-import gradwise.optim.adam as adam_module
 import gradwise.optim.kernels as kernels
 from gradwise.optim import Adam, AdamW
 
@@ -131,31 +130,6 @@ def test_resume_through_state_dict_is_exact(state_format):
         opt.step()
     for a, b in zip(params, whole_params):
         assert torch.equal(a, b)
-
-
-@pytest.mark.parametrize("case", ["amsgrad", "bf16 parameters", "strided", "foreach=False", "fused=False"])
-def test_cases_the_kernel_leaves_to_the_generic_path(case, monkeypatch):
-    def refused():
-        raise AssertionError("the kernel was asked for where it does not apply")
-
-    monkeypatch.setattr(adam_module, "adam_bf16_cpu", refused)
-    param = torch.randn(40, 30)
-    options = {"state_format": "bf16-sr"}
-    if case == "amsgrad":
-        options["amsgrad"] = True
-    elif case == "bf16 parameters":
-        param = param.bfloat16()
-    elif case == "strided":
-        param = torch.randn(40, 60)[:, ::2]
-    elif case == "foreach=False":
-        options["foreach"] = False
-    else:
-        options["fused"] = False
-    param.grad = torch.randn_like(param)
-    opt = AdamW([param], **options)
-    before = param.detach().clone()
-    opt.step()
-    assert not torch.equal(param, before) and opt.state[param]["exp_avg"].dtype == torch.bfloat16
 
 
 def test_kernel_refuses_mismatched_moments(kernel):

@@ -397,12 +397,14 @@ def test_impossible_state_formats_are_one_line_cli_errors(argv, message, capsys)
 # ---- in a training run ---------------------------------------------------------------------------
 
 
-def test_a_training_run_in_8bit_resumes_bit_for_bit(tmp_path) -> None:
-    """A 6-step run checkpointed at step 3; the same run resumed from its step-3 checkpoint ends
-    with the same weights, bit for bit."""
+@pytest.mark.parametrize("setting", [{"state_format": "8bit"}, {"bf16_params": "kahan"}], ids=["8bit", "bf16-params"])
+def test_a_training_run_resumes_bit_for_bit(tmp_path, setting) -> None:
+    """A 6-step run checkpointed at step 3 (8-bit moments; or bf16 parameters with Kahan
+    compensation, ``gradwise.optim.param_rounding``); the same run resumed from its step-3
+    checkpoint ends with the same weights, bit for bit."""
     config = TrainConfig(workload="tiny-gpt", workload_options=dict(seq_len=16, d_model=32, n_layer=1, n_head=2,
                                                                      eval_windows=2, final_eval_windows=2),
-                         steps=6, batch_size=4, threads=1, checkpoint_every=3, eval_every=1000, state_format="8bit")
+                         steps=6, batch_size=4, threads=1, checkpoint_every=3, eval_every=1000, **setting)
     uninterrupted = Trainer(config, tmp_path / "run")
     uninterrupted.run()
     shutil.copytree(tmp_path / "run", tmp_path / "resumed")
@@ -411,5 +413,12 @@ def test_a_training_run_in_8bit_resumes_bit_for_bit(tmp_path) -> None:
     assert resumed.run().resumed_from_step == 3
     for mine, reference in zip(resumed.model.parameters(), uninterrupted.model.parameters()):
         assert torch.equal(mine, reference)
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["state_format"] == "8bit"
-    assert uninterrupted.optimizer.state[next(uninterrupted.model.parameters())]["exp_avg"].dtype == torch.uint8
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    first = next(uninterrupted.model.parameters())
+    state = uninterrupted.optimizer.state[first]
+    if "state_format" in setting:
+        assert saved["state_format"] == "8bit" and state["exp_avg"].dtype == torch.uint8
+    else:  # bf16 weights, float32 moments, the compensation; precision bf16 by default
+        assert saved["bf16_params"] == "kahan" and uninterrupted.config.precision == "bf16"
+        assert first.dtype == torch.bfloat16 and state["exp_avg"].dtype == torch.float32
+        assert state["param_compensation"].dtype == torch.bfloat16
