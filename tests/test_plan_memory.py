@@ -175,6 +175,11 @@ def test_7b_adamw_in_bf16_with_fp32_states_is_84_gb_before_activations():
     assert (estimate.parameters, estimate.gradients, estimate.master_weights) == (14e9, 14e9, 0)
     with_master = memory.estimate_memory(memory.square_matrix_shapes(7e9, 4096), "adamw", "mixed")
     assert with_master.total / GB == pytest.approx(112.0, abs=1e-5)
+    # pure bf16 with Kahan compensation (param_rounding='kahan'): 2 bytes per parameter more, state that ZeRO-1 shards
+    kahan = memory.estimate_memory(memory.square_matrix_shapes(7e9, 4096), "adamw", "bf16-kahan")
+    assert kahan.total / GB == pytest.approx(98.0, abs=1e-5) and kahan.master_weights == 14e9
+    sharded = memory.estimate_memory(memory.square_matrix_shapes(7e9, 4096), "adamw", "bf16-kahan", 1, devices=7)
+    assert sharded.master_weights == 2e9
 
 
 def test_optimizer_state_per_parameter_by_optimizer():

@@ -98,7 +98,7 @@ def _add_memory(models) -> None:
     parser.add_argument("--optimizer", default="adamw", help="optimizer (default: adamw)")
     parser.add_argument("--precision", default="bf16", help="number format recipe (default: bf16)")
     parser.add_argument("--state-format", default="fp32", metavar="FORMAT",
-                        help="the optimizer's moments: fp32 (as the precision says), bf16, bf16-sr or 8bit "
+                        help="the optimizer's moments: fp32 (as the precision says), bf16, bf16-sr, 8bit or 4bit "
                              "(default: fp32)")
     parser.add_argument("--zero", type=int, default=0, metavar="STAGE", help="ZeRO stage 0-3 (default: 0)")
     parser.add_argument("--devices", type=int, default=1, metavar="N", help="data-parallel devices (default: 1)")

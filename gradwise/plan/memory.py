@@ -76,6 +76,9 @@ PRECISIONS: dict[str, Precision] = {
         Precision("fp32", 4, 4, 0, 4, 4, "fp32 weights, gradients, states and activations"),
         Precision("bf16", 2, 2, 0, 4, 2,
                   "bf16 weights, gradients and activations; fp32 optimizer states, no master copy"),
+        Precision("bf16-kahan", 2, 2, 2, 4, 2,
+                  "bf16 weights, gradients and activations; fp32 optimizer states; a bf16 Kahan compensation "
+                  "in place of a master copy (gradwise train --bf16-params kahan)"),
         Precision("mixed", 2, 2, 4, 4, 2,
                   "bf16/fp16 weights, gradients and activations; fp32 master weights and states (ZeRO's)"),
         Precision("fp8", 1, 1, 4, 4, 1,
