@@ -71,17 +71,21 @@ template <Decay kDecay, bool kStochastic>
 void adam_tile(const Scalars& s, float minus_step, float bc2_sqrt, float* __restrict p, const float* __restrict g,
                uint16_t* __restrict m_store, uint16_t* __restrict v_store, int64_t n, int64_t first, uint64_t m_seed,
                uint64_t v_seed) {
+  // locals, not loads through `s` in the loop (which the compiler cannot prove unaliased): vectorised
   const float sign = s.maximize ? -1.0f : 1.0f;  // exact: -g
+  const float decay = s.decay, weight_decay = s.weight_decay, coeff1 = s.coeff1, beta2 = s.beta2;
+  const float one_minus_beta2 = s.one_minus_beta2, eps = s.eps;
+  const float small1 = s.small1 ? 1.0f : 0.0f;
   for (int64_t i = 0; i < n; ++i) {
     float grad = g[i] * sign;
     float param = p[i];
-    if constexpr (kDecay == Decay::kDecoupled) param = param * s.decay;
-    if constexpr (kDecay == Decay::kCoupled) grad = std::fma(param, s.weight_decay, grad);
+    if constexpr (kDecay == Decay::kDecoupled) param = param * decay;
+    if constexpr (kDecay == Decay::kCoupled) grad = std::fma(param, weight_decay, grad);
     const float m = bf16_float(m_store[i]);
     const float v = bf16_float(v_store[i]);
-    const float m1 = std::fma(s.coeff1, grad - m, s.small1 ? m : grad);  // ATen's lerp
-    const float v1 = std::fma(s.one_minus_beta2 * grad, grad, v * s.beta2);
-    p[i] = param + (minus_step * m1) / (std::sqrt(v1) / bc2_sqrt + s.eps);
+    const float m1 = std::fma(coeff1, grad - m, small1 != 0.0f ? m : grad);  // ATen's lerp
+    const float v1 = std::fma(one_minus_beta2 * grad, grad, v * beta2);
+    p[i] = param + (minus_step * m1) / (std::sqrt(v1) / bc2_sqrt + eps);
     if constexpr (kStochastic) {
       m_store[i] = round_stochastic(m1, m_seed, first + i);
       v_store[i] = round_stochastic(v1, v_seed, first + i);
