@@ -385,3 +385,26 @@ def test_killed_worker_without_restarts_is_a_few_lines_and_the_reports_are_kept(
     if survivor:  # rank 0 may be stopped by torchrun before its collective fails: then it says nothing
         assert "no restarts left" in survivor[0]
         assert "Traceback" in (out / "logs" / "rank-0-attempt-0.log").read_text()
+
+
+@pytest.mark.parametrize("abort_first", [True, False])
+def test_a_worker_that_explained_itself_sets_the_exit_code_whatever_died_first(monkeypatch, tmp_path, capsys,
+                                                                                  abort_first):
+    """Rank 0 refuses a setting (exit 2, its one line already printed) and rank 1's gloo aborts
+    (SIGABRT) because its peer left mid-collective: the job exits 2 and says nothing more, whether
+    torchrun saw the abort first or not (it did in a CI run, which then exited 1 with two extra lines)."""
+    import torch.distributed.run as torch_run
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from gradwise.cli.launch import run_under_torchrun
+
+    refused = ProcessFailure(local_rank=0, pid=101, exitcode=2, error_file=str(tmp_path / "none-0"))
+    aborted = ProcessFailure(local_rank=1, pid=102, exitcode=-6, error_file=str(tmp_path / "none-1"))
+    refused.timestamp, aborted.timestamp = (20, 10) if abort_first else (10, 20)
+
+    def run(arguments):
+        raise ChildFailedError("gradwise", {0: refused, 1: aborted})
+
+    monkeypatch.setattr(torch_run, "run", run)
+    assert run_under_torchrun(2, ["train", "--nproc", "2"], folder=tmp_path) == 2
+    assert capsys.readouterr().err == ""

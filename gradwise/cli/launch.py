@@ -8,7 +8,8 @@ group from reaching for the previous attempt's port (without it, restarts failed
 see the team's FACTS.md).
 
 A worker that stops with an exit code has already said why on stderr (a one-line error, a
-divergence report or a traceback), so the launcher returns that code and adds nothing:
+divergence report or a traceback), so the launcher returns that code and adds nothing, also when
+a peer was killed by a signal around then (its collective broken by the exit):
 torchrun's failure table and log lines would bury the one line under forty. A worker killed
 by a signal could say nothing: the launcher says in two lines which rank died of which
 signal, and keeps torchrun's full report in ``RUN/logs/torchrun-failure.log``. The
@@ -96,9 +97,13 @@ def run_under_torchrun(nproc: int, argv: list[str], max_restarts: int = 0, folde
     try:
         run(arguments)
     except ChildFailedError as failed:
+        # A worker that exited with a code said why; peers killed around then (gloo aborts a process
+        # whose peer closed its socket mid-collective) died of that, whichever torchrun saw first.
+        explained = sorted((failure.timestamp, failure.exitcode) for failure in failed.failures.values()
+                           if failure.exitcode > 0)
+        if explained:
+            return explained[0][1]
         rank, failure = failed.get_first_failure()
-        if failure.exitcode > 0:
-            return failure.exitcode
         kept = keep_log(folder, "torchrun-failure.log", failed.format_msg() + "\n")
         after = f"after {max_restarts} restart{'s' * (max_restarts != 1)}" if max_restarts else "with --max-restarts 0"
         print(f"gradwise: rank {rank} (pid {failure.pid}) was killed by {failure.signal_name()}; the job stopped "
