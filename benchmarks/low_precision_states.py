@@ -18,7 +18,7 @@ stored ``v`` has drifted from an exact float32 shadow fed the same gradients.
 
 Prints a table, writes ``benchmarks/results/low_precision_states.json`` and
 ``low_precision_states.png``. Runs already in ``--out`` (a ``result.json``) are read, not re-run:
-an interrupted study continues. About 50 minutes on two idle cores::
+an interrupted study continues. About 80 minutes on two cores (33 runs)::
 
     .venv/bin/python benchmarks/low_precision_states.py --out runs/low-precision-states
 """
@@ -134,6 +134,8 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
             continue
         losses = [r["final_val_loss"] for r in runs]
         reference = [r["final_val_loss"] for r in results if r["optimizer"] == name and r["state_format"] == "fp32"]
+        by_seed = {r["seed"]: r["final_val_loss"] for r in results if r["optimizer"] == name
+                   and r["state_format"] == "fp32"}
         probes = [record for r in runs for record in (r["second_moment"] or [])]
         last = [record for record in probes if record["step"] == max(p["step"] for p in probes)] if probes else []
         rows[f"{name}/{state_format}"] = {
@@ -141,6 +143,8 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
             "final_val_loss_mean": statistics.fmean(losses),
             "final_val_loss_min": min(losses), "final_val_loss_max": max(losses),
             "vs_fp32": statistics.fmean(losses) / statistics.fmean(reference) - 1 if reference else None,
+            # the same seed's fp32 run (same initialisation and batches): the format's own effect
+            "vs_fp32_by_seed": [r["final_val_loss"] / by_seed[r["seed"]] - 1 for r in runs if r["seed"] in by_seed],
             "state_bytes": runs[0]["state_bytes"],
             "v_updates_below_half_ulp": statistics.fmean(p["below_half_ulp"] for p in probes) if probes else None,
             "v_mean_drift_at_end": statistics.fmean(p["mean_drift"] for p in last) if last else None,
@@ -185,14 +189,16 @@ def main() -> None:
     # seed by seed: an interrupted study has every (optimizer, format) at the first seeds
     results = [run(name, fmt, seed, args.out) for seed in SEEDS for name, fmt in STUDY]
     rows = summarise(results)
-    print(f"{'optimizer/format':<18} {'val loss':>9} {'min..max':>15} {'vs fp32':>8} {'state MB':>9}"
+    print(f"{'optimizer/format':<18} {'val loss':>9} {'min..max':>15} {'vs fp32':>8} {'by seed':>22} {'state MB':>9}"
           f" {'v <ulp/2':>8} {'v drift':>8}")
     for key, row in rows.items():
         versus = "" if row["vs_fp32"] is None else f"{100 * row['vs_fp32']:+.2f}%"
         below = "" if row["v_updates_below_half_ulp"] is None else f"{100 * row['v_updates_below_half_ulp']:.1f}%"
         drift = "" if row["v_mean_drift_at_end"] is None else f"{100 * row['v_mean_drift_at_end']:+.2f}%"
+        seeds = " ".join(f"{100 * value:+.2f}" for value in row["vs_fp32_by_seed"])
         print(f"{key:<18} {row['final_val_loss_mean']:9.4f} {row['final_val_loss_min']:7.4f}.."
-              f"{row['final_val_loss_max']:.4f} {versus:>8} {row['state_bytes'] / 1e6:9.3f} {below:>8} {drift:>8}")
+              f"{row['final_val_loss_max']:.4f} {versus:>8} {seeds:>22} {row['state_bytes'] / 1e6:9.3f} {below:>8}"
+              f" {drift:>8}")
     RESULTS.write_text(json.dumps({"machine": describe_machine(), "settings": {
         "workload": "tiny-gpt", "workload_options": {"n_layer": 2}, "steps": 400, "lr": TUNED, "weight_decay": 0.1,
         "seeds": list(SEEDS)}, "rows": rows, "runs": results}, indent=1))
