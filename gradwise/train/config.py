@@ -198,9 +198,9 @@ class TrainConfig:
             if self.strategy is not None and self.strategy not in QK_CLIP_STRATEGIES:
                 raise ValueError(f"qk_clip rescales whole attention heads on every rank: run it with strategy "
                                  f"{', '.join(QK_CLIP_STRATEGIES)}, not {self.strategy!r}")
-        check_state_format(OPTIMIZERS[self.optimizer][0], self.state_format)
-        if self.state_format != "fp32" and self.strategy in DTENSOR_STRATEGIES:
-            raise ValueError(f"state_format {self.state_format!r} is kept per whole tensor: strategy "
+        state_format = check_state_format(OPTIMIZERS[self.optimizer][0], self.effective_state_format())
+        if state_format != "fp32" and self.strategy in DTENSOR_STRATEGIES:
+            raise ValueError(f"state_format {state_format!r} is kept per whole tensor: strategy "
                              f"{self.strategy!r} shards parameters (use ddp, zero1 or zero2)")
         if self.precision is not None:
             check_choice("precision", self.precision, PRECISIONS)
@@ -230,6 +230,13 @@ class TrainConfig:
         if self.steps is not None and self.warmup_steps is not None and self.warmup_steps > self.steps:
             raise ValueError(f"warmup_steps must be <= steps ({self.steps}), got {self.warmup_steps}")
         return self
+
+    def effective_state_format(self) -> str:
+        """The format the run's optimizer keeps its moments in: ``state_format`` (``--state-format``) when
+        set, else an ``optimizer_options`` entry or the preset's (``adamw-8bit``)."""
+        if self.state_format != "fp32":
+            return self.state_format
+        return {**OPTIMIZERS[self.optimizer][1], **self.optimizer_options}.get("state_format", "fp32")
 
     def check_bf16_params(self) -> None:
         """Refuse (one-line ``ValueError``) what pure-bf16 training cannot run with."""
