@@ -1,12 +1,10 @@
 """The fused CPU kernel of Adam/AdamW with bf16 moments (gradwise/optim/kernels/adam_bf16_cpu.cpp)
 against the generic bf16 path (moments decoded, Adam's foreach update, rounded back): round to
 nearest equal to it up to the square root's last bit (the moments bit for bit without coupled
-weight decay); stochastic rounding unbiased onto the two neighbours, with its own draws; resume
-bit for bit (the cases left to the generic path: test_state_format_kernel.py)."""
+weight decay); stochastic rounding unbiased onto the two neighbours, with its own draws (resume bit
+for bit and the cases left to the generic path: test_state_format_kernel.py, with the 8-bit kernel's)."""
 
 from __future__ import annotations
-
-import io
 
 import pytest
 import torch
@@ -105,31 +103,6 @@ def test_non_finite_moments_are_kept_as_the_generic_path_keeps_them():
         finite_or_inf = ~torch.isnan(reference)
         assert torch.equal(mine[finite_or_inf].isinf(), reference[finite_or_inf].isinf())
         assert torch.equal(mine[reference.isinf()], reference[reference.isinf()])
-
-
-@pytest.mark.parametrize("state_format", ["bf16", "bf16-sr"])
-def test_resume_through_state_dict_is_exact(state_format):
-    """20 steps, the state_dict through torch.save/torch.load(weights_only=True), 20 more: the 40
-    uninterrupted steps bit for bit (stochastic rounding's draws are seeded by the saved counters)."""
-    whole_params = _params()
-    _run(whole_params, 40, state_format, weight_decay=0.1)
-    params = _params()
-    opt = AdamW(params, state_format=state_format, weight_decay=0.1)
-    generator = torch.Generator().manual_seed(1)
-    for step in range(40):
-        grads = [torch.randn(p.shape, generator=generator) * 3.0 for p in params]
-        if step == 20:
-            buffer = io.BytesIO()
-            torch.save(opt.state_dict(), buffer)
-            buffer.seek(0)
-            params = [p.detach().clone() for p in params]
-            opt = AdamW(params, state_format=state_format, weight_decay=0.1)
-            opt.load_state_dict(torch.load(buffer, weights_only=True))
-        for param, grad in zip(params, grads):
-            param.grad = grad
-        opt.step()
-    for a, b in zip(params, whole_params):
-        assert torch.equal(a, b)
 
 
 def test_kernel_refuses_mismatched_moments(kernel):
