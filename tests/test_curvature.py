@@ -29,6 +29,7 @@ from gradwise.curvature import (
     noisy_newton_bias,
     power_iteration,
     rademacher_like,
+    top_eigenpair,
     unflatten,
 )
 
@@ -190,8 +191,13 @@ def known_spectrum(eigenvalues, seed=0) -> torch.Tensor:
 
 def test_power_iteration_recovers_the_dominant_eigenvalue():
     eigenvalues = torch.linspace(0.1, 5.0, 30).tolist() + [10.0]
-    result = power_iteration(matrix_operator(known_spectrum(eigenvalues)), 31, iterations=500, tol=1e-12,
-                             generator=torch.Generator().manual_seed(0))
+    result = power_iteration(
+        matrix_operator(known_spectrum(eigenvalues)),
+        31,
+        iterations=500,
+        tol=1e-12,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert result.converged
     assert result.eigenvalue == pytest.approx(10.0, rel=1e-9)
     negative = power_iteration(matrix_operator(known_spectrum([-7.0, 1.0, 2.0])), 3, iterations=500, tol=1e-12)
@@ -207,6 +213,28 @@ def test_lanczos_recovers_extreme_eigenvalues_of_a_quadratic():
     # With as many steps as the dimension, every eigenvalue is found.
     ritz = lanczos(matrix_operator(known_spectrum([1.0, 2.0, 3.0, 4.0, 5.0])), 5, steps=10)
     assert np.allclose(ritz, [1, 2, 3, 4, 5], atol=1e-10)
+
+
+def test_top_eigenpair_bounds_its_error_and_converges_faster_from_a_warm_start():
+    eigenvalues = np.concatenate([np.linspace(0.0, 1.0, 99), [4.0]])
+    matrix = known_spectrum(eigenvalues, seed=4)
+    matvec = matrix_operator(matrix)
+    cold = top_eigenpair(matvec, 100, steps=3, generator=torch.Generator().manual_seed(0))
+    # The residual bounds the distance to the nearest eigenvalue (4.0 here) and is not vacuous.
+    assert abs(cold.eigenvalue - 4.0) <= cold.residual + 1e-12
+    assert cold.products == 4
+    exact = torch.linalg.eigh(matrix).eigenvectors[:, -1]
+    assert float((cold.eigenvector @ exact).abs()) < 1.0 - 1e-9
+    # Started from a slightly perturbed exact eigenvector, two products land far closer.
+    start = exact + 1e-4 * torch.randn(100, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    warm = top_eigenpair(matvec, 100, steps=2, start=start)
+    assert abs(warm.eigenvalue - 4.0) <= warm.residual
+    assert abs(warm.eigenvalue - 4.0) < 1e-4 * abs(cold.eigenvalue - 4.0)
+    assert warm.residual < 1e-3 * cold.residual
+    # An invariant start (an eigenvector itself) stops after one product with zero residual.
+    assert top_eigenpair(matvec, 100, steps=5, start=exact).residual < 1e-10
+    with pytest.raises(ValueError, match="start must be a finite nonzero vector of 100 entries"):
+        top_eigenpair(matvec, 100, start=torch.zeros(100, dtype=torch.float64))
 
 
 def test_condition_number_of_a_quadratic_loss_and_of_a_model():

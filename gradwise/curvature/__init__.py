@@ -28,13 +28,21 @@ from gradwise.curvature.hvp import (
 )
 from gradwise.curvature.noisy_newton import NoisyNewtonBias, gamma_curvatures, noisy_newton_bias
 from gradwise.curvature.operator import hessian_operator, matrix_operator
-from gradwise.curvature.spectrum import PowerIterationResult, extreme_eigenvalues, lanczos, power_iteration
+from gradwise.curvature.spectrum import (
+    PowerIterationResult,
+    TopEigenpair,
+    extreme_eigenvalues,
+    lanczos,
+    power_iteration,
+    top_eigenpair,
+)
 from gradwise.curvature.vectors import flatten, module_loss, module_outputs, unflatten
 
 __all__ = [
     "ConditionEstimate",
     "NoisyNewtonBias",
     "PowerIterationResult",
+    "TopEigenpair",
     "condition_number",
     "default_fd_eps",
     "extreme_eigenvalues",
@@ -59,5 +67,6 @@ __all__ = [
     "power_iteration",
     "rademacher_like",
     "sample_labels",
+    "top_eigenpair",
     "unflatten",
 ]
