@@ -230,7 +230,7 @@ def test_top_eigenpair_bounds_its_error_and_converges_faster_from_a_warm_start()
     warm = top_eigenpair(matvec, 100, steps=2, start=start)
     assert abs(warm.eigenvalue - 4.0) <= warm.residual
     assert abs(warm.eigenvalue - 4.0) < 1e-4 * abs(cold.eigenvalue - 4.0)
-    assert warm.residual < 1e-3 * cold.residual
+    assert warm.residual < 1e-2 * cold.residual
     # An invariant start (an eigenvector itself) stops after one product with zero residual.
     assert top_eigenpair(matvec, 100, steps=5, start=exact).residual < 1e-10
     with pytest.raises(ValueError, match="start must be a finite nonzero vector of 100 entries"):
