@@ -275,7 +275,16 @@ class SafeReader(FileSystemReader):
 
 class SafeLoadPlanner(DefaultLoadPlanner):
     """DCP's default planner, except that non-tensor values load with ``weights_only=True``
-    (the default planner uses ``weights_only=False``)."""
+    (the default planner uses ``weights_only=False``), and a tensor saved in another dtype than the
+    one it loads into is refused (DCP would cast it: 8-bit codes read as the values of a float moment)."""
+
+    def create_local_plan(self) -> Any:
+        for fqn, value in self.state_dict.items():
+            saved = self.metadata.state_dict_metadata.get(fqn) if self.metadata is not None else None
+            if isinstance(value, torch.Tensor) and isinstance(saved, dcp_metadata.TensorStorageMetadata):
+                if saved.properties.dtype != value.dtype:
+                    raise ValueError(f"{fqn} was saved as {saved.properties.dtype}, this run keeps {value.dtype}")
+        return super().create_local_plan()
 
     def load_bytes(self, read_item: Any, value: Any) -> None:
         try:

@@ -194,7 +194,7 @@ class Adam(GradwiseOptimizer):
             return False
         steps = self._step_counters(params, on_device=False)
         for param in params:  # a fresh moment: what the generic path stores (zeros' codes and scales)
-            state = self.state[param]
+            state = self.param_state(param)
             for key, signed in (("exp_avg", True), ("exp_avg_sq", False)):
                 if key not in state and state_format == "8bit":
                     state[key], state[key + ABSMAX_SUFFIX] = quantize_8bit(torch.zeros_like(param), signed)
@@ -207,18 +207,19 @@ class Adam(GradwiseOptimizer):
         bias_corrections = [(1 - beta2**t) ** 0.5 for t in counts]
         scalars = (beta1, beta2, group["eps"], group["weight_decay"], lr, group["decoupled_weight_decay"],
                    group["maximize"])
-        moments = [[self.state[p][key] for p in params] for key in ("exp_avg", "exp_avg_sq")]
+        states = [self.param_state(p) for p in params]
+        moments = [[state[key] for state in states] for key in ("exp_avg", "exp_avg_sq")]
         if state_format == "8bit":
-            scales = [[self.state[p][key + ABSMAX_SUFFIX] for p in params] for key in ("exp_avg", "exp_avg_sq")]
+            scales = [[state[key + ABSMAX_SUFFIX] for state in states] for key in ("exp_avg", "exp_avg_sq")]
             kernel.adam_8bit_(params, grads, moments[0], scales[0], moments[1], scales[1], *_dynamic_maps(),
                               step_sizes, bias_corrections, *scalars)
             return True
         seeds = []
         if state_format == "bf16-sr":  # the generic path's counters: one draw per moment written
-            for param in params:
-                draws = self.state[param].get(DRAWS_KEY, 0)
+            for param, state in zip(params, states):
+                draws = state.get(DRAWS_KEY, 0)
                 seeds += [draw_seed(draws, "exp_avg", param.numel()), draw_seed(draws + 1, "exp_avg_sq", param.numel())]
-                self.state[param][DRAWS_KEY] = draws + 2
+                state[DRAWS_KEY] = draws + 2
         kernel.adam_bf16_(params, grads, moments[0], moments[1], step_sizes, bias_corrections, *scalars,
                           state_format == "bf16-sr", seeds)
         return True
@@ -313,7 +314,7 @@ def _adam_kernel_applies(optimizer: GradwiseOptimizer, group: dict[str, Any], pa
         if (param.device.type != "cpu" or param.dtype != torch.float32 or not param.is_contiguous()
                 or is_dtensor(param) or param in optimizer._complex_owners):
             return False
-        state = optimizer.state[param]
+        state = optimizer.param_state(param)
         for key in ("exp_avg", "exp_avg_sq"):
             if not _kernel_reads(state_format, param, state.get(key), state.get(key + ABSMAX_SUFFIX)):
                 return False

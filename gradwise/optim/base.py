@@ -28,9 +28,8 @@ shares, so that each optimizer file holds only its math:
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterable, Iterator, MutableMapping
-from typing import TYPE_CHECKING, Any, TypeGuard
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -38,11 +37,14 @@ from torch.optim import Optimizer
 from torch.optim.optimizer import _get_capturable_supported_devices
 
 from gradwise.optim.param_rounding import PARAM_ROUNDINGS, float32_working_params
+from gradwise.optim.sharded_formats import (
+    as_dtensor_moments,
+    encode_dtensor_moments,
+    is_dtensor,
+    local_shards,
+)
 from gradwise.optim.state_formats import ABSMAX_SUFFIX, CHUNK_ELEMENTS, FormattedState, check_state_format
 from gradwise.validation import check_bool, check_choice, check_optional_bool, check_range
-
-if TYPE_CHECKING:
-    from torch.distributed.tensor import DTensor
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tensor]]
 
@@ -145,6 +147,7 @@ class GradwiseOptimizer(Optimizer):
         check_common_options(defaults, type(self))
         self._validate_defaults(defaults)
         self._complex_owners: dict[Tensor, Tensor] = {}
+        self._shard_owners: dict[Tensor, Tensor] = {}
         self._formatted_views: dict[Tensor, FormattedState] = {}
         super().__init__(params, defaults)
 
@@ -196,7 +199,15 @@ class GradwiseOptimizer(Optimizer):
         if not had_differentiable:
             self.defaults.pop("differentiable", None)
         self.__dict__.setdefault("_complex_owners", {})
+        self.__dict__.setdefault("_shard_owners", {})
         self.__dict__.setdefault("_formatted_views", {})
+
+    def state_dict(self) -> dict[str, Any]:
+        state_dict = super().state_dict()
+        # a sharded parameter's formatted moments as DTensors, which load into any mesh (sharded_formats)
+        params = [p for group in self.param_groups for p in group["params"]]
+        as_dtensor_moments(state_dict["state"], self.param_groups, params, self._formatted_state)
+        return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
@@ -226,6 +237,10 @@ class GradwiseOptimizer(Optimizer):
             for key, value in kept.get(saved_id, {}).items():
                 device = param.device if with_parameter(saved_id, key, value) else value.device
                 self.state[param][key] = value.detach().to(device, copy=True)
+        for group in self.param_groups:
+            if group.get("state_format", "fp32") != "fp32":
+                for param in filter(is_dtensor, group["params"]):
+                    encode_dtensor_moments(self.state[param], param, group["state_format"], self._formatted_state)
         # A state_dict from another optimizer (say torch.optim's) may lack some options.
         for group in self.param_groups:
             for key, value in self.defaults.items():
@@ -293,6 +308,7 @@ class GradwiseOptimizer(Optimizer):
                 grads = self._mars_gradients(group, params, grads)
             try:
                 if group.get("state_format", "fp32") != "fp32":
+                    params, grads = self._local_shards(group, params, grads)
                     if not self._fused_formatted_update(group, params, grads):
                         self._formatted_update(group, params, grads)
                 elif group.get("foreach") is False or group.get("differentiable"):
@@ -302,6 +318,20 @@ class GradwiseOptimizer(Optimizer):
                     self._update(group, params, grads)
             finally:
                 self._complex_owners.clear()
+                self._shard_owners.clear()
+
+    def _local_shards(self, group: dict[str, Any], params: list[Tensor],
+                      grads: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """A state format's step on DTensor parameters runs on their local shards, the moments blocked
+        inside each shard (:mod:`gradwise.optim.sharded_formats`); refused where the update needs
+        whole matrices."""
+        if not any(map(is_dtensor, params)):
+            return params, grads
+        if self._updates_matrices(group):
+            raise ValueError(f"{type(self).__name__}(state_format={group['state_format']!r}) on sharded (DTensor) "
+                             "parameters: its update needs whole matrices, whose moments' blocks would cross "
+                             "shards; use state_format='fp32' under FSDP and tensor parallelism")
+        return local_shards(params, grads, self._shard_owners)
 
     def _fused_formatted_update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> bool:
         """Update ``params`` with a kernel that reads and writes ``group["state_format"]``'s stored
@@ -318,9 +348,9 @@ class GradwiseOptimizer(Optimizer):
         name = type(self).__name__
         if not self._formatted_state:
             raise ValueError(f"{name} has no state_format option: its state is kept as torch keeps it")
-        if any(param in self._complex_owners or is_dtensor(param) for param in params):
-            raise ValueError(f"{name}(state_format={group['state_format']!r}) supports real, unsharded "
-                             "parameters (ZeRO shards by whole tensors); complex and DTensor ones need 'fp32'")
+        if any(param in self._complex_owners for param in params):
+            raise ValueError(f"{name}(state_format={group['state_format']!r}) supports real parameters; "
+                             "complex ones need 'fp32'")
         start = 0
         while start < len(params):
             stop, elements = start + 1, params[start].numel()
@@ -329,8 +359,8 @@ class GradwiseOptimizer(Optimizer):
                 stop += 1
             chunk, chunk_grads = params[start:stop], grads[start:stop]
             self._formatted_views = {
-                param: FormattedState(self.state[param], group["state_format"], self._formatted_state, param.dtype,
-                                      tuple(param.shape))
+                param: FormattedState(self._stored_state(param), group["state_format"], self._formatted_state,
+                                      param.dtype, tuple(param.shape))
                 for param in chunk
             }
             try:
@@ -422,8 +452,12 @@ class GradwiseOptimizer(Optimizer):
             return view
         owner = self._complex_owners.get(param)
         if owner is None:
-            return self.state[param]
+            return self._stored_state(param)
         return RealViewState(self.state[owner], param.shape)
+
+    def _stored_state(self, param: Tensor) -> MutableMapping:
+        """The state stored for ``param``: its sharded parameter's, for the local shard of a DTensor."""
+        return self.state[self._shard_owners.get(param, param)]
 
     def _state(self, param: Tensor, key: str, make: Callable[[Tensor], Tensor]) -> Tensor:
         """The state tensor ``key`` of ``param``, created by ``make(param)`` on first use."""
@@ -580,16 +614,6 @@ def scalar_dtype() -> torch.dtype:
     """The dtype of scalar state (step counters, running products): float64 when that is
     torch's default dtype, float32 otherwise, as torch.optim does."""
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-
-
-def is_dtensor(tensor: Any) -> TypeGuard[DTensor]:
-    """Whether ``tensor`` is a DTensor (a parameter sharded by FSDP2 or tensor parallelism).
-
-    Looked up in ``sys.modules`` so that optimizers do not import ``torch.distributed.tensor``
-    (0.7 s): no DTensor can exist before that module is loaded.
-    """
-    module = sys.modules.get("torch.distributed.tensor")
-    return module is not None and isinstance(tensor, module.DTensor)
 
 
 def zeros_like(param: Tensor) -> Tensor:

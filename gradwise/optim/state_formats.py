@@ -141,12 +141,14 @@ def _nearest_codes(scaled: Tensor, state_format: str, signed: bool) -> Tensor:
     return torch.bucketize(scaled.clamp(low, 1.0), _map_and_bounds(state_format, signed, scaled.device)[1])
 
 
-def quantize_8bit(values: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
+def quantize_8bit(values: Tensor, signed: bool, absmax: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``(codes, absmax)``: each value's nearest code of the dynamic map after its block is divided
-    by its largest magnitude; ``codes`` is ``uint8`` shaped like ``values``, ``absmax`` float32 per
-    block. A block of zeros keeps the scale 0 (its codes decode to 0)."""
+    by its largest magnitude (or by the given ``absmax``, one per block); ``codes`` is ``uint8`` shaped
+    like ``values``, ``absmax`` float32 per block. A block of zeros keeps the scale 0 (its codes decode
+    to 0)."""
     blocks = _blocks(values)
-    absmax = blocks.abs().amax(dim=1)
+    if absmax is None:
+        absmax = blocks.abs().amax(dim=1)
     scaled = (blocks / absmax.clamp(min=torch.finfo(torch.float32).tiny).unsqueeze(1)).view(-1)[: values.numel()]
     codes = _nearest_codes(scaled, "8bit", signed).to(torch.uint8)  # a tensor of its own: no padding kept
     return codes.view(values.shape), absmax
@@ -189,17 +191,19 @@ def _rank1_scale(maxima: Tensor, shape: tuple[int, ...]) -> Tensor:
     return scale.expand(shape)
 
 
-def quantize_4bit(values: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
+def quantize_4bit(values: Tensor, signed: bool, scales: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``(codes, scales)``: each value's nearest 4-bit code after division by its scale, two codes
-    per byte (``uint8``, ``ceil(n / 2)``), and the scales (float32): per block of :data:`BLOCK_4BIT`,
-    or for an unsigned moment of two or more dimensions the rank-1 maxima. A zero scale decodes to 0."""
+    per byte (``uint8``, ``ceil(n / 2)``), and the scales (float32): per block of :data:`BLOCK_4BIT`
+    (the largest magnitude, or as given), or for an unsigned moment of two or more dimensions the
+    rank-1 maxima. A zero scale decodes to 0."""
     tiny = torch.finfo(torch.float32).tiny
     if not signed and rank1_normalised(tuple(values.shape)):
         scales = _rank1_maxima(values.float())
         scaled = (values.float() / _rank1_scale(scales, tuple(values.shape)).clamp(min=tiny)).reshape(-1)
     else:
         blocks = _blocks(values, BLOCK_4BIT)
-        scales = blocks.abs().amax(dim=1)
+        if scales is None:
+            scales = blocks.abs().amax(dim=1)
         scaled = (blocks / scales.clamp(min=tiny).unsqueeze(1)).view(-1)[: values.numel()]
     codes = _nearest_codes(scaled, "4bit", signed).to(torch.uint8)
     if codes.numel() % 2:
@@ -318,22 +322,28 @@ class FormattedState(MutableMapping):
 
     def commit(self) -> None:
         """Write every working moment back in the format (the codes and scales into their existing
-        storage when they have one)."""
+        storage when they have one); ``"bf16-sr"`` rounds each write with fresh draws."""
         for key, value in self.working.items():
-            if self.state_format in ("8bit", "4bit"):
-                quantize = quantize_8bit if self.state_format == "8bit" else quantize_4bit
-                codes, scales = quantize(value, self.signs[key])
-                self._store(key, codes)
-                self._store(key + ABSMAX_SUFFIX, scales)
-                continue
-            self.stored.pop(key + ABSMAX_SUFFIX, None)
             if self.state_format == "bf16-sr":
                 draws = self.stored.get(DRAWS_KEY, 0)
                 self.stored[DRAWS_KEY] = draws + 1
-                self._store(key, stochastic_round_bf16(value, draw_seed(draws, key, value.numel())))
-            else:
-                self._store(key, value.to(torch.bfloat16))
+                value = stochastic_round_bf16(value, draw_seed(draws, key, value.numel()))
+            self.encode(key, value)
         self.working.clear()
+
+    def encode(self, key: str, value: Tensor, block_scales: Tensor | None = None) -> None:
+        """Store ``value`` as moment ``key`` in the format: quantised with fresh scales (or the given
+        ones, per block), or rounded to the nearest bf16 (exact for a value read back from a bf16
+        format, which is how a loaded checkpoint's moments come back: :meth:`commit` rounds
+        stochastically before this)."""
+        if self.state_format in ("8bit", "4bit"):
+            quantize = quantize_8bit if self.state_format == "8bit" else quantize_4bit
+            codes, scales = quantize(value, self.signs[key], block_scales)
+            self._store(key, codes)
+            self._store(key + ABSMAX_SUFFIX, scales)
+            return
+        self.stored.pop(key + ABSMAX_SUFFIX, None)
+        self._store(key, value.to(torch.bfloat16))
 
     def _store(self, key: str, value: Tensor) -> None:
         old = self.stored.get(key)
