@@ -8,6 +8,11 @@ separate tensors: the blocks lie inside the shard, so the two are bitwise equal.
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -202,3 +207,29 @@ def test_a_plain_optimizer_refuses_sharded_formatted_moments_with_the_reason(run
 def test_muon_refuses_a_state_format_on_sharded_matrices(runs):
     _, two = runs
     assert "needs whole matrices" in two[0]["muon"]
+
+
+@pytest.mark.timeout(240)  # two launches of 2 processes each
+def test_gradwise_train_fsdp_with_8bit_state_resumes_to_the_uninterrupted_run(tmp_path):
+    """``gradwise train --strategy fsdp --state-format 8bit``: a copy of the run folder without its last
+    checkpoint resumes from the one before and ends with the uninterrupted run's weights, bit for bit."""
+    arguments = ["train", "--strategy", "fsdp", "--nproc", "2", "--workload", "mlp", "--workload-options",
+                 "dim=8,hidden=16,train_examples=256,val_examples=64", "--state-format", "8bit", "--lr", "0.01",
+                 "--threads", "1", "--batch-size", "8", "--eval-every", "1000", "--no-progress", "--steps", "8",
+                 "--checkpoint-every", "4"]
+    environment = {key: value for key, value in os.environ.items()
+                   if key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    uninterrupted, resumed = tmp_path / "uninterrupted", tmp_path / "resumed"
+    run = subprocess.run([sys.executable, "-m", "gradwise", *arguments, "--out", str(uninterrupted)],
+                         env=environment, capture_output=True, text=True, timeout=200)
+    assert run.returncode == 0, run.stderr[-3000:]
+    shutil.copytree(uninterrupted, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-00000008")
+    run = subprocess.run([sys.executable, "-m", "gradwise", *arguments, "--out", str(resumed), "--resume"],
+                         env=environment, capture_output=True, text=True, timeout=200)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads((resumed / "summary.json").read_text())["resumed_from_step"] == 4
+    final = torch.load(resumed / "model.pt", weights_only=True)
+    reference = torch.load(uninterrupted / "model.pt", weights_only=True)
+    assert final.keys() == reference.keys()
+    assert all(torch.equal(final[name], reference[name]) for name in final)

@@ -384,11 +384,11 @@ def test_bad_formats_are_refused_with_their_names() -> None:
 
 @pytest.mark.parametrize(("argv", "message"), [
     (["--optimizer", "soap", "--state-format", "8bit"], "SOAP keeps its state as torch does"),
-    (["--state-format", "8bit", "--strategy", "tp", "--nproc", "2"], "strategy 'tp' shards parameters"),
+    (["--optimizer", "muon", "--state-format", "8bit", "--strategy", "tp", "--nproc", "2"],
+     "Muon updates whole matrices, whose moments' blocks strategy 'tp' would split across ranks"),
     # the format named by a preset or an optimizer option is checked as the flag is, before any worker starts
-    (["--optimizer", "adamw-8bit", "--strategy", "fsdp", "--nproc", "2"], "strategy 'fsdp' shards parameters"),
-    (["--optimizer-options", "state_format=4bit", "--strategy", "tp", "--nproc", "2"],
-     "strategy 'tp' shards parameters"),
+    (["--optimizer", "muon", "--optimizer-options", "state_format=bf16", "--strategy", "fsdp", "--nproc", "2"],
+     "strategy 'fsdp' would split"),
     (["--optimizer", "lion", "--optimizer-options", "state_format=4bit"], "Lion offers 'fp32', 'bf16'"),
     (["--state-format", "int8"], "state_format must be one of"),
     (["--optimizer", "lion", "--state-format", "4bit"], "Lion offers 'fp32', 'bf16', 'bf16-sr', '8bit'"),

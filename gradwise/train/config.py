@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from gradwise.optim.description import presets
+from gradwise.optim.description import description_of, presets
 from gradwise.optim.param_rounding import PARAM_ROUNDINGS
 from gradwise.optim.state_formats import STATE_FORMATS, check_state_format
 from gradwise.schedules import SCHEDULES
@@ -199,9 +199,12 @@ class TrainConfig:
                 raise ValueError(f"qk_clip rescales whole attention heads on every rank: run it with strategy "
                                  f"{', '.join(QK_CLIP_STRATEGIES)}, not {self.strategy!r}")
         state_format = check_state_format(OPTIMIZERS[self.optimizer][0], self.effective_state_format())
-        if state_format != "fp32" and self.strategy in DTENSOR_STRATEGIES:
-            raise ValueError(f"state_format {state_format!r} is kept per whole tensor: strategy "
-                             f"{self.strategy!r} shards parameters (use ddp, zero1 or zero2)")
+        optimizer_class = OPTIMIZERS[self.optimizer][0]
+        if (state_format != "fp32" and self.strategy in DTENSOR_STRATEGIES
+                and description_of(optimizer_class, inherited=True).sharding != "element"):
+            raise ValueError(f"state_format {state_format!r}: {optimizer_class.__name__} updates whole matrices, "
+                             f"whose moments' blocks strategy {self.strategy!r} would split across ranks "
+                             "(use ddp, zero1 or zero2, or state_format 'fp32')")
         if self.precision is not None:
             check_choice("precision", self.precision, PRECISIONS)
         if self.bf16_params is not None:
