@@ -41,6 +41,8 @@ LARGEST_SEED = 2**63 - 1
 """torch's generators take a signed or unsigned 64-bit seed; a run adds small offsets to it."""
 LARGEST_CLIP_VALUE = float(torch.finfo(torch.float32).max)
 """Gradients are float32 (or narrower): clamping them to a larger bound overflows in torch."""
+LARGEST_SHARPNESS_STEPS = 100
+"""Lanczos keeps one vector of the model's size per step: a few warm-started steps suffice, 100 is plenty."""
 
 DTENSOR_STRATEGIES = ("fsdp", "tp")
 """Strategies whose optimizer steps sharded (DTensor) parameters."""
@@ -51,6 +53,11 @@ BF16_PARAM_STRATEGIES = ("single", "ddp")
 QK_CLIP_STRATEGIES = ("single", "ddp", "zero1", "zero2")
 """Strategies under which every rank holds whole attention heads after the step, so QK-Clip's agreed
 factors keep the replicas equal; FSDP, tensor and pipeline parallelism split them."""
+
+SHARPNESS_STRATEGIES = ("single", "ddp", "zero1", "zero2")
+"""Strategies that keep the whole model, the same on every rank, after each step: every rank measures the
+sharpness of ``--track-sharpness`` alike, without communicating. FSDP, tensor and pipeline parallelism
+split the model; local SGD and DiLoCo let the replicas drift apart between averages."""
 
 T = TypeVar("T")
 
@@ -143,6 +150,17 @@ class TrainConfig:
     (:mod:`gradwise.optim.param_rounding`); None: float32 parameters. Needs precision bf16 (autocast
     casts the inputs), an optimizer that takes ``param_rounding`` and a strategy of
     :data:`BF16_PARAM_STRATEGIES`."""
+    track_sharpness: int | None = setting(None, metavar="EVERY", none_is_off=True,
+                                          help="every EVERY steps, record the top Hessian eigenvalue of the loss on "
+                                               "the run's first batch (Lanczos, warm-started) and plot it against "
+                                               "2/lr, gradient descent's edge of stability; each measurement costs "
+                                               "K + 1 Hessian-vector products (K: --sharpness-steps), about 2(K + 1) "
+                                               "forward-backward passes on that batch; or none (default: none)")
+    """Steps between sharpness measurements (:mod:`gradwise.train.sharpness`); None: off. Strategies of
+    :data:`SHARPNESS_STRATEGIES`."""
+    sharpness_steps: int = setting(5, metavar="K", help="Lanczos steps of each --track-sharpness measurement, "
+                                                        f"at most {LARGEST_SHARPNESS_STEPS} (default: 5)")
+    """Lanczos steps per sharpness measurement; the basis holds ``K`` vectors of the model's size."""
     precision: str | None = setting(None, metavar="NAME", choices=lambda: PRECISIONS,
                                     help="one of {choices} (default: the workload's)")
     device: str = setting("cpu", metavar="NAME", help="cpu, cuda or auto (default: cpu)")
@@ -209,6 +227,12 @@ class TrainConfig:
             check_choice("precision", self.precision, PRECISIONS)
         if self.bf16_params is not None:
             self.check_bf16_params()
+        check_int("sharpness_steps", self.sharpness_steps, 1, LARGEST_SHARPNESS_STEPS)
+        if self.track_sharpness is not None:
+            check_int("track_sharpness", self.track_sharpness, 1)
+            if self.strategy is not None and self.strategy not in SHARPNESS_STRATEGIES:
+                raise ValueError(f"track_sharpness measures the whole model on every rank: run it with strategy "
+                                 f"{', '.join(SHARPNESS_STRATEGIES)}, not {self.strategy!r}")
         check_choice("device", self.device, ("cpu", "cuda", "auto"))
         if self.threads is not None:  # more threads than cores only slows torch; 1e5 exhausts OpenMP's memory
             check_int("threads", self.threads, 1, os.cpu_count() or 1)
@@ -307,6 +331,8 @@ CHANGEABLE = {
     "eval_every": "when the run evaluates",
     "checkpoint_every": "when the run checkpoints",
     "keep_checkpoints": "how many checkpoints are kept",
+    "track_sharpness": "what the run measures, not what it trains (a measurement with no warm start starts cold)",
+    "sharpness_steps": "what the run measures, not what it trains",
 }
 """The settings a resumed run may change, each only when named (``--allow-change``), and why it can be honoured.
 Every other setting (workload, data, optimizer and its options, lr, schedule, precision, seed, guards, ...)

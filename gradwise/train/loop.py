@@ -12,7 +12,9 @@ and which tensors are not finite, the divergence guard's verdict, clipping by va
 (``g <- clamp(g, -v, v)``) and by global norm (``g <- g * min(1, c / (||g|| + 1e-6))``, as
 ``torch.nn.utils.clip_grad_norm_``), the optimizer step, QK-Clip's rescaling of the attention heads
 whose logits exceeded ``qk_clip`` (when set), the schedule's step, a metrics record;
-every ``eval_every`` steps an evaluation and every ``checkpoint_every`` steps a checkpoint.
+every ``track_sharpness`` steps (when set) the sharpness at the new weights in that record
+(:mod:`gradwise.train.sharpness`), every ``eval_every`` steps an evaluation and every
+``checkpoint_every`` steps a checkpoint.
 
 On N processes (``torchrun``, or ``gradwise train --nproc N``) a strategy
 (:mod:`gradwise.distributed.strategies.base`) says what changes: the module the forward runs on, the
@@ -88,6 +90,8 @@ from gradwise.train.metrics import MetricsWriter, Throughput, read_records
 from gradwise.train.optimizers import OPTIMIZERS, build_optimizer, check_optimizer_strategy, drive_of
 from gradwise.train.plots import plot_training
 from gradwise.train.precision import Precision
+from gradwise.train.sharpness import COLUMNS as SHARPNESS_COLUMNS
+from gradwise.train.sharpness import SharpnessTracker, fixed_sample, threshold_factor
 
 
 @dataclass
@@ -275,6 +279,8 @@ class Trainer:
         self.workload = workload or make_workload(
             config.workload, global_batch, config.seed, config.data, **config.workload_options
         )
+        # the sharpness's sample: the first global batch, from the stream before it is split over the ranks
+        sample = None if config.track_sharpness is None else fixed_sample(self.workload.train_data)
         if strategy.dp_size > 1:
             self.workload.train_data = RankSlice(self.workload.train_data, strategy.dp_rank, strategy.dp_size)
         self.model = self.workload.model.to(self.device)
@@ -309,6 +315,11 @@ class Trainer:
             self.trained, config.qk_clip, dist.group.WORLD if strategy.world_size > 1 else None)
         """QK-Clip (``--qk-clip``): after every update, the heads whose logits exceeded the threshold in
         the step's forward passes (over all ranks) are rescaled (see :mod:`gradwise.optim.qk_clip`)."""
+        self.sharpness = None if sample is None else SharpnessTracker(
+            self.model, self.workload.loss, sample, every=required(config.track_sharpness, "track_sharpness"),
+            steps=config.sharpness_steps, seed=config.seed, factor=threshold_factor(
+                OPTIMIZERS[config.optimizer][0], {**OPTIMIZERS[config.optimizer][1], **config.optimizer_options}))
+        """The sharpness tracker (``--track-sharpness``; ``None`` when off)."""
         schedule = make_schedule(config.schedule, self.steps, warmup, floor=config.lr_floor,
                                  T_0=max(1, (self.steps - warmup) // 3))
         self.scheduler = ScheduleLR(self.optimizer, schedule)
@@ -338,6 +349,7 @@ class Trainer:
             "rng": rng_state(),
             "strategy": self.strategy.state_dict(),
             "settings": self.settings,
+            **({} if self.sharpness is None else {"sharpness": self.sharpness.state_dict()}),
         }
 
     def accept(self, state: dict[str, Any]) -> str | None:
@@ -362,6 +374,8 @@ class Trainer:
         self.workload.train_data.load_state_dict(state["data"])
         set_rng_state(state["rng"])
         self.strategy.load_state_dict(state["strategy"])
+        if self.sharpness is not None:
+            self.sharpness.load_state_dict(state.get("sharpness", {}))
         self.step = step
         if not rollback:
             self.guard.load_state_dict(state["guard"])
@@ -401,7 +415,8 @@ class Trainer:
                 if step.event == "rollback":
                     self.roll_back(lr)
                     continue
-                self.log_step(step, lr, throughput.stop(step.items * self.strategy.dp_size), throughput.rate)
+                rate = throughput.stop(step.items * self.strategy.dp_size)
+                self.log_step(step, lr, rate, throughput.rate, self.measure_sharpness(lr))
                 if self.step % eval_every == 0 and self.step < self.steps:
                     self.log_evaluation()
                 if self.step % checkpoint_every == 0 or self.step == self.steps:
@@ -439,7 +454,8 @@ class Trainer:
         if self.out is not None and main:
             self.out.mkdir(parents=True, exist_ok=True)
             write_atomically(self.out / "config.json", json.dumps(self.config.to_dict(), indent=2).encode())
-            self.metrics = MetricsWriter(self.out, self.workload.unit, list(self.workload.eval_metrics))
+            columns = [*self.workload.eval_metrics, *(SHARPNESS_COLUMNS if self.sharpness is not None else ())]
+            self.metrics = MetricsWriter(self.out, self.workload.unit, columns)
             self.metrics.start(resumed_from)
         self.bar = tqdm(total=self.steps, initial=self.step, unit="step",
                         disable=not (self.progress and main), dynamic_ncols=True)
@@ -519,11 +535,23 @@ class Trainer:
         scaler.update()
         return ""
 
-    def log_step(self, step: StepTaken, lr: float, rate: float, mean_rate: float) -> None:
-        """The step's metrics record (rank 0) and the progress bar."""
+    def measure_sharpness(self, lr: float) -> dict[str, float]:
+        """The sharpness at the weights of the step just taken when it is due (``--track-sharpness``), as
+        entries of the step's record; ``{}`` otherwise. ``lr`` is the step's, for the threshold."""
+        if self.sharpness is None or not self.sharpness.due(self.step):
+            return {}
+        measured = self.sharpness.measure(lr)
+        if self.qk_clip is not None:
+            self.qk_clip.forget()  # the sample's forward passes saw logits of no training step
+        return measured
+
+    def log_step(self, step: StepTaken, lr: float, rate: float, mean_rate: float,
+                 measured: dict[str, float]) -> None:
+        """The step's metrics record (rank 0), with the ``measured`` entries, and the progress bar."""
         unit = self.workload.unit
         record = {"kind": "train", "step": self.step, "loss": step.loss, "lr": lr, "grad_norm": step.grad_norm,
-                  f"{unit}_per_s": rate, "elapsed_s": time.perf_counter() - self.started, "event": step.event}
+                  f"{unit}_per_s": rate, "elapsed_s": time.perf_counter() - self.started, "event": step.event,
+                  **measured}
         if self.strategy.world_size > 1:
             record["bytes_communicated"] = self.strategy.bytes_communicated
         if self.metrics is not None:

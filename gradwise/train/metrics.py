@@ -44,7 +44,8 @@ class MetricsWriter:
     """Appends records to ``metrics.jsonl`` and ``metrics.csv`` in ``folder``.
 
     CSV columns: kind (train, eval, rollback), step, loss, lr, grad_norm, ``{unit}_per_s``,
-    elapsed_s, event, then the evaluation metrics.
+    elapsed_s, event, then ``eval_metrics``: the evaluation metrics and any further entries the run
+    records (the sharpness's, :data:`gradwise.train.sharpness.COLUMNS`).
     """
 
     def __init__(self, folder: Path, unit: str, eval_metrics: list[str]) -> None:
