@@ -22,6 +22,7 @@ from gradwise.checkpoints.sharded import ShardedCheckpoints
 from gradwise.distributed import run_processes
 from gradwise.distributed.state_bytes import optimizer_state_bytes
 from gradwise.optim import SGD, AdamW, Lion, Muon
+from gradwise.plan.memory import predicted_bytes
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(120)]
 
@@ -103,7 +104,8 @@ def two_ranks(rank: int, world_size: int, folder: str) -> dict:
         results[name] = dict(
             equal_to_shards=all(torch.equal(p.to_local(), s) for p, s in zip(params, shards)),
             shard_sizes=[p.to_local().shape[0] for p in params],
-            bytes=optimizer_state_bytes(optimizer), reference_bytes=optimizer_state_bytes(reference),
+            bytes=optimizer_state_bytes(optimizer),
+            predicted_bytes=predicted_bytes(optimizer)["optimizer_state"], reference_bytes=optimizer_state_bytes(reference),
             loaded=loaded is not None, exact_state=same_stored(after_load, at_save),
             presented={key: type(value).__name__ for key, value in presented[0].items()},
             resumed_equal=all(torch.equal(a.to_local(), b.to_local()) for a, b in zip(params, resumed_params)),
@@ -166,6 +168,7 @@ def test_a_sharded_step_equals_the_same_step_on_each_shard_alone(runs, name):
         case = two[rank][name]
         assert case["equal_to_shards"]
         assert case["bytes"] == case["reference_bytes"]  # codes and scales of this rank's shards only
+        assert case["predicted_bytes"] == case["bytes"]  # the memory rule, on the rank's shards
     assert [two[rank][name]["shard_sizes"] for rank in range(2)] == [[3, 2, 1, 150], [2, 1, 0, 150]]
 
 

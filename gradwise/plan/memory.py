@@ -51,6 +51,7 @@ import torch
 
 from gradwise.optim.description import StateSize, description_of, numel, presets
 from gradwise.optim.param_rounding import compensation_bytes, state_element_size
+from gradwise.optim.sharded_formats import is_dtensor
 from gradwise.optim.state_formats import check_state_format
 from gradwise.validation import check_choice, check_int, check_range
 
@@ -312,11 +313,12 @@ def predicted_bytes(optimizer: torch.optim.Optimizer) -> dict[str, int]:
     """The model's bytes for the same: parameters and gradients in the parameters' formats,
     state by the class's rule with each param group's hyperparameters, state values in the
     parameters' format (float32 where ``param_rounding`` steps bf16 parameters in float32, with
-    Kahan's compensation), the moments in each group's ``state_format``."""
+    Kahan's compensation), the moments in each group's ``state_format``. A sharded (DTensor)
+    parameter counts its local shard: the bytes of this rank, the formats' blocks inside the shard."""
     description = description_of(type(optimizer))
     totals = {"parameters": 0, "gradients": 0, "optimizer_state": 0}
     for group in optimizer.param_groups:
-        params = group["params"]
+        params = [param.to_local() if is_dtensor(param) else param for param in group["params"]]
         for param in params:
             totals["parameters"] += param.numel() * param.element_size()
             totals["gradients"] += param.numel() * param.element_size()
