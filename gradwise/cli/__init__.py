@@ -26,6 +26,7 @@ SUBCOMMANDS = {
     "plan": "planning models: memory, step time, batch size, stability, network, failures",
     "train": "train a workload (tiny-gpt, mlp, logreg, your data) with checkpoints, guards and plots",
     "distributed": "parameter server, FedAvg, ADMM and split learning on N processes",
+    "landscape": "a trained run's loss landscape (line, plane), sharpness and per-layer curvature",
 }
 """Subcommand (its module ``gradwise.cli.NAME``) -> its line in ``gradwise --help``."""
 
