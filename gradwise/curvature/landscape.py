@@ -15,8 +15,9 @@ r"""The loss along a line and on a plane in parameter space, and what computing 
   / \lVert d_{i,j}\rVert`, so that a step of 1 along the direction moves every filter by its own
   size and the picture does not depend on each layer's scale (which ReLU and normalisation
   layers leave free). One-dimensional parameters (biases, normalisation gains) are *zeroed* in
-  the direction by default, as Li et al.'s plots do (their code's ``ignore='biasbn'``);
-  ``one_dim="filter"`` treats such a tensor as one filter instead.
+  the direction by default, as Li et al.'s plots do (their code's ``ignore='biasbn'``; its other
+  choice sets the direction to the parameter itself); ``one_dim="filter"`` keeps a random
+  direction for such a tensor, rescaled as one filter to the tensor's norm.
 
 Both evaluate the loss functions they are given at each grid point without gradients: a
 function ``params -> loss`` on a fixed sample, so that the grid shows the landscape, not

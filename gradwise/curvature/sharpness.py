@@ -2,8 +2,8 @@ r"""Sharpness at a solution and curvature per layer, with the error of every est
 
 A minimum is *sharp* when the loss rises fast around it: large Hessian eigenvalues. Keskar et
 al. (2017, arXiv:1609.04836) found large-batch training converging to sharper minima that
-generalise worse, measured by the largest loss rise in a small box (which the top eigenvalue
-governs for a small box); Cohen et al. (2021, arXiv:2103.00065) found full-batch gradient
+generalise worse, measured by the largest loss rise in a small box around the minimum (which, for a
+small box, the largest Hessian eigenvalues govern); Cohen et al. (2021, arXiv:2103.00065) found full-batch gradient
 descent driving the top eigenvalue to :math:`2/\eta` ("edge of stability"). Two summaries,
 both from Hessian-vector products (:mod:`.operator`), never from the Hessian itself:
 
