@@ -12,6 +12,7 @@ ring all-gather        :math:`(p-1)\alpha + \frac{p-1}{p} n\beta`
 ring all-reduce        :math:`2(p-1)\alpha + 2\frac{p-1}{p} n\beta` (reduce-scatter, then all-gather)
 tree all-reduce        :math:`2\lceil\log_2 p\rceil(\alpha + n\beta)` (reduce, then broadcast)
 parameter server       :math:`2(k\alpha + \max(n, pn/k)\beta)` (push, then pull; :math:`k` servers)
+send / receive         :math:`\alpha + n\beta` (one message between two of the processes)
 =====================  =============================================================
 
 where :math:`n` is the size of the whole vector (all-gather: the gathered result). The ring
@@ -37,7 +38,8 @@ from scipy.optimize import nnls
 
 from gradwise.validation import check_choice, check_int, check_range
 
-ALGORITHMS = ("ring_all_reduce", "ring_reduce_scatter", "ring_all_gather", "tree_all_reduce", "parameter_server")
+ALGORITHMS = ("ring_all_reduce", "ring_reduce_scatter", "ring_all_gather", "tree_all_reduce", "parameter_server",
+              "send_recv")
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,8 @@ def terms(algorithm: str, message_bytes: float, processes: int, servers: int = 1
         return 2.0 * (p - 1), 2.0 * (p - 1) / p * n
     if algorithm in ("ring_reduce_scatter", "ring_all_gather"):
         return float(p - 1), (p - 1) / p * n
+    if algorithm == "send_recv":
+        return 1.0, n
     if algorithm == "tree_all_reduce":
         rounds = 2.0 * math.ceil(math.log2(p))
         return rounds, rounds * n

@@ -33,12 +33,18 @@ gradwise's own optimizers exactly (checked in the tests against the tensors in
 ``optimizer.state`` after a step).
 
 Activations of a transformer layer follow Korthikanti et al. 2022, "Reducing Activation
-Recomputation in Large Transformer Models", arXiv:2205.05198: with sequence length
+Recomputation in Large Transformer Models", arXiv:2205.05198, section 4: with sequence length
 :math:`s`, micro-batch :math:`b`, width :math:`h`, :math:`a` heads and 16-bit activations,
 :math:`sbh(34 + 5as/h)` bytes per layer. That is :math:`16\,sbh + 2as^2b` stored values
 plus :math:`2\,sbh + as^2b` one-byte dropout masks, which is how other formats are counted.
-With full activation checkpointing only each layer's input (:math:`sbh` values) is kept,
-plus one layer's activations while it is recomputed in the backward pass.
+Under :math:`t`-way tensor parallelism (Megatron's layout) the attention and MLP interiors
+split over the ranks but the inputs of the two LayerNorms, of the QKV and of the first MLP
+projection (:math:`4\,sbh` values) and the two dropout masks after the row-wise layers
+(:math:`2\,sbh`) stay whole on every rank: :math:`sbh(10 + 24/t + 5as/(ht))` bytes. With
+sequence parallelism those are split along the sequence too: :math:`sbh(34 + 5as/h)/t`
+(the paper's Table 2). With full activation checkpointing only each layer's input
+(:math:`sbh` values, :math:`sbh/t` with sequence parallelism) is kept, plus one layer's
+activations while it is recomputed in the backward pass.
 """
 
 from __future__ import annotations
@@ -134,19 +140,21 @@ def shapes_of(params: Iterable[torch.Tensor]) -> Shapes:
     return list(counts.items())
 
 
-def transformer_shapes(layers: int, width: int, vocab: int) -> Shapes:
-    """A GPT-2-style decoder: token embedding (tied with the output), per layer two
+def transformer_shapes(layers: int, width: int, vocab: int, positions: int = 0) -> Shapes:
+    """A GPT-2-style decoder: token embedding (tied with the output), learned position
+    embeddings of ``positions`` rows (0: none, as with rotary positions), per layer two
     LayerNorms, QKV and output projections and a 4x MLP with biases, and a final LayerNorm:
     about 12 layers width^2 + vocab width parameters."""
     check_int("layers", layers, 1)
     check_int("width", width, 1)
     check_int("vocab", vocab, 1)
+    check_int("positions", positions, 0)
     per_layer: Shapes = [
         ((width,), 6),  # 2 LayerNorms (gain and bias each) and the two output-projection biases
         ((3 * width, width), 1), ((3 * width,), 1), ((width, width), 1),
         ((4 * width, width), 1), ((4 * width,), 1), ((width, 4 * width), 1),
     ]
-    shapes: Shapes = [((vocab, width), 1), ((width,), 2)]
+    shapes: Shapes = [((vocab, width), 1), ((width,), 2)] + ([((positions, width), 1)] if positions else [])
     shapes += [(shape, count * layers) for shape, count in per_layer]
     return merge_shapes(shapes)
 
@@ -184,6 +192,43 @@ def parameter_count(shapes: Shapes) -> int:
 # ---- the model ----------------------------------------------------------------------------
 
 
+def layer_activation_bytes(
+    width: int,
+    heads: int,
+    seq_len: int,
+    micro_batch: int,
+    activation_bytes: int = 2,
+    tensor_parallel: int = 1,
+    sequence_parallel: bool = False,
+) -> int:
+    """Activation bytes one transformer layer keeps for the backward pass on one device
+    (Korthikanti et al. 2022, arXiv:2205.05198, section 4 and Table 2).
+
+    Values of ``activation_bytes`` each and one-byte dropout masks. Whole on every rank of a
+    ``tensor_parallel`` group: the inputs of the two LayerNorms, of the QKV projection and of
+    the first MLP projection (``4 sbh`` values) and the dropout masks after the attention and
+    MLP outputs (``2 sbh``); split over the group: Q, K, V, the output projection's and the
+    second MLP projection's inputs, the GeLU's input (``12 sbh`` values), the softmax output
+    and its dropout (``2 a s^2 b`` values) and that dropout's mask (``a s^2 b``). In 16 bits:
+    ``sbh (34 + 5 a s / h)`` bytes without parallelism, ``sbh (10 + 24 / t + 5 a s / (h t))``
+    with tensor parallelism, ``sbh (34 + 5 a s / h) / t`` with sequence parallelism as well.
+    """
+    for name, value in (("width", width), ("heads", heads), ("seq_len", seq_len), ("micro_batch", micro_batch),
+                        ("activation_bytes", activation_bytes), ("tensor_parallel", tensor_parallel)):
+        check_int(name, value, 1)
+    t = tensor_parallel
+    if heads % t or width % t:
+        raise ValueError(f"heads and width must be multiples of tensor_parallel, got heads={heads}, width={width}, "
+                         f"tensor_parallel={t}")
+    sbh = seq_len * micro_batch * width
+    scores = heads * seq_len * seq_len * micro_batch
+    whole = 4 * sbh * activation_bytes + 2 * sbh
+    split = (12 * sbh + 2 * scores) * activation_bytes + scores
+    if sequence_parallel:
+        return (whole + split) // t
+    return whole + split // t
+
+
 def transformer_activation_bytes(
     layers: int,
     width: int,
@@ -192,22 +237,20 @@ def transformer_activation_bytes(
     micro_batch: int,
     activation_bytes: int = 2,
     checkpointing: bool = False,
+    tensor_parallel: int = 1,
+    sequence_parallel: bool = False,
 ) -> int:
-    """Activation bytes kept for the backward pass of a transformer's layers
-    (Korthikanti et al. 2022, arXiv:2205.05198, no tensor or sequence parallelism).
-
-    Per layer: ``16 sbh + 2 a s^2 b`` values of ``activation_bytes`` plus ``2 sbh + a s^2 b``
-    one-byte dropout masks (``sbh (34 + 5 a s / h)`` bytes for 16-bit values). With
-    checkpointing: every layer's input plus one layer's activations, recomputed in backward.
+    """Activation bytes kept for the backward pass of ``layers`` transformer layers on one
+    device: ``layers`` times :func:`layer_activation_bytes`. With checkpointing: every
+    layer's input (split over the ``tensor_parallel`` group only with sequence parallelism)
+    plus one layer's activations, recomputed in backward.
     """
-    for name, value in (("layers", layers), ("width", width), ("heads", heads),
-                        ("seq_len", seq_len), ("micro_batch", micro_batch), ("activation_bytes", activation_bytes)):
-        check_int(name, value, 1)
-    sbh = seq_len * micro_batch * width
-    scores = heads * seq_len * seq_len * micro_batch
-    per_layer = (16 * sbh + 2 * scores) * activation_bytes + (2 * sbh + scores)
+    check_int("layers", layers, 1)
+    per_layer = layer_activation_bytes(width, heads, seq_len, micro_batch, activation_bytes, tensor_parallel,
+                                       sequence_parallel)
     if checkpointing:
-        return layers * sbh * activation_bytes + per_layer
+        layer_input = seq_len * micro_batch * width * activation_bytes
+        return layers * (layer_input // tensor_parallel if sequence_parallel else layer_input) + per_layer
     return layers * per_layer
 
 
