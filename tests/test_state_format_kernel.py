@@ -1,7 +1,8 @@
 """The fused CPU kernel of 8-bit Adam/AdamW (gradwise/optim/kernels/adam_8bit_cpu.cpp) against
 the generic 8-bit path (moments decoded, Adam's foreach update, quantize_8bit), over many steps,
-shapes and hyperparameters; resume; the cases it (and the bf16 kernel) leaves to the generic
-path; a build failure.
+shapes and hyperparameters; resume and the cases it leaves to the generic path, for it and the
+4-bit and bf16 kernels; a build failure. The helpers here serve the 4-bit kernel's tests too
+(test_state_format_kernel_4bit.py).
 
 The two paths differ only in the square root of v: the kernel's is the CPU's correctly rounded
 one, torch.sqrt on float32 CPU tensors goes through MKL, which is not (about one root in five is
@@ -23,7 +24,7 @@ from hypothesis import strategies as st
 import gradwise.optim.adam as adam_module
 import gradwise.optim.kernels as kernels
 from gradwise.optim import Adam, AdamW
-from gradwise.optim.state_formats import _map_and_bounds, dynamic_map, quantize_8bit
+from gradwise.optim.state_formats import _map_and_bounds, dynamic_map, quantize_4bit, quantize_8bit
 
 SHAPES = [(0,), (1,), (3, 7), (256,), (257,), (300, 7), (2, 3, 100), (2, 256)]
 
@@ -42,9 +43,9 @@ def _params(shapes, seed=0):
     return [torch.randn(shape, generator=generator) for shape in shapes]
 
 
-def _run(cls, params, steps, fused, seed=1, scale=3.0, opt=None, **options):
+def _run(cls, params, steps, fused, seed=1, scale=3.0, opt=None, state_format="8bit", **options):
     """``steps`` steps of random gradients; returns the optimizer."""
-    opt = opt or cls(params, state_format="8bit", fused=fused, **options)
+    opt = opt or cls(params, state_format=state_format, fused=fused, **options)
     generator = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         for param in params:
@@ -59,12 +60,21 @@ def _same(a, b):
         a.dtype == torch.float32 and torch.equal(a.detach().view(torch.int32), b.detach().view(torch.int32)))
 
 
+def _codes(stored, state_format):
+    """The codes of a quantised moment, one per value (4-bit ones unpacked: code 2j is the low half of byte j)."""
+    if state_format != "4bit":
+        return stored.int()
+    return torch.stack([stored & 15, stored >> 4], dim=-1).reshape(-1).int()
+
+
 def _assert_close(params_a, opt_a, params_b, opt_b, moments_exact, steps, lr=1e-3):
     """Parameters allclose (NaN where the other has NaN) to rtol 1e-6 and, for parameters near
     zero, an absolute drift of a few ulps of each step's update (whose size is about ``lr``) over
     ``steps``; codes and block scales bit for bit when ``moments_exact``. Else codes at most one
-    apart and scales allclose; a moment one code off moves its step by up to a tenth of ``lr``."""
-    atol = steps * lr * (2.0**-20 if moments_exact else 0.1)
+    apart and scales allclose; a moment one code off moves its step by up to a tenth of ``lr``
+    (the 4-bit maps' gaps are wider: up to a third)."""
+    state_format = opt_b.param_groups[0]["state_format"]
+    atol = steps * lr * (2.0**-20 if moments_exact else 0.1 if state_format != "4bit" else 0.3)
     for a, b in zip(params_a, params_b):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=max(1e-12, atol), equal_nan=True)
         state_a, state_b = opt_a.state[a], opt_b.state[b]
@@ -73,7 +83,8 @@ def _assert_close(params_a, opt_a, params_b, opt_b, moments_exact, steps, lr=1e-
             if moments_exact or key == "step":
                 assert _same(state_a[key], state_b[key]), key
             elif state_b[key].dtype == torch.uint8:
-                assert bool(((state_a[key].int() - state_b[key].int()).abs() <= 1).all()), key
+                difference = _codes(state_a[key], state_format) - _codes(state_b[key], state_format)
+                assert bool((difference.abs() <= 1).all()), key
             else:
                 # the scales follow the parameters through the decay term
                 torch.testing.assert_close(state_a[key], state_b[key], rtol=1e-3, atol=0.0, equal_nan=True)
@@ -135,43 +146,45 @@ def test_kernel_matches_generic_path_random(shapes, decoupled, maximize, weight_
     _assert_close(fused_params, fused, generic_params, generic, _moments_exact(options), 8, lr)
 
 
-def test_hostile_gradients_encode_as_the_generic_path():
-    """NaN and infinite gradients: the kernel writes the codes (255 for NaN) and scales that
-    quantize_8bit writes."""
+@pytest.mark.parametrize("state_format, shape", [("8bit", (600,)), ("4bit", (600,)), ("4bit", (20, 30))])
+def test_hostile_gradients_encode_as_the_generic_path(state_format, shape):
+    """NaN and infinite gradients: the kernel writes the codes (the last one for NaN) and scales
+    (torch.amax's NaN) that the format's quantiser writes, block-wise and under rank-1 normalisation."""
     def run(fused):
-        params = _params([(600,)])
-        opt = AdamW(params, state_format="8bit", fused=fused)
+        params = _params([shape])
+        opt = AdamW(params, state_format=state_format, fused=fused)
         for values in ([float("nan"), 1.0], [float("inf"), -2.0], [1e38, -1e38]):
             grad = torch.randn(600, generator=torch.Generator().manual_seed(3))
             grad[:2] = torch.tensor(values)
             grad[300:302] = torch.tensor(values)
-            params[0].grad = grad
+            params[0].grad = grad.view(shape)
             opt.step()
         return params, opt
 
     _assert_close(*run(None), *run(False), moments_exact=True, steps=3)
 
 
-def test_ties_round_as_bucketize():
+@pytest.mark.parametrize("state_format", ["8bit", "4bit"])
+def test_ties_round_as_bucketize(state_format):
     """With beta1 = 0 the stored m is the gradient itself: values on the midpoints between codes
     (the ties) and on the codes must get torch.bucketize's (right=False) codes."""
-    values, bounds = _map_and_bounds("8bit", True, torch.device("cpu"))
+    values, bounds = _map_and_bounds(state_format, True, torch.device("cpu"))
     grad = torch.cat([bounds, values, -bounds, bounds.nextafter(torch.tensor(2.0)), torch.tensor([1.0])])
     param = torch.zeros(grad.numel())
     param.grad = grad.clone()
-    opt = Adam([param], betas=(0.0, 0.9), state_format="8bit")
+    opt = Adam([param], betas=(0.0, 0.9), state_format=state_format)
     opt.step()
-    codes, absmax = quantize_8bit(grad, signed=True)
+    codes, absmax = (quantize_8bit if state_format == "8bit" else quantize_4bit)(grad, signed=True)
     assert torch.equal(opt.state[param]["exp_avg"], codes)
     assert torch.equal(opt.state[param]["exp_avg_absmax"], absmax)
 
 
 @pytest.mark.parametrize("state_format, resumed_fused", [
-    ("8bit", None), ("8bit", False), ("bf16", None), ("bf16", False),
+    ("8bit", None), ("8bit", False), ("4bit", None), ("4bit", False), ("bf16", None), ("bf16", False),
     ("bf16-sr", None),  # the generic path draws its noise otherwise: resumed only with the kernel
 ])
 def test_resume_through_state_dict_is_exact(state_format, resumed_fused):
-    """20 steps with the kernel (8-bit or bf16), state_dict through torch.save/torch.load(weights_only=True),
+    """20 steps with the kernel (8-bit, 4-bit or bf16), state_dict through torch.save/torch.load(weights_only=True),
     30 more with the kernel (the 50 uninterrupted steps bit for bit; stochastic rounding's draws are
     seeded by the saved counters) or the generic path (the same codes, scales and bf16 moments;
     parameters to the last bits of the square roots)."""
@@ -198,7 +211,8 @@ def test_resume_through_state_dict_is_exact(state_format, resumed_fused):
         _assert_close(whole_params, whole, params, opt, moments_exact=True, steps=30)
 
 
-@pytest.mark.parametrize("state_format, loader", [("8bit", "adam_8bit_cpu"), ("bf16-sr", "adam_bf16_cpu")])
+@pytest.mark.parametrize("state_format, loader", [("8bit", "adam_8bit_cpu"), ("4bit", "adam_4bit_cpu"),
+                                                  ("bf16-sr", "adam_bf16_cpu")])
 @pytest.mark.parametrize("case", ["amsgrad", "bf16", "strided", "foreach=False", "cautious", "fused=False",
                                   "fp32 format"])
 def test_cases_the_kernel_leaves_to_the_generic_path(case, state_format, loader, monkeypatch):

@@ -29,15 +29,19 @@ from gradwise.optim.base import (
     zeros_like,
 )
 from gradwise.optim.description import Description, Preset, StateSize, moment_buffers, numel
-from gradwise.optim.kernels import adam_8bit_cpu, adam_bf16_cpu, optional_kernel
+from gradwise.optim.kernels import adam_4bit_cpu, adam_8bit_cpu, adam_bf16_cpu, optional_kernel
 from gradwise.optim.state_formats import (
     ABSMAX_SUFFIX,
     BLOCK,
+    BLOCK_4BIT,
     DRAWS_KEY,
     STATE_FORMATS,
     draw_seed,
     dynamic_map,
+    linear_map_4bit,
+    quantize_4bit,
     quantize_8bit,
+    rank1_normalised,
 )
 from gradwise.validation import check_betas, check_range
 
@@ -93,9 +97,9 @@ class Adam(GradwiseOptimizer):
     ``"4bit"``; default ``"fp32"``, torch's rule; see :mod:`gradwise.optim.state_formats`):
     :math:`m` signed, :math:`v` and :math:`\hat v` unsigned; 8-bit AdamW keeps 2 bytes per
     parameter and 8 per block of 256, 4-bit AdamW 1 byte per parameter, 4 per block of 128 of
-    :math:`m` and 4 per row and column of :math:`v`. The fused CPU kernel (8 bits) takes the
-    correctly rounded square root, torch.sqrt MKL's (not correctly rounded), so it agrees with
-    ``fused=False`` to the parameters' last bits.
+    :math:`m` and 4 per row and column of :math:`v`. The fused CPU kernels (8 bits, 4 bits, bf16; see
+    :meth:`_fused_formatted_update`) take the correctly rounded square root, torch.sqrt MKL's (not
+    correctly rounded), so they agree with ``fused=False`` to the parameters' last bits.
     ``param_rounding`` (``"stochastic"`` or ``"kahan"``; default ``"nearest"``, torch's rule) steps
     bf16 parameters in float32 and stores them back by stochastic rounding or with a bf16 Kahan
     compensation (:mod:`gradwise.optim.param_rounding`), for pure-bf16 training.
@@ -170,13 +174,15 @@ class Adam(GradwiseOptimizer):
         adam_update(self, group, params, grads)
 
     def _fused_formatted_update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> bool:
-        """8-bit or bf16 moments of float32 CPU parameters: one pass of a fused kernel over the stored
-        moments (``gradwise/optim/kernels/adam_8bit_cpu.cpp``: the codes and block scales;
+        """8-bit, 4-bit or bf16 moments of float32 CPU parameters: one pass of a fused kernel over the
+        stored moments (``gradwise/optim/kernels/adam_8bit_cpu.cpp``: the codes and block scales;
+        ``adam_4bit_cpu.cpp``: the packed codes, block scales and rank-1 maxima, with a first pass over
+        the gradient and v's codes for the maxima of a tensor of two or more dimensions;
         ``adam_bf16_cpu.cpp``: the bf16 tensors). Each computes the generic path's step
         (``fused=False``) operation for operation except the square root of :math:`v`: the CPU's
         correctly rounded one, where torch.sqrt on float32 CPU tensors calls MKL's, which is not
-        correctly rounded (matching it cost an eighth of the step). So 8-bit codes and scales and
-        round-to-nearest bf16 moments are the generic path's bit for bit (with coupled weight decay,
+        correctly rounded (matching it cost an eighth of the step). So 8-bit and 4-bit codes and scales
+        and round-to-nearest bf16 moments are the generic path's bit for bit (with coupled weight decay,
         a moment may land on the neighbouring value), the parameters agree to the last bits of each
         step, and a run resumed with the kernel is bit for bit the uninterrupted one. ``"bf16-sr"``
         draws its rounding noise from a counter-based hash seeded as the generic path seeds its
@@ -188,7 +194,7 @@ class Adam(GradwiseOptimizer):
         if not _adam_kernel_applies(self, group, params):
             return False
         state_format = group["state_format"]
-        loader = adam_8bit_cpu if state_format == "8bit" else adam_bf16_cpu
+        loader = {"8bit": adam_8bit_cpu, "4bit": adam_4bit_cpu}.get(state_format, adam_bf16_cpu)
         kernel = loader() if group["fused"] else optional_kernel(loader)
         if kernel is None:
             return False
@@ -196,8 +202,9 @@ class Adam(GradwiseOptimizer):
         for param in params:  # a fresh moment: what the generic path stores (zeros' codes and scales)
             state = self.param_state(param)
             for key, signed in (("exp_avg", True), ("exp_avg_sq", False)):
-                if key not in state and state_format == "8bit":
-                    state[key], state[key + ABSMAX_SUFFIX] = quantize_8bit(torch.zeros_like(param), signed)
+                if key not in state and state_format in ("8bit", "4bit"):
+                    quantize = quantize_8bit if state_format == "8bit" else quantize_4bit
+                    state[key], state[key + ABSMAX_SUFFIX] = quantize(torch.zeros_like(param), signed)
                 elif key not in state:
                     state[key] = torch.zeros_like(param, dtype=torch.bfloat16)
         lr, (beta1, beta2) = group["lr"], group["betas"]
@@ -209,10 +216,11 @@ class Adam(GradwiseOptimizer):
                    group["maximize"])
         states = [self.param_state(p) for p in params]
         moments = [[state[key] for state in states] for key in ("exp_avg", "exp_avg_sq")]
-        if state_format == "8bit":
+        if state_format in ("8bit", "4bit"):
             scales = [[state[key + ABSMAX_SUFFIX] for state in states] for key in ("exp_avg", "exp_avg_sq")]
-            kernel.adam_8bit_(params, grads, moments[0], scales[0], moments[1], scales[1], *_dynamic_maps(),
-                              step_sizes, bias_corrections, *scalars)
+            update = kernel.adam_8bit_ if state_format == "8bit" else kernel.adam_4bit_
+            update(params, grads, moments[0], scales[0], moments[1], scales[1], *_maps(state_format), step_sizes,
+                   bias_corrections, *scalars)
             return True
         seeds = []
         if state_format == "bf16-sr":  # the generic path's counters: one draw per moment written
@@ -293,12 +301,14 @@ class Adam(GradwiseOptimizer):
 
 
 @functools.cache
-def _dynamic_maps() -> tuple[Tensor, Tensor]:
-    """The 8-bit format's signed and unsigned maps, which the fused kernel decodes through."""
-    return dynamic_map(True), dynamic_map(False)
+def _maps(state_format: str) -> tuple[Tensor, Tensor]:
+    """The signed and unsigned maps of the 8-bit or 4-bit format, which its fused kernel decodes through."""
+    if state_format == "8bit":
+        return dynamic_map(True), dynamic_map(False)
+    return dynamic_map(True, decades=3), linear_map_4bit()
 
 
-FUSED_FORMATS = ("8bit", "bf16", "bf16-sr")
+FUSED_FORMATS = ("8bit", "4bit", "bf16", "bf16-sr")
 """The state formats with a fused CPU Adam kernel (:meth:`Adam._fused_formatted_update`)."""
 
 
@@ -315,23 +325,34 @@ def _adam_kernel_applies(optimizer: GradwiseOptimizer, group: dict[str, Any], pa
                 or is_dtensor(param) or param in optimizer._complex_owners):
             return False
         state = optimizer.param_state(param)
-        for key in ("exp_avg", "exp_avg_sq"):
-            if not _kernel_reads(state_format, param, state.get(key), state.get(key + ABSMAX_SUFFIX)):
+        for key, signed in (("exp_avg", True), ("exp_avg_sq", False)):
+            if not _kernel_reads(state_format, param, state.get(key), state.get(key + ABSMAX_SUFFIX), signed):
                 return False
     return True
 
 
-def _kernel_reads(state_format: str, param: Tensor, stored: Tensor | None, scales: Tensor | None) -> bool:
-    """Whether a moment stored as ``stored`` (and ``scales``) is what the fused kernel of
-    ``state_format`` reads for ``param``: absent (a fresh moment), or in the format's layout."""
+def _kernel_reads(state_format: str, param: Tensor, stored: Tensor | None, scales: Tensor | None,
+                  signed: bool) -> bool:
+    """Whether a moment (``signed`` or not) stored as ``stored`` (and ``scales``) is what the fused
+    kernel of ``state_format`` reads for ``param``: absent (a fresh moment), or in the format's
+    layout: bf16 of the parameter's shape; 8-bit codes of its shape and a scale per 256 values;
+    4-bit codes packed flat, ``ceil(n / 2)`` bytes, and a scale per 128 values or, for an unsigned
+    moment of two or more dimensions, the rank-1 maxima (``sum(shape)`` of them)."""
     if stored is None and scales is None:
         return True
-    if stored is None or stored.shape != param.shape or not stored.is_contiguous() or stored.device != param.device:
+    if stored is None or not stored.is_contiguous() or stored.device != param.device:
         return False
-    if state_format != "8bit":
-        return stored.dtype == torch.bfloat16 and scales is None
-    return (stored.dtype == torch.uint8 and scales is not None and scales.dtype == torch.float32
-            and scales.is_contiguous() and scales.numel() == -(-param.numel() // BLOCK))
+    count = param.numel()
+    if state_format in ("bf16", "bf16-sr"):
+        return stored.dtype == torch.bfloat16 and stored.shape == param.shape and scales is None
+    if state_format == "8bit":
+        shape, scale_count = param.shape, -(-count // BLOCK)
+    else:
+        shape = torch.Size([-(-count // 2)])
+        rank1 = not signed and rank1_normalised(tuple(param.shape))
+        scale_count = sum(param.shape) if rank1 else -(-count // BLOCK_4BIT)
+    return (stored.dtype == torch.uint8 and stored.shape == shape and scales is not None
+            and scales.dtype == torch.float32 and scales.is_contiguous() and scales.numel() == scale_count)
 
 
 def adam_update(optimizer: GradwiseOptimizer, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:

@@ -75,6 +75,22 @@ def adam_8bit_cpu() -> ModuleType:
 
 
 @functools.cache
+def adam_4bit_cpu() -> ModuleType:
+    """The fused CPU Adam/AdamW kernel for 4-bit moments (``state_format="4bit"``, Li et al. 2023):
+    ``adam_4bit_(params, grads, exp_avg_codes, exp_avg_scales, exp_avg_sq_codes, exp_avg_sq_scales,
+    signed_map, unsigned_map, minus_step_sizes, bias_correction2_sqrts, beta1, beta2, eps,
+    weight_decay, lr, decoupled, maximize)``, built with the 8-bit kernel's flags (its arithmetic is
+    spelled out op by op the same way)."""
+    return _build(
+        "gradwise_adam_4bit_cpu",
+        "adam_4bit_cpu.cpp",
+        "fused CPU 4-bit Adam kernel",
+        "pass fused=False to use the generic 4-bit path",
+        cflags=("-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"),
+    )
+
+
+@functools.cache
 def adam_bf16_cpu() -> ModuleType:
     """The fused CPU Adam/AdamW kernel for bfloat16 moments (``state_format="bf16"`` and
     ``"bf16-sr"``): ``adam_bf16_(params, grads, exp_avgs, exp_avg_sqs, minus_step_sizes,

@@ -1,0 +1,557 @@
+// Adam/AdamW with 4-bit moments (Li et al. 2023, "Memory Efficient Optimizers with 4-bit States",
+// arXiv:2309.01507) fused on the CPU: the packed codes and scales are read and written directly,
+// with no float32 working copy of either moment.
+//
+// Layout (gradwise/optim/state_formats.py, quantize_4bit): two codes per byte, code 2j in the low
+// half of byte j (an odd count leaves the last high half 0). m is signed, on the 4-bit dynamic map
+// (dynamic_map(True, decades=3)), scaled per block of 128 by the block's largest magnitude. v is
+// unsigned, on the linear map {1..16}/16; a vector's v is scaled per block of 128 too, a tensor of
+// two or more dimensions (none empty) by rank-1 normalisation: the scales are the maxima of v
+// along every other dimension, one dimension after another (M_0 for the rows, M_1 for the columns,
+// ...), and entry (i_0, ..., i_k) is divided by min_d M_d[i_d].
+//
+// It computes what the generic path computes (Adam._foreach_update on the decoded moments, then
+// quantize_4bit), operation for operation, with the arithmetic of adam_8bit_cpu.cpp:
+//   decode   m = map_s[code] * scale_m               (one float product, as dequantize_4bit)
+//            v = map_u[code] * min_d M_d[i_d]        (or * the block's scale)
+//   moments  m = lerp(m, g, 1 - beta1),  v = fma((1 - beta2) * g, g, v * beta2)
+//   update   p = p + (-step_size * m) / (sqrt(v) / sqrt(bc2) + eps)
+//   encode   the number of midpoints between neighbouring map values that are < m / max(scale, tiny)
+//            (torch.bucketize, right=False, after clamping to the map's range, which moves no
+//            value across a midpoint; NaN gives 15 as there), found by a 4-step binary search.
+// except the square root: the CPU's correctly rounded one where torch.sqrt on float32 CPU tensors
+// calls MKL's (see adam_8bit_cpu.cpp). So the codes and scales of both moments equal the generic
+// path's bit for bit (unless weight decay is coupled, when a parameter's last bit can move a value
+// across a midpoint), and the parameters agree to the last bits of each step.
+//
+// Rank-1 normalisation needs every new v of a tensor before the first can be encoded, so those
+// tensors take two passes, and nothing of v is kept between them: pass 1 computes each new v (from
+// the gradient, the old codes and scales, and under coupled weight decay the parameter) and keeps
+// only its maxima along each dimension; pass 2 recomputes the same v (the same operations on the
+// same inputs, so the same bits) and does the whole step. Extra memory: the new maxima, sum(shape)
+// floats per tensor, plus one partial copy of them per thread in pass 1; extra traffic: one more
+// read of the gradient and of v's codes (4.5 bytes per value, 8.5 with coupled decay), where a
+// float32 copy of v would write and read 8. Block-scaled moments are encoded per block in pass 2.
+//
+// Vectorised with AVX-512 (F, BW, VL) where the CPU has it: the 16-entry maps and midpoints sit in
+// one register each and are looked up with vpermps; elsewhere the same arithmetic runs one value at
+// a time. Threads split tiles of 128 blocks (16384 values) of all tensors (at::parallel_for); pass 1
+// merges each thread's partial maxima under a lock (a maximum does not depend on the order).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <mutex>
+#include <vector>
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#define GRADWISE_ADAM_4BIT_AVX512 1
+#endif
+
+namespace {
+
+constexpr int64_t kBlock = 128;
+constexpr int64_t kTile = 128 * kBlock;
+constexpr uint32_t kInfinityBits = 0x7f800000u;
+constexpr uint32_t kQuietNanBits = 0x7fc00000u;  // torch.amax's NaN
+
+inline uint32_t float_bits(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  return bits;
+}
+
+inline float bits_float(uint32_t bits) {
+  float x;
+  std::memcpy(&x, &bits, sizeof(x));
+  return x;
+}
+
+// One 4-bit map: its 16 values in increasing order and the 15 midpoints between them (a 16th,
+// +inf, pads the table and is never compared).
+struct Codebook {
+  alignas(64) float values[16];
+  alignas(64) float bounds[16];
+
+  explicit Codebook(const at::Tensor& map) {
+    TORCH_CHECK(map.numel() == 16 && map.scalar_type() == at::kFloat && map.is_contiguous() && map.device().is_cpu(),
+                "adam_4bit_: a map is 16 contiguous float32 values on the CPU");
+    std::memcpy(values, map.data_ptr<float>(), sizeof(values));
+    for (int i = 0; i < 15; ++i) bounds[i] = (values[i] + values[i + 1]) / 2.0f;  // as torch: add, then halve
+    bounds[15] = std::numeric_limits<float>::infinity();
+  }
+};
+
+struct Books {
+  Codebook m, v;  // signed dynamic map, unsigned linear map
+};
+
+struct Scalars {
+  float coeff1;  // lerp's coefficient: 1 - beta1, or (1 - beta1) - 1 when lerp starts from g
+  bool small1;   // |1 - beta1| < 0.5: lerp starts from m, else from g
+  float beta2, one_minus_beta2, eps, weight_decay, decay, sign;
+};
+
+enum class Decay { kNone, kDecoupled, kCoupled };
+
+// A tensor of two or more dimensions, none empty, whose v is scaled by rank-1 normalisation: its
+// shape, and where each dimension's maxima start among the concatenated scales.
+struct Rank1 {
+  std::vector<int64_t> sizes, starts;
+  int64_t count = 0;  // sum(shape): how many maxima
+
+  explicit Rank1(at::IntArrayRef shape) {
+    for (const int64_t size : shape) {
+      starts.push_back(count);
+      sizes.push_back(size);
+      count += size;
+    }
+  }
+
+  // visit(offset, row, column, length) for each run of one row (the flat index over all dimensions
+  // but the last) among the n values from flat index `first`, `offset` counted from `first`.
+  template <typename Visit>
+  void runs(int64_t first, int64_t n, Visit&& visit) const {
+    const int64_t columns = sizes.back();
+    int64_t row = first / columns, column = first % columns;
+    for (int64_t offset = 0; offset < n; ++row, column = 0) {
+      const int64_t length = std::min(n - offset, columns - column);
+      visit(offset, row, column, length);
+      offset += length;
+    }
+  }
+
+  // min over the dimensions but the last of maxima[starts[d] + i_d] for row `row`; NaN if one is.
+  float row_scale(const float* maxima, int64_t row) const {
+    float scale = std::numeric_limits<float>::infinity();
+    for (int64_t d = static_cast<int64_t>(sizes.size()) - 2; d >= 0; --d) {
+      const float x = maxima[starts[d] + row % sizes[d]];
+      scale = (x != x || scale != scale) ? x + scale : std::min(scale, x);
+      row /= sizes[d];
+    }
+    return scale;
+  }
+
+  // maxima[starts[d] + i_d] raised to `bits` for the dimensions but the last, of row `row`.
+  void raise_row(uint32_t* maxima, int64_t row, uint32_t bits) const {
+    for (int64_t d = static_cast<int64_t>(sizes.size()) - 2; d >= 0; --d) {
+      uint32_t& largest = maxima[starts[d] + row % sizes[d]];
+      largest = std::max(largest, bits);
+      row /= sizes[d];
+    }
+  }
+};
+
+// out[i] = min_d maxima_d[i_d] for the value at flat index first + i (i < n): its rank-1 scale,
+// NaN where one of the maxima is NaN (as torch.minimum).
+void fill_scales(const Rank1& layout, const float* maxima, int64_t first, int64_t n, float* __restrict out) {
+  const float* last = maxima + layout.starts.back();
+  layout.runs(first, n, [&](int64_t offset, int64_t row, int64_t column, int64_t length) {
+    const float outer = layout.row_scale(maxima, row);
+    for (int64_t j = 0; j < length; ++j) {
+      const float x = last[column + j];
+      out[offset + j] = (x != x || outer != outer) ? x + outer : std::min(outer, x);
+    }
+  });
+}
+
+// Raises the partial maxima (bit patterns) of each dimension to the n values v[0..n) from flat
+// index `first`. The values are +0, positive or NaN (v = (1 - beta2) g^2 + beta2 v, no -0), for
+// which the unsigned order of the bits is the float order with every NaN above +inf: a NaN wins,
+// as in torch.amax.
+void gather_maxima(const Rank1& layout, const float* v, int64_t first, int64_t n, uint32_t* maxima) {
+  uint32_t* last = maxima + layout.starts.back();
+  layout.runs(first, n, [&](int64_t offset, int64_t row, int64_t column, int64_t length) {
+    uint32_t largest = 0;
+    for (int64_t j = 0; j < length; ++j) {
+      const uint32_t bits = float_bits(v[offset + j]);
+      largest = std::max(largest, bits);
+      last[column + j] = std::max(last[column + j], bits);
+    }
+    layout.raise_row(maxima, row, largest);
+  });
+}
+
+// The float a maximum's bits stand for, every NaN as torch.amax's.
+inline float maximum_value(uint32_t bits) { return bits_float(bits > kInfinityBits ? kQuietNanBits : bits); }
+
+#ifdef GRADWISE_ADAM_4BIT_AVX512
+
+inline __mmask16 lanes(int64_t left) {  // the first `left` of 16 lanes
+  return left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1u);
+}
+
+// The 16 codes of the 8 bytes at `packed` (fewer when left < 16; the rest 0), one per int32 lane.
+inline __m512i load_codes(const uint8_t* packed, int64_t left) {
+  const __m128i bytes = _mm_maskz_loadu_epi8(lanes(std::min<int64_t>(8, (left + 1) / 2)), packed);
+  const __m128i nibble = _mm_set1_epi8(15);
+  const __m128i low = _mm_and_si128(bytes, nibble), high = _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble);
+  return _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(low, high));
+}
+
+// The first `left` of 16 codes packed two per byte into `packed` (lanes past `left` must hold 0: an
+// odd count's last high half stays 0, as quantize_4bit pads).
+inline void store_codes(uint8_t* packed, __m512i codes, int64_t left) {
+  const __m512i pairs = _mm512_or_si512(codes, _mm512_srli_epi64(codes, 28));  // odd lane into bits 4-7
+  _mm_mask_storeu_epi8(packed, lanes(std::min<int64_t>(8, (left + 1) / 2)), _mm512_cvtepi64_epi8(pairs));
+}
+
+// The nearest code of each lane: the number of midpoints < y, by binary search over the 15; NaN: 15.
+inline __m512i nearest_codes(__m512 bounds, __m512 y) {
+  __m512i code = _mm512_setzero_si512();
+  for (int step = 8; step > 0; step /= 2) {
+    const __m512 bound = _mm512_permutexvar_ps(_mm512_add_epi32(code, _mm512_set1_epi32(step - 1)), bounds);
+    code = _mm512_mask_add_epi32(code, _mm512_cmp_ps_mask(bound, y, _CMP_LT_OQ), code, _mm512_set1_epi32(step));
+  }
+  return _mm512_mask_mov_epi32(code, _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q), _mm512_set1_epi32(15));
+}
+
+inline __m512 clamp_tiny(__m512 scale) {  // clamp(min=tiny), a NaN kept (vmaxps returns its second operand)
+  return _mm512_max_ps(_mm512_set1_ps(std::numeric_limits<float>::min()), scale);
+}
+
+struct Lanes {  // the scalars broadcast
+  __m512 sign, coeff1, beta2, one_minus_beta2, eps, weight_decay, decay, step, bc2;
+  Lanes(const Scalars& s, float minus_step, float bc2_sqrt)
+      : sign(_mm512_set1_ps(s.sign)), coeff1(_mm512_set1_ps(s.coeff1)), beta2(_mm512_set1_ps(s.beta2)),
+        one_minus_beta2(_mm512_set1_ps(s.one_minus_beta2)), eps(_mm512_set1_ps(s.eps)),
+        weight_decay(_mm512_set1_ps(s.weight_decay)), decay(_mm512_set1_ps(s.decay)),
+        step(_mm512_set1_ps(minus_step)), bc2(_mm512_set1_ps(bc2_sqrt)) {}
+};
+
+// The gradient Adam uses (maximize's sign, coupled decay's L2 term from the parameter as it was).
+template <Decay kDecay>
+inline __m512 gradient(const Lanes& c, const float* g, __m512 param, __mmask16 mask) {
+  const __m512 grad = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, g), c.sign);  // exact: -g
+  if constexpr (kDecay == Decay::kCoupled) return _mm512_fmadd_ps(param, c.weight_decay, grad);
+  return grad;
+}
+
+inline __m512 second_moment(const Lanes& c, __m512 grad, __m512 v) {
+  return _mm512_fmadd_ps(_mm512_mul_ps(c.one_minus_beta2, grad), grad, _mm512_mul_ps(v, c.beta2));
+}
+
+// A block's codes and its stored scale: the largest magnitude, NaN if a value is NaN.
+inline void encode_block(__m512 bounds, const float* values, int64_t n, bool has_nan, float largest,
+                         uint8_t* __restrict codes, float* __restrict scale) {
+  *scale = has_nan ? bits_float(kQuietNanBits) : largest;
+  const __m512 divisor = clamp_tiny(_mm512_set1_ps(*scale));
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 mask = lanes(n - i);
+    const __m512 y = _mm512_div_ps(_mm512_maskz_loadu_ps(mask, values + i), divisor);
+    store_codes(codes + i / 2, _mm512_maskz_mov_epi32(mask, nearest_codes(bounds, y)), n - i);
+  }
+}
+
+// Pass 1 of a rank-1 tensor, one block: its new v into out (n <= 128 values), from the per-value
+// old scales.
+template <Decay kDecay>
+void second_moments_block(const Books& books, const Lanes& c, const float* p, const float* g,
+                          const uint8_t* v_codes, const float* old_scales, int64_t n, float* __restrict out) {
+  const __m512 v_map = _mm512_load_ps(books.v.values);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 mask = lanes(n - i);
+    const __m512 param = kDecay == Decay::kCoupled ? _mm512_maskz_loadu_ps(mask, p + i) : _mm512_setzero_ps();
+    const __m512 grad = gradient<kDecay>(c, g + i, param, mask);
+    const __m512 v = _mm512_mul_ps(_mm512_permutexvar_ps(load_codes(v_codes + i / 2, n - i), v_map),
+                                   _mm512_maskz_loadu_ps(mask, old_scales + i));
+    _mm512_store_ps(out + i, second_moment(c, grad, v));
+  }
+}
+
+// Pass 2, one block of n <= 128 values: decode, update the moments and the parameter, encode. v's
+// scales: per value (rank-1: the old ones to decode, the new ones to encode) or the block's.
+template <Decay kDecay, bool kRank1>
+void step_block(const Books& books, const Lanes& c, bool small1, float* __restrict p, const float* __restrict g,
+                uint8_t* __restrict m_codes, float* __restrict m_scale, uint8_t* __restrict v_codes,
+                float* __restrict v_scale, const float* old_scales, const float* new_scales, int64_t n) {
+  alignas(64) float m_new[kBlock], v_new[kBlock];
+  const __m512 m_map = _mm512_load_ps(books.m.values), v_map = _mm512_load_ps(books.v.values);
+  const __m512 m_bounds = _mm512_load_ps(books.m.bounds), v_bounds = _mm512_load_ps(books.v.bounds);
+  const __m512 m_scales = _mm512_set1_ps(*m_scale), zero = _mm512_setzero_ps();
+  const __m512 v_scales = kRank1 ? zero : _mm512_set1_ps(*v_scale);
+  __m512 m_largest = zero, v_largest = zero;
+  __mmask16 m_nan = 0, v_nan = 0;
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 mask = lanes(n - i);
+    __m512 param = _mm512_maskz_loadu_ps(mask, p + i);
+    const __m512 grad = gradient<kDecay>(c, g + i, param, mask);
+    if constexpr (kDecay == Decay::kDecoupled) param = _mm512_mul_ps(param, c.decay);
+    const __m512 m = _mm512_mul_ps(_mm512_permutexvar_ps(load_codes(m_codes + i / 2, n - i), m_map), m_scales);
+    const __m512 v = _mm512_mul_ps(_mm512_permutexvar_ps(load_codes(v_codes + i / 2, n - i), v_map),
+                                   kRank1 ? _mm512_maskz_loadu_ps(mask, old_scales + i) : v_scales);
+    const __m512 m1 = _mm512_fmadd_ps(c.coeff1, _mm512_sub_ps(grad, m), small1 ? m : grad);
+    const __m512 v1 = second_moment(c, grad, v);
+    const __m512 denominator = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(v1), c.bc2), c.eps);
+    param = _mm512_add_ps(param, _mm512_div_ps(_mm512_mul_ps(c.step, m1), denominator));
+    _mm512_mask_storeu_ps(p + i, mask, param);
+    _mm512_store_ps(m_new + i, m1);
+    // max(a, b) is b when a is NaN: NaNs are counted apart and leave the maxima alone
+    m_largest = _mm512_mask_max_ps(m_largest, mask, _mm512_abs_ps(m1), m_largest);
+    m_nan |= _mm512_mask_cmp_ps_mask(mask, m1, m1, _CMP_UNORD_Q);
+    if constexpr (kRank1) {
+      const __m512 y = _mm512_div_ps(v1, clamp_tiny(_mm512_maskz_loadu_ps(mask, new_scales + i)));
+      store_codes(v_codes + i / 2, _mm512_maskz_mov_epi32(mask, nearest_codes(v_bounds, y)), n - i);
+    } else {
+      _mm512_store_ps(v_new + i, v1);
+      v_largest = _mm512_mask_max_ps(v_largest, mask, _mm512_abs_ps(v1), v_largest);
+      v_nan |= _mm512_mask_cmp_ps_mask(mask, v1, v1, _CMP_UNORD_Q);
+    }
+  }
+  encode_block(m_bounds, m_new, n, m_nan != 0, _mm512_reduce_max_ps(m_largest), m_codes, m_scale);
+  if constexpr (!kRank1) {
+    encode_block(v_bounds, v_new, n, v_nan != 0, _mm512_reduce_max_ps(v_largest), v_codes, v_scale);
+  }
+}
+
+#else  // the same arithmetic one value at a time
+
+struct Lanes {
+  float sign, coeff1, beta2, one_minus_beta2, eps, weight_decay, decay, step, bc2;
+  Lanes(const Scalars& s, float minus_step, float bc2_sqrt)
+      : sign(s.sign), coeff1(s.coeff1), beta2(s.beta2), one_minus_beta2(s.one_minus_beta2), eps(s.eps),
+        weight_decay(s.weight_decay), decay(s.decay), step(minus_step), bc2(bc2_sqrt) {}
+};
+
+inline int code_at(const uint8_t* packed, int64_t i) { return (packed[i / 2] >> (4 * (i % 2))) & 15; }
+
+inline void store_code(uint8_t* packed, int64_t i, int code) {  // the other half of the byte kept
+  uint8_t& byte = packed[i / 2];
+  byte = i % 2 ? static_cast<uint8_t>((byte & 15) | (code << 4)) : static_cast<uint8_t>((byte & 0xf0) | code);
+}
+
+// The number of midpoints < y, by binary search over the 15; NaN: 15.
+inline int nearest_code(const float* bounds, float y) {
+  int code = 0;
+  for (int step = 8; step > 0; step /= 2) code += bounds[code + step - 1] < y ? step : 0;
+  return y == y ? code : 15;
+}
+
+inline float clamp_tiny(float scale) {  // clamp(min=tiny), a NaN kept
+  const float tiny = std::numeric_limits<float>::min();
+  return scale < tiny ? tiny : scale;
+}
+
+template <Decay kDecay>
+inline float gradient(const Lanes& c, float g, float param) {
+  const float grad = g * c.sign;
+  if constexpr (kDecay == Decay::kCoupled) return std::fma(param, c.weight_decay, grad);
+  return grad;
+}
+
+inline float second_moment(const Lanes& c, float grad, float v) {
+  return std::fma(c.one_minus_beta2 * grad, grad, v * c.beta2);
+}
+
+inline void encode_block(const float* bounds, const float* values, int64_t n, bool has_nan, float largest,
+                         uint8_t* __restrict codes, float* __restrict scale) {
+  *scale = has_nan ? bits_float(kQuietNanBits) : largest;
+  const float divisor = clamp_tiny(*scale);
+  for (int64_t i = 0; i < n; ++i) store_code(codes, i, nearest_code(bounds, values[i] / divisor));
+  if (n % 2) codes[n / 2] &= 15;  // an odd count's last high half is 0
+}
+
+template <Decay kDecay>
+void second_moments_block(const Books& books, const Lanes& c, const float* p, const float* g,
+                          const uint8_t* v_codes, const float* old_scales, int64_t n, float* __restrict out) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float grad = gradient<kDecay>(c, g[i], kDecay == Decay::kCoupled ? p[i] : 0.0f);
+    out[i] = second_moment(c, grad, books.v.values[code_at(v_codes, i)] * old_scales[i]);
+  }
+}
+
+template <Decay kDecay, bool kRank1>
+void step_block(const Books& books, const Lanes& c, bool small1, float* __restrict p, const float* __restrict g,
+                uint8_t* __restrict m_codes, float* __restrict m_scale, uint8_t* __restrict v_codes,
+                float* __restrict v_scale, const float* old_scales, const float* new_scales, int64_t n) {
+  float m_new[kBlock], v_new[kBlock];
+  float m_largest = 0.0f, v_largest = 0.0f;
+  bool m_nan = false, v_nan = false;
+  for (int64_t i = 0; i < n; ++i) {
+    float param = p[i];
+    const float grad = gradient<kDecay>(c, g[i], param);
+    if constexpr (kDecay == Decay::kDecoupled) param = param * c.decay;
+    const float m = books.m.values[code_at(m_codes, i)] * *m_scale;
+    const float v = books.v.values[code_at(v_codes, i)] * (kRank1 ? old_scales[i] : *v_scale);
+    const float m1 = std::fma(c.coeff1, grad - m, small1 ? m : grad);
+    const float v1 = second_moment(c, grad, v);
+    p[i] = param + (c.step * m1) / (std::sqrt(v1) / c.bc2 + c.eps);
+    m_new[i] = m1;
+    m_largest = std::fabs(m1) > m_largest ? std::fabs(m1) : m_largest;
+    m_nan |= m1 != m1;
+    if constexpr (kRank1) {
+      store_code(v_codes, i, nearest_code(books.v.bounds, v1 / clamp_tiny(new_scales[i])));
+    } else {
+      v_new[i] = v1;
+      v_largest = std::fabs(v1) > v_largest ? std::fabs(v1) : v_largest;
+      v_nan |= v1 != v1;
+    }
+  }
+  if constexpr (kRank1) {
+    if (n % 2) v_codes[n / 2] &= 15;
+  }
+  encode_block(books.m.bounds, m_new, n, m_nan, m_largest, m_codes, m_scale);
+  if constexpr (!kRank1) encode_block(books.v.bounds, v_new, n, v_nan, v_largest, v_codes, v_scale);
+}
+
+#endif
+
+// Pass 1 over one tile (n values from flat index `first`) of a rank-1 tensor: its new v's partial maxima.
+template <Decay kDecay>
+void maxima_tile(const Books& books, const Lanes& c, const Rank1& layout, const float* old_maxima, const float* p,
+                 const float* g, const uint8_t* v_codes, int64_t first, int64_t n, uint32_t* partial) {
+  alignas(64) float scales[kBlock], v[kBlock];
+  for (int64_t start = first; start < first + n; start += kBlock) {
+    const int64_t count = std::min(kBlock, first + n - start);
+    fill_scales(layout, old_maxima, start, count, scales);
+    second_moments_block<kDecay>(books, c, p + start, g + start, v_codes + start / 2, scales, count, v);
+    gather_maxima(layout, v, start, count, partial);
+  }
+}
+
+// Pass 2 over one tile of a tensor: the step, block by block.
+template <Decay kDecay, bool kRank1>
+void step_tile(const Books& books, const Lanes& c, bool small1, const Rank1* layout, const float* old_maxima,
+               const float* new_maxima, float* p, const float* g, uint8_t* m_codes, float* m_scales, uint8_t* v_codes,
+               float* v_scales, int64_t first, int64_t n) {
+  alignas(64) float old_scales[kBlock], new_scales[kBlock];
+  for (int64_t start = first; start < first + n; start += kBlock) {
+    const int64_t count = std::min(kBlock, first + n - start), block = start / kBlock;
+    if constexpr (kRank1) {
+      fill_scales(*layout, old_maxima, start, count, old_scales);
+      fill_scales(*layout, new_maxima, start, count, new_scales);
+    }
+    step_block<kDecay, kRank1>(books, c, small1, p + start, g + start, m_codes + start / 2, m_scales + block,
+                               v_codes + start / 2, kRank1 ? nullptr : v_scales + block, old_scales, new_scales,
+                               count);
+  }
+}
+
+bool is_rank1(const at::Tensor& p) { return p.dim() >= 2 && p.numel() > 0; }
+
+void adam_4bit_(std::vector<at::Tensor> params, std::vector<at::Tensor> grads, std::vector<at::Tensor> exp_avgs,
+                std::vector<at::Tensor> exp_avg_scales, std::vector<at::Tensor> exp_avg_sqs,
+                std::vector<at::Tensor> exp_avg_sq_scales, const at::Tensor& signed_map,
+                const at::Tensor& unsigned_map, std::vector<double> minus_step_sizes,
+                std::vector<double> bias_correction2_sqrts, double beta1, double beta2, double eps,
+                double weight_decay, double lr, bool decoupled, bool maximize) {
+  const size_t count = params.size();
+  TORCH_CHECK(grads.size() == count && exp_avgs.size() == count && exp_avg_scales.size() == count &&
+                  exp_avg_sqs.size() == count && exp_avg_sq_scales.size() == count &&
+                  minus_step_sizes.size() == count && bias_correction2_sqrts.size() == count,
+              "adam_4bit_: lists differ in length");
+  std::vector<int64_t> first_tile(count + 1, 0);
+  std::vector<Rank1> layouts;           // the rank-1 tensors, in order
+  std::vector<size_t> rank1_tensors;    // their indices among params
+  std::vector<int64_t> rank1_tile{0};   // their first tile in pass 1
+  std::vector<int64_t> maxima_start{0};  // where their new maxima start in `fresh`
+  std::vector<int64_t> layout_of(count, -1);
+  for (size_t k = 0; k < count; ++k) {
+    const at::Tensor& p = params[k];
+    const int64_t numel = p.numel(), blocks = (numel + kBlock - 1) / kBlock;
+    TORCH_CHECK(p.device().is_cpu() && p.scalar_type() == at::kFloat && p.is_contiguous(),
+                "adam_4bit_: parameters must be contiguous float32 CPU tensors");
+    TORCH_CHECK(grads[k].scalar_type() == at::kFloat && grads[k].is_contiguous() && grads[k].numel() == numel,
+                "adam_4bit_: a gradient differs from its parameter");
+    for (const at::Tensor* codes : {&exp_avgs[k], &exp_avg_sqs[k]}) {
+      TORCH_CHECK(codes->scalar_type() == at::kByte && codes->is_contiguous() && codes->numel() == (numel + 1) / 2,
+                  "adam_4bit_: moment codes must be contiguous uint8 tensors of ceil(n / 2) bytes");
+    }
+    const int64_t v_scales = is_rank1(p) ? Rank1(p.sizes()).count : blocks;
+    TORCH_CHECK(exp_avg_scales[k].scalar_type() == at::kFloat && exp_avg_scales[k].is_contiguous() &&
+                    exp_avg_scales[k].numel() == blocks,
+                "adam_4bit_: the first moment's scales must be contiguous float32 tensors, one per 128 values");
+    TORCH_CHECK(exp_avg_sq_scales[k].scalar_type() == at::kFloat && exp_avg_sq_scales[k].is_contiguous() &&
+                    exp_avg_sq_scales[k].numel() == v_scales,
+                "adam_4bit_: the second moment's scales must be contiguous float32 tensors: the rank-1 maxima "
+                "(sum of the shape) for two or more dimensions, else one per 128 values");
+    const int64_t tiles = (numel + kTile - 1) / kTile;
+    first_tile[k + 1] = first_tile[k] + tiles;
+    if (is_rank1(p)) {
+      layout_of[k] = static_cast<int64_t>(layouts.size());
+      layouts.emplace_back(p.sizes());
+      rank1_tensors.push_back(k);
+      rank1_tile.push_back(rank1_tile.back() + tiles);
+      maxima_start.push_back(maxima_start.back() + layouts.back().count);
+    }
+  }
+  const Books books{Codebook(signed_map), Codebook(unsigned_map)};
+  Scalars s;
+  const float weight1 = static_cast<float>(1.0 - beta1);
+  s.small1 = std::fabs(weight1) < 0.5f;
+  s.coeff1 = s.small1 ? weight1 : weight1 - 1.0f;
+  s.beta2 = static_cast<float>(beta2);
+  s.one_minus_beta2 = static_cast<float>(1.0 - beta2);
+  s.eps = static_cast<float>(eps);
+  s.weight_decay = static_cast<float>(weight_decay);
+  s.decay = static_cast<float>(1.0 - lr * weight_decay);
+  s.sign = maximize ? -1.0f : 1.0f;
+  const Decay decay = weight_decay == 0.0 ? Decay::kNone : decoupled ? Decay::kDecoupled : Decay::kCoupled;
+  const auto lanes_of = [&](size_t k) {
+    return Lanes(s, static_cast<float>(minus_step_sizes[k]), static_cast<float>(bias_correction2_sqrts[k]));
+  };
+
+  // Pass 1: the new v's maxima of the rank-1 tensors, as bit patterns (see gather_maxima).
+  std::vector<uint32_t> fresh_bits(maxima_start.back(), 0);
+  std::mutex merge;
+  at::parallel_for(0, rank1_tile.back(), 1, [&](int64_t begin, int64_t end) {
+    size_t j = std::upper_bound(rank1_tile.begin(), rank1_tile.end(), begin) - rank1_tile.begin() - 1;
+    const size_t j_first = j;
+    const size_t j_last = std::upper_bound(rank1_tile.begin(), rank1_tile.end(), end - 1) - rank1_tile.begin() - 1;
+    std::vector<uint32_t> partial(maxima_start[j_last + 1] - maxima_start[j_first], 0);
+    for (int64_t tile = begin; tile < end; ++tile) {
+      while (tile >= rank1_tile[j + 1]) ++j;
+      const size_t k = rank1_tensors[j];
+      const int64_t first = (tile - rank1_tile[j]) * kTile, n = std::min(kTile, params[k].numel() - first);
+      const auto maxima_tile_of = decay == Decay::kNone        ? maxima_tile<Decay::kNone>
+                                  : decay == Decay::kDecoupled ? maxima_tile<Decay::kDecoupled>
+                                                               : maxima_tile<Decay::kCoupled>;
+      maxima_tile_of(books, lanes_of(k), layouts[j], exp_avg_sq_scales[k].data_ptr<float>(),
+                     params[k].data_ptr<float>(), grads[k].data_ptr<float>(), exp_avg_sqs[k].data_ptr<uint8_t>(),
+                     first, n, partial.data() + (maxima_start[j] - maxima_start[j_first]));
+    }
+    const std::lock_guard<std::mutex> lock(merge);
+    uint32_t* target = fresh_bits.data() + maxima_start[j_first];
+    for (size_t i = 0; i < partial.size(); ++i) target[i] = std::max(target[i], partial[i]);
+  });
+  std::vector<float> fresh(fresh_bits.size());
+  std::transform(fresh_bits.begin(), fresh_bits.end(), fresh.begin(), maximum_value);
+
+  // Pass 2: the step of every tensor; a rank-1 tensor's v decoded on its old maxima, encoded on the new.
+  at::parallel_for(0, first_tile[count], 1, [&](int64_t begin, int64_t end) {
+    size_t k = std::upper_bound(first_tile.begin(), first_tile.end(), begin) - first_tile.begin() - 1;
+    for (int64_t tile = begin; tile < end; ++tile) {
+      while (tile >= first_tile[k + 1]) ++k;
+      const int64_t first = (tile - first_tile[k]) * kTile, n = std::min(kTile, params[k].numel() - first);
+      const int64_t j = layout_of[k];
+      const Rank1* layout = j >= 0 ? &layouts[j] : nullptr;
+      const float* new_maxima = j >= 0 ? fresh.data() + maxima_start[j] : nullptr;
+      const auto step_tile_of =
+          j >= 0 ? (decay == Decay::kNone        ? step_tile<Decay::kNone, true>
+                    : decay == Decay::kDecoupled ? step_tile<Decay::kDecoupled, true>
+                                                 : step_tile<Decay::kCoupled, true>)
+                 : (decay == Decay::kNone        ? step_tile<Decay::kNone, false>
+                    : decay == Decay::kDecoupled ? step_tile<Decay::kDecoupled, false>
+                                                 : step_tile<Decay::kCoupled, false>);
+      step_tile_of(books, lanes_of(k), s.small1, layout, exp_avg_sq_scales[k].data_ptr<float>(), new_maxima,
+                   params[k].data_ptr<float>(), grads[k].data_ptr<float>(), exp_avgs[k].data_ptr<uint8_t>(),
+                   exp_avg_scales[k].data_ptr<float>(), exp_avg_sqs[k].data_ptr<uint8_t>(),
+                   exp_avg_sq_scales[k].data_ptr<float>(), first, n);
+    }
+  });
+  for (size_t j = 0; j < layouts.size(); ++j) {  // the new maxima replace the old once nothing decodes on them
+    std::memcpy(exp_avg_sq_scales[rank1_tensors[j]].data_ptr<float>(), fresh.data() + maxima_start[j],
+                sizeof(float) * layouts[j].count);
+  }
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.def("adam_4bit_", &adam_4bit_,
+             "Adam/AdamW step of contiguous float32 CPU parameters with 4-bit moments (Li et al. 2023), in place");
+}
