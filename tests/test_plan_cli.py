@@ -35,8 +35,46 @@ def test_memory_table_with_transformer_activations(tmp_path, capsys):
                  "--micro-batch", "8", "--precision", "mixed", "--optimizer", "adam", "--no-plot"])
     assert code == 0
     out = capsys.readouterr().out
-    assert "1.237e+08 parameters" in out and "* DP" in out
+    assert "1.244e+08 parameters" in out and "* DP" in out  # GPT-2 small, its 1024 position embeddings counted
     assert "activations not included" not in out
+
+
+TINY = ["--layers", "4", "--width", "32", "--heads", "4", "--vocab", "256", "--seq-len", "16"]
+
+
+def test_memory_of_a_3d_layout_is_the_largest_stages_device(tmp_path, capsys):
+    from gradwise.plan.parallelism import Layout, Transformer, stage_memory
+
+    data = run_json(capsys, "memory", *TINY, "--tp", "2", "--pp", "2", "--microbatches", "4", "--devices", "3",
+                    "--zero", "3", "--precision", "fp32", "--micro-batch", "2", "--out", str(tmp_path))
+    layout = Layout(pp=2, dp=3, tp=2, microbatches=4)
+    expected = [stage_memory(Transformer(4, 32, 4, 256, 16), layout, stage, "adamw", "fp32", 3, micro_batch=2)
+                for stage in (0, 1)]
+    assert data["devices"] == 12 and data["layout"]["dp"] == 3
+    assert data["stages"] == [estimate.as_dict() for estimate in expected]
+    assert data["largest_stage"] == 0 and data["per_device"] == expected[0].as_dict()
+    assert data["activations"]["layers_in_flight"] == [4, 2]  # 1f1b: 2 layers x min(p - i, m) micro-batches
+    assert (tmp_path / "memory.svg").exists()
+    assert main(["plan", "memory", *TINY, "--pp", "2", "--schedule", "gpipe", "--sequence-parallel", "--no-plot"]) == 0
+    out = capsys.readouterr().out
+    assert "pp 2 x dp 1 x tp 1 = 2 devices, gpipe" in out and "pp stage" in out and "sbh(34 + 5as/h)/t" in out
+
+
+def test_step_of_a_3d_layout_breaks_the_step_down(tmp_path, capsys):
+    data = run_json(capsys, "step", *TINY, "--tp", "2", "--pp", "2", "--microbatches", "4", "--devices", "8",
+                    "--tokens", str(16 * 4 * 8 * 3), "--zero", "3", "--out", str(tmp_path))
+    assert [row["dp"] for row in data["by_devices"]] == [1, 2, 4, 8]  # each splits 96 sequences into 4 micro-batches
+    assert data["micro_batch"] == 3 and data["bubble_fraction"] == pytest.approx(1 / 5)
+    final = {row["precision"]: row for row in data["by_devices"][-1]["formats"]}["fp8"]
+    parts = ("compute_s", "bubble_s", "tensor_s", "pipeline_s", "data_s", "tied_s")
+    assert final["step_s"] == pytest.approx(sum(final[part] for part in parts))
+    assert {(e["dimension"], e["collective"]) for e in data["traffic"]} == {
+        ("tensor", "all-reduce"), ("pipeline", "send/recv"), ("data", "all-gather"), ("data", "reduce-scatter"),
+        ("tied", "all-reduce")}
+    assert (tmp_path / "step_time.png").exists()
+    assert main(["plan", "step", *TINY, "--pp", "2", "--microbatches", "2", "--devices", "2", "--tokens", "64",
+                 "--no-plot"]) == 0
+    assert "the bubble (p-1)/(vm+p-1) is 33.3%" in capsys.readouterr().out
 
 
 def test_step_shows_where_latency_dominates(tmp_path, capsys):
@@ -101,6 +139,18 @@ def test_network_and_failures(tmp_path, capsys):
         (["network", "missing.json"], "topology"),
         (["failures", "missing.csv"], "jobs"),
         (["memory", "--params", "lots"], "--params"),
+        (["memory", *TINY, "--tp", "3"], "tp"),
+        (["memory", *TINY, "--pp", "3"], "pp"),
+        (["memory", *TINY, "--microbatches", "0"], "microbatches"),
+        (["memory", *TINY, "--pp", "2", "--schedule", "interleaved-1f1b", "--microbatches", "3"], "microbatches"),
+        (["memory", *TINY, "--virtual-stages", "2"], "virtual_stages"),
+        (["memory", *TINY, "--schedule", "zb"], "schedule"),
+        (["memory", "--layers", "4", "--width", "32", "--tp", "2"], "--seq-len"),
+        (["memory", "--params", "1e9", "--pp", "2"], "--params"),
+        (["step", *TINY, "--pp", "2", "--microbatches", "4", "--devices", "2", "--tokens", "100"], "micro-batches"),
+        (["step", "--layers", "4", "--tp", "2"], "--width"),
+        (["step", *TINY, "--tp-bandwidth", "0"], "tp-bandwidth"),
+        (["step"], "--params"),
     ],
 )
 def test_bad_input_is_one_line_naming_the_field_and_exit_2(capsys, arguments, field):

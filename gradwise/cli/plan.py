@@ -15,6 +15,8 @@ from gradwise.train.config import LARGEST_SEED
 from gradwise.validation import check_choice, check_int, check_range
 
 if TYPE_CHECKING:
+    from gradwise.plan.parallel_step_time import ParallelStepTime
+    from gradwise.plan.parallelism import Layout
     from gradwise.plan.step_time import FormatPlan
 
 GB = 1e9
@@ -26,7 +28,9 @@ MEMORY_KINDS = ["parameters", "gradients", "master_weights", "optimizer_state", 
 EPILOG = """\
 examples:
   gradwise plan memory --params 7e9 --optimizer adamw --precision bf16 --zero 3 --devices 8
+  gradwise plan memory --layers 96 --width 12288 --seq-len 2048 --tp 8 --pp 8 --microbatches 24 --devices 8
   gradwise plan step --params 1.3e9 --devices 64 --bandwidth 25e9 --latency 5e-6
+  gradwise plan step --layers 96 --width 12288 --seq-len 2048 --tp 8 --pp 8 --microbatches 24 --tokens 3145728
   gradwise plan batch --workload mlp --eps 0.1 --delta 0.05
   gradwise plan stability --tau 4
   gradwise plan network topology.json
@@ -82,6 +86,55 @@ def _gb(value: float) -> str:
     return f"{value / GB:.3f}"
 
 
+LAYOUT_OPTIONS = ("tp", "pp", "microbatches", "schedule", "virtual_stages")
+
+
+def _add_layout(parser: argparse.ArgumentParser, sequence_parallel: bool) -> None:
+    """The 3-D layout's options: --devices stays the data-parallel degree."""
+    group = parser.add_argument_group(
+        "3-D parallelism (Narayanan et al. 2021, arXiv:2104.04473): pipeline x data x tensor parallel; --devices "
+        "is the data-parallel degree and the devices in all are devices x tp x pp; needs --layers, --width and "
+        "--seq-len")
+    group.add_argument("--tp", type=int, metavar="T",
+                       help="tensor-parallel degree: each layer's matrices split in Megatron's layout (default: 1)")
+    group.add_argument("--pp", type=int, metavar="P", help="pipeline stages of layers / P layers each (default: 1)")
+    group.add_argument("--microbatches", type=int, metavar="M",
+                       help="micro-batches per step through the pipeline (default: 1)")
+    group.add_argument("--schedule", metavar="NAME",
+                       help="pipeline schedule: gpipe, 1f1b or interleaved-1f1b (default: 1f1b)")
+    group.add_argument("--virtual-stages", type=int, metavar="V",
+                       help="layer chunks per device under interleaved-1f1b (default: 2)")
+    if sequence_parallel:
+        group.add_argument("--sequence-parallel", action="store_true",
+                           help="split the activations that tensor parallelism keeps whole along the sequence")
+
+
+def _layout_given(args: argparse.Namespace) -> bool:
+    return any(getattr(args, name) is not None for name in LAYOUT_OPTIONS) or getattr(args, "sequence_parallel", False)
+
+
+def _layout(args: argparse.Namespace, dp: int) -> Layout:
+    from gradwise.plan.parallelism import Layout
+
+    schedule = "1f1b" if args.schedule is None else args.schedule
+    chunks = args.virtual_stages if args.virtual_stages is not None else 2 if schedule == "interleaved-1f1b" else 1
+    return Layout(pp=1 if args.pp is None else args.pp, dp=dp, tp=1 if args.tp is None else args.tp,
+                  microbatches=1 if args.microbatches is None else args.microbatches, schedule=schedule,
+                  virtual_stages=chunks, sequence_parallel=getattr(args, "sequence_parallel", False))
+
+
+def _layout_json(layout: Layout) -> dict[str, Any]:
+    return {"pp": layout.pp, "dp": layout.dp, "tp": layout.tp, "devices": layout.devices,
+            "microbatches": layout.microbatches, "schedule": layout.schedule, "virtual_stages": layout.virtual_stages,
+            "sequence_parallel": layout.sequence_parallel}
+
+
+def _layout_text(layout: Layout) -> str:
+    chunks = f" of {layout.virtual_stages} chunks per device" if layout.virtual_stages > 1 else ""
+    return (f"pp {layout.pp} x dp {layout.dp} x tp {layout.tp} = {layout.devices} devices, {layout.schedule}{chunks}, "
+            f"{layout.microbatches} micro-batch(es) per step")
+
+
 # ---- memory ---------------------------------------------------------------------------------
 
 
@@ -101,15 +154,19 @@ def _add_memory(models) -> None:
                         help="the optimizer's moments: fp32 (as the precision says), bf16, bf16-sr, 8bit or 4bit "
                              "(default: fp32)")
     parser.add_argument("--zero", type=int, default=0, metavar="STAGE", help="ZeRO stage 0-3 (default: 0)")
-    parser.add_argument("--devices", type=int, default=1, metavar="N", help="data-parallel devices (default: 1)")
+    parser.add_argument("--devices", type=int, default=1, metavar="N",
+                        help="data-parallel devices (with --tp/--pp: the data-parallel degree; default: 1)")
     parser.add_argument("--layers", type=int, metavar="L", help="transformer layers (for activations)")
     parser.add_argument("--width", type=int, metavar="H",
                         help="hidden width (default with --params alone: a GPT-like width for that size)")
     parser.add_argument("--heads", type=int, metavar="A", help="attention heads (default: width / 128)")
     parser.add_argument("--vocab", type=int, default=50257, metavar="V", help="vocabulary size (default: 50257)")
-    parser.add_argument("--seq-len", type=int, metavar="S", help="sequence length (for activations)")
-    parser.add_argument("--micro-batch", type=int, default=1, metavar="B", help="sequences per device (default: 1)")
+    parser.add_argument("--seq-len", type=int, metavar="S",
+                        help="sequence length (for activations; learned position embeddings of S rows are counted)")
+    parser.add_argument("--micro-batch", type=int, default=1, metavar="B",
+                        help="sequences per device (per micro-batch with --microbatches; default: 1)")
     parser.add_argument("--checkpointing", action="store_true", help="full activation checkpointing")
+    _add_layout(parser, sequence_parallel=True)
     _common(parser, plot=True)
     parser.set_defaults(handler=_memory)
 
@@ -129,6 +186,8 @@ def _memory(args: argparse.Namespace) -> int:
         if getattr(args, name) is not None:
             check_int(name.replace("_", "-"), getattr(args, name), 1)
     fmt = memory.PRECISIONS[args.precision]
+    if _layout_given(args):
+        return _memory_3d(args, optimizer, fmt)
     architecture = args.layers is not None
     if args.params is None and not (architecture and args.width):
         raise UsageError("give --params, or --layers and --width (and --vocab) of a transformer")
@@ -137,7 +196,7 @@ def _memory(args: argparse.Namespace) -> int:
         shapes = memory.square_matrix_shapes(args.params, width)
     else:
         width = args.width
-        shapes = memory.transformer_shapes(args.layers, width, args.vocab)
+        shapes = memory.transformer_shapes(args.layers, width, args.vocab, args.seq_len or 0)
     activations = 0
     if args.seq_len is not None:
         if not architecture:
@@ -188,6 +247,94 @@ def _memory(args: argparse.Namespace) -> int:
     return 0
 
 
+def _transformer(args: argparse.Namespace, what: str) -> Any:
+    """The transformer of --layers, --width, --heads, --vocab and --seq-len, which the 3-D models need."""
+    from gradwise.plan.parallelism import Transformer
+
+    if args.params is not None:
+        raise UsageError(f"--params: {what} counts the transformer's own parameters; give --layers, --width and "
+                         f"--seq-len instead")
+    if args.layers is None or args.width is None or args.seq_len is None:
+        raise UsageError(f"{what} needs the transformer: --layers, --width and --seq-len (and --heads, --vocab)")
+    heads = args.heads if args.heads is not None else max(1, args.width // 128)
+    return Transformer(args.layers, args.width, heads, args.vocab, args.seq_len)
+
+
+def _activation_formula(layout: Layout) -> str:
+    if layout.sequence_parallel:
+        return "sbh(34 + 5as/h)/t (tensor and sequence parallel)"
+    if layout.tp > 1:
+        return "sbh(10 + 24/t + 5as/(ht)) (tensor parallel, no sequence parallelism)"
+    return "sbh(34 + 5as/h)"
+
+
+def _memory_3d(args: argparse.Namespace, optimizer: str, fmt: memory.Precision) -> int:
+    """``plan memory`` with --tp/--pp/--microbatches: the device of the largest pipeline stage."""
+    from gradwise.plan import parallelism
+
+    model = _transformer(args, "the 3-D layout")
+    layout = _layout(args, args.devices)
+    layout.check(model)
+    stage_rows: list[list[memory.MemoryEstimate]] = []
+    rows: list[dict[str, Any]] = []
+    for zero in memory.ZERO_STAGES:
+        stages = [parallelism.stage_memory(model, layout, stage, args.optimizer, args.precision, zero,
+                                           args.state_format, args.micro_batch, args.checkpointing)
+                  for stage in range(layout.pp)]
+        largest = parallelism.largest_stage(stages)
+        stage_rows.append(stages)
+        rows.append({"zero_stage": zero, "label": "DP" if zero == 0 else f"ZeRO-{zero}", "pipeline_stage": largest,
+                     "bytes": stages[largest].as_dict()})
+    chosen = rows[args.zero]
+    shapes = model.shapes()
+    params = memory.parameter_count(shapes)
+    in_flight = [parallelism.layers_in_flight(model, layout, stage) for stage in range(layout.pp)]
+    per_layer = memory.layer_activation_bytes(model.width, model.heads, model.seq_len, args.micro_batch,
+                                              fmt.activation_bytes, layout.tp, layout.sequence_parallel)
+    payload = {
+        "params": params, "optimizer": args.optimizer, "precision": args.precision,
+        "state_format": args.state_format, "devices": layout.devices, "layout": _layout_json(layout),
+        "zero_stage": args.zero, "micro_batch": args.micro_batch, "checkpointing": args.checkpointing,
+        "bytes_per_param": {
+            "weights": fmt.weight_bytes, "gradients": fmt.grad_bytes, "master": fmt.master_bytes,
+            "optimizer_state": memory.optimizer_state_bytes(shapes, args.optimizer, fmt.state_bytes,
+                                                            args.state_format) / params,
+        },
+        "activations": {"formula": _activation_formula(layout), "per_layer_micro_batch": per_layer,
+                        "layers_in_flight": in_flight},
+        "largest_stage": chosen["pipeline_stage"], "per_device": chosen["bytes"], "by_stage": rows,
+        "stages": [estimate.as_dict() for estimate in stage_rows[args.zero]],
+    }
+    path = _plot_path(args, "memory.svg")
+    if path is not None:
+        title = (f"{params / 1e9:.3g}B params, {optimizer}, {args.precision}, pp {layout.pp} x dp {layout.dp} x "
+                 f"tp {layout.tp}, largest stage")
+        series = {kind.replace("_", " "): [row["bytes"][kind] / GB for row in rows] for kind in MEMORY_KINDS}
+        payload["plot"] = str(svg_bars.write_stacked_bars(path, [row["label"] for row in rows], series, title,
+                                                          "GB per device", total_format="{:.3g} GB"))
+    kinds = [*MEMORY_KINDS, "total"]
+    table = _table(
+        ["stage", "pp stage", *(k.replace("_weights", "").replace("optimizer_", "") for k in kinds)],
+        [[("* " if row is chosen else "  ") + row["label"], f"{row['pipeline_stage']}/{layout.pp}",
+          *(_gb(row["bytes"][k]) for k in kinds)] for row in rows],
+    )
+    per_stage = ", ".join(f"{stage}: {_gb(estimate.total)}" for stage, estimate in enumerate(stage_rows[args.zero]))
+    sharding = ("FSDP2 shards of data rank 0 (the largest)" if args.zero == 3
+                else "ZeRO's 1/dp of the sharded kinds" if args.zero else "no data sharding")
+    text = (
+        f"{params:.4g} parameters, {optimizer}, {args.precision} ({fmt.description}); "
+        f"GB (1e9 bytes) per device of the largest pipeline stage\n"
+        f"{_layout_text(layout)} of {args.micro_batch} sequence(s); {sharding}\n"
+        f"activations per layer and micro-batch: Korthikanti et al. 2022, {_activation_formula(layout)} bytes in "
+        f"16 bits (here {fmt.activation_bytes}-byte values, one-byte masks); layers x micro-batches in flight per "
+        f"stage: {in_flight}\n\n{table}\n\n"
+        f"per pipeline stage ({chosen['label']}): {per_stage} GB"
+        + (f"\n\nwrote {path}" if path is not None else "")
+    )
+    _emit(args, payload, text)
+    return 0
+
+
 # ---- step time ------------------------------------------------------------------------------
 
 
@@ -199,9 +346,10 @@ def _add_step(models) -> None:
         "gradient all-reduce by the alpha-beta model in DDP-sized buckets, with or without overlap. "
         "Shows where latency dominates and a faster number format stops helping.",
     )
-    parser.add_argument("--params", type=float, required=True, metavar="N", help="parameter count")
+    parser.add_argument("--params", type=float, metavar="N",
+                        help="parameter count (or the transformer's --layers, --width and --seq-len)")
     parser.add_argument("--devices", type=int, default=64, metavar="N",
-                        help="devices (the table runs over powers of two up to N; default: 64)")
+                        help="data-parallel devices (the table runs over powers of two up to N; default: 64)")
     parser.add_argument("--bandwidth", type=float, default=25e9, metavar="B/S",
                         help="link bandwidth, bytes/s (default: 25e9)")
     parser.add_argument("--latency", type=float, default=5e-6, metavar="S",
@@ -222,6 +370,21 @@ def _add_step(models) -> None:
     parser.add_argument("--zero", type=int, default=0, metavar="STAGE", help="ZeRO stage (3: 1.5x the traffic)")
     parser.add_argument("--bucket-mb", type=float, default=25.0, metavar="MIB", help="gradient bucket (default: 25)")
     parser.add_argument("--no-overlap", action="store_true", help="communicate after the backward pass")
+    model = parser.add_argument_group(
+        "a transformer's shape, for the 3-D model (Narayanan et al.'s FLOPs, the pipeline bubble, each dimension's "
+        "traffic; nothing overlapped)")
+    model.add_argument("--layers", type=int, metavar="L", help="transformer layers")
+    model.add_argument("--width", type=int, metavar="H", help="hidden width")
+    model.add_argument("--heads", type=int, metavar="A", help="attention heads (default: width / 128)")
+    model.add_argument("--vocab", type=int, default=50257, metavar="V", help="vocabulary size (default: 50257)")
+    model.add_argument("--seq-len", type=int, metavar="S", help="sequence length")
+    model.add_argument("--checkpointing", action="store_true",
+                       help="full activation checkpointing: a second forward pass")
+    model.add_argument("--tp-bandwidth", type=float, metavar="B/S",
+                       help="link bandwidth within a tensor-parallel group (default: --bandwidth)")
+    model.add_argument("--tp-latency", type=float, metavar="S",
+                       help="link latency within a tensor-parallel group (default: --latency)")
+    _add_layout(parser, sequence_parallel=False)
     _common(parser, plot=True)
     parser.set_defaults(handler=_step)
 
@@ -263,7 +426,8 @@ def _step(args: argparse.Namespace) -> int:
     from gradwise.plan import step_time
     from gradwise.plan.communication import AlphaBeta
 
-    check_range("params", args.params, 1.0)
+    if args.params is not None:
+        check_range("params", args.params, 1.0)
     check_int("devices", args.devices, 1)
     check_range("tokens", args.tokens, 1.0)
     check_range("bucket-mb", args.bucket_mb, 0.0, low_open=True)
@@ -278,6 +442,12 @@ def _step(args: argparse.Namespace) -> int:
     link = AlphaBeta.from_link(check_range("latency", args.latency, 0.0), args.bandwidth)
     throughputs, source = _throughputs(args, names)
     factors = _per_format(args.step_factor, "--step-factor")
+    three_d = (_layout_given(args) or args.checkpointing
+               or any(getattr(args, name) is not None for name in STEP_MODEL_OPTIONS))
+    if three_d:
+        return _step_3d(args, names, link, throughputs, source, factors)
+    if args.params is None:
+        raise UsageError("give --params, or the transformer's --layers, --width and --seq-len")
     counts = sorted({2**k for k in range(int(math.log2(args.devices)) + 1)} | {args.devices})
     options = dict(overlap=not args.no_overlap, bucket_bytes=args.bucket_mb * 2**20, zero_stage=args.zero)
     curves: dict[str, list[float]] = {n: [] for n in names}
@@ -333,6 +503,122 @@ def _step(args: argparse.Namespace) -> int:
     )
     _emit(args, payload, text)
     return 0
+
+
+STEP_MODEL_OPTIONS = ("layers", "width", "heads", "seq_len", "tp_bandwidth", "tp_latency")
+
+
+def _step_3d(args: argparse.Namespace, names: list[str], link: Any, throughputs: dict[str, float], source: str,
+             factors: dict[str, float]) -> int:
+    """``plan step`` with a transformer's shape: the 3-D model over data-parallel degrees up to --devices."""
+    from gradwise.plan.communication import AlphaBeta
+    from gradwise.plan.parallel_step_time import SEND_RECV, micro_batch_size, parallel_step_time
+
+    model = _transformer(args, "the 3-D step model")
+    tp_latency = link.alpha if args.tp_latency is None else check_range("tp-latency", args.tp_latency, 0.0)
+    tp_bandwidth = 1 / link.beta if args.tp_bandwidth is None else args.tp_bandwidth
+    tp_link = AlphaBeta.from_link(tp_latency, check_range("tp-bandwidth", tp_bandwidth, 0.0, low_open=True))
+    final = _layout(args, args.devices)
+    final.check(model)
+    micro_batch_size(model, final, args.tokens)  # refuses a batch that does not split at --devices
+
+    def splits(dp: int) -> bool:
+        try:
+            micro_batch_size(model, _layout(args, dp), args.tokens)
+        except ValueError:
+            return False
+        return True
+
+    dps = [dp for dp in sorted({2**k for k in range(int(math.log2(args.devices)) + 1)} | {args.devices}) if splits(dp)]
+    options = dict(zero_stage=args.zero, tp_link=tp_link, checkpointing=args.checkpointing,
+                   bucket_bytes=args.bucket_mb * 2**20)
+    last = names[-1]
+    curves: dict[str, list[float]] = {n: [] for n in names}
+    shares: dict[str, list[float]] = {n: [] for n in names}
+    table_rows, json_rows = [], []
+    steps: dict[str, ParallelStepTime] = {}
+    for dp in dps:
+        layout = _layout(args, dp)
+        steps = {name: parallel_step_time(model, layout, args.tokens, throughputs[name], link, name, **options)
+                 for name in names}
+        for name in names:
+            curves[name].append(steps[name].total)
+            shares[name].append(steps[name].latency_share)
+        json_rows.append({"dp": dp, "devices": layout.devices, "formats": [
+            _parallel_json(name, throughputs[name], steps[name], args.steps * factors.get(name, 1.0))
+            for name in names]})
+        step = steps[last]
+        table_rows.append([
+            str(dp), str(layout.devices), *(f"{steps[n].total * 1e3:.4g}" for n in names),
+            *(f"{seconds * 1e3:.4g}" for seconds in (step.compute, step.bubble, step.tensor, step.pipeline,
+                                                     step.data + step.tied)),
+            f"{step.latency_share:.0%}",
+            *([f"{steps[names[-2]].total / step.total:.2f}x"] if len(names) > 1 else []),
+        ])
+    step = steps[last]
+    traffic: list[dict[str, Any]] = [
+        {"stage": stage, "dimension": entry.dimension, "collective": entry.collective, "calls": entry.calls,
+         "payload_bytes": entry.payload_bytes, "group": entry.group}
+        for stage, entries in enumerate(step.traffic) for entry in entries]
+    busiest: dict[tuple[str, str], dict[str, Any]] = {}
+    for entry in traffic:
+        key = (entry["dimension"], entry["collective"])
+        if key not in busiest or entry["payload_bytes"] > busiest[key]["payload_bytes"]:
+            busiest[key] = entry
+    final_formats = json_rows[-1]["formats"]
+    payload = {
+        "params": model.parameter_count(), "layers": model.layers, "width": model.width, "heads": model.heads,
+        "vocab": model.vocab, "seq_len": model.seq_len, "tokens_per_step": args.tokens, "layout": _layout_json(final),
+        "micro_batch": step.micro_batch, "bubble_fraction": step.bubble_fraction, "latency": args.latency,
+        "bandwidth": args.bandwidth, "tp_latency": tp_latency, "tp_bandwidth": tp_bandwidth,
+        "throughput": throughputs, "throughput_source": source, "steps": args.steps, "zero_stage": args.zero,
+        "checkpointing": args.checkpointing, "by_devices": json_rows, "traffic": traffic,
+        "time_to_solution": {row["precision"]: row["time_to_solution_s"] for row in final_formats},
+    }
+    path = _plot_path(args, "step_time.png")
+    if path is not None:
+        title = f"{model.parameter_count() / 1e9:.3g}B params, pp {final.pp} x tp {final.tp}, {args.tokens:.3g} tokens"
+        from gradwise.plan import plots  # matplotlib, only for a plot
+
+        payload["plot"] = str(plots.plot_step_time([row["devices"] for row in json_rows], curves, shares, title, path))
+    header = ["dp", "devices", *(f"{n} ms" for n in names), f"{last} compute", "bubble", "tensor", "pipeline",
+              "data", "latency"]
+    header += [f"{last} vs {names[-2]}"] if len(names) > 1 else []
+    traffic_table = _table(
+        ["dimension", "collective", "stage", "calls", "payload GB", "group"],
+        [[entry["dimension"], entry["collective"], str(entry["stage"]), str(entry["calls"]),
+          _gb(entry["payload_bytes"]), str(entry["group"])] for entry in busiest.values()])
+    sends = f"; {SEND_RECV} counts messages sent and received" if (("pipeline", SEND_RECV) in busiest) else ""
+    solution = _table(
+        ["format", "FLOP/s", "steps", "step ms", "time to solution (h)"],
+        [[row["precision"], f"{row['throughput']:.3g}", f"{row['steps_to_solution']:.4g}",
+          f"{row['step_s'] * 1e3:.4g}", f"{row['time_to_solution_s'] / 3600:.4g}"] for row in final_formats])
+    skipped = "" if len(dps) > 1 or args.devices == 1 else " (no smaller data-parallel degree splits the batch)"
+    text = (
+        f"{model.parameter_count():.4g} params ({model.layers} layers of {model.width}, {model.heads} heads, "
+        f"vocab {model.vocab}, {model.seq_len} tokens), {args.tokens:.4g} tokens per step, links {args.latency:g} s "
+        f"+ 1/{args.bandwidth:.3g} s/B (tensor parallel: {tp_latency:g} s + 1/{tp_bandwidth:.3g} s/B), "
+        f"nothing overlapped, throughput {source}\n\n"
+        f"{_table(header, table_rows)}{skipped}\n\n"
+        f"{_layout_text(final)} of {step.micro_batch} sequence(s): the bubble (p-1)/(vm+p-1) is "
+        f"{step.bubble_fraction:.1%} of the pipeline's time\n"
+        f"{last} step: compute {step.compute:.4g} s + bubble {step.bubble:.4g} + tensor {step.tensor:.4g} + pipeline "
+        f"{step.pipeline:.4g} + data {step.data:.4g} + tied {step.tied:.4g} = {step.total:.4g} s\n\n"
+        f"traffic per device per step ({last}; each dimension's busiest stage{sends}):\n{traffic_table}\n\n"
+        f"on {final.devices} devices:\n{solution}"
+        + (f"\n\nwrote {path}" if path is not None else "")
+    )
+    _emit(args, payload, text)
+    return 0
+
+
+def _parallel_json(precision: str, throughput: float, step: ParallelStepTime, steps: float) -> dict:
+    return {
+        "precision": precision, "throughput": throughput, "step_s": step.total, "compute_s": step.compute,
+        "bubble_s": step.bubble, "tensor_s": step.tensor, "pipeline_s": step.pipeline, "data_s": step.data,
+        "tied_s": step.tied, "latency_share": step.latency_share, "steps_to_solution": steps,
+        "time_to_solution_s": steps * step.total,
+    }
 
 
 def _plan_json(plan: FormatPlan) -> dict:
