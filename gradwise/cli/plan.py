@@ -315,7 +315,7 @@ def _memory_3d(args: argparse.Namespace, optimizer: str, fmt: memory.Precision) 
     kinds = [*MEMORY_KINDS, "total"]
     table = _table(
         ["stage", "pp stage", *(k.replace("_weights", "").replace("optimizer_", "") for k in kinds)],
-        [[("* " if row is chosen else "  ") + row["label"], f"{row['pipeline_stage']}/{layout.pp}",
+        [[("* " if row is chosen else "  ") + row["label"], f"{row['pipeline_stage']} of {layout.pp}",
           *(_gb(row["bytes"][k]) for k in kinds)] for row in rows],
     )
     per_stage = ", ".join(f"{stage}: {_gb(estimate.total)}" for stage, estimate in enumerate(stage_rows[args.zero]))
