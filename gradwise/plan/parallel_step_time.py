@@ -29,7 +29,9 @@ of a reduce-scatter, each message sent or received), with :math:`X = sbh` activa
   row-wise layers, 2 backward before the column-wise ones; Megatron-LM, Shoeybi et al. 2019):
   :math:`8X(t - 1)/t` per layer per micro-batch on a ring's link, Narayanan et al.'s figure.
   Sequence parallelism replaces each by an all-gather and a reduce-scatter of the same volume
-  (Korthikanti et al. 2022), not modelled apart.
+  (Korthikanti et al. 2022), not modelled apart. DTensor issues the two backward ones inside
+  another operator's dispatch, where a ``TorchDispatchMode`` such as ``TrafficMeter`` does not
+  see them; ``torch.distributed.tensor.debug.CommDebugMode`` counts all four.
 * pipeline: :math:`X` per micro-batch across each stage boundary, forward and backward: a middle
   device sends and receives :math:`2vm` messages each, an end device :math:`(2v - 1)m`.
 * data, ZeRO stages 0-2: the stage's gradients all-reduced over :math:`d` in DDP's buckets.
