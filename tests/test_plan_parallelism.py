@@ -8,6 +8,7 @@ from fractions import Fraction
 import pytest
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.pipelining.schedules import (
     Schedule1F1B,
@@ -200,14 +201,13 @@ def real_bytes(pp: int, dp: int, tp: int, rank: int, optimizer: str) -> dict[str
     ``tp``, FSDP2 over ``dp``), built as that rank of a fake process group (no communication: only shapes)."""
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from gradwise.distributed.mesh import pipeline_data_tensor_mesh
     from gradwise.problems.tiny_gpt import TinyGPT
     from gradwise.problems.tiny_gpt_pipeline import TinyGPTStage
     from gradwise.problems.tiny_gpt_tensor_parallel import parallelize_tiny_gpt
 
     dist.init_process_group("fake", rank=rank, world_size=pp * dp * tp, store=FakeStore())
     try:
-        mesh = pipeline_data_tensor_mesh(pp, dp, tp)
+        mesh = init_device_mesh("cpu", (pp, dp, tp), mesh_dim_names=("pp", "dp", "tp"))  # rank = (stage, dp, tp)
         torch.manual_seed(0)
         model = TinyGPT(seq_len=16, d_model=32, n_layer=4, n_head=4)
         if tp > 1:
