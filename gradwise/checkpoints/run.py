@@ -189,11 +189,12 @@ class PerRankCheckpoints(ReplicatedCheckpoints):
 class ShardedRunCheckpoints:
     """``ShardedCheckpoints`` bound to the run's model and optimizer (every call is a collective)."""
 
-    def __init__(self, folder: str | Path, keep: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    def __init__(self, folder: str | Path, keep: int, model: nn.Module, optimizer: torch.optim.Optimizer, *,
+                 stages: bool = False) -> None:
         # imported when a sharded run builds it: the other layouts need not load torch.distributed.checkpoint
         from gradwise.checkpoints.sharded import ShardedCheckpoints
 
-        self.checkpoints = ShardedCheckpoints(folder, keep)
+        self.checkpoints = ShardedCheckpoints(folder, keep, stages=stages)
         self.model, self.optimizer = model, optimizer
 
     @property

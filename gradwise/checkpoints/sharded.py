@@ -76,6 +76,7 @@ from torch import nn
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
@@ -331,9 +332,14 @@ class ShardedCheckpoints:
         checkpoints.save(step, model, optimizer, {"scheduler": scheduler.state_dict()})  # collective
     """
 
-    def __init__(self, folder: str | Path, keep: int = 3) -> None:
+    def __init__(self, folder: str | Path, keep: int = 3, *, stages: bool = False) -> None:
         self.folder = Path(folder)
         self.keep = check_int("keep", keep, 1)
+        self.options = StateDictOptions(flatten_optimizer_state_dict=stages)
+        """``stages``: the ranks hold different parameters (pipeline stages). The optimizer's state dict is
+        then flattened to one entry per parameter name, its group's hyperparameters included; nested, a
+        param group is one list entry per rank that the save keeps once, from one stage, and the other
+        stages would load its parameter names and fall back to the optimizer's defaults."""
         self.skipped: list[Skipped] = []
         """The checkpoints the last ``load_newest`` passed over, newest first, with the reason."""
 
@@ -386,7 +392,7 @@ class ShardedCheckpoints:
         if fresh:
             state = {"model": get_model_state_dict(model)}
         else:
-            model_state, optimizer_state = get_state_dict(model, optimizer)
+            model_state, optimizer_state = get_state_dict(model, optimizer, options=self.options)
             state = {"model": model_state, "optimizer": optimizer_state}
         failure = None
         try:
@@ -485,7 +491,8 @@ class ShardedCheckpoints:
                 assert payload is not None  # the ranks agree to go on only when every rank read its payload
                 reason = _agreed(self._load_state(folder, manifest, payload, model, optimizer))
             if reason is None:
-                found = first_nonfinite(get_state_dict(model, optimizer) if manifest["optimizer_state"]
+                found = first_nonfinite(get_state_dict(model, optimizer, options=self.options)
+                                        if manifest["optimizer_state"]
                                         else get_model_state_dict(model))
                 reason = _agreed(None if found is None else f"non-finite values in {found}")
             if reason is None:
@@ -496,8 +503,7 @@ class ShardedCheckpoints:
             self.skipped.append(Skipped(folder, reason))
         return None
 
-    @staticmethod
-    def _load_state(folder: Path, manifest: dict[str, Any], payload: dict[str, Any], model: nn.Module,
+    def _load_state(self, folder: Path, manifest: dict[str, Any], payload: dict[str, Any], model: nn.Module,
                     optimizer: torch.optim.Optimizer) -> str | None:
         """Load the model and optimizer state of the checkpoint in ``folder``; the reason it does not fit,
         or ``None``."""
@@ -505,11 +511,12 @@ class ShardedCheckpoints:
         state: dict[str, Any]
         try:
             if manifest["optimizer_state"]:
-                model_state, optimizer_state = get_state_dict(model, optimizer)
+                model_state, optimizer_state = get_state_dict(model, optimizer, options=self.options)
                 state = {"model": model_state, "optimizer": optimizer_state}
                 with _quiet_single_process():
                     dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(), no_dist=not _distributed())
-                set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+                set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                               options=self.options)
             else:
                 state = {"model": get_model_state_dict(model)}
                 with _quiet_single_process():

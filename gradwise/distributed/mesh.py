@@ -32,6 +32,20 @@ def data_tensor_mesh(dp: int, tp: int, device_type: str = "cpu") -> DeviceMesh:
     return init_device_mesh(device_type, (dp, tp), mesh_dim_names=("dp", "tp"))
 
 
+def pipeline_data_tensor_mesh(pp: int, dp: int, tp: int, device_type: str = "cpu") -> DeviceMesh:
+    """The ``(pp, dp, tp)`` mesh with dimensions named ``"pp"``, ``"dp"`` and ``"tp"`` (Narayanan et al.
+    2021's layout, arXiv:2104.04473): tensor-parallel groups are consecutive ranks (the fastest links on
+    a real machine), rank ``r`` is stage ``r // (dp tp)``, replica ``(r // tp) % dp``, shard ``r % tp``.
+    The world size must be ``pp * dp * tp``."""
+    for name, size in (("pp", pp), ("dp", dp), ("tp", tp)):
+        check_int(name, size, 1)
+    world_size = dist.get_world_size()
+    if pp * dp * tp != world_size:
+        raise ValueError(f"pp x dp x tp must equal the world size, got pp={pp}, dp={dp}, tp={tp} for world size "
+                         f"{world_size}")
+    return init_device_mesh(device_type, (pp, dp, tp), mesh_dim_names=("pp", "dp", "tp"))
+
+
 @torch.no_grad()
 def average_gradients(model: nn.Module, dp_mesh: DeviceMesh) -> None:
     """Average every gradient over the data-parallel ``dp_mesh`` (one-dimensional), in place.

@@ -99,7 +99,8 @@ class TinyGPTPipeline:
     """
 
     def __init__(self, model: TinyGPT, stages: int, microbatches: int, schedule: str = "gpipe",
-                 group: dist.ProcessGroup | None = None) -> None:
+                 group: dist.ProcessGroup | None = None,
+                 parallelize: Callable[[TinyGPTStage], nn.Module] | None = None) -> None:
         check_int("stages", stages, 2)
         self.microbatches = check_int("microbatches", microbatches, 1)
         check_choice("schedule", schedule, SCHEDULES)
@@ -117,8 +118,10 @@ class TinyGPTPipeline:
         per_stage = n_layer // stages
         self.module = TinyGPTStage(model, self.stage_index * per_stage, (self.stage_index + 1) * per_stage,
                                    self.stage_index == 0, self.stage_index == stages - 1)
-        self.tied_shape = model.token_embedding.weight.shape
         self.device = model.token_embedding.weight.device
+        if parallelize is not None:
+            parallelize(self.module)
+        self.tied_shape = self._tied_local_shape()
         # imported here: torch.distributed.pipelining costs 0.7 s, which every other strategy would pay
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
@@ -185,13 +188,30 @@ class TinyGPTPipeline:
                     param.grad.mul_(factor)
         return norm
 
+    def _tied_local_shape(self) -> torch.Size:
+        """The shape of this process's part of the tied matrix: the whole matrix, or its local shard when
+        ``parallelize`` made it a DTensor; a middle stage, which holds none, learns it from the two ends
+        (one all-reduce, at construction)."""
+        tied = self.module.tied_weight()
+        shape = torch.zeros(2, dtype=torch.int64, device=self.device)
+        if self.module.is_first and tied is not None:
+            shape += torch.tensor(_local(tied).shape, device=self.device)
+        dist.all_reduce(shape, group=self.group)
+        return torch.Size(shape.tolist())
+
     @torch.no_grad()
     def _sum_tied_gradients(self, tied: torch.Tensor | None, earlier: torch.Tensor | None) -> None:
-        """All-reduce this step's gradient of the tied matrix over the pipeline (middle stages add zeros),
-        then add back what had accumulated before the step."""
+        """All-reduce this step's gradient of the tied matrix over the pipeline (middle stages add zeros;
+        a sharded matrix's local shards, which the two ends hold alike), then add back what had
+        accumulated before the step."""
         grad = tied.grad if tied is not None else torch.zeros(self.tied_shape, device=self.device)
         if grad is None:
             raise RuntimeError("the tied token-embedding matrix has no gradient after the backward pass")
-        dist.all_reduce(grad, group=self.group)
+        dist.all_reduce(_local(grad), group=self.group)
         if earlier is not None:
             grad += earlier
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (the tensor itself otherwise)."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor

@@ -34,13 +34,16 @@ the optimizer step, which then equals the step of one process on the global batc
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, distribute_module
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-from gradwise.problems.tiny_gpt import TinyGPT
+from gradwise.problems.tiny_gpt import Block, TinyGPT
+from gradwise.problems.tiny_gpt_pipeline import TinyGPTStage
 
 
 def qkv_row_order(d_model: int, tp: int) -> torch.Tensor:
@@ -60,10 +63,33 @@ def parallelize_tiny_gpt(model: TinyGPT, tp_mesh: DeviceMesh) -> TinyGPT:
     the loss and the training loop are unchanged. Raises ``ValueError`` when the heads do
     not split evenly over the mesh.
     """
+    _parallelize_blocks(model.transformer_blocks(), tp_mesh)
+    for embedding in (model.token_embedding, model.position_embedding):
+        # The ignores: torch annotates input_fn/output_fn as returning None, though it uses what they return
+        distribute_module(embedding, tp_mesh, input_fn=_replicated_inputs)  # type: ignore[arg-type]
+    distribute_module(model, tp_mesh, output_fn=_local_output)  # type: ignore[arg-type]  # in place
+    return model
+
+
+def parallelize_stage(stage: TinyGPTStage, tp_mesh: DeviceMesh) -> TinyGPTStage:
+    """Shard a pipeline stage's blocks over ``tp_mesh`` as :func:`parallelize_tiny_gpt` shards a whole
+    model's, in place: the first stage's embeddings, the last stage's norm and tied output layer
+    replicated; a later stage takes the residual stream (the same on every rank of the group) as a
+    replicated DTensor; every stage returns an ordinary tensor, which the pipeline sends on."""
+    _parallelize_blocks([cast(Block, block) for block in stage.blocks.values()], tp_mesh)  # Blocks only
+    if stage.is_first:
+        for embedding in (stage.token_embedding, stage.position_embedding):
+            distribute_module(embedding, tp_mesh, input_fn=_replicated_inputs)  # type: ignore[arg-type]
+    inputs = None if stage.is_first else _replicated_inputs
+    distribute_module(stage, tp_mesh, input_fn=inputs, output_fn=_local_output)  # type: ignore[arg-type]
+    return stage
+
+
+def _parallelize_blocks(blocks: list[Block], tp_mesh: DeviceMesh) -> None:
+    """Megatron's layout on each block, its qkv rows first regrouped head-wise (:func:`qkv_row_order`)."""
     if tp_mesh.ndim != 1:
         raise ValueError(f"tp_mesh must be one-dimensional, got a mesh of shape {tuple(tp_mesh.shape)}")
     tp = tp_mesh.size()
-    blocks = model.transformer_blocks()
     n_head = blocks[0].attention.n_head
     if n_head % tp:
         raise ValueError(f"n_head must be a multiple of the tensor-parallel degree, got n_head={n_head}, tp={tp}")
@@ -79,11 +105,6 @@ def parallelize_tiny_gpt(model: TinyGPT, tp_mesh: DeviceMesh) -> TinyGPT:
             "mlp.0": ColwiseParallel(),
             "mlp.2": RowwiseParallel(use_local_output=False),
         })
-    for embedding in (model.token_embedding, model.position_embedding):
-        # The ignores: torch annotates input_fn/output_fn as returning None, though it uses what they return
-        distribute_module(embedding, tp_mesh, input_fn=_replicated_inputs)  # type: ignore[arg-type]
-    distribute_module(model, tp_mesh, output_fn=_local_output)  # type: ignore[arg-type]  # in place
-    return model
 
 
 def _replicated_inputs(module: nn.Module, inputs: tuple, mesh: DeviceMesh) -> tuple:

@@ -44,7 +44,7 @@ LARGEST_CLIP_VALUE = float(torch.finfo(torch.float32).max)
 LARGEST_SHARPNESS_STEPS = 100
 """Lanczos keeps one vector of the model's size per step: a few warm-started steps suffice, 100 is plenty."""
 
-DTENSOR_STRATEGIES = ("fsdp", "tp")
+DTENSOR_STRATEGIES = ("fsdp", "tp", "3d")
 """Strategies whose optimizer steps sharded (DTensor) parameters."""
 
 BF16_PARAM_STRATEGIES = ("single", "ddp")

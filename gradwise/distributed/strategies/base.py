@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -123,6 +124,8 @@ class Strategy:
         self.settings = self.check_options(options or {})
         self.check_world_size(self.world_size, self.settings)
         self.bytes_communicated = 0
+        self.bytes_by_kind: Counter[str] = Counter()
+        """``bytes_communicated`` by kind of collective (all-reduce, all-gather, ..., send/recv)."""
 
     # --- who and where ----------------------------------------------------------------
 
@@ -222,6 +225,7 @@ class Strategy:
         with TrafficMeter() as meter:
             yield
         self.bytes_communicated += meter.payload_bytes
+        self.bytes_by_kind.update(meter.payload_by_kind)
 
     def full_model_state(self, model: nn.Module) -> dict[str, Any]:
         """The whole model's state dict, on rank 0 (called on every rank)."""

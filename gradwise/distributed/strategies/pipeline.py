@@ -28,7 +28,7 @@ from torch.optim import Optimizer
 from gradwise.checkpoints.run import PerRankCheckpoints
 from gradwise.distributed.strategies.base import Strategy, clip_by_norm_, local_grad_norm
 from gradwise.problems.tiny_gpt import TinyGPT
-from gradwise.problems.tiny_gpt_pipeline import SCHEDULES, TinyGPTPipeline
+from gradwise.problems.tiny_gpt_pipeline import SCHEDULES, TinyGPTPipeline, TinyGPTStage
 from gradwise.validation import check_choice, check_int
 
 BLOCK = re.compile(r"^blocks\.(\d+)\.")
@@ -59,15 +59,30 @@ class PipelineStrategy(Strategy):
     def dp_size(self) -> int:
         return 1
 
+    @property
+    def stages(self) -> int:
+        """Pipeline stages: one per process."""
+        return self.world_size
+
+    @property
+    def pipeline_group(self) -> dist.ProcessGroup | None:
+        """The group of this process's stage and the others it sends to (None: the whole job)."""
+        return None
+
     def wrap_model(self, model: nn.Module) -> nn.Module:
         if not isinstance(model, TinyGPT):
             raise ValueError(f"strategy 'pp' cuts a tiny-gpt model into stages, got a {type(model).__name__}; "
                              f"use --workload tiny-gpt (or text)")
         self.whole = model
-        self.pipeline = TinyGPTPipeline(model, self.world_size, self.settings["microbatches"],
-                                        self.settings["schedule"])
+        self.pipeline = TinyGPTPipeline(model, self.stages, self.settings["microbatches"],
+                                        self.settings["schedule"], group=self.pipeline_group,
+                                        parallelize=self.split_stage)
         self.accumulate = 1
         return self.pipeline.module
+
+    def split_stage(self, stage: TinyGPTStage) -> nn.Module:
+        """Split this process's stage further before the pipeline is built (``pp``: it stays whole)."""
+        return stage
 
     def trained_module(self, model: nn.Module) -> nn.Module:
         return self.pipeline.module
@@ -88,10 +103,14 @@ class PipelineStrategy(Strategy):
     def grad_norm(self, named_parameters: list[tuple[str, nn.Parameter]]) -> tuple[float, list[str]]:
         first = self.pipeline.module.is_first
         counted = [(name, p) for name, p in named_parameters if name != "output_weight" or first]
-        local, nonfinite = local_grad_norm(counted)
+        local, nonfinite = self.stage_grad_norm(counted)
         total = torch.tensor(local**2, dtype=torch.float64)
-        dist.all_reduce(total)
+        dist.all_reduce(total, group=self.pipeline_group)
         return total.sqrt().item(), nonfinite
+
+    def stage_grad_norm(self, named_parameters: list[tuple[str, nn.Parameter]]) -> tuple[float, list[str]]:
+        """The norm of this stage's gradient (its parameters are whole here)."""
+        return local_grad_norm(named_parameters)
 
     def clip_grad_norm_(self, parameters: list[nn.Parameter], max_norm: float) -> None:
         norm, _ = self.grad_norm(list(self.pipeline.module.named_parameters()))
@@ -103,8 +122,8 @@ class PipelineStrategy(Strategy):
             return 0
         block = BLOCK.match(name)
         if block is None:  # the final norm
-            return self.world_size - 1
-        return int(block.group(1)) // (len(self.whole.blocks) // self.world_size)
+            return self.stages - 1
+        return int(block.group(1)) // (len(self.whole.blocks) // self.stages)
 
     @torch.no_grad()
     def gather_whole_model(self) -> None:

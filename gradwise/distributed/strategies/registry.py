@@ -4,7 +4,8 @@
 (one process), ``ddp`` (:mod:`~gradwise.distributed.strategies.ddp`), ``zero1``, ``zero2``, ``fsdp``
 (:mod:`~gradwise.distributed.strategies.zero`), ``tp``
 (:mod:`~gradwise.distributed.strategies.tensor_parallel`), ``pp``
-(:mod:`~gradwise.distributed.strategies.pipeline`), ``localsgd``, ``diloco``
+(:mod:`~gradwise.distributed.strategies.pipeline`), ``3d`` (:mod:`~gradwise.distributed.strategies.three_d`),
+``localsgd``, ``diloco``
 (:mod:`~gradwise.distributed.strategies.local_sgd`). With no
 strategy named, one process runs ``single`` and N > 1 processes run ``ddp``.
 :func:`check_strategy` validates a name, its options and a world size before any process
@@ -22,13 +23,14 @@ from gradwise.distributed.strategies.ddp import DDPStrategy
 from gradwise.distributed.strategies.local_sgd import DiLoCoStrategy, LocalSGDStrategy
 from gradwise.distributed.strategies.pipeline import PipelineStrategy
 from gradwise.distributed.strategies.tensor_parallel import TensorParallelStrategy
+from gradwise.distributed.strategies.three_d import ThreeDStrategy
 from gradwise.distributed.strategies.zero import FSDPStrategy, Zero2Strategy, ZeroStrategy
 from gradwise.validation import check_choice, check_int
 
 STRATEGIES: dict[str, type[Strategy]] = {
     strategy.name: strategy
     for strategy in (Strategy, DDPStrategy, ZeroStrategy, Zero2Strategy, FSDPStrategy, TensorParallelStrategy,
-                     PipelineStrategy, LocalSGDStrategy, DiLoCoStrategy)
+                     PipelineStrategy, ThreeDStrategy, LocalSGDStrategy, DiLoCoStrategy)
 }
 
 

@@ -1,0 +1,128 @@
+"""The ``3d`` strategy (pipeline x FSDP2 x tensor parallel) through the training loop, against one process.
+
+One 8-process job runs the (pp, dp, tp) = 2 x 2 x 2 mesh, checkpointing; one 4-process job runs
+2 x 1 x 2 and 2 x 2 x 1 (1F1B), resumes the latter from its middle checkpoint, and resumes the
+8-process run's on 2 x 1 x 2 (the DTensor shards resharded over the new data-parallel size). Each
+is compared with one process on the same global batch.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from gradwise.distributed import run_processes
+from gradwise.distributed.strategies.registry import check_strategy
+from gradwise.train import TrainConfig, Trainer
+
+pytestmark = [pytest.mark.distributed, pytest.mark.timeout(400)]
+
+GPT = dict(seq_len=8, d_model=16, n_layer=2, n_head=2, eval_windows=2, final_eval_windows=2)
+GLOBAL_BATCH, STEPS, MICROBATCHES = 8, 4, 2
+
+
+def config(pp: int, dp: int, tp: int, **settings) -> TrainConfig:
+    base = dict(workload="tiny-gpt", workload_options=GPT, steps=STEPS, lr=1e-2, eval_every=1000, threads=1,
+                schedule="constant", warmup_steps=0, precision="fp32", batch_size=GLOBAL_BATCH // dp, clip=0.5,
+                strategy="3d", strategy_options={"pp": pp, "tp": tp, "microbatches": MICROBATCHES})
+    return TrainConfig(**{**base, **settings})
+
+
+def one_process() -> TrainConfig:
+    return TrainConfig(**{**config(2, 1, 1).to_dict(), "strategy": None, "strategy_options": {},
+                          "batch_size": GLOBAL_BATCH})
+
+
+def report(config: TrainConfig, out=None, resume=False, allow_changes=()) -> dict:
+    trainer = Trainer(config, out, resume=resume, allow_changes=allow_changes)
+    result = trainer.run()
+    state = trainer.strategy.full_model_state(trainer.model)
+    return {"params": {k: v.detach().cpu().numpy().copy() for k, v in state.items()},
+            "losses": [loss for _, loss in trainer.guard.last_losses], "resumed_from": result.resumed_from_step,
+            "bytes": dict(trainer.strategy.bytes_by_kind)}
+
+
+def without_last_checkpoint(source: Path, target: Path) -> None:
+    shutil.copytree(source, target)
+    shutil.rmtree(target / "checkpoints" / f"step-{STEPS:08d}")
+
+
+def eight_ranks(rank: int, world_size: int, folder: str) -> dict:
+    result = report(config(2, 2, 2, checkpoint_every=2), f"{folder}/2x2x2")
+    if rank == 0:
+        without_last_checkpoint(Path(folder) / "2x2x2", Path(folder) / "resharded")
+    return {"2x2x2": result}
+
+
+def four_ranks(rank: int, world_size: int, folder: str) -> dict:
+    one_f_one_b = config(2, 2, 1, checkpoint_every=2,
+                         strategy_options={"pp": 2, "tp": 1, "microbatches": MICROBATCHES, "schedule": "1f1b"})
+    results = {"2x1x2": report(config(2, 1, 2)), "2x2x1 1f1b": report(one_f_one_b, f"{folder}/2x2x1")}
+    if rank == 0:
+        without_last_checkpoint(Path(folder) / "2x2x1", Path(folder) / "resumed")
+    dist.barrier()
+    results["2x2x1 resumed"] = report(one_f_one_b, f"{folder}/resumed", resume=True)
+    # the 8-process run's step-2 checkpoint on half the processes: dp 2 -> 1, twice the rows per rank
+    results["2x2x2 -> 2x1x2"] = report(config(2, 1, 2, checkpoint_every=2), f"{folder}/resharded", resume=True,
+                                       allow_changes=("world_size", "strategy_options", "batch_size"))
+    return results
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("three_d")
+    eight = run_processes(eight_ranks, 8, str(folder), timeout_s=380)
+    four = run_processes(four_ranks, 4, str(folder), timeout_s=380)
+    return eight, four, report(one_process())
+
+
+def assert_equal_to_one_process(result: dict, expected: dict) -> None:
+    assert result["losses"] == pytest.approx(expected["losses"], rel=1e-5)
+    assert result["params"].keys() == expected["params"].keys()
+    for key, tensor in expected["params"].items():
+        torch.testing.assert_close(torch.from_numpy(result["params"][key]), torch.from_numpy(tensor),
+                                   rtol=1e-5, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
+
+
+def test_2x2x2_equals_one_process_on_the_global_batch(runs):
+    eight, _, expected = runs
+    for rank in eight:
+        assert_equal_to_one_process(rank["2x2x2"], expected)
+
+
+@pytest.mark.parametrize("name", ["2x1x2", "2x2x1 1f1b"])
+def test_smaller_meshes_equal_one_process(runs, name):
+    _, four, expected = runs
+    for rank in four:
+        assert_equal_to_one_process(rank[name], expected)
+
+
+def test_a_run_resumes_from_its_sharded_checkpoint_bit_for_bit(runs):
+    _, four, _ = runs
+    for rank in four:
+        resumed, uninterrupted = rank["2x2x1 resumed"], rank["2x2x1 1f1b"]
+        assert resumed["resumed_from"] == 2 and resumed["losses"][-2:] == uninterrupted["losses"][-2:]
+        for key, tensor in uninterrupted["params"].items():
+            assert (resumed["params"][key] == tensor).all(), key
+
+
+def test_a_2x2x2_checkpoint_resumes_on_2x1x2(runs):
+    _, four, expected = runs
+    for rank in four:
+        resumed = rank["2x2x2 -> 2x1x2"]
+        assert resumed["resumed_from"] == 2
+        assert_equal_to_one_process(resumed | {"losses": resumed["losses"][-2:]},
+                                    expected | {"losses": expected["losses"][-2:]})
+
+
+@pytest.mark.parametrize("options, world_size, message", [
+    ({"pp": 2, "tp": 2}, 6, "world size 6 is not a multiple of pp x tp = 2 x 2"),
+    ({"pp": 1}, 2, "pp must be an integer >= 2, got 1"),
+])
+def test_impossible_meshes_are_refused_before_any_process_starts(options, world_size, message):
+    with pytest.raises(ValueError, match=message):
+        check_strategy("3d", options, world_size)
