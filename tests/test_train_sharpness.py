@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from gradwise.cli import main
+from gradwise.distributed import run_processes
 from gradwise.optim import SGD
 from gradwise.problems.workloads import make_workload
 from gradwise.train import TrainConfig, Trainer, train
@@ -165,6 +166,35 @@ def test_a_resumed_run_records_the_same_sharpness_as_one_never_interrupted(tmp_p
     train(dataclasses.replace(config, steps=9, track_sharpness=9), cold)
     (record,) = measured(cold)
     assert record["loss"] == expected[2]["loss"] and record["sharpness"] != expected[2]["sharpness"]
+
+
+def replicated_runs(rank: int, world_size: int, folder: str) -> dict[str, list[float]]:
+    """On each rank, ddp and zero1 runs that measure every 2 steps; returns each run's last warm start."""
+    Trainer.plot = lambda self, out: None  # this process's own class: no plot here either
+    vectors = {}
+    for strategy in ("ddp", "zero1"):
+        trainer = Trainer(dataclasses.replace(REPLICATED, strategy=strategy), f"{folder}/{strategy}")
+        trainer.run()
+        vectors[strategy] = trainer.sharpness.vector.tolist()
+    return vectors
+
+
+REPLICATED = TrainConfig(workload="mlp", batch_size=16, steps=4, lr=0.2, track_sharpness=2, **GD)
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(180)
+def test_ddp_and_zero1_ranks_measure_alike_and_as_one_process_on_the_global_batch(tmp_path, no_plot) -> None:
+    """No communication: every rank measures the same sample (the first global batch) at the same weights."""
+    vectors = run_processes(replicated_runs, 2, str(tmp_path), timeout_s=170)
+    single = tmp_path / "single"
+    train(dataclasses.replace(REPLICATED, batch_size=32), single)
+    for strategy in ("ddp", "zero1"):
+        assert vectors[0][strategy] == vectors[1][strategy]
+        records = measured(tmp_path / strategy)
+        assert [record["step"] for record in records] == [2, 4]
+        for record, reference in zip(records, measured(single)):
+            assert record["sharpness"] == pytest.approx(reference["sharpness"], rel=1e-5)
 
 
 def test_tracking_changes_nothing_the_run_trains(tmp_path, no_plot) -> None:

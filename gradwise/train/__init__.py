@@ -1,8 +1,9 @@
 """The training layer: the loop and its parts, one file per concept.
 
 ``loop`` (the loop), ``config`` (the settings), ``optimizers`` (by name), ``precision``
-(fp32/bf16/fp16), ``guards`` (divergence), ``metrics`` (JSONL/CSV, throughput), ``plots``
-(the end-of-run figure). Checkpoints are a layer of their own below it (:mod:`gradwise.checkpoints`).
+(fp32/bf16/fp16), ``guards`` (divergence), ``metrics`` (JSONL/CSV, throughput), ``sharpness``
+(the top Hessian eigenvalue during training), ``plots`` (the end-of-run figure). Checkpoints
+are a layer of their own below it (:mod:`gradwise.checkpoints`).
 Example::
 
     from gradwise.train import TrainConfig, train

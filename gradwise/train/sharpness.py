@@ -19,11 +19,15 @@ The estimate is the largest Ritz value :math:`\vartheta` of ``K`` Lanczos steps
 Ritz vector: successive Hessians are close, so the old top eigenvector is nearly the new one and
 the Kaniel-Paige-Saad bound
 :math:`\lambda_1 - \vartheta \le (\lambda_1 - \lambda_n)\,(\tan\phi_0 / T_{K-1}(1 + 2\gamma))^2`,
-with :math:`\phi_0` the start's angle to the top eigenvector, is small after few steps (Saad 2011,
-Sec. 6.6). The first measurement starts from a Gaussian vector of a generator seeded by the run's seed.
+with :math:`\phi_0` the start's angle to the top eigenvector and
+:math:`\gamma = (\lambda_1 - \lambda_2)/(\lambda_2 - \lambda_n)` (:math:`T_{K-1}` the Chebyshev polynomial
+of degree :math:`K-1`), is small after few steps (Saad 2011,
+Ch. 6). The first measurement starts from a Gaussian vector of a generator seeded by the run's seed.
 The record carries ``sharpness`` (:math:`\vartheta`, a Rayleigh quotient, so never above
 :math:`\lambda_{\max}`), ``sharpness_residual`` :math:`r = \lVert H y - \vartheta y\rVert`
-(some eigenvalue lies within :math:`r` of :math:`\vartheta`), ``sharpness_products`` (``K + 1``
+(some eigenvalue lies within :math:`r` of :math:`\vartheta`: the top one unless the Krylov space missed
+its direction, which a start nearly orthogonal to it can, when the weights moved far since the last
+measurement; the next measurements then climb back), ``sharpness_products`` (``K + 1``
 Hessian-vector products: each one a double backward, about two forward-backward passes on the
 sample, plus one forward and backward to build the gradient's graph) and ``sharpness_sample_loss``
 (:math:`L_B(\theta_t)`). The Ritz vector is the next warm start and travels in the checkpoints, so
