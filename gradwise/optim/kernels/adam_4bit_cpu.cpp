@@ -29,9 +29,13 @@
 // the gradient, the old codes and scales, and under coupled weight decay the parameter) and keeps
 // only its maxima along each dimension; pass 2 recomputes the same v (the same operations on the
 // same inputs, so the same bits) and does the whole step. Extra memory: the new maxima, sum(shape)
-// floats per tensor, plus one partial copy of them per thread in pass 1; extra traffic: one more
-// read of the gradient and of v's codes (4.5 bytes per value, 8.5 with coupled decay), where a
-// float32 copy of v would write and read 8. Block-scaled moments are encoded per block in pass 2.
+// floats per tensor, plus one partial copy of them per thread in pass 1; extra work: one more read
+// of the gradient and of v's codes (4.5 bytes per value, 8.5 with coupled decay), where a float32
+// copy of v would write and read 8. The tensors are stepped in rounds of consecutive ones of at most
+// 2^20 values (a larger tensor alone), pass 1 then pass 2 for each round, so that pass 2 finds the
+// round's gradients in the last-level cache. Block-scaled moments are encoded per block in pass 2.
+// A block of 128 inside one row reads its rank-1 scales in place (the row's scale over the other
+// dimensions, once per row, against the last dimension's maxima); one across rows fills them in.
 //
 // Vectorised with AVX-512 (F, BW, VL) where the CPU has it: the 16-entry maps and midpoints sit in
 // one register each and are looked up with vpermps; elsewhere the same arithmetic runs one value at
@@ -46,6 +50,7 @@
 #include <cstring>
 #include <limits>
 #include <mutex>
+#include <optional>
 #include <vector>
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
@@ -56,6 +61,8 @@ namespace {
 
 constexpr int64_t kBlock = 128;
 constexpr int64_t kTile = 128 * kBlock;
+// Values per round of pass 1 then pass 2: 4 MiB of gradients, which pass 2 reads again from the cache.
+constexpr int64_t kRound = int64_t{1} << 20;
 constexpr uint32_t kInfinityBits = 0x7f800000u;
 constexpr uint32_t kQuietNanBits = 0x7fc00000u;  // torch.amax's NaN
 
@@ -112,19 +119,6 @@ struct Rank1 {
     }
   }
 
-  // visit(offset, row, column, length) for each run of one row (the flat index over all dimensions
-  // but the last) among the n values from flat index `first`, `offset` counted from `first`.
-  template <typename Visit>
-  void runs(int64_t first, int64_t n, Visit&& visit) const {
-    const int64_t columns = sizes.back();
-    int64_t row = first / columns, column = first % columns;
-    for (int64_t offset = 0; offset < n; ++row, column = 0) {
-      const int64_t length = std::min(n - offset, columns - column);
-      visit(offset, row, column, length);
-      offset += length;
-    }
-  }
-
   // min over the dimensions but the last of maxima[starts[d] + i_d] for row `row`; NaN if one is.
   float row_scale(const float* maxima, int64_t row) const {
     float scale = std::numeric_limits<float>::infinity();
@@ -146,35 +140,86 @@ struct Rank1 {
   }
 };
 
-// out[i] = min_d maxima_d[i_d] for the value at flat index first + i (i < n): its rank-1 scale,
-// NaN where one of the maxima is NaN (as torch.minimum).
-void fill_scales(const Rank1& layout, const float* maxima, int64_t first, int64_t n, float* __restrict out) {
-  const float* last = maxima + layout.starts.back();
-  layout.runs(first, n, [&](int64_t offset, int64_t row, int64_t column, int64_t length) {
-    const float outer = layout.row_scale(maxima, row);
-    for (int64_t j = 0; j < length; ++j) {
-      const float x = last[column + j];
-      out[offset + j] = (x != x || outer != outer) ? x + outer : std::min(outer, x);
-    }
-  });
-}
+// The rank-1 scales of a block's values: min(outer, values[i]), NaN where either is NaN (as
+// torch.minimum). For a block inside one row, `values` are the last dimension's maxima from the
+// block's first column and `outer` the row's scale over the other dimensions; for a block across
+// rows, the scales filled in per value and outer = +inf.
+struct BlockScales {
+  const float* values;
+  float outer;
+};
 
-// Raises the partial maxima (bit patterns) of each dimension to the n values v[0..n) from flat
-// index `first`. The values are +0, positive or NaN (v = (1 - beta2) g^2 + beta2 v, no -0), for
-// which the unsigned order of the bits is the float order with every NaN above +inf: a NaN wins,
-// as in torch.amax.
-void gather_maxima(const Rank1& layout, const float* v, int64_t first, int64_t n, uint32_t* maxima) {
-  uint32_t* last = maxima + layout.starts.back();
-  layout.runs(first, n, [&](int64_t offset, int64_t row, int64_t column, int64_t length) {
-    uint32_t largest = 0;
-    for (int64_t j = 0; j < length; ++j) {
-      const uint32_t bits = float_bits(v[offset + j]);
-      largest = std::max(largest, bits);
-      last[column + j] = std::max(last[column + j], bits);
+// A row (flat index over all dimensions but the last) and column of a rank-1 tensor, moved along
+// block by block through a tile.
+class Rows {
+ public:
+  Rows(const Rank1& layout, int64_t first)
+      : layout_(layout), columns_(layout.sizes.back()), row_(first / columns_), column_(first % columns_) {}
+
+  // A row's scale over the dimensions but the last, on one set of maxima, computed once per row.
+  struct Outer {
+    int64_t row = -1;
+    float scale = 0.0f;
+  };
+
+  // The rank-1 scales on `maxima` of the next `count` values: read in place inside one row, else
+  // filled into `buffer` (kBlock floats).
+  BlockScales scales(const float* maxima, Outer& outer, int64_t count, float* __restrict buffer) const {
+    const float* last = maxima + layout_.starts.back();
+    if (column_ + count <= columns_) {
+      if (outer.row != row_) outer = {row_, layout_.row_scale(maxima, row_)};
+      return {last + column_, outer.scale};
     }
-    layout.raise_row(maxima, row, largest);
-  });
-}
+    runs(count, [&](int64_t offset, int64_t row, int64_t column, int64_t length) {
+      const float scale = layout_.row_scale(maxima, row);
+      for (int64_t j = 0; j < length; ++j) {
+        const float x = last[column + j];
+        buffer[offset + j] = (x != x || scale != scale) ? x + scale : std::min(scale, x);
+      }
+    });
+    return {buffer, std::numeric_limits<float>::infinity()};
+  }
+
+  // Raises the partial maxima (bit patterns) of each dimension to the next `count` values v[0..count).
+  // The values are +0, positive or NaN (v = (1 - beta2) g^2 + beta2 v, no -0), for which the unsigned
+  // order of the bits is the float order with every NaN above +inf: a NaN wins, as in torch.amax.
+  void gather_maxima(const float* v, int64_t count, uint32_t* maxima) const {
+    uint32_t* last = maxima + layout_.starts.back();
+    runs(count, [&](int64_t offset, int64_t row, int64_t column, int64_t length) {
+      uint32_t largest = 0;
+      for (int64_t j = 0; j < length; ++j) {
+        const uint32_t bits = float_bits(v[offset + j]);
+        largest = std::max(largest, bits);
+        last[column + j] = std::max(last[column + j], bits);
+      }
+      layout_.raise_row(maxima, row, largest);
+    });
+  }
+
+  void advance(int64_t count) {
+    column_ += count;
+    if (column_ >= columns_) {
+      row_ += column_ / columns_;
+      column_ %= columns_;
+    }
+  }
+
+ private:
+  // visit(offset, row, column, length) for each run of one row among the next `count` values.
+  template <typename Visit>
+  void runs(int64_t count, Visit&& visit) const {
+    int64_t row = row_, column = column_;
+    for (int64_t offset = 0; offset < count; ++row, column = 0) {
+      const int64_t length = std::min(count - offset, columns_ - column);
+      visit(offset, row, column, length);
+      offset += length;
+    }
+  }
+
+  const Rank1& layout_;
+  const int64_t columns_;
+  int64_t row_, column_;
+};
 
 // The float a maximum's bits stand for, every NaN as torch.amax's.
 inline float maximum_value(uint32_t bits) { return bits_float(bits > kInfinityBits ? kQuietNanBits : bits); }
@@ -185,9 +230,23 @@ inline __mmask16 lanes(int64_t left) {  // the first `left` of 16 lanes
   return left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1u);
 }
 
+// Plain loads and stores of 16 floats, masked at a tail (left < 16) only.
+inline __m512 load(const float* x, int64_t left) {
+  return left >= 16 ? _mm512_loadu_ps(x) : _mm512_maskz_loadu_ps(lanes(left), x);
+}
+
+inline void store(float* x, __m512 value, int64_t left) {
+  if (left >= 16) {
+    _mm512_storeu_ps(x, value);
+  } else {
+    _mm512_mask_storeu_ps(x, lanes(left), value);
+  }
+}
+
 // The 16 codes of the 8 bytes at `packed` (fewer when left < 16; the rest 0), one per int32 lane.
 inline __m512i load_codes(const uint8_t* packed, int64_t left) {
-  const __m128i bytes = _mm_maskz_loadu_epi8(lanes(std::min<int64_t>(8, (left + 1) / 2)), packed);
+  const __m128i bytes = left >= 16 ? _mm_loadl_epi64(reinterpret_cast<const __m128i*>(packed))
+                                   : _mm_maskz_loadu_epi8(lanes((left + 1) / 2), packed);
   const __m128i nibble = _mm_set1_epi8(15);
   const __m128i low = _mm_and_si128(bytes, nibble), high = _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble);
   return _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(low, high));
@@ -197,7 +256,18 @@ inline __m512i load_codes(const uint8_t* packed, int64_t left) {
 // odd count's last high half stays 0, as quantize_4bit pads).
 inline void store_codes(uint8_t* packed, __m512i codes, int64_t left) {
   const __m512i pairs = _mm512_or_si512(codes, _mm512_srli_epi64(codes, 28));  // odd lane into bits 4-7
-  _mm_mask_storeu_epi8(packed, lanes(std::min<int64_t>(8, (left + 1) / 2)), _mm512_cvtepi64_epi8(pairs));
+  if (left >= 16) {
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(packed), _mm512_cvtepi64_epi8(pairs));
+  } else {
+    _mm_mask_storeu_epi8(packed, lanes((left + 1) / 2), _mm512_cvtepi64_epi8(pairs));
+  }
+}
+
+// 16 rank-1 scales from lane i on: vminps returns its second operand when one is NaN, which keeps a
+// per-value NaN; a NaN outer scale is every lane's.
+inline __m512 scale_lanes(const BlockScales& scales, int64_t i, int64_t left) {
+  const __m512 outer = _mm512_set1_ps(scales.outer);
+  return scales.outer != scales.outer ? outer : _mm512_min_ps(outer, load(scales.values + i, left));
 }
 
 // The nearest code of each lane: the number of midpoints < y, by binary search over the 15; NaN: 15.
@@ -225,8 +295,8 @@ struct Lanes {  // the scalars broadcast
 
 // The gradient Adam uses (maximize's sign, coupled decay's L2 term from the parameter as it was).
 template <Decay kDecay>
-inline __m512 gradient(const Lanes& c, const float* g, __m512 param, __mmask16 mask) {
-  const __m512 grad = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, g), c.sign);  // exact: -g
+inline __m512 gradient(const Lanes& c, const float* g, __m512 param, int64_t left) {
+  const __m512 grad = _mm512_mul_ps(load(g, left), c.sign);  // exact: -g
   if constexpr (kDecay == Decay::kCoupled) return _mm512_fmadd_ps(param, c.weight_decay, grad);
   return grad;
 }
@@ -241,24 +311,21 @@ inline void encode_block(__m512 bounds, const float* values, int64_t n, bool has
   *scale = has_nan ? bits_float(kQuietNanBits) : largest;
   const __m512 divisor = clamp_tiny(_mm512_set1_ps(*scale));
   for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 mask = lanes(n - i);
-    const __m512 y = _mm512_div_ps(_mm512_maskz_loadu_ps(mask, values + i), divisor);
-    store_codes(codes + i / 2, _mm512_maskz_mov_epi32(mask, nearest_codes(bounds, y)), n - i);
+    const __m512 y = _mm512_div_ps(load(values + i, n - i), divisor);
+    store_codes(codes + i / 2, _mm512_maskz_mov_epi32(lanes(n - i), nearest_codes(bounds, y)), n - i);
   }
 }
 
-// Pass 1 of a rank-1 tensor, one block: its new v into out (n <= 128 values), from the per-value
-// old scales.
+// Pass 1 of a rank-1 tensor, one block: its new v into out (n <= 128 values), on the old scales.
 template <Decay kDecay>
 void second_moments_block(const Books& books, const Lanes& c, const float* p, const float* g,
-                          const uint8_t* v_codes, const float* old_scales, int64_t n, float* __restrict out) {
+                          const uint8_t* v_codes, const BlockScales& old_scales, int64_t n, float* __restrict out) {
   const __m512 v_map = _mm512_load_ps(books.v.values);
   for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 mask = lanes(n - i);
-    const __m512 param = kDecay == Decay::kCoupled ? _mm512_maskz_loadu_ps(mask, p + i) : _mm512_setzero_ps();
-    const __m512 grad = gradient<kDecay>(c, g + i, param, mask);
+    const __m512 param = kDecay == Decay::kCoupled ? load(p + i, n - i) : _mm512_setzero_ps();
+    const __m512 grad = gradient<kDecay>(c, g + i, param, n - i);
     const __m512 v = _mm512_mul_ps(_mm512_permutexvar_ps(load_codes(v_codes + i / 2, n - i), v_map),
-                                   _mm512_maskz_loadu_ps(mask, old_scales + i));
+                                   scale_lanes(old_scales, i, n - i));
     _mm512_store_ps(out + i, second_moment(c, grad, v));
   }
 }
@@ -268,7 +335,7 @@ void second_moments_block(const Books& books, const Lanes& c, const float* p, co
 template <Decay kDecay, bool kRank1>
 void step_block(const Books& books, const Lanes& c, bool small1, float* __restrict p, const float* __restrict g,
                 uint8_t* __restrict m_codes, float* __restrict m_scale, uint8_t* __restrict v_codes,
-                float* __restrict v_scale, const float* old_scales, const float* new_scales, int64_t n) {
+                float* __restrict v_scale, const BlockScales& old_scales, const BlockScales& new_scales, int64_t n) {
   alignas(64) float m_new[kBlock], v_new[kBlock];
   const __m512 m_map = _mm512_load_ps(books.m.values), v_map = _mm512_load_ps(books.v.values);
   const __m512 m_bounds = _mm512_load_ps(books.m.bounds), v_bounds = _mm512_load_ps(books.v.bounds);
@@ -278,23 +345,23 @@ void step_block(const Books& books, const Lanes& c, bool small1, float* __restri
   __mmask16 m_nan = 0, v_nan = 0;
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 mask = lanes(n - i);
-    __m512 param = _mm512_maskz_loadu_ps(mask, p + i);
-    const __m512 grad = gradient<kDecay>(c, g + i, param, mask);
+    __m512 param = load(p + i, n - i);
+    const __m512 grad = gradient<kDecay>(c, g + i, param, n - i);
     if constexpr (kDecay == Decay::kDecoupled) param = _mm512_mul_ps(param, c.decay);
     const __m512 m = _mm512_mul_ps(_mm512_permutexvar_ps(load_codes(m_codes + i / 2, n - i), m_map), m_scales);
     const __m512 v = _mm512_mul_ps(_mm512_permutexvar_ps(load_codes(v_codes + i / 2, n - i), v_map),
-                                   kRank1 ? _mm512_maskz_loadu_ps(mask, old_scales + i) : v_scales);
+                                   kRank1 ? scale_lanes(old_scales, i, n - i) : v_scales);
     const __m512 m1 = _mm512_fmadd_ps(c.coeff1, _mm512_sub_ps(grad, m), small1 ? m : grad);
     const __m512 v1 = second_moment(c, grad, v);
     const __m512 denominator = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(v1), c.bc2), c.eps);
     param = _mm512_add_ps(param, _mm512_div_ps(_mm512_mul_ps(c.step, m1), denominator));
-    _mm512_mask_storeu_ps(p + i, mask, param);
+    store(p + i, param, n - i);
     _mm512_store_ps(m_new + i, m1);
     // max(a, b) is b when a is NaN: NaNs are counted apart and leave the maxima alone
     m_largest = _mm512_mask_max_ps(m_largest, mask, _mm512_abs_ps(m1), m_largest);
     m_nan |= _mm512_mask_cmp_ps_mask(mask, m1, m1, _CMP_UNORD_Q);
     if constexpr (kRank1) {
-      const __m512 y = _mm512_div_ps(v1, clamp_tiny(_mm512_maskz_loadu_ps(mask, new_scales + i)));
+      const __m512 y = _mm512_div_ps(v1, clamp_tiny(scale_lanes(new_scales, i, n - i)));
       store_codes(v_codes + i / 2, _mm512_maskz_mov_epi32(mask, nearest_codes(v_bounds, y)), n - i);
     } else {
       _mm512_store_ps(v_new + i, v1);
@@ -331,6 +398,11 @@ inline int nearest_code(const float* bounds, float y) {
   return y == y ? code : 15;
 }
 
+inline float scale_at(const BlockScales& scales, int64_t i) {  // NaN if either is NaN
+  const float x = scales.values[i];
+  return (x != x || scales.outer != scales.outer) ? x + scales.outer : std::min(scales.outer, x);
+}
+
 inline float clamp_tiny(float scale) {  // clamp(min=tiny), a NaN kept
   const float tiny = std::numeric_limits<float>::min();
   return scale < tiny ? tiny : scale;
@@ -357,17 +429,17 @@ inline void encode_block(const float* bounds, const float* values, int64_t n, bo
 
 template <Decay kDecay>
 void second_moments_block(const Books& books, const Lanes& c, const float* p, const float* g,
-                          const uint8_t* v_codes, const float* old_scales, int64_t n, float* __restrict out) {
+                          const uint8_t* v_codes, const BlockScales& old_scales, int64_t n, float* __restrict out) {
   for (int64_t i = 0; i < n; ++i) {
     const float grad = gradient<kDecay>(c, g[i], kDecay == Decay::kCoupled ? p[i] : 0.0f);
-    out[i] = second_moment(c, grad, books.v.values[code_at(v_codes, i)] * old_scales[i]);
+    out[i] = second_moment(c, grad, books.v.values[code_at(v_codes, i)] * scale_at(old_scales, i));
   }
 }
 
 template <Decay kDecay, bool kRank1>
 void step_block(const Books& books, const Lanes& c, bool small1, float* __restrict p, const float* __restrict g,
                 uint8_t* __restrict m_codes, float* __restrict m_scale, uint8_t* __restrict v_codes,
-                float* __restrict v_scale, const float* old_scales, const float* new_scales, int64_t n) {
+                float* __restrict v_scale, const BlockScales& old_scales, const BlockScales& new_scales, int64_t n) {
   float m_new[kBlock], v_new[kBlock];
   float m_largest = 0.0f, v_largest = 0.0f;
   bool m_nan = false, v_nan = false;
@@ -376,7 +448,7 @@ void step_block(const Books& books, const Lanes& c, bool small1, float* __restri
     const float grad = gradient<kDecay>(c, g[i], param);
     if constexpr (kDecay == Decay::kDecoupled) param = param * c.decay;
     const float m = books.m.values[code_at(m_codes, i)] * *m_scale;
-    const float v = books.v.values[code_at(v_codes, i)] * (kRank1 ? old_scales[i] : *v_scale);
+    const float v = books.v.values[code_at(v_codes, i)] * (kRank1 ? scale_at(old_scales, i) : *v_scale);
     const float m1 = std::fma(c.coeff1, grad - m, small1 ? m : grad);
     const float v1 = second_moment(c, grad, v);
     p[i] = param + (c.step * m1) / (std::sqrt(v1) / c.bc2 + c.eps);
@@ -384,7 +456,7 @@ void step_block(const Books& books, const Lanes& c, bool small1, float* __restri
     m_largest = std::fabs(m1) > m_largest ? std::fabs(m1) : m_largest;
     m_nan |= m1 != m1;
     if constexpr (kRank1) {
-      store_code(v_codes, i, nearest_code(books.v.bounds, v1 / clamp_tiny(new_scales[i])));
+      store_code(v_codes, i, nearest_code(books.v.bounds, v1 / clamp_tiny(scale_at(new_scales, i))));
     } else {
       v_new[i] = v1;
       v_largest = std::fabs(v1) > v_largest ? std::fabs(v1) : v_largest;
@@ -404,12 +476,15 @@ void step_block(const Books& books, const Lanes& c, bool small1, float* __restri
 template <Decay kDecay>
 void maxima_tile(const Books& books, const Lanes& c, const Rank1& layout, const float* old_maxima, const float* p,
                  const float* g, const uint8_t* v_codes, int64_t first, int64_t n, uint32_t* partial) {
-  alignas(64) float scales[kBlock], v[kBlock];
+  alignas(64) float buffer[kBlock], v[kBlock];
+  Rows rows(layout, first);
+  Rows::Outer outer;
   for (int64_t start = first; start < first + n; start += kBlock) {
     const int64_t count = std::min(kBlock, first + n - start);
-    fill_scales(layout, old_maxima, start, count, scales);
+    const BlockScales scales = rows.scales(old_maxima, outer, count, buffer);
     second_moments_block<kDecay>(books, c, p + start, g + start, v_codes + start / 2, scales, count, v);
-    gather_maxima(layout, v, start, count, partial);
+    rows.gather_maxima(v, count, partial);
+    rows.advance(count);
   }
 }
 
@@ -418,12 +493,17 @@ template <Decay kDecay, bool kRank1>
 void step_tile(const Books& books, const Lanes& c, bool small1, const Rank1* layout, const float* old_maxima,
                const float* new_maxima, float* p, const float* g, uint8_t* m_codes, float* m_scales, uint8_t* v_codes,
                float* v_scales, int64_t first, int64_t n) {
-  alignas(64) float old_scales[kBlock], new_scales[kBlock];
+  alignas(64) float old_buffer[kBlock], new_buffer[kBlock];
+  std::optional<Rows> rows;
+  Rows::Outer old_outer, new_outer;
+  if constexpr (kRank1) rows.emplace(*layout, first);
+  BlockScales old_scales{nullptr, 0.0f}, new_scales{nullptr, 0.0f};
   for (int64_t start = first; start < first + n; start += kBlock) {
     const int64_t count = std::min(kBlock, first + n - start), block = start / kBlock;
     if constexpr (kRank1) {
-      fill_scales(*layout, old_maxima, start, count, old_scales);
-      fill_scales(*layout, new_maxima, start, count, new_scales);
+      old_scales = rows->scales(old_maxima, old_outer, count, old_buffer);
+      new_scales = rows->scales(new_maxima, new_outer, count, new_buffer);
+      rows->advance(count);
     }
     step_block<kDecay, kRank1>(books, c, small1, p + start, g + start, m_codes + start / 2, m_scales + block,
                                v_codes + start / 2, kRank1 ? nullptr : v_scales + block, old_scales, new_scales,
@@ -432,6 +512,98 @@ void step_tile(const Books& books, const Lanes& c, bool small1, const Rank1* lay
 }
 
 bool is_rank1(const at::Tensor& p) { return p.dim() >= 2 && p.numel() > 0; }
+
+// One call's tensors and scalars; the tensors are stepped in rounds of consecutive ones.
+struct Step {
+  const std::vector<at::Tensor>& params;
+  const std::vector<at::Tensor>& grads;
+  const std::vector<at::Tensor>& m_codes;
+  const std::vector<at::Tensor>& m_scales;
+  const std::vector<at::Tensor>& v_codes;
+  const std::vector<at::Tensor>& v_scales;
+  const std::vector<double>& minus_step_sizes;
+  const std::vector<double>& bias_correction2_sqrts;
+  const Books& books;
+  const Scalars& s;
+  Decay decay;
+
+  Lanes lanes(size_t k) const {
+    return Lanes(s, static_cast<float>(minus_step_sizes[k]), static_cast<float>(bias_correction2_sqrts[k]));
+  }
+
+  // Tensors k0 .. k1 - 1: pass 1 over the rank-1 ones, then pass 2 over all of them.
+  void round(size_t k0, size_t k1) const {
+    std::vector<int64_t> first_tile{0};   // of each tensor in pass 2
+    std::vector<Rank1> layouts;           // the rank-1 tensors, in order
+    std::vector<size_t> rank1_tensors;    // their indices among params
+    std::vector<int64_t> rank1_tile{0};   // their first tile in pass 1
+    std::vector<int64_t> maxima_start{0};  // where their new maxima start in `fresh`
+    std::vector<int64_t> layout_of;       // of each tensor, its rank-1 layout's index or -1
+    for (size_t k = k0; k < k1; ++k) {
+      const int64_t tiles = (params[k].numel() + kTile - 1) / kTile;
+      first_tile.push_back(first_tile.back() + tiles);
+      layout_of.push_back(is_rank1(params[k]) ? static_cast<int64_t>(layouts.size()) : -1);
+      if (is_rank1(params[k])) {
+        layouts.emplace_back(params[k].sizes());
+        rank1_tensors.push_back(k);
+        rank1_tile.push_back(rank1_tile.back() + tiles);
+        maxima_start.push_back(maxima_start.back() + layouts.back().count);
+      }
+    }
+
+    // Pass 1: the new v's maxima of the rank-1 tensors, as bit patterns (see Rows::gather_maxima).
+    std::vector<uint32_t> fresh_bits(maxima_start.back(), 0);
+    std::mutex merge;
+    at::parallel_for(0, rank1_tile.back(), 1, [&](int64_t begin, int64_t end) {
+      size_t j = std::upper_bound(rank1_tile.begin(), rank1_tile.end(), begin) - rank1_tile.begin() - 1;
+      const size_t j_first = j;
+      const size_t j_last = std::upper_bound(rank1_tile.begin(), rank1_tile.end(), end - 1) - rank1_tile.begin() - 1;
+      std::vector<uint32_t> partial(maxima_start[j_last + 1] - maxima_start[j_first], 0);
+      for (int64_t tile = begin; tile < end; ++tile) {
+        while (tile >= rank1_tile[j + 1]) ++j;
+        const size_t k = rank1_tensors[j];
+        const int64_t first = (tile - rank1_tile[j]) * kTile, n = std::min(kTile, params[k].numel() - first);
+        const auto maxima_tile_of = decay == Decay::kNone        ? maxima_tile<Decay::kNone>
+                                    : decay == Decay::kDecoupled ? maxima_tile<Decay::kDecoupled>
+                                                                 : maxima_tile<Decay::kCoupled>;
+        maxima_tile_of(books, lanes(k), layouts[j], v_scales[k].data_ptr<float>(), params[k].data_ptr<float>(),
+                       grads[k].data_ptr<float>(), v_codes[k].data_ptr<uint8_t>(), first, n,
+                       partial.data() + (maxima_start[j] - maxima_start[j_first]));
+      }
+      const std::lock_guard<std::mutex> lock(merge);
+      uint32_t* target = fresh_bits.data() + maxima_start[j_first];
+      for (size_t i = 0; i < partial.size(); ++i) target[i] = std::max(target[i], partial[i]);
+    });
+    std::vector<float> fresh(fresh_bits.size());
+    std::transform(fresh_bits.begin(), fresh_bits.end(), fresh.begin(), maximum_value);
+
+    // Pass 2: the step; a rank-1 tensor's v decoded on its old maxima, encoded on the new.
+    at::parallel_for(0, first_tile.back(), 1, [&](int64_t begin, int64_t end) {
+      size_t i = std::upper_bound(first_tile.begin(), first_tile.end(), begin) - first_tile.begin() - 1;
+      for (int64_t tile = begin; tile < end; ++tile) {
+        while (tile >= first_tile[i + 1]) ++i;
+        const size_t k = k0 + i;
+        const int64_t first = (tile - first_tile[i]) * kTile, n = std::min(kTile, params[k].numel() - first);
+        const int64_t j = layout_of[i];
+        const auto step_tile_of =
+            j >= 0 ? (decay == Decay::kNone        ? step_tile<Decay::kNone, true>
+                      : decay == Decay::kDecoupled ? step_tile<Decay::kDecoupled, true>
+                                                   : step_tile<Decay::kCoupled, true>)
+                   : (decay == Decay::kNone        ? step_tile<Decay::kNone, false>
+                      : decay == Decay::kDecoupled ? step_tile<Decay::kDecoupled, false>
+                                                   : step_tile<Decay::kCoupled, false>);
+        step_tile_of(books, lanes(k), s.small1, j >= 0 ? &layouts[j] : nullptr, v_scales[k].data_ptr<float>(),
+                     j >= 0 ? fresh.data() + maxima_start[j] : nullptr, params[k].data_ptr<float>(),
+                     grads[k].data_ptr<float>(), m_codes[k].data_ptr<uint8_t>(), m_scales[k].data_ptr<float>(),
+                     v_codes[k].data_ptr<uint8_t>(), v_scales[k].data_ptr<float>(), first, n);
+      }
+    });
+    for (size_t j = 0; j < layouts.size(); ++j) {  // the new maxima replace the old once nothing decodes on them
+      std::memcpy(v_scales[rank1_tensors[j]].data_ptr<float>(), fresh.data() + maxima_start[j],
+                  sizeof(float) * layouts[j].count);
+    }
+  }
+};
 
 void adam_4bit_(std::vector<at::Tensor> params, std::vector<at::Tensor> grads, std::vector<at::Tensor> exp_avgs,
                 std::vector<at::Tensor> exp_avg_scales, std::vector<at::Tensor> exp_avg_sqs,
@@ -444,12 +616,6 @@ void adam_4bit_(std::vector<at::Tensor> params, std::vector<at::Tensor> grads, s
                   exp_avg_sqs.size() == count && exp_avg_sq_scales.size() == count &&
                   minus_step_sizes.size() == count && bias_correction2_sqrts.size() == count,
               "adam_4bit_: lists differ in length");
-  std::vector<int64_t> first_tile(count + 1, 0);
-  std::vector<Rank1> layouts;           // the rank-1 tensors, in order
-  std::vector<size_t> rank1_tensors;    // their indices among params
-  std::vector<int64_t> rank1_tile{0};   // their first tile in pass 1
-  std::vector<int64_t> maxima_start{0};  // where their new maxima start in `fresh`
-  std::vector<int64_t> layout_of(count, -1);
   for (size_t k = 0; k < count; ++k) {
     const at::Tensor& p = params[k];
     const int64_t numel = p.numel(), blocks = (numel + kBlock - 1) / kBlock;
@@ -469,15 +635,6 @@ void adam_4bit_(std::vector<at::Tensor> params, std::vector<at::Tensor> grads, s
                     exp_avg_sq_scales[k].numel() == v_scales,
                 "adam_4bit_: the second moment's scales must be contiguous float32 tensors: the rank-1 maxima "
                 "(sum of the shape) for two or more dimensions, else one per 128 values");
-    const int64_t tiles = (numel + kTile - 1) / kTile;
-    first_tile[k + 1] = first_tile[k] + tiles;
-    if (is_rank1(p)) {
-      layout_of[k] = static_cast<int64_t>(layouts.size());
-      layouts.emplace_back(p.sizes());
-      rank1_tensors.push_back(k);
-      rank1_tile.push_back(rank1_tile.back() + tiles);
-      maxima_start.push_back(maxima_start.back() + layouts.back().count);
-    }
   }
   const Books books{Codebook(signed_map), Codebook(unsigned_map)};
   Scalars s;
@@ -491,61 +648,12 @@ void adam_4bit_(std::vector<at::Tensor> params, std::vector<at::Tensor> grads, s
   s.decay = static_cast<float>(1.0 - lr * weight_decay);
   s.sign = maximize ? -1.0f : 1.0f;
   const Decay decay = weight_decay == 0.0 ? Decay::kNone : decoupled ? Decay::kDecoupled : Decay::kCoupled;
-  const auto lanes_of = [&](size_t k) {
-    return Lanes(s, static_cast<float>(minus_step_sizes[k]), static_cast<float>(bias_correction2_sqrts[k]));
-  };
-
-  // Pass 1: the new v's maxima of the rank-1 tensors, as bit patterns (see gather_maxima).
-  std::vector<uint32_t> fresh_bits(maxima_start.back(), 0);
-  std::mutex merge;
-  at::parallel_for(0, rank1_tile.back(), 1, [&](int64_t begin, int64_t end) {
-    size_t j = std::upper_bound(rank1_tile.begin(), rank1_tile.end(), begin) - rank1_tile.begin() - 1;
-    const size_t j_first = j;
-    const size_t j_last = std::upper_bound(rank1_tile.begin(), rank1_tile.end(), end - 1) - rank1_tile.begin() - 1;
-    std::vector<uint32_t> partial(maxima_start[j_last + 1] - maxima_start[j_first], 0);
-    for (int64_t tile = begin; tile < end; ++tile) {
-      while (tile >= rank1_tile[j + 1]) ++j;
-      const size_t k = rank1_tensors[j];
-      const int64_t first = (tile - rank1_tile[j]) * kTile, n = std::min(kTile, params[k].numel() - first);
-      const auto maxima_tile_of = decay == Decay::kNone        ? maxima_tile<Decay::kNone>
-                                  : decay == Decay::kDecoupled ? maxima_tile<Decay::kDecoupled>
-                                                               : maxima_tile<Decay::kCoupled>;
-      maxima_tile_of(books, lanes_of(k), layouts[j], exp_avg_sq_scales[k].data_ptr<float>(),
-                     params[k].data_ptr<float>(), grads[k].data_ptr<float>(), exp_avg_sqs[k].data_ptr<uint8_t>(),
-                     first, n, partial.data() + (maxima_start[j] - maxima_start[j_first]));
-    }
-    const std::lock_guard<std::mutex> lock(merge);
-    uint32_t* target = fresh_bits.data() + maxima_start[j_first];
-    for (size_t i = 0; i < partial.size(); ++i) target[i] = std::max(target[i], partial[i]);
-  });
-  std::vector<float> fresh(fresh_bits.size());
-  std::transform(fresh_bits.begin(), fresh_bits.end(), fresh.begin(), maximum_value);
-
-  // Pass 2: the step of every tensor; a rank-1 tensor's v decoded on its old maxima, encoded on the new.
-  at::parallel_for(0, first_tile[count], 1, [&](int64_t begin, int64_t end) {
-    size_t k = std::upper_bound(first_tile.begin(), first_tile.end(), begin) - first_tile.begin() - 1;
-    for (int64_t tile = begin; tile < end; ++tile) {
-      while (tile >= first_tile[k + 1]) ++k;
-      const int64_t first = (tile - first_tile[k]) * kTile, n = std::min(kTile, params[k].numel() - first);
-      const int64_t j = layout_of[k];
-      const Rank1* layout = j >= 0 ? &layouts[j] : nullptr;
-      const float* new_maxima = j >= 0 ? fresh.data() + maxima_start[j] : nullptr;
-      const auto step_tile_of =
-          j >= 0 ? (decay == Decay::kNone        ? step_tile<Decay::kNone, true>
-                    : decay == Decay::kDecoupled ? step_tile<Decay::kDecoupled, true>
-                                                 : step_tile<Decay::kCoupled, true>)
-                 : (decay == Decay::kNone        ? step_tile<Decay::kNone, false>
-                    : decay == Decay::kDecoupled ? step_tile<Decay::kDecoupled, false>
-                                                 : step_tile<Decay::kCoupled, false>);
-      step_tile_of(books, lanes_of(k), s.small1, layout, exp_avg_sq_scales[k].data_ptr<float>(), new_maxima,
-                   params[k].data_ptr<float>(), grads[k].data_ptr<float>(), exp_avgs[k].data_ptr<uint8_t>(),
-                   exp_avg_scales[k].data_ptr<float>(), exp_avg_sqs[k].data_ptr<uint8_t>(),
-                   exp_avg_sq_scales[k].data_ptr<float>(), first, n);
-    }
-  });
-  for (size_t j = 0; j < layouts.size(); ++j) {  // the new maxima replace the old once nothing decodes on them
-    std::memcpy(exp_avg_sq_scales[rank1_tensors[j]].data_ptr<float>(), fresh.data() + maxima_start[j],
-                sizeof(float) * layouts[j].count);
+  const Step step{params, grads, exp_avgs, exp_avg_scales, exp_avg_sqs, exp_avg_sq_scales, minus_step_sizes,
+                  bias_correction2_sqrts, books, s, decay};
+  for (size_t k0 = 0, k1; k0 < count; k0 = k1) {  // rounds of at most kRound values (a larger tensor alone)
+    int64_t values = params[k0].numel();
+    for (k1 = k0 + 1; k1 < count && values + params[k1].numel() <= kRound; ++k1) values += params[k1].numel();
+    step.round(k0, k1);
   }
 }
 
