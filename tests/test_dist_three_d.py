@@ -9,6 +9,7 @@ is compared with one process on the same global batch.
 from __future__ import annotations
 
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,9 @@ import torch.distributed as dist
 
 from gradwise.distributed import run_processes
 from gradwise.distributed.strategies.registry import check_strategy
+from gradwise.distributed.traffic import BROADCAST
+from gradwise.plan.parallel_step_time import stage_traffic
+from gradwise.plan.parallelism import Layout, Transformer
 from gradwise.train import TrainConfig, Trainer
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(400)]
@@ -117,6 +121,31 @@ def test_a_2x2x2_checkpoint_resumes_on_2x1x2(runs):
         assert resumed["resumed_from"] == 2
         assert_equal_to_one_process(resumed | {"losses": resumed["losses"][-2:]},
                                     expected | {"losses": expected["losses"][-2:]})
+
+
+MESHES = {"2x1x2": (2, 1, 2, "gpipe", "2x2x2 -> 2x1x2"), "2x2x1 1f1b": (2, 2, 1, "1f1b", "2x2x1 resumed")}
+"""Each mesh with a 4-step run and a 2-step one (resumed): their difference is two steps' traffic, free of
+what is sent once (the pipeline's shape inference on the first step)."""
+
+
+@pytest.mark.parametrize("name", MESHES)
+def test_traffic_per_dimension_is_the_planners_closed_form(runs, name):
+    """Every rank's bytes per step by kind of collective (``TrafficMeter``: the pipeline's sends and
+    receives, the tensor-parallel all-reduces forward and backward, FSDP2's all-gathers and reduce-scatters,
+    the tied matrix's all-reduce) against :func:`gradwise.plan.parallel_step_time.stage_traffic`, plus the
+    loss the last stage broadcasts (4 bytes a step), which the planner leaves out."""
+    _, four, _ = runs
+    pp, dp, tp, schedule, shorter = MESHES[name]
+    model = Transformer(GPT["n_layer"], GPT["d_model"], GPT["n_head"], 256, GPT["seq_len"])
+    layout = Layout(pp=pp, dp=dp, tp=tp, microbatches=MICROBATCHES, schedule=schedule)
+    for rank, result in enumerate(four):
+        expected: Counter[str] = Counter({BROADCAST: 4})
+        for traffic in stage_traffic(model, layout, rank // (dp * tp), GLOBAL_BATCH // dp // MICROBATCHES,
+                                     precision="fp32", zero_stage=3):
+            expected[traffic.collective] += traffic.payload_bytes
+        four_steps, two_steps = Counter(result[name]["bytes"]), Counter(result[shorter]["bytes"])
+        per_step = {kind: (four_steps[kind] - two_steps[kind]) / 2 for kind in four_steps}
+        assert per_step == dict(expected), (rank, four_steps, two_steps)
 
 
 @pytest.mark.parametrize("options, world_size, message", [

@@ -20,6 +20,7 @@ than DDP"); the ring bytes are what a bandwidth model charges for.
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -53,6 +54,18 @@ COLLECTIVES: dict[str, tuple[str, int]] = {
     "_c10d_functional.reduce_scatter_tensor": (REDUCE_SCATTER, 0),
     "_c10d_functional.reduce_scatter_tensor_coalesced": (REDUCE_SCATTER, 0),
 }
+
+
+NOT_COLLECTIVES = ("_c10d_functional.wait_tensor", "_c10d_functional._wrap_tensor_autograd", "c10d.barrier",
+                   "c10d.monitored_barrier_")
+"""``c10d`` operators that move no payload: waits, barriers, and the autograd wrapper of a functional
+collective's result (the collective itself is counted)."""
+
+
+def _has_dtensor(types) -> bool:
+    """Whether a DTensor takes part in the operator (its module is loaded once any DTensor exists)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and any(issubclass(kind, module.DTensor) for kind in types)
 
 
 def ring_bytes(kind: str, payload: int, ranks: int) -> float:
@@ -92,6 +105,10 @@ class TrafficMeter(TorchDispatchMode):
         return super().__enter__()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if _has_dtensor(types):
+            # let DTensor run first: it desugars the operator into the collectives it needs (the backward
+            # all-reduces of tensor parallelism among them), which then come back through this mode
+            return NotImplemented
         name = str(func.overloadpacket)
         if name in COLLECTIVES:
             kind, index = COLLECTIVES[name]
@@ -100,8 +117,7 @@ class TrafficMeter(TorchDispatchMode):
             self.payload_by_kind[kind] += payload
             self.payload_bytes += payload
             self.ring_link_bytes += ring_bytes(kind, payload, self.ranks)
-        elif name.startswith(("c10d.", "_c10d_functional.")) and name not in ("_c10d_functional.wait_tensor",
-                                                                            "c10d.barrier", "c10d.monitored_barrier_"):
+        elif name.startswith(("c10d.", "_c10d_functional.")) and name not in NOT_COLLECTIVES:
             self.unknown[name] += 1
         return func(*args, **(kwargs or {}))
 
