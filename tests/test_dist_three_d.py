@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from gradwise.distributed import run_processes
-from gradwise.distributed.strategies.registry import check_strategy
+from gradwise.distributed.strategies.registry import check_strategy, tensor_parallel_degree
 from gradwise.distributed.traffic import BROADCAST
 from gradwise.plan.parallel_step_time import stage_traffic
 from gradwise.plan.parallelism import Layout, Transformer
@@ -155,3 +155,23 @@ def test_traffic_per_dimension_is_the_planners_closed_form(runs, name):
 def test_impossible_meshes_are_refused_before_any_process_starts(options, world_size, message):
     with pytest.raises(ValueError, match=message):
         check_strategy("3d", options, world_size)
+
+
+@pytest.mark.parametrize("saved, degree", [
+    ({"strategy": "tp", "strategy_options": {}, "world_size": 4}, 4),
+    ({"strategy": "tp", "strategy_options": {"tp": 2}, "world_size": 4}, 2),
+    ({"strategy": "3d", "strategy_options": {"pp": 2, "tp": 2}, "world_size": 8}, 2),
+    ({"strategy": "3d", "strategy_options": {"pp": 2}, "world_size": 4}, 1),
+    ({"strategy": "fsdp", "strategy_options": {}, "world_size": 2}, 1),
+])
+def test_a_checkpoint_in_another_tensor_parallel_order_is_refused_even_where_the_strategy_may_change(saved, degree):
+    """The qkv rows of a checkpoint are in its tensor-parallel degree's head-wise order: another degree
+    would read them scrambled, so that checkpoint is skipped with the reason whatever --allow-change says."""
+    assert tensor_parallel_degree(saved) == degree
+    trainer = Trainer(one_process(), allow_changes=("world_size", "strategy", "strategy_options", "batch_size"))
+    reason = trainer.accept({"settings": {**trainer.settings, **saved}})
+    if degree == 1:
+        assert reason is None
+    else:
+        assert reason == (f"written with tensor-parallel degree {degree}, whose head-wise qkv order this run's "
+                          "degree 1 does not read")

@@ -76,7 +76,7 @@ from gradwise.checkpoints.atomic import Skipped, first_nonfinite, rng_state, set
 from gradwise.curvature import hutchinson_diagonal
 from gradwise.distributed import DistContext, RankSlice, init_distributed, shutdown
 from gradwise.distributed.strategies.base import Strategy
-from gradwise.distributed.strategies.registry import make_strategy
+from gradwise.distributed.strategies.registry import make_strategy, tensor_parallel_degree
 from gradwise.optim.description import HessianRefreshed, TrainEvalSwitched, description_of
 from gradwise.optim.qk_clip import QKClip
 from gradwise.problems.data import Batch
@@ -353,8 +353,13 @@ class Trainer:
         }
 
     def accept(self, state: dict[str, Any]) -> str | None:
-        """Why a checkpoint (its run state) cannot be resumed by this run: written under other settings."""
-        return settings_difference(state.get("settings"), self.settings, self.allow_changes)
+        """Why a checkpoint (its run state) cannot be resumed by this run: written under other settings, or
+        (even where the strategy may change) with the qkv rows in another tensor-parallel order."""
+        saved = state.get("settings")
+        if isinstance(saved, dict) and tensor_parallel_degree(saved) != tensor_parallel_degree(self.settings):
+            return (f"written with tensor-parallel degree {tensor_parallel_degree(saved)}, whose head-wise qkv "
+                    f"order this run's degree {tensor_parallel_degree(self.settings)} does not read")
+        return settings_difference(saved, self.settings, self.allow_changes)
 
     def nonfinite_weights(self) -> str | None:
         """A parameter or optimizer-state tensor holding a NaN or an infinity on any rank, or ``None``

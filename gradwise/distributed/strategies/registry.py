@@ -52,3 +52,15 @@ def make_strategy(name: str | None, options: dict[str, Any], context: DistContex
     """The strategy ``name`` (default by world size) for this process's place in the job."""
     world_size = 1 if context is None else context.world_size
     return STRATEGIES[check_strategy(name, options, world_size)](context, options)
+
+
+def tensor_parallel_degree(settings: dict[str, Any]) -> int:
+    """The tensor-parallel degree a run's settings (a resolved config with its ``world_size``) split tiny-gpt
+    over: its checkpoints store each block's qkv rows in that degree's head-wise order
+    (:func:`gradwise.problems.tiny_gpt_tensor_parallel.qkv_row_order`; degree 1: the plain order)."""
+    options = settings.get("strategy_options") or {}
+    if settings.get("strategy") == "tp":
+        return int(options.get("tp") or settings.get("world_size") or 1)
+    if settings.get("strategy") == "3d":
+        return int(options.get("tp", 1))
+    return 1
