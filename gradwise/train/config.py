@@ -154,8 +154,9 @@ class TrainConfig:
                                           help="every EVERY steps, record the top Hessian eigenvalue of the loss on "
                                                "the run's first batch (Lanczos, warm-started) and plot it against "
                                                "2/lr, gradient descent's edge of stability; each measurement costs "
-                                               "K + 1 Hessian-vector products (K: --sharpness-steps), about 2(K + 1) "
-                                               "forward-backward passes on that batch; or none (default: none)")
+                                               "K + 1 Hessian-vector products (K: --sharpness-steps), 2(K + 1) "
+                                               "forward-backward passes on that batch or more (about 20 training "
+                                               "steps on tiny-gpt at K = 5); or none (default: none)")
     """Steps between sharpness measurements (:mod:`gradwise.train.sharpness`); None: off. Strategies of
     :data:`SHARPNESS_STRATEGIES`."""
     sharpness_steps: int = setting(5, metavar="K", help="Lanczos steps of each --track-sharpness measurement, "
