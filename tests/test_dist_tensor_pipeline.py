@@ -233,3 +233,22 @@ def test_bad_input_names_the_values_on_every_rank_without_hanging(two_ranks):
     ]
     assert [rank["errors"] for rank in two_ranks] == [expected, expected]
 
+
+
+def test_muon_groups_the_stages_parameters_as_the_whole_models():
+    """The last stage's copy of the tied output layer goes to Muon's AdamW, as the whole model's token
+    embedding (the head it is tied to) does; orthogonalised, the two copies would part and the pipeline
+    would not train as one process (it did not, before the stage declared its head)."""
+    from gradwise.optim import muon_param_groups
+    from gradwise.problems.tiny_gpt_pipeline import TinyGPTStage
+
+    def grouping(model):
+        names = {id(p): name for name, p in model.named_parameters()}
+        return {names[id(p)]: group["use_muon"] for group in muon_param_groups(model) for p in group["params"]}
+
+    torch.manual_seed(0)
+    model = TinyGPT(seq_len=8, d_model=16, n_layer=2, n_head=2)
+    whole = grouping(model)
+    first, last = grouping(TinyGPTStage(model, 0, 1, True, False)), grouping(TinyGPTStage(model, 1, 2, False, True))
+    assert last.pop("output_weight") is False
+    assert first | last == whole

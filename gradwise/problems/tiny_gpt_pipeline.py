@@ -59,6 +59,16 @@ class TinyGPTStage(nn.Module):
             self.norm = model.norm
             self.output_weight = nn.Parameter(model.token_embedding.weight.detach().clone())
 
+    def get_output_embeddings(self) -> nn.Module | None:
+        """The last stage's copy of the tied output layer as a module (Hugging Face's name for a model's
+        head), so that an optimizer that treats the head apart finds it as it finds the whole model's
+        (Muon's internal AdamW: there the head is the token embedding); ``None`` on the other stages."""
+        if not self.is_last:
+            return None
+        head = nn.Module()
+        head.weight = self.output_weight  # registered in this throwaway module only; the stage keeps its names
+        return head
+
     def tied_weight(self) -> torch.Tensor | None:
         """This stage's copy of the token-embedding / output matrix (``None`` on a middle stage)."""
         if self.is_first:
