@@ -101,11 +101,11 @@ def plot_layers(rows: Sequence[LayerCurvature], path: Path, title: str) -> None:
         if not math.isfinite(value):
             condition_axes.barh(position, end, color="none", edgecolor="tab:red", hatch="//")
             condition_axes.annotate(
-                f"inf (lambda_min {row.lambda_min:.2g})", (1.0, position), fontsize=7, va="center", ha="left"
+                f"inf (lambda_min {row.lambda_min:.2g})", (1.3, position), fontsize=7, va="center", ha="left"
             )
     condition_axes.set_xscale("log")
     condition_axes.set_xlim(1.0, end)
-    condition_axes.set_xlabel("condition estimate lambda_max / lambda_min")
+    condition_axes.set_xlabel("condition estimate lambda_max / lambda_min (a lower bound)")
     for axes in (top_axes, condition_axes):
         axes.grid(alpha=0.3, axis="x")
     figure.suptitle(title)
