@@ -31,8 +31,8 @@ of steps: a Ritz value :math:`\le 0` proves an eigenvalue :math:`\le 0` (a saddl
 no finite condition number), and a finite :math:`\kappa` is a *lower bound* on the block's condition
 number, exact once Lanczos has as many steps as the block has entries. :math:`\lambda_{\min}` is
 reported signed beside it, with its residual, so that a slowly converging bottom end shows. A
-:math:`\kappa` near :math:`1/u` (:math:`u` the unit roundoff of the products, 1.2e-7 in float32)
-means a block singular to working precision.
+:math:`\kappa` near :math:`1/\epsilon` (:math:`\epsilon` the machine epsilon of the products, 1.2e-7
+in float32) means a block singular to working precision.
 
 Cost, stated before any product (:func:`sharpness_cost`, :func:`layer_curvature_cost`): one
 forward+backward pass builds the gradient graph, then one Hessian-vector product per Lanczos
