@@ -42,8 +42,8 @@ BATCH = 64
 SGD_LRS = (0.02, 0.05, 0.1)
 ADAMW_LRS = (3e-4, 1e-3, 3e-3)
 MOMENTUM = 0.9
-LARGE_BATCH = 256
-"""The large batch of the batch-size comparison, at lr = tuned SGD lr x LARGE_BATCH / BATCH."""
+SMALL_BATCH, LARGE_BATCH = 16, 256
+"""The batch-size comparison: SGD at these batches (and BATCH), each at lr = tuned SGD lr x batch / BATCH."""
 MAX_EXAMPLES = 64 * 4000
 """A run that has not reached the target after this many examples (125 epochs) stops and is reported as such."""
 LANCZOS_STEPS = 20
@@ -158,7 +158,7 @@ def plot(groups: dict[str, list[dict[str, Any]]], lines: list[dict[str, Any]], p
     line_axes.set_ylabel("loss")
     line_axes.set_title("Interpolation SGD -> AdamW (same seed)", fontsize=10)
     line_axes.legend(fontsize=7)
-    for (name, runs), marker in zip(groups.items(), ("o", "s", "^")):
+    for (name, runs), marker in zip(groups.items(), ("o", "s", "^", "v")):
         done = [r for r in runs if r["steps"] is not None]
         scatter_axes.errorbar([r["sharpness"]["top_eigenvalue"] for r in done], [r["val_loss"] for r in done],
                               xerr=[r["sharpness"]["top_eigenvalue_error"] for r in done], fmt=marker, label=name)
@@ -183,10 +183,11 @@ def main() -> None:
         sgd_runs.append(measure(*train_to_target("sgd", sgd_lr, BATCH, seed)))
         adamw_runs.append(measure(*train_to_target("adamw", adamw_lr, BATCH, seed)))
     lines = [line(s, a) for s, a in zip(sgd_runs, adamw_runs) if s["steps"] and a["steps"]]
-    large_lr = sgd_lr * LARGE_BATCH / BATCH
+    large_lr, small_lr = sgd_lr * LARGE_BATCH / BATCH, sgd_lr * SMALL_BATCH / BATCH
     large_runs = [measure(*train_to_target("sgd", large_lr, LARGE_BATCH, seed)) for seed in SEEDS]
+    small_runs = [measure(*train_to_target("sgd", small_lr, SMALL_BATCH, seed)) for seed in SEEDS]
     groups = {f"SGD b{BATCH} lr {sgd_lr:g}": sgd_runs, f"AdamW b{BATCH} lr {adamw_lr:g}": adamw_runs,
-              f"SGD b{LARGE_BATCH} lr {large_lr:g}": large_runs}
+              f"SGD b{LARGE_BATCH} lr {large_lr:g}": large_runs, f"SGD b{SMALL_BATCH} lr {small_lr:g}": small_runs}
     summaries = {name: summary(runs) for name, runs in groups.items()}
     print(f"\n{'group':>22} {'reached':>7} {'steps':>12} {'top eigenvalue':>18} {'trace':>18} {'val loss':>16}")
     for name, s in summaries.items():
