@@ -36,7 +36,7 @@ from gradwise.optim import (
     muon_param_groups,
 )
 
-pytestmark = [pytest.mark.distributed, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.distributed, pytest.mark.timeout(280)]
 
 STEPS, GLOBAL_BATCH, WORLD = 3, 8, 2
 
@@ -169,7 +169,7 @@ def optimizer_state_bytes_of_param(optimizer, param) -> int:
 
 @pytest.fixture(scope="module")
 def results():
-    return run_processes(zero_cases, WORLD, timeout_s=100)
+    return run_processes(zero_cases, WORLD, timeout_s=250)
 
 
 CASES = [(name, stage) for stage in (1, 2) for name in OPTIMIZERS]
