@@ -24,7 +24,14 @@ from hypothesis import strategies as st
 import gradwise.optim.adam as adam_module
 import gradwise.optim.kernels as kernels
 from gradwise.optim import Adam, AdamW
-from gradwise.optim.state_formats import _map_and_bounds, dynamic_map, quantize_4bit, quantize_8bit
+from gradwise.optim.state_formats import (
+    BLOCK,
+    BLOCK_4BIT,
+    _map_and_bounds,
+    dynamic_map,
+    quantize_4bit,
+    quantize_8bit,
+)
 
 SHAPES = [(0,), (1,), (3, 7), (256,), (257,), (300, 7), (2, 3, 100), (2, 256)]
 
@@ -164,19 +171,36 @@ def test_hostile_gradients_encode_as_the_generic_path(state_format, shape):
     _assert_close(*run(None), *run(False), moments_exact=True, steps=3)
 
 
-@pytest.mark.parametrize("state_format", ["8bit", "4bit"])
-def test_ties_round_as_bucketize(state_format):
-    """With beta1 = 0 the stored m is the gradient itself: values on the midpoints between codes
-    (the ties) and on the codes must get torch.bucketize's (right=False) codes."""
-    values, bounds = _map_and_bounds(state_format, True, torch.device("cpu"))
-    grad = torch.cat([bounds, values, -bounds, bounds.nextafter(torch.tensor(2.0)), torch.tensor([1.0])])
+@pytest.mark.parametrize("state_format, key", [
+    ("8bit", "exp_avg"), ("8bit", "exp_avg_sq"), ("4bit", "exp_avg"), ("4bit", "exp_avg_sq"),
+])
+def test_codes_around_every_midpoint_are_bucketizes(state_format, key, monkeypatch):
+    """The kernels find the nearest code without a search (8 bits: cells that hold at most one
+    midpoint each; 4 bits: m by a binary search, v in closed form), so their codes are checked on a
+    sweep: with betas (0, 0) one step stores m = g and v = g^2 (rounded), here in blocks led by
+    g = 1 (the block's scale, 1.0's own code at the top), the rest the 2^13 floats on either side
+    of every midpoint of the map, the midpoints (the ties) and the map's values; for v the roots of
+    those, whose squares land on or next to them (on some midpoints exactly). The codes and scales
+    must be the generic quantiser's (torch.bucketize, right=False): 4.2M values with 8 bits."""
+    signed = key == "exp_avg"
+    values, bounds = _map_and_bounds(state_format, signed, torch.device("cpu"))
+    window = torch.arange(-2**13, 2**13 + 1, dtype=torch.int32)
+    targets = torch.cat([(bounds.view(torch.int32).unsqueeze(1) + window).view(torch.float32).reshape(-1), values])
+    grad = targets if signed else targets.double().sqrt().float()
+    block = BLOCK if state_format == "8bit" else BLOCK_4BIT
+    grad = torch.nn.functional.pad(grad, (0, -grad.numel() % (block - 1))).view(-1, block - 1)
+    grad = torch.cat([torch.ones(len(grad), 1), grad], dim=1).reshape(-1)
+    stored = grad if signed else grad * grad
+    assert bool(torch.isin(bounds, stored).any())  # ties among them
     param = torch.zeros(grad.numel())
     param.grad = grad.clone()
-    opt = Adam([param], betas=(0.0, 0.9), state_format=state_format)
-    opt.step()
-    codes, absmax = (quantize_8bit if state_format == "8bit" else quantize_4bit)(grad, signed=True)
-    assert torch.equal(opt.state[param]["exp_avg"], codes)
-    assert torch.equal(opt.state[param]["exp_avg_absmax"], absmax)
+    opt = Adam([param], betas=(0.0, 0.0), state_format=state_format)
+    with monkeypatch.context() as patch:
+        patch.setattr(Adam, "_formatted_update", lambda *args: pytest.fail("generic path ran"))
+        opt.step()
+    codes, scales = (quantize_8bit if state_format == "8bit" else quantize_4bit)(stored, signed)
+    assert torch.equal(opt.state[param][key], codes)
+    assert torch.equal(opt.state[param][key + "_absmax"], scales)
 
 
 @pytest.mark.parametrize("state_format, resumed_fused", [

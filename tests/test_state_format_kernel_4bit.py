@@ -3,10 +3,10 @@ against the generic 4-bit path (moments decoded, Adam's foreach update, quantize
 m, block-wise v of vectors, rank-1 normalised v of matrices and 3-D tensors, odd and empty sizes.
 
 As for the 8-bit kernel (test_state_format_kernel.py, whose helpers these tests use and where the
-resume, ties, hostile-gradient and left-to-the-generic-path tests cover 4 bits too) the two paths
-differ only in the square root of v, so parameters agree to rtol 1e-6 and the codes and scales
-(block absmaxes and rank-1 maxima) are the generic path's bit for bit, unless weight decay is
-coupled, when a moment may land on the neighbouring code."""
+resume, codes-around-every-midpoint, hostile-gradient and left-to-the-generic-path tests cover 4
+bits too) the two paths differ only in the square root of v, so parameters agree to rtol 1e-6 and
+the codes and scales (block absmaxes and rank-1 maxima) are the generic path's bit for bit, unless
+weight decay is coupled, when a moment may land on the neighbouring code."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from test_state_format_kernel import _assert_close, _moments_exact, _params, _ru
 import gradwise.optim.adam as adam_module
 import gradwise.optim.kernels as kernels
 from gradwise.optim import Adam, AdamW
-from gradwise.optim.state_formats import _map_and_bounds, dynamic_map, linear_map_4bit, quantize_4bit
+from gradwise.optim.state_formats import dynamic_map, linear_map_4bit, quantize_4bit
 
 SHAPES = [(0,), (1,), (127,), (128,), (129,), (), (5, 0), (3, 7), (129, 3), (257, 1), (2, 3, 50), (4, 128)]
 """Odd and empty sizes, a scalar, vectors (block-wise v) and rank-1 normalised matrices and a 3-D
@@ -98,27 +98,6 @@ def test_an_outlier_row_and_column_set_their_own_scales(monkeypatch):
         assert torch.equal(fused[key], generic[key]), key
     row_maxima, column_maxima = fused["exp_avg_sq_absmax"].split([64, 48])
     assert row_maxima[5] > 1e4 * row_maxima[6] and column_maxima[40] > 1e3 * column_maxima[41]
-
-
-def test_second_moment_ties_round_as_bucketize(monkeypatch):
-    """v's codes come from a closed form (the linear map's midpoints are (2j + 3) / 32), not a search:
-    with betas (0, 0) the stored v is g^2, here in blocks of 128 led by g = 1 (the block's scale), the
-    rest 127 floats on either side of the square root of each midpoint, 8 of whose squares land on the
-    midpoint itself; the codes must be torch.bucketize's (right=False) through quantize_4bit."""
-    _, bounds = _map_and_bounds("4bit", False, torch.device("cpu"))
-    roots = bounds.double().sqrt().float().view(torch.int32)
-    neighbours = (roots.unsqueeze(1) + torch.arange(-63, 64, dtype=torch.int32)).view(torch.float32)
-    grad = torch.cat([torch.ones(len(bounds), 1), neighbours], dim=1).reshape(-1)
-    assert (grad * grad == bounds.repeat_interleave(128)).sum() == 8  # exact ties among them
-    param = torch.zeros(grad.numel())
-    param.grad = grad.clone()
-    opt = Adam([param], betas=(0.0, 0.0), state_format="4bit")
-    with monkeypatch.context() as patch:
-        _kernel_only(patch)
-        opt.step()
-    codes, scales = quantize_4bit(grad * grad, signed=False)
-    assert torch.equal(opt.state[param]["exp_avg_sq"], codes)
-    assert torch.equal(opt.state[param]["exp_avg_sq_absmax"], scales)
 
 
 def test_the_dispatch_reads_the_4bit_layout_only():

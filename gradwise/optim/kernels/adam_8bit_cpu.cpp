@@ -22,13 +22,14 @@
 // the kernel's opmath type. The translation unit is built with -ffp-contract=off, so the only
 // fused multiply-adds are the explicit ones, where ATen's AVX2/AVX-512 kernels use one.
 //
-// Encoding without a binary search: the midpoints are cut by a table indexed by the top 15
-// bits of |y| (8 exponent bits, 7 fraction bits), each cell holding the number of midpoints
-// below it; the table is built so that at most one midpoint falls inside a cell, so one more
-// comparison gives the exact index. Table lookups avoid AVX-512 gathers, which made the step
-// about 3.5x slower than without them (1M values, 1 thread): the 256-entry maps and midpoints
-// go through VBMI byte permutes (Lookup), the cell table through a byte load per value. CPUs
-// without AVX-512 VBMI run the same arithmetic one value at a time. Threads split tiles of 64 blocks of all tensors (at::parallel_for).
+// Encoding without a binary search: the midpoints are cut into cells by the top 15 bits of |y|
+// (8 exponent bits, 7 fraction bits), each binary octave into as few equal cells as leave at most
+// one midpoint in each (225 cells for the signed map, 447 for the unsigned one), each cell holding
+// the number of midpoints below it, so one more comparison gives the exact index. Table lookups
+// avoid AVX-512 gathers, which made the step about 3.5x slower than without them (1M values, 1
+// thread): the 256-entry maps and midpoints and the cell counts go through VBMI byte permutes
+// (Lookup, Cells), an octave's first cell and width through a dword permute. CPUs without AVX-512
+// VBMI run the same arithmetic one value at a time. Threads split tiles of 64 blocks of all tensors (at::parallel_for).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -40,6 +41,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -47,12 +49,15 @@ namespace {
 constexpr int64_t kBlock = 256;
 constexpr int64_t kTileBlocks = 64;  // blocks per task: 16384 values
 constexpr int64_t kTile = kTileBlocks * kBlock;
-// Table cells: the 15 bits above the 16 low fraction bits of |y|'s float, from 2^-30 to 1.0.
-// Below 2^-30 (far under the smallest nonzero code, 3.25e-7 / 2) everything shares cell 0.
+// Keys: the 15 bits above the 16 low fraction bits of |y|'s float, from 2^-30 to 1.0. Below 2^-30
+// (far under the smallest nonzero code, 3.25e-7 / 2) everything shares the first key. The octave
+// of key k (k >> 7, from 2^-30 up) is cut into 2^b cells by the top b of its 7 fraction bits.
 constexpr uint32_t kKeyShift = 16;
 constexpr uint32_t kKeyLow = (127u - 30u) << 7;  // key of 2^-30
 constexpr uint32_t kKeyHigh = 0x3f80u;           // key of 1.0
-constexpr int kCells = kKeyHigh - kKeyLow + 1;
+constexpr int kOctaves = 32;                     // 2^-30 .. 2^0 (31), one more for a 32-entry permute
+constexpr int kNegative = 256;                   // where a signed map's cells of negative arguments start
+constexpr int kCells = 512;
 
 inline uint32_t float_bits(float x) {
   uint32_t bits;
@@ -67,11 +72,15 @@ inline float bits_float(uint32_t bits) {
 }
 
 // One dynamic map (signed or unsigned): its values, its 255 midpoints (+inf at 255) and the
-// cell table: kCells entries for positive arguments, then kCells for negative ones.
+// cells: per octave its first cell and 7 - b (its cells' width in keys, as a shift), per cell the
+// number of midpoints below its arguments; a signed map's cells of negative arguments from
+// kNegative on (an unsigned map's negative arguments, below every midpoint, take the first cell).
 struct Codebook {
   float values[256];
   float bounds[256];
-  uint8_t cells[2 * kCells];
+  uint32_t octaves[kOctaves];  // first cell | (7 - b) << 16
+  uint8_t cells[kCells] = {};  // past the map's cells: 0, loaded into the lookup's registers, never selected
+  bool negative;
 
   explicit Codebook(const at::Tensor& map) {
     TORCH_CHECK(map.numel() == 256 && map.scalar_type() == at::kFloat && map.is_contiguous() && map.device().is_cpu(),
@@ -79,39 +88,53 @@ struct Codebook {
     std::memcpy(values, map.data_ptr<float>(), sizeof(values));
     for (int i = 0; i < 255; ++i) bounds[i] = (values[i] + values[i + 1]) / 2.0f;  // as torch: add, then halve
     bounds[255] = std::numeric_limits<float>::infinity();
-    // Cells in increasing order of their arguments, so that the counts of midpoints below them
-    // are found in one sweep each (binary searches per cell took 0.3 ms a step).
-    Sweep below_low(bounds), below_high(bounds), below_minus_high(bounds), below_minus_low(bounds);
-    for (int cell = 0; cell < kCells; ++cell) {
-      cells[cell] = static_cast<uint8_t>(below_low(low(cell)));
-      TORCH_CHECK(below_high(high(cell)) - cells[cell] <= 1,
-                  "adam_8bit_: the map's midpoints are closer than the encoding table's cells");
+    negative = values[0] < 0.0f;
+    int cell = 0;
+    for (int octave = 0; octave < kOctaves - 1; ++octave) {
+      int bits = 0;
+      while (bits < 7 && !separates(octave, bits)) ++bits;
+      TORCH_CHECK(separates(octave, bits), "adam_8bit_: the map's midpoints are closer than the encoding table's cells");
+      octaves[octave] = static_cast<uint32_t>(cell) | static_cast<uint32_t>(7 - bits) << 16;
+      for (int part = 0; part < 1 << bits; ++part, ++cell) {
+        TORCH_CHECK(cell < (negative ? kNegative : kCells), "adam_8bit_: the map needs more cells than the table has");
+        const auto [low, high] = range(octave, bits, part);
+        cells[cell] = static_cast<uint8_t>(below(low));
+        if (negative) cells[kNegative + cell] = static_cast<uint8_t>(below(-high));
+      }
     }
-    for (int cell = kCells - 1; cell >= 0; --cell) {
-      cells[kCells + cell] = static_cast<uint8_t>(below_minus_high(-high(cell)));
-      TORCH_CHECK(below_minus_low(-low(cell)) - cells[kCells + cell] <= 1,
-                  "adam_8bit_: the map's midpoints are closer than the encoding table's cells");
-    }
+    octaves[kOctaves - 1] = octaves[kOctaves - 2];  // beyond 1.0: never read
   }
 
-  // The smallest and the largest float whose key falls in the cell.
-  static float low(int cell) { return cell == 0 ? 0.0f : bits_float((kKeyLow + cell) << kKeyShift); }
-  static float high(int cell) {
-    const uint32_t key = kKeyLow + cell;
-    return key == kKeyHigh ? 1.0f : bits_float((key << kKeyShift) | ((1u << kKeyShift) - 1));
+  // The smallest and the largest float whose key falls in part `part` of 2^bits of the octave (the
+  // first part of all from 0, the last up to 1.0).
+  static std::pair<float, float> range(int octave, int bits, int part) {
+    const uint32_t first = kKeyLow + (static_cast<uint32_t>(octave) << 7) + (static_cast<uint32_t>(part) << (7 - bits));
+    const uint32_t last = first + (1u << (7 - bits)) - 1;
+    const float low = first == kKeyLow ? 0.0f : bits_float(first << kKeyShift);
+    const float high = last >= kKeyHigh ? 1.0f : bits_float((last << kKeyShift) | ((1u << kKeyShift) - 1));
+    return {low, high};
   }
 
-  // How many midpoints are < y (torch.bucketize's index for y, right=False), for y given in
-  // non-decreasing order.
-  struct Sweep {
-    const float* bounds;
-    int32_t count = 0;
-    explicit Sweep(const float* b) : bounds(b) {}
-    int32_t operator()(float y) {
-      while (count < 255 && bounds[count] < y) ++count;
-      return count;
+  // How many midpoints are < y (torch.bucketize's index for y, right=False).
+  int below(float y) const { return static_cast<int>(std::lower_bound(bounds, bounds + 255, y) - bounds); }
+
+  // Whether cutting the octave into 2^bits parts leaves at most one midpoint in each, for either sign.
+  bool separates(int octave, int bits) const {
+    for (int part = 0; part < 1 << bits; ++part) {
+      const auto [low, high] = range(octave, bits, part);
+      if (below(high) - below(low) > 1 || (negative && below(-low) - below(-high) > 1)) return false;
     }
-  };
+    return true;
+  }
+
+  // The cell of y's bits (y within [-1, 1]).
+  uint32_t cell(uint32_t bits) const {
+    uint32_t key = (bits & 0x7fffffffu) >> kKeyShift;
+    key = key < kKeyLow ? kKeyLow : (key > kKeyHigh ? kKeyHigh : key);
+    const uint32_t octave = octaves[(key - kKeyLow) >> 7];
+    const uint32_t cell = (octave & 0xffffu) + ((key & 127u) >> (octave >> 16));
+    return bits >> 31 ? (negative ? kNegative + cell : 0u) : cell;
+  }
 };
 
 struct Scalars {
@@ -177,9 +200,54 @@ struct Lookup {
   }
 };
 
+// A codebook's cells: the cell of 16 values at once (the octave's entry through a dword permute),
+// and the counts of 64 cells at once through VBMI byte permutes over the 512-entry table.
+struct Cells {
+  __m512i octaves[2], table[8];
+  bool negative;
+
+  explicit Cells(const Codebook& book) : negative(book.negative) {
+    for (int part = 0; part < 2; ++part) octaves[part] = _mm512_loadu_si512(book.octaves + 16 * part);
+    for (int part = 0; part < 8; ++part) table[part] = _mm512_loadu_si512(book.cells + 64 * part);
+  }
+
+  __m512i cell(__m512i bits) const {  // Codebook::cell, 16 at once
+    __m512i key = _mm512_srli_epi32(_mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff)), kKeyShift);
+    key = _mm512_min_epu32(_mm512_max_epu32(key, _mm512_set1_epi32(kKeyLow)), _mm512_set1_epi32(kKeyHigh));
+    const __m512i octave = _mm512_permutex2var_epi32(
+        octaves[0], _mm512_srli_epi32(_mm512_sub_epi32(key, _mm512_set1_epi32(kKeyLow)), 7), octaves[1]);
+    const __m512i cell = _mm512_add_epi32(_mm512_and_si512(octave, _mm512_set1_epi32(0xffff)),
+                                          _mm512_srlv_epi32(_mm512_and_si512(key, _mm512_set1_epi32(127)),
+                                                            _mm512_srli_epi32(octave, 16)));
+    const __mmask16 minus = _mm512_cmplt_epi32_mask(bits, _mm512_setzero_si512());
+    return negative ? _mm512_mask_add_epi32(cell, minus, cell, _mm512_set1_epi32(kNegative))
+                    : _mm512_maskz_mov_epi32(static_cast<__mmask16>(~minus), cell);
+  }
+
+  __m512i counts(const uint32_t* cells) const {  // of cells[0..64), byte j for cell j
+    __m128i bytes[4];
+    __mmask64 bit7 = 0, bit8 = 0;
+    for (int q = 0; q < 4; ++q) {
+      const __m512i cell = _mm512_load_si512(cells + 16 * q);
+      bytes[q] = _mm512_cvtepi32_epi8(cell);
+      bit7 |= static_cast<__mmask64>(_mm512_test_epi32_mask(cell, _mm512_set1_epi32(128))) << (16 * q);
+      bit8 |= static_cast<__mmask64>(_mm512_test_epi32_mask(cell, _mm512_set1_epi32(256))) << (16 * q);
+    }
+    const __m512i low = _mm512_inserti32x4(
+        _mm512_inserti32x4(_mm512_inserti32x4(_mm512_castsi128_si512(bytes[0]), bytes[1], 1), bytes[2], 2), bytes[3], 3);
+    // permutex2var reads an index's low 7 bits: 128 entries from two registers
+    const __m512i first = _mm512_mask_blend_epi8(bit7, _mm512_permutex2var_epi8(table[0], low, table[1]),
+                                                 _mm512_permutex2var_epi8(table[2], low, table[3]));
+    const __m512i second = _mm512_mask_blend_epi8(bit7, _mm512_permutex2var_epi8(table[4], low, table[5]),
+                                                  _mm512_permutex2var_epi8(table[6], low, table[7]));
+    return _mm512_mask_blend_epi8(bit8, first, second);
+  }
+};
+
 struct Lookups {
   Lookup values, bounds;
-  explicit Lookups(const Codebook& book) : values(book.values), bounds(book.bounds) {}
+  Cells cells;
+  explicit Lookups(const Codebook& book) : values(book.values), bounds(book.bounds), cells(book) {}
 };
 
 // A block's codes (n <= 256 of them) decoded and scaled into out (256 floats; past n, junk).
@@ -193,42 +261,32 @@ inline void decode_block(const Lookup& values, const uint8_t* __restrict codes, 
   }
 }
 
-// A block's codes, in three passes over it in the L1 cache: the cell of each value (vector);
-// the cell's count of midpoints below it (a byte load per value, cheaper than a gather); the one
-// midpoint the cell may hold, looked up 64 at a time, and NaN's code 255.
-inline void encode_block(const Codebook& book, const Lookup& bounds, const float* __restrict values, int64_t n,
-                         bool has_nan, float largest, uint8_t* __restrict codes, float* __restrict absmax) {
+// A block's codes, in two passes over it in the L1 cache: the cell of each value (16 at a time);
+// the cell's count of midpoints below it and the one midpoint the cell may hold, looked up 64 at a
+// time, and NaN's code 255.
+inline void encode_block(const Lookups& lookups, const float* __restrict values, int64_t n, bool has_nan,
+                         float largest, uint8_t* __restrict codes, float* __restrict absmax) {
   alignas(64) float clamped[kBlock];
   alignas(64) uint32_t cells[kBlock];
-  alignas(64) uint8_t below[kBlock];
   const float scale_stored = has_nan ? std::numeric_limits<float>::quiet_NaN() : largest;
   *absmax = scale_stored;
   const float tiny = std::numeric_limits<float>::min();
   const __m512 scale = _mm512_set1_ps(scale_stored < tiny ? tiny : scale_stored);  // clamp(min=tiny), NaN kept
   const __m512 minus_one = _mm512_set1_ps(-1.0f), one = _mm512_set1_ps(1.0f);
-  const __m512i magnitude = _mm512_set1_epi32(0x7fffffff), low = _mm512_set1_epi32(kKeyLow),
-                high = _mm512_set1_epi32(kKeyHigh), negative = _mm512_set1_epi32(kCells);
   const int64_t rounded = (n + 63) / 64 * 64;  // past n: zeros, whose cell is a valid one
   for (int64_t i = 0; i < rounded; i += 16) {
     const __mmask16 mask = lanes(n - i);
     const __m512 y = _mm512_div_ps(_mm512_maskz_loadu_ps(mask, values + i), scale);
     // clamped to [-1, 1]; a NaN stays NaN (max(a, b) is b when a is NaN), its cell is any valid one
     const __m512 bounded = _mm512_min_ps(_mm512_max_ps(y, minus_one), one);
-    const __m512i bits = _mm512_castps_si512(bounded);
-    __m512i key = _mm512_srli_epi32(_mm512_and_si512(bits, magnitude), kKeyShift);
-    key = _mm512_min_epu32(_mm512_max_epu32(key, low), high);
-    const __m512i cell = _mm512_add_epi32(_mm512_sub_epi32(key, low),
-                                          _mm512_and_si512(_mm512_srai_epi32(bits, 31), negative));
-    _mm512_store_si512(cells + i, cell);
+    _mm512_store_si512(cells + i, lookups.cells.cell(_mm512_castps_si512(bounded)));
     _mm512_store_ps(clamped + i, _mm512_mask_mov_ps(bounded, _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q), y));
   }
-#pragma GCC unroll 8
-  for (int64_t i = 0; i < rounded; ++i) below[i] = book.cells[cells[i]];
   const __m512i step = _mm512_set1_epi8(1), nan_code = _mm512_set1_epi8(static_cast<char>(255));
   __m512 midpoint[4];
   for (int64_t i = 0; i < n; i += 64) {
-    const __m512i counts = _mm512_load_si512(below + i);
-    bounds(counts, midpoint);
+    const __m512i counts = lookups.cells.counts(cells + i);
+    lookups.bounds(counts, midpoint);
     __mmask64 up = 0, nan = 0;  // bit 16q + j: value i + 16q + j
     for (int q = 0; q < 4; ++q) {
       const __m512 x = _mm512_load_ps(clamped + i + 16 * q);
@@ -241,7 +299,7 @@ inline void encode_block(const Codebook& book, const Lookup& bounds, const float
 }
 
 template <Decay kDecay>
-inline void adam_block(const Codebook& signed_book, const Codebook& unsigned_book, const Lookups& signed_lookups,
+inline void adam_block(const Codebook&, const Codebook&, const Lookups& signed_lookups,
                        const Lookups& unsigned_lookups, const Scalars& s, float minus_step, float bc2_sqrt,
                        float* __restrict p, const float* __restrict g, uint8_t* __restrict m_codes,
                        float* __restrict m_absmax, uint8_t* __restrict v_codes, float* __restrict v_absmax,
@@ -276,10 +334,8 @@ inline void adam_block(const Codebook& signed_book, const Codebook& unsigned_boo
     m_nan |= _mm512_mask_cmp_ps_mask(mask, m1, m1, _CMP_UNORD_Q);
     v_nan |= _mm512_mask_cmp_ps_mask(mask, v1, v1, _CMP_UNORD_Q);
   }
-  encode_block(signed_book, signed_lookups.bounds, m_new, n, m_nan != 0, _mm512_reduce_max_ps(m_largest), m_codes,
-               m_absmax);
-  encode_block(unsigned_book, unsigned_lookups.bounds, v_new, n, v_nan != 0, _mm512_reduce_max_ps(v_largest),
-               v_codes, v_absmax);
+  encode_block(signed_lookups, m_new, n, m_nan != 0, _mm512_reduce_max_ps(m_largest), m_codes, m_absmax);
+  encode_block(unsigned_lookups, v_new, n, v_nan != 0, _mm512_reduce_max_ps(v_largest), v_codes, v_absmax);
 }
 
 #else  // the same arithmetic one value at a time
@@ -297,10 +353,7 @@ inline void encode_block(const Codebook& book, const float* __restrict values, i
   for (int64_t i = 0; i < n; ++i) {
     const float y = values[i] / scale;
     const float clamped = std::min(std::max(y, -1.0f), 1.0f);  // NaN is decided below
-    const uint32_t bits = float_bits(clamped);
-    uint32_t key = (bits & 0x7fffffffu) >> kKeyShift;
-    key = key < kKeyLow ? kKeyLow : (key > kKeyHigh ? kKeyHigh : key);
-    int32_t code = book.cells[(key - kKeyLow) + (bits >> 31) * kCells];
+    int32_t code = book.cells[book.cell(float_bits(clamped))];
     code += book.bounds[code] < clamped;  // the one midpoint the cell may hold
     codes[i] = static_cast<uint8_t>(y == y ? code : 255);  // NaN: 255, as torch.bucketize
   }
