@@ -228,7 +228,7 @@ def test_bad_input_names_the_values_on_every_rank_without_hanging(two_ranks):
         "stages must be an integer >= 2, got 1",
         "stages must equal the pipeline group's world size, got stages=3 for world size 2",
         "n_layer must be a multiple of stages, got n_layer=3, stages=2",
-        "schedule must be one of 'gpipe', '1f1b', got 'zero-bubble'",
+        "schedule must be one of 'gpipe', '1f1b', 'interleaved-1f1b', got 'zero-bubble'",
         "the batch of 4 rows does not split into microbatches=3",
     ]
     assert [rank["errors"] for rank in two_ranks] == [expected, expected]

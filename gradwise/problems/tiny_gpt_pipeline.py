@@ -6,8 +6,20 @@ layer. A batch of ``B`` rows is split into ``m`` micro-batches of ``B / m`` rows
 through the stages under GPipe's schedule (all forwards, then all backwards; Huang et al.
 2019, arXiv:1811.06965) or 1F1B's (one forward, one backward in the steady state;
 Narayanan et al. 2019, PipeDream, arXiv:1806.03377), which holds at most ``stages``
-micro-batches' activations instead of ``m``. Each micro-batch's loss is its mean
-cross-entropy divided by ``m``, so the accumulated gradient is that of the batch mean:
+micro-batches' activations instead of ``m``.
+
+Interleaved 1F1B (Narayanan et al. 2021, arXiv:2104.04473, section 2.2.2) cuts the blocks
+into ``v p`` chunks for ``p`` ranks instead (``v`` virtual stages per rank): rank ``r`` holds
+chunks ``r, r + p, ..., r + (v - 1) p``, so a micro-batch visits every rank ``v`` times and
+the ramp-up and ramp-down of the pipeline take ``(p - 1)`` chunk steps of ``1 / v`` of a
+stage's work each. The bubble shrinks from ``(p - 1) / (m + p - 1)`` to
+``(p - 1) / (v m + p - 1)`` of the step, for ``v`` times the point-to-point messages.
+Chunk 0 (the embeddings) is on rank 0 and chunk ``v p - 1`` (the norm and output layer) on
+rank ``p - 1``, as without interleaving; the rank's chunks together are a
+:class:`TinyGPTChunks`, whose parameter names are still the whole model's.
+
+Each micro-batch's loss is its mean cross-entropy divided by ``m``, so the accumulated
+gradient is that of the batch mean:
 
     grad (1 / B) sum_i l_i = sum_{j=1..m} grad (1 / m) (m / B) sum_{i in micro-batch j} l_i.
 
@@ -25,7 +37,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -35,11 +47,63 @@ from torch import nn
 from gradwise.problems.tiny_gpt import TinyGPT
 from gradwise.validation import check_choice, check_int, check_range
 
-SCHEDULES = ("gpipe", "1f1b")
-"""GPipe (Huang et al. 2019) and one-forward-one-backward (Narayanan et al. 2019, PipeDream-Flush)."""
+if TYPE_CHECKING:
+    from torch.distributed.pipelining.schedules import PipelineScheduleMulti, PipelineScheduleSingle
+    from torch.distributed.pipelining.stage import _PipelineStageBase
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b")
+"""GPipe (Huang et al. 2019), one-forward-one-backward (Narayanan et al. 2019, PipeDream-Flush) and
+its interleaved form over virtual stages (Narayanan et al. 2021)."""
 
 
-class TinyGPTStage(nn.Module):
+def check_schedule(schedule: str, microbatches: int, virtual_stages: int, stages: int | None = None) -> None:
+    """Refuse a schedule the pipeline cannot run: ``virtual_stages > 1`` goes with ``interleaved-1f1b``,
+    which needs them (as :class:`gradwise.plan.parallelism.Layout` has it), and torch's
+    ``ScheduleInterleaved1F1B`` runs the ``m`` micro-batches in ``max(1, m // stages)`` rounds of equal
+    size, so ``m`` must be a multiple of that (any ``m <= stages``, or a multiple of ``stages``, is);
+    ``stages`` None: only the rules that do not depend on it."""
+    check_choice("schedule", schedule, SCHEDULES)
+    check_int("microbatches", microbatches, 1)
+    check_int("virtual_stages", virtual_stages, 1)
+    interleaved = schedule == "interleaved-1f1b"
+    if interleaved != (virtual_stages > 1):
+        raise ValueError(f"virtual_stages > 1 goes with the interleaved-1f1b schedule and it needs them, got "
+                         f"schedule={schedule!r}, virtual_stages={virtual_stages}")
+    if stages is None or not interleaved:
+        return
+    rounds = max(1, microbatches // check_int("stages", stages, 2))
+    if microbatches % rounds:
+        raise ValueError(f"interleaved-1f1b runs the micro-batches in max(1, microbatches // stages) = {rounds} "
+                         f"equal rounds, got microbatches={microbatches} for stages={stages}")
+
+
+class _TinyGPTPart(nn.Module):
+    """What the pipeline asks of a rank's part of TinyGPT: whether it holds the first and the last
+    chunk, and its copy of the tied matrix."""
+
+    is_first: bool
+    is_last: bool
+    token_embedding: nn.Embedding  # on the part that holds the first chunk
+    output_weight: nn.Parameter  # on the part that holds the last chunk
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        """The last stage's copy of the tied output layer as a module (Hugging Face's name for a model's
+        head), so that an optimizer that treats the head apart finds it as it finds the whole model's
+        (Muon's internal AdamW: there the head is the token embedding); ``None`` on the other stages."""
+        if not self.is_last:
+            return None
+        head = nn.Module()
+        head.weight = self.output_weight  # registered in this throwaway module only; the stage keeps its names
+        return head
+
+    def tied_weight(self) -> torch.Tensor | None:
+        """This stage's copy of the token-embedding / output matrix (``None`` on a middle stage)."""
+        if self.is_first:
+            return self.token_embedding.weight
+        return self.output_weight if self.is_last else None
+
+
+class TinyGPTStage(_TinyGPTPart):
     """Blocks ``first_block .. last_block - 1`` of a TinyGPT, with the embeddings on the first stage and
     the final norm and a copy of the tied output layer (``output_weight``) on the last.
 
@@ -59,22 +123,6 @@ class TinyGPTStage(nn.Module):
             self.norm = model.norm
             self.output_weight = nn.Parameter(model.token_embedding.weight.detach().clone())
 
-    def get_output_embeddings(self) -> nn.Module | None:
-        """The last stage's copy of the tied output layer as a module (Hugging Face's name for a model's
-        head), so that an optimizer that treats the head apart finds it as it finds the whole model's
-        (Muon's internal AdamW: there the head is the token embedding); ``None`` on the other stages."""
-        if not self.is_last:
-            return None
-        head = nn.Module()
-        head.weight = self.output_weight  # registered in this throwaway module only; the stage keeps its names
-        return head
-
-    def tied_weight(self) -> torch.Tensor | None:
-        """This stage's copy of the token-embedding / output matrix (``None`` on a middle stage)."""
-        if self.is_first:
-            return self.token_embedding.weight
-        return self.output_weight if self.is_last else None
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.is_first:
             length = x.shape[1]
@@ -86,6 +134,29 @@ class TinyGPTStage(nn.Module):
         return self.norm(x) @ self.output_weight.T if self.is_last else x
 
 
+class TinyGPTChunks(_TinyGPTPart):
+    """One rank's chunks (virtual stages) under interleaved 1F1B, as one module for the optimizer, the
+    gradient norm and the checkpoints: the chunks' embeddings, blocks, norm and ``output_weight`` under
+    the whole model's names (``blocks.0`` and ``blocks.2`` for chunks 0 and 2 of one block each).
+
+    It registers the chunks' own submodules and parameters, taken after any parallelization replaced
+    them (tensor parallelism, FSDP2), so it holds the tensors the optimizer must step; the schedule runs
+    each chunk's ``forward``, and this module has none.
+    """
+
+    def __init__(self, chunks: list[TinyGPTStage]) -> None:
+        super().__init__()
+        first, last = chunks[0], chunks[-1]
+        self.is_first, self.is_last = first.is_first, last.is_last
+        if self.is_first:
+            self.token_embedding = first.token_embedding
+            self.position_embedding = first.position_embedding
+        self.blocks = nn.ModuleDict({name: block for chunk in chunks for name, block in chunk.blocks.items()})
+        if self.is_last:
+            self.norm = last.norm
+            self.output_weight = last.output_weight
+
+
 def _micro_batch_loss(logits: torch.Tensor, targets: torch.Tensor, microbatches: int) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1)) / microbatches
 
@@ -94,51 +165,70 @@ class TinyGPTPipeline:
     """Runs forward and backward of TinyGPT batches over a pipeline of ``stages`` processes.
 
     Every rank of ``group`` (default: the whole job) builds the same ``model`` (same seed)
-    and keeps stage ``rank``'s part as :attr:`module`; build the optimizer on
-    ``pipeline.module.parameters()``. :meth:`step` leaves each stage's gradients (the tied
-    matrix's already summed over its two copies), so any optimizer steps them; gradients
-    accumulate over calls as with ``loss.backward()``. :meth:`grad_norm` and
-    :meth:`clip_grad_norm_` see the whole model's gradient; :meth:`evaluate` runs the
+    and keeps its part as :attr:`module`: stage ``rank`` (a :class:`TinyGPTStage`), or under
+    ``interleaved-1f1b`` its ``virtual_stages`` chunks (a :class:`TinyGPTChunks`); build the
+    optimizer on ``pipeline.module.parameters()``. ``parallelize`` splits each stage or chunk
+    further (tensor parallel, FSDP2) before the schedule is built. :meth:`step` leaves the
+    part's gradients (the tied matrix's already summed over its two copies), so any optimizer
+    steps them; gradients accumulate over calls as with ``loss.backward()``. :meth:`grad_norm`
+    and :meth:`clip_grad_norm_` see the whole model's gradient; :meth:`evaluate` runs the
     forward passes only.
 
     Usage::
 
-        pipeline = TinyGPTPipeline(TinyGPT(...), stages=2, microbatches=4)
+        pipeline = TinyGPTPipeline(TinyGPT(...), stages=2, microbatches=4, schedule="interleaved-1f1b",
+                                   virtual_stages=2)
         optimizer = AdamW(pipeline.module.parameters(), lr=1e-3)
         loss = pipeline.step(inputs, targets); pipeline.clip_grad_norm_(1.0); optimizer.step(); optimizer.zero_grad()
     """
 
     def __init__(self, model: TinyGPT, stages: int, microbatches: int, schedule: str = "gpipe",
                  group: dist.ProcessGroup | None = None,
-                 parallelize: Callable[[TinyGPTStage], nn.Module] | None = None) -> None:
+                 parallelize: Callable[[TinyGPTStage], nn.Module] | None = None, virtual_stages: int = 1) -> None:
         check_int("stages", stages, 2)
-        self.microbatches = check_int("microbatches", microbatches, 1)
-        check_choice("schedule", schedule, SCHEDULES)
+        check_schedule(schedule, microbatches, virtual_stages, stages)
+        self.microbatches = microbatches
         world_size = dist.get_world_size(group)
         if world_size != stages:
             raise ValueError(f"stages must equal the pipeline group's world size, got stages={stages} for "
                              f"world size {world_size}")
         n_layer = len(model.blocks)
-        if n_layer % stages:
-            raise ValueError(f"n_layer must be a multiple of stages, got n_layer={n_layer}, stages={stages}")
+        chunks = stages * virtual_stages
+        if n_layer % chunks:
+            factors = "stages" if virtual_stages == 1 else "stages x virtual_stages"
+            given = f"stages={stages}" + (f", virtual_stages={virtual_stages}" if virtual_stages > 1 else "")
+            raise ValueError(f"n_layer must be a multiple of {factors}, got n_layer={n_layer}, {given}")
         self.group = group
         self.stages = stages
         self.stage_index = dist.get_rank(group)
         self.last_rank = dist.get_global_rank(group, stages - 1) if group is not None else stages - 1
-        per_stage = n_layer // stages
-        self.module = TinyGPTStage(model, self.stage_index * per_stage, (self.stage_index + 1) * per_stage,
-                                   self.stage_index == 0, self.stage_index == stages - 1)
+        per_chunk = n_layer // chunks
+        indices = range(self.stage_index, chunks, stages)  # rank r's chunks: r, r + p, ...
+        parts = [TinyGPTStage(model, index * per_chunk, (index + 1) * per_chunk, index == 0, index == chunks - 1)
+                 for index in indices]
         self.device = model.token_embedding.weight.device
         if parallelize is not None:
-            parallelize(self.module)
+            for part in parts:
+                parallelize(part)
+        self.module: TinyGPTStage | TinyGPTChunks = parts[0] if virtual_stages == 1 else TinyGPTChunks(parts)
         self.tied_shape = self._tied_local_shape()
         # imported here: torch.distributed.pipelining costs 0.7 s, which every other strategy would pay
-        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+        from torch.distributed.pipelining import (
+            PipelineStage,
+            Schedule1F1B,
+            ScheduleGPipe,
+            ScheduleInterleaved1F1B,
+        )
 
-        stage = PipelineStage(self.module, self.stage_index, stages, self.device, group=group)
-        schedule_class = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[schedule]
-        self.schedule = schedule_class(stage, microbatches, scale_grads=False,
-                                       loss_fn=partial(_micro_batch_loss, microbatches=microbatches))
+        pipeline_stages: list[_PipelineStageBase] = [PipelineStage(part, index, chunks, self.device, group=group)
+                           for index, part in zip(indices, parts, strict=True)]
+        loss_fn = partial(_micro_batch_loss, microbatches=microbatches)
+        self.schedule: PipelineScheduleSingle | PipelineScheduleMulti
+        if virtual_stages > 1:
+            self.schedule = ScheduleInterleaved1F1B(pipeline_stages, microbatches, scale_grads=False, loss_fn=loss_fn)
+        else:
+            schedule_class = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[schedule]
+            self.schedule = schedule_class(pipeline_stages[0], microbatches, scale_grads=False, loss_fn=loss_fn)
 
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
         """Forward and backward of one batch (every rank passes the same batch); returns its mean loss

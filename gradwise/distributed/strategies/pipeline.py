@@ -2,16 +2,20 @@
 
 :class:`gradwise.problems.tiny_gpt_pipeline.TinyGPTPipeline` cuts the blocks into ``world_size``
 stages and runs each batch through them in ``microbatches`` micro-batches (``schedule``
-``gpipe`` or ``1f1b``); every rank draws the same global batch and trains its stage's
-parameters (the optimizer is built on them). Gradient accumulation over ``accumulate``
-batches divides the summed gradients by ``accumulate`` (the pipeline's own backward gives
-each batch's mean-loss gradient). The global gradient norm is
-``sqrt(sum over stages ||g_stage||^2)``, the tied embedding/output matrix counted once (its
-two copies hold the same, summed gradient). For evaluation and ``model.pt`` every stage
-broadcasts its parameters into the whole model on every rank. Checkpoints: one file per
-rank (its stage and optimizer), resumable with the same world size. fp32 only (the stages'
-activation buffers are fp32). ``bytes_communicated`` counts the pipeline's messages
-(activations, their gradients, the tied gradient and the loss broadcast).
+``gpipe``, ``1f1b`` or ``interleaved-1f1b``); every rank draws the same global batch and trains
+its stage's parameters (the optimizer is built on them). ``interleaved-1f1b`` (Narayanan et al.
+2021, arXiv:2104.04473) cuts them into ``virtual_stages x world_size`` chunks instead (default 2
+per rank), rank ``r`` holding chunks ``r, r + p, ...``: the bubble falls from
+``(p - 1) / (m + p - 1)`` to ``(p - 1) / (v m + p - 1)`` of the step, for ``v`` times the
+messages. Gradient accumulation over ``accumulate`` batches divides the summed gradients by
+``accumulate`` (the pipeline's own backward gives each batch's mean-loss gradient). The global
+gradient norm is ``sqrt(sum over stages ||g_stage||^2)``, the tied embedding/output matrix
+counted once (its two copies hold the same, summed gradient). For evaluation and ``model.pt``
+every stage broadcasts its parameters into the whole model on every rank. Checkpoints: one file
+per rank (its stage or chunks and their optimizer state), resumable with the same world size and
+virtual stages. fp32 only (the stages' activation buffers are fp32). ``bytes_communicated``
+counts the pipeline's messages (activations, their gradients, the tied gradient and the loss
+broadcast).
 """
 
 from __future__ import annotations
@@ -28,8 +32,7 @@ from torch.optim import Optimizer
 from gradwise.checkpoints.run import PerRankCheckpoints
 from gradwise.distributed.strategies.base import Strategy, clip_by_norm_, local_grad_norm
 from gradwise.problems.tiny_gpt import TinyGPT
-from gradwise.problems.tiny_gpt_pipeline import SCHEDULES, TinyGPTPipeline, TinyGPTStage
-from gradwise.validation import check_choice, check_int
+from gradwise.problems.tiny_gpt_pipeline import TinyGPTPipeline, TinyGPTStage, check_schedule
 
 BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
@@ -40,16 +43,29 @@ class PipelineStrategy(Strategy):
     name = "pp"
     min_world_size = 2
     max_world_size = None
-    options = {"microbatches": 2, "schedule": "gpipe"}
+    options = {"microbatches": 2, "schedule": "gpipe", "virtual_stages": None}
+    """``virtual_stages`` None: 2 under ``interleaved-1f1b``, 1 (one chunk per rank) otherwise."""
     workloads = ("tiny-gpt", "text")
     precisions = ("fp32",)
 
     @classmethod
     def check_options(cls, options: dict[str, Any]) -> dict[str, Any]:
         settings = super().check_options(options)
-        check_int("microbatches", settings["microbatches"], 1)
-        check_choice("schedule", settings["schedule"], SCHEDULES)
+        if settings["virtual_stages"] is None:
+            settings["virtual_stages"] = 2 if settings["schedule"] == "interleaved-1f1b" else 1
+        check_schedule(settings["schedule"], settings["microbatches"], settings["virtual_stages"])
         return settings
+
+    @classmethod
+    def check_world_size(cls, world_size: int, settings: dict[str, Any]) -> None:
+        super().check_world_size(world_size, settings)
+        check_schedule(settings["schedule"], settings["microbatches"], settings["virtual_stages"],
+                       cls.pipeline_stages(world_size, settings))
+
+    @classmethod
+    def pipeline_stages(cls, world_size: int, settings: dict[str, Any]) -> int:
+        """The pipeline's stages in a job of ``world_size`` processes: one per process."""
+        return world_size
 
     @property
     def dp_rank(self) -> int:
@@ -61,8 +77,8 @@ class PipelineStrategy(Strategy):
 
     @property
     def stages(self) -> int:
-        """Pipeline stages: one per process."""
-        return self.world_size
+        """Pipeline stages (ranks of the pipeline; each holds ``virtual_stages`` chunks)."""
+        return self.pipeline_stages(self.world_size, self.settings)
 
     @property
     def pipeline_group(self) -> dist.ProcessGroup | None:
@@ -76,12 +92,13 @@ class PipelineStrategy(Strategy):
         self.whole = model
         self.pipeline = TinyGPTPipeline(model, self.stages, self.settings["microbatches"],
                                         self.settings["schedule"], group=self.pipeline_group,
-                                        parallelize=self.split_stage)
+                                        parallelize=self.split_stage, virtual_stages=self.settings["virtual_stages"])
         self.accumulate = 1
         return self.pipeline.module
 
     def split_stage(self, stage: TinyGPTStage) -> nn.Module:
-        """Split this process's stage further before the pipeline is built (``pp``: it stays whole)."""
+        """Split this process's stage (each of its chunks) further before the pipeline is built (``pp``: it
+        stays whole)."""
         return stage
 
     def trained_module(self, model: nn.Module) -> nn.Module:
@@ -117,13 +134,15 @@ class PipelineStrategy(Strategy):
         clip_by_norm_(parameters, norm, max_norm)
 
     def owner(self, name: str) -> int:
-        """The stage holding the whole model's parameter ``name``."""
+        """The stage (pipeline rank) holding the whole model's parameter ``name``: chunk ``c`` of
+        ``stages x virtual_stages`` is on stage ``c mod stages``."""
         if name.startswith(("token_embedding.", "position_embedding.")):
             return 0
         block = BLOCK.match(name)
         if block is None:  # the final norm
             return self.stages - 1
-        return int(block.group(1)) // (len(self.whole.blocks) // self.stages)
+        per_chunk = len(self.whole.blocks) // (self.stages * self.settings["virtual_stages"])
+        return int(block.group(1)) // per_chunk % self.stages
 
     @torch.no_grad()
     def gather_whole_model(self) -> None:

@@ -3,7 +3,8 @@ r"""The ``3d`` strategy of the loop: pipeline x data (FSDP2) x tensor parallel `
 The world is a ``(pp, dp, tp)`` mesh (:func:`gradwise.distributed.mesh.pipeline_data_tensor_mesh`,
 ``strategy_options pp=P,tp=T``; ``dp`` is the world size over ``P T``), Narayanan et al. 2021's
 layout (arXiv:2104.04473): the blocks are cut into ``P`` stages run under the pipeline's schedule
-(:class:`gradwise.problems.tiny_gpt_pipeline.TinyGPTPipeline`: GPipe or 1F1B over ``microbatches``);
+(:class:`gradwise.problems.tiny_gpt_pipeline.TinyGPTPipeline`: GPipe, 1F1B or interleaved 1F1B over
+``microbatches``, the last with ``virtual_stages`` chunks per stage, each split and sharded as below);
 each stage is split over its ``T`` tensor-parallel ranks in Megatron's layout
 (:func:`gradwise.problems.tiny_gpt_tensor_parallel.parallelize_stage`) and then sharded with FSDP2
 over its ``dp`` replicas (each block its own unit), whose rows of the global batch it is fed. So a
@@ -59,7 +60,7 @@ class ThreeDStrategy(PipelineStrategy):
     name = "3d"
     min_world_size = 2
     max_world_size = None
-    options = {"pp": 2, "tp": 1, "microbatches": 2, "schedule": "gpipe"}
+    options = {"pp": 2, "tp": 1, "microbatches": 2, "schedule": "gpipe", "virtual_stages": None}
 
     @classmethod
     def check_options(cls, options: dict[str, Any]) -> dict[str, Any]:
@@ -75,9 +76,9 @@ class ThreeDStrategy(PipelineStrategy):
             raise ValueError(f"world size {world_size} is not a multiple of pp x tp = "
                              f"{settings['pp']} x {settings['tp']}")
 
-    @property
-    def stages(self) -> int:
-        return self.settings["pp"]
+    @classmethod
+    def pipeline_stages(cls, world_size: int, settings: dict[str, Any]) -> int:
+        return settings["pp"]
 
     @property
     def tp(self) -> int:
@@ -109,6 +110,8 @@ class ThreeDStrategy(PipelineStrategy):
         return stage_module
 
     def split_stage(self, stage: TinyGPTStage) -> nn.Module:
+        """Megatron's layout over ``tp``, then FSDP2 over ``dp`` with each block a unit and the stage (or
+        chunk: each chunk is its own FSDP2 root, which the schedule drives) the rest."""
         if self.tp > 1:
             parallelize_stage(stage, self.mesh["tp"])
         if self.dp_size > 1:
