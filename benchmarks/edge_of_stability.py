@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
+from update_only import UPDATE_ONLY  # beside this script
 
 from gradwise.bench.machine import describe_machine
 from gradwise.train import TrainConfig, Trainer, train
@@ -33,17 +34,7 @@ EVERY = 5
 HOVER = (30, 150)
 """The steps over which the median sharpness is taken: after the rise, before the loss nears zero (where
 cross-entropy's sharpness falls whatever the lr)."""
-GD = dict(
-    optimizer="sgd",
-    schedule="constant",
-    warmup_steps=0,
-    weight_decay=0.0,
-    clip=None,
-    spike_factor=1e6,
-    eval_every=10**6,
-    checkpoint_every=10**6,
-    threads=2,
-)
+GD = dict(optimizer="sgd", threads=2, **UPDATE_ONLY)
 
 
 def gradient_descent(lr: float, folder: Path) -> dict[str, Any]:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
+from update_only import UPDATE_ONLY  # beside this script
 
 from gradwise.bench.machine import describe_machine
 from gradwise.curvature import module_loss
@@ -52,14 +53,8 @@ ALPHAS = (-0.25, 1.25, 31)
 COMMON = dict(
     workload="mlp",
     workload_options=dict(train_examples=TRAIN_EXAMPLES, val_examples=VAL_EXAMPLES),
-    schedule="constant",
-    warmup_steps=0,
-    weight_decay=0.0,
-    clip=None,
-    spike_factor=1e6,
-    eval_every=10**6,
-    checkpoint_every=10**6,
     threads=2,
+    **UPDATE_ONLY,
 )
 
 inputs, labels, _ = teacher_data(8, 4, TRAIN_EXAMPLES + VAL_EXAMPLES, 8)
