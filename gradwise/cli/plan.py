@@ -86,6 +86,11 @@ def _gb(value: float) -> str:
     return f"{value / GB:.3f}"
 
 
+def _wrote(path: Path | None) -> str:
+    """The last line of a text: the plot written, if one was."""
+    return "" if path is None else f"\n\nwrote {path}"
+
+
 LAYOUT_OPTIONS = ("tp", "pp", "microbatches", "schedule", "virtual_stages")
 
 
@@ -223,28 +228,45 @@ def _memory(args: argparse.Namespace) -> int:
         },
         "activations_included": args.seq_len is not None, "per_device": chosen["bytes"], "by_stage": rows,
     }
-    path = _plot_path(args, "memory.svg")
-    if path is not None:  # SVG written by hand: importing matplotlib would cost a third of torch's start-up
-        title = f"{params / 1e9:.3g}B params, {optimizer}, {args.precision}, {args.devices} devices"
-        series = {kind.replace("_", " "): [row["bytes"][kind] / GB for row in rows] for kind in MEMORY_KINDS}
-        payload["plot"] = str(svg_bars.write_stacked_bars(path, [row["label"] for row in rows], series, title,
-                                                          "GB per device", total_format="{:.3g} GB"))
-    kinds = [*MEMORY_KINDS, "total"]
-    table = _table(
-        ["stage", *(k.replace("_weights", "").replace("optimizer_", "") for k in kinds)],
-        [[("* " if row is chosen else "  ") + row["label"], *(_gb(row["bytes"][k]) for k in kinds)] for row in rows],
-    )
+    title = f"{params / 1e9:.3g}B params, {optimizer}, {args.precision}, {args.devices} devices"
+    path = _plot_memory(args, payload, rows, title)
+    table = _memory_table(rows, chosen)
     per_param = payload["bytes_per_param"]
     text = (
         f"{params:.4g} parameters, {optimizer}, {args.precision} ({fmt.description}), "
         f"{args.devices} device(s); GB (1e9 bytes) per device\n"
         f"bytes per parameter: weights {per_param['weights']}, gradients {per_param['gradients']}, "
-        f"master {per_param['master']}, optimizer state {per_param['optimizer_state']:.4g}\n\n{table}\n"
-        + ("" if args.seq_len is not None else "(activations not included: give --layers, --width and --seq-len)\n")
-        + (f"\nwrote {path}" if path is not None else "")
+        f"master {per_param['master']}, optimizer state {per_param['optimizer_state']:.4g}\n\n{table}"
+        + ("" if args.seq_len is not None else "\n(activations not included: give --layers, --width and --seq-len)")
+        + _wrote(path)
     )
-    _emit(args, payload, text.rstrip())
+    _emit(args, payload, text)
     return 0
+
+
+def _plot_memory(args: argparse.Namespace, payload: dict[str, Any], rows: list[dict[str, Any]],
+                 title: str) -> Path | None:
+    """Each ZeRO stage's bytes per device as stacked bars, unless --no-plot; the plot's path goes in the payload.
+    The SVG is written by hand: importing matplotlib would cost a third of torch's start-up."""
+    path = _plot_path(args, "memory.svg")
+    if path is not None:
+        series = {kind.replace("_", " "): [row["bytes"][kind] / GB for row in rows] for kind in MEMORY_KINDS}
+        payload["plot"] = str(svg_bars.write_stacked_bars(path, [row["label"] for row in rows], series, title,
+                                                          "GB per device", total_format="{:.3g} GB"))
+    return path
+
+
+def _memory_table(rows: list[dict[str, Any]], chosen: dict[str, Any], pp: int | None = None) -> str:
+    """GB per device of each kind by ZeRO stage, the chosen stage starred; with ``pp``, the pipeline stage
+    each row is of."""
+    kinds = [*MEMORY_KINDS, "total"]
+    stage = ["pp stage"] if pp is not None else []
+    return _table(
+        ["stage", *stage, *(k.replace("_weights", "").replace("optimizer_", "") for k in kinds)],
+        [[("* " if row is chosen else "  ") + row["label"],
+          *([f"{row['pipeline_stage']} of {pp}"] if pp is not None else []),
+          *(_gb(row["bytes"][k]) for k in kinds)] for row in rows],
+    )
 
 
 def _transformer(args: argparse.Namespace, what: str) -> Any:
@@ -305,19 +327,10 @@ def _memory_3d(args: argparse.Namespace, optimizer: str, fmt: memory.Precision) 
         "largest_stage": chosen["pipeline_stage"], "per_device": chosen["bytes"], "by_stage": rows,
         "stages": [estimate.as_dict() for estimate in stage_rows[args.zero]],
     }
-    path = _plot_path(args, "memory.svg")
-    if path is not None:
-        title = (f"{params / 1e9:.3g}B params, {optimizer}, {args.precision}, pp {layout.pp} x dp {layout.dp} x "
-                 f"tp {layout.tp}, largest stage")
-        series = {kind.replace("_", " "): [row["bytes"][kind] / GB for row in rows] for kind in MEMORY_KINDS}
-        payload["plot"] = str(svg_bars.write_stacked_bars(path, [row["label"] for row in rows], series, title,
-                                                          "GB per device", total_format="{:.3g} GB"))
-    kinds = [*MEMORY_KINDS, "total"]
-    table = _table(
-        ["stage", "pp stage", *(k.replace("_weights", "").replace("optimizer_", "") for k in kinds)],
-        [[("* " if row is chosen else "  ") + row["label"], f"{row['pipeline_stage']} of {layout.pp}",
-          *(_gb(row["bytes"][k]) for k in kinds)] for row in rows],
-    )
+    title = (f"{params / 1e9:.3g}B params, {optimizer}, {args.precision}, pp {layout.pp} x dp {layout.dp} x "
+             f"tp {layout.tp}, largest stage")
+    path = _plot_memory(args, payload, rows, title)
+    table = _memory_table(rows, chosen, layout.pp)
     per_stage = ", ".join(f"{stage}: {_gb(estimate.total)}" for stage, estimate in enumerate(stage_rows[args.zero]))
     sharding = ("FSDP2 shards of data rank 0 (the largest)" if args.zero == 3
                 else "ZeRO's 1/dp of the sharded kinds" if args.zero else "no data sharding")
@@ -329,7 +342,7 @@ def _memory_3d(args: argparse.Namespace, optimizer: str, fmt: memory.Precision) 
         f"16 bits (here {fmt.activation_bytes}-byte values, one-byte masks); layers x micro-batches in flight per "
         f"stage: {in_flight}\n\n{table}\n\n"
         f"per pipeline stage ({chosen['label']}): {per_stage} GB"
-        + (f"\n\nwrote {path}" if path is not None else "")
+        + _wrote(path)
     )
     _emit(args, payload, text)
     return 0
@@ -480,29 +493,40 @@ def _step(args: argparse.Namespace) -> int:
         "by_devices": json_rows, "latency_dominates_from_devices": dominated,
         "time_to_solution": {row["precision"]: row["time_to_solution_s"] for row in final},
     }
-    path = _plot_path(args, "step_time.png")
-    if path is not None:
-        title = f"{args.params / 1e9:.3g}B params, {args.tokens:.3g} tokens/step"
-        from gradwise.plan import plots  # matplotlib, only for a plot
-
-        payload["plot"] = str(plots.plot_step_time(counts, curves, shares, title, path))
+    title = f"{args.params / 1e9:.3g}B params, {args.tokens:.3g} tokens/step"
+    path = _plot_step_time(args, payload, counts, curves, shares, title)
     header = ["devices", *(f"{n} ms" for n in names), f"{last} compute", f"{last} comm", f"{last} latency"]
     header += [f"{last} vs {names[-2]}"] if len(names) > 1 else []
-    solution = _table(
-        ["format", "FLOP/s", "steps", "step ms", "time to solution (h)"],
-        [[row["precision"], f"{row['throughput']:.3g}", f"{row['steps_to_solution']:.4g}",
-          f"{row['step_s'] * 1e3:.4g}", f"{row['time_to_solution_s'] / 3600:.4g}"] for row in final],
-    )
     text = (
         f"{args.params:.4g} params, {args.tokens:.4g} tokens per step, links {args.latency:g} s + "
         f"1/{args.bandwidth:.3g} s/B, {'no ' if args.no_overlap else ''}overlap, throughput {source}\n\n"
         f"{_table(header, table_rows)}\n\n"
         f"{regime}\n\n"
-        f"on {args.devices} devices:\n{solution}"
-        + (f"\n\nwrote {path}" if path is not None else "")
+        f"on {args.devices} devices:\n{_solution_table(final)}"
+        + _wrote(path)
     )
     _emit(args, payload, text)
     return 0
+
+
+def _plot_step_time(args: argparse.Namespace, payload: dict[str, Any], devices: list[int],
+                    curves: dict[str, list[float]], shares: dict[str, list[float]], title: str) -> Path | None:
+    """Step time and latency share against the devices, unless --no-plot; the plot's path goes in the payload."""
+    path = _plot_path(args, "step_time.png")
+    if path is not None:
+        from gradwise.plan import plots  # matplotlib, only for a plot
+
+        payload["plot"] = str(plots.plot_step_time(devices, curves, shares, title, path))
+    return path
+
+
+def _solution_table(formats: list[dict[str, Any]]) -> str:
+    """Each format's throughput, steps and time to solution at the largest device count."""
+    return _table(
+        ["format", "FLOP/s", "steps", "step ms", "time to solution (h)"],
+        [[row["precision"], f"{row['throughput']:.3g}", f"{row['steps_to_solution']:.4g}",
+          f"{row['step_s'] * 1e3:.4g}", f"{row['time_to_solution_s'] / 3600:.4g}"] for row in formats],
+    )
 
 
 STEP_MODEL_OPTIONS = ("layers", "width", "heads", "seq_len", "tp_bandwidth", "tp_latency")
@@ -575,12 +599,8 @@ def _step_3d(args: argparse.Namespace, names: list[str], link: Any, throughputs:
         "checkpointing": args.checkpointing, "by_devices": json_rows, "traffic": traffic,
         "time_to_solution": {row["precision"]: row["time_to_solution_s"] for row in final_formats},
     }
-    path = _plot_path(args, "step_time.png")
-    if path is not None:
-        title = f"{model.parameter_count() / 1e9:.3g}B params, pp {final.pp} x tp {final.tp}, {args.tokens:.3g} tokens"
-        from gradwise.plan import plots  # matplotlib, only for a plot
-
-        payload["plot"] = str(plots.plot_step_time([row["devices"] for row in json_rows], curves, shares, title, path))
+    title = f"{model.parameter_count() / 1e9:.3g}B params, pp {final.pp} x tp {final.tp}, {args.tokens:.3g} tokens"
+    path = _plot_step_time(args, payload, [row["devices"] for row in json_rows], curves, shares, title)
     header = ["dp", "devices", *(f"{n} ms" for n in names), f"{last} compute", "bubble", "tensor", "pipeline",
               "data", "latency"]
     header += [f"{last} vs {names[-2]}"] if len(names) > 1 else []
@@ -589,10 +609,6 @@ def _step_3d(args: argparse.Namespace, names: list[str], link: Any, throughputs:
         [[entry["dimension"], entry["collective"], str(entry["stage"]), str(entry["calls"]),
           _gb(entry["payload_bytes"]), str(entry["group"])] for entry in busiest.values()])
     sends = f"; {SEND_RECV} counts messages sent and received" if (("pipeline", SEND_RECV) in busiest) else ""
-    solution = _table(
-        ["format", "FLOP/s", "steps", "step ms", "time to solution (h)"],
-        [[row["precision"], f"{row['throughput']:.3g}", f"{row['steps_to_solution']:.4g}",
-          f"{row['step_s'] * 1e3:.4g}", f"{row['time_to_solution_s'] / 3600:.4g}"] for row in final_formats])
     skipped = "" if len(dps) > 1 or args.devices == 1 else " (no smaller data-parallel degree splits the batch)"
     text = (
         f"{model.parameter_count():.4g} params ({model.layers} layers of {model.width}, {model.heads} heads, "
@@ -605,8 +621,8 @@ def _step_3d(args: argparse.Namespace, names: list[str], link: Any, throughputs:
         f"{last} step: compute {step.compute:.4g} s + bubble {step.bubble:.4g} + tensor {step.tensor:.4g} + pipeline "
         f"{step.pipeline:.4g} + data {step.data:.4g} + tied {step.tied:.4g} = {step.total:.4g} s\n\n"
         f"traffic per device per step ({last}; each dimension's busiest stage{sends}):\n{traffic_table}\n\n"
-        f"on {final.devices} devices:\n{solution}"
-        + (f"\n\nwrote {path}" if path is not None else "")
+        f"on {final.devices} devices:\n{_solution_table(final_formats)}"
+        + _wrote(path)
     )
     _emit(args, payload, text)
     return 0
