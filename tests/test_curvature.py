@@ -287,3 +287,15 @@ def test_bad_inputs_raise_clear_errors():
         hvp(lambda ps: (ps[0] ** 2).sum(), [w], [w], eps=1e-3)
     with pytest.raises(ValueError, match="curvatures"):
         noisy_newton_bias(torch.tensor([1.0, -1.0]), 1.0, [2])
+
+
+@pytest.mark.parametrize("build", [
+    lambda loss_fn, w: hessian_operator(loss_fn, [w]),
+    lambda loss_fn, w: hvp(loss_fn, [w], [w], method="double_backward"),
+    lambda loss_fn, w: hutchinson_trace(loss_fn, [w]),
+])
+def test_a_loss_that_is_not_a_scalar_is_refused_by_every_gradient_graph(build):
+    """Every product built on one gradient graph checks the loss first: a ValueError that says so, not autograd's
+    "grad can be implicitly created only for scalar outputs"."""
+    with pytest.raises(ValueError, match=r"loss_fn must return a scalar, got shape \(3,\)"):
+        build(lambda ps: ps[0] ** 2, torch.ones(3, dtype=torch.float64))

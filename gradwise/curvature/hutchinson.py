@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from gradwise.curvature.hvp import gradient_graph
 from gradwise.curvature.vectors import LossFn
 from gradwise.validation import check_int
 
@@ -46,12 +47,7 @@ def _hvp_closure(loss_fn_or_grads: LossOrGrads, params: Sequence[Tensor]) -> Cal
     params = list(params)
     grads: Sequence[Tensor]
     if callable(loss_fn_or_grads):
-        leaves = [p.detach().requires_grad_(True) for p in params]
-        with torch.enable_grad():
-            loss = loss_fn_or_grads(leaves)
-            if loss.ndim != 0:
-                raise ValueError(f"loss_fn must return a scalar, got shape {tuple(loss.shape)}")
-            grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True, materialize_grads=True)
+        leaves, grads = gradient_graph(loss_fn_or_grads, params)
     else:
         grads = list(loss_fn_or_grads)
         leaves = params

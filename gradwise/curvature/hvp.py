@@ -28,28 +28,33 @@ from gradwise.validation import check_choice, check_range
 METHODS = ("double_backward", "forward_over_reverse", "finite_difference")
 
 
-def _leaves(params: Sequence[Tensor]) -> list[Tensor]:
-    return [p.detach().requires_grad_(True) for p in params]
-
-
-def gradient(loss_fn: LossFn, params: Sequence[Tensor]) -> list[Tensor]:
-    """:math:`\\nabla f` at ``params`` (detached from any graph)."""
-    leaves = _leaves(params)
+def _gradient(loss_fn: LossFn, params: Sequence[Tensor], create_graph: bool) -> tuple[list[Tensor], list[Tensor]]:
+    leaves = [p.detach().requires_grad_(True) for p in params]
     with torch.enable_grad():
         loss = loss_fn(leaves)
         if loss.ndim != 0:
             raise ValueError(f"loss_fn must return a scalar, got shape {tuple(loss.shape)}")
-        return list(torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True))
+        grads = torch.autograd.grad(loss, leaves, create_graph=create_graph, allow_unused=True, materialize_grads=True)
+    return leaves, list(grads)
+
+
+def gradient(loss_fn: LossFn, params: Sequence[Tensor]) -> list[Tensor]:
+    """:math:`\\nabla f` at ``params`` (detached from any graph)."""
+    return _gradient(loss_fn, params, create_graph=False)[1]
+
+
+def gradient_graph(loss_fn: LossFn, params: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    """The leaves (``params`` detached, requiring grad) and :math:`\\nabla f` at them with its graph, to be
+    differentiated again: one forward and backward pass serves any number of Hessian-vector products
+    ``torch.autograd.grad(grads, leaves, v, retain_graph=True)``."""
+    return _gradient(loss_fn, params, create_graph=True)
 
 
 def hvp_double_backward(loss_fn: LossFn, params: Sequence[Tensor], vector: Sequence[Tensor]) -> list[Tensor]:
     r"""Reverse-over-reverse: :math:`Hv = \nabla_x (\nabla f(x)^\top v)`."""
     vector = check_like("vector", vector, params)
-    leaves = _leaves(params)
+    leaves, grads = gradient_graph(loss_fn, params)
     with torch.enable_grad():
-        grads = torch.autograd.grad(
-            loss_fn(leaves), leaves, create_graph=True, allow_unused=True, materialize_grads=True
-        )
         return list(torch.autograd.grad(grads, leaves, vector, allow_unused=True, materialize_grads=True))
 
 

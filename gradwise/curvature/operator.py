@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from gradwise.curvature.hvp import gradient_graph
 from gradwise.curvature.vectors import LossFn, flatten, unflatten
 
 MatVec = Callable[[Tensor], Tensor]
@@ -25,11 +26,7 @@ def hessian_operator(loss_fn: LossFn, params: Sequence[Tensor]) -> MatVec:
         matvec = hessian_operator(loss_fn, params)
         top = power_iteration(matvec, dim=sum(p.numel() for p in params))
     """
-    leaves = [p.detach().requires_grad_(True) for p in params]
-    with torch.enable_grad():
-        grads = torch.autograd.grad(
-            loss_fn(leaves), leaves, create_graph=True, allow_unused=True, materialize_grads=True
-        )
+    leaves, grads = gradient_graph(loss_fn, params)
 
     def matvec(vector: Tensor) -> Tensor:
         with torch.enable_grad():

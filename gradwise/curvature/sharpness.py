@@ -52,6 +52,7 @@ from tqdm import tqdm
 
 from gradwise.curvature.condition import ConditionEstimate
 from gradwise.curvature.hutchinson import rademacher_like
+from gradwise.curvature.hvp import gradient_graph
 from gradwise.curvature.landscape import Cost
 from gradwise.curvature.operator import MatVec, hessian_operator
 from gradwise.curvature.spectrum import top_eigenpair
@@ -243,12 +244,7 @@ def block_hessian_operators(loss_fn: LossFn, params: Sequence[Tensor]) -> list[M
     """``v -> H_ii v`` (flat vectors of ``params[i].numel()`` entries) for each parameter's diagonal block,
     all from one gradient graph: :math:`H_{ii} v = \\nabla_{\\theta_i}(g_i^\\top v)`. A tensor whose gradient
     does not depend on it has a zero block."""
-    leaves = [p.detach().requires_grad_(True) for p in params]
-    with torch.enable_grad():
-        loss = loss_fn(leaves)
-        if loss.ndim != 0:
-            raise ValueError(f"loss_fn must return a scalar, got shape {tuple(loss.shape)}")
-        grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True, materialize_grads=True)
+    leaves, grads = gradient_graph(loss_fn, params)
 
     def block(index: int) -> MatVec:
         leaf, grad = leaves[index], grads[index]
