@@ -116,10 +116,13 @@ def test_each_worker_runs_in_its_namespace_on_its_veth():
 def test_launch_kills_the_other_workers_when_one_fails(monkeypatch, tmp_path):
     """Rank 0 exits with an error; rank 1 would sleep a minute: launch raises at once and kills it."""
     pid_file = tmp_path / "sleeper.pid"
-    sleeper = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+    partial = str(pid_file) + ".tmp"  # renamed when written whole
+    sleeper = (f"import os, time; open({partial!r}, 'w').write(str(os.getpid())); "
+               f"os.rename({partial!r}, {str(pid_file)!r}); time.sleep(60)")
+    failer = f"import os, sys, time\nwhile not os.path.exists({str(pid_file)!r}): time.sleep(0.01)\nsys.exit(3)"
 
     def fake_command(topology, rank, task_args):
-        return [sys.executable, "-c", "import sys, time; time.sleep(0.5); sys.exit(3)" if rank == 0 else sleeper]
+        return [sys.executable, "-c", failer if rank == 0 else sleeper]
 
     monkeypatch.setattr(links, "worker_command", fake_command)
     started = time.monotonic()
