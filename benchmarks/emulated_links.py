@@ -184,8 +184,11 @@ def teardown_commands(topology: Topology) -> list[list[str]]:
 
 
 def run_command(command: Sequence[str], check: bool = True) -> subprocess.CompletedProcess:
-    """Run one setup or teardown command; its output only shows when it fails."""
-    return subprocess.run(command, check=check, capture_output=True, text=True)
+    """Run one setup or teardown command; with ``check``, a failure raises with its error output."""
+    done = subprocess.run(command, capture_output=True, text=True)
+    if check and done.returncode:
+        raise RuntimeError(f"{' '.join(command)} exited with {done.returncode}: {done.stderr.strip()}")
+    return done
 
 
 @contextlib.contextmanager
@@ -400,13 +403,14 @@ def predict_steps(limited: dict[int, dict], unlimited: dict[int, dict], batch_si
 def run(args: argparse.Namespace) -> dict:
     """Unlimited links first (the ceiling the limit must stay below, the DDP step at 1-4
     processes without the link), then the limited links (the collectives and the DDP step)."""
-    collectives = ["collectives", "--sizes", ",".join(map(str, SIZES)), "--repeats", str(args.repeats)]
+    def collectives(sizes: Sequence[int]) -> list[str]:
+        return ["collectives", "--sizes", ",".join(map(str, sizes)), "--repeats", str(args.repeats)]
+
     ddp = ["ddp", "--batch-size", str(args.batch_size), "--steps", str(args.steps)]
     counts = range(2, args.max_processes + 1)
     with emulated_links(new_topology(args.max_processes), None) as topology:
         print(f"unlimited links: all-reduce of {SIZES[-1]} bytes at {args.max_processes} processes", flush=True)
-        ceiling = next(r for r in launch(topology, args.max_processes, [*collectives[:1], "--sizes", str(SIZES[-1]),
-                                                                        *collectives[3:]])
+        ceiling = next(r for r in launch(topology, args.max_processes, collectives(SIZES[-1:]))
                        if r["collective"] == "all_reduce")
         unlimited_steps = {}
         for processes in range(1, args.max_processes + 1):
@@ -417,7 +421,7 @@ def run(args: argparse.Namespace) -> dict:
     with emulated_links(new_topology(args.max_processes), args.rate_mbit) as topology:
         for processes in counts:
             print(f"{args.rate_mbit:g} Mbit/s links: collectives at {processes} processes", flush=True)
-            timings += launch(topology, processes, collectives)
+            timings += launch(topology, processes, collectives(SIZES))
         for processes in counts:
             print(f"{args.rate_mbit:g} Mbit/s links: DDP step at {processes} processes", flush=True)
             steps[processes] = launch(topology, processes, ddp)
