@@ -231,6 +231,7 @@ class Hostile:
         (None, ["{a}", "--alpha-range", "1", "0"], "high must be > 1, got 0.0"),
         (None, ["{a}", "--alpha-range", "0", "nan"], "high must be > 0, got nan"),
         (None, ["{a}", "--samples", "0"], "samples must be an integer >= 1, got 0"),
+        (None, ["{a}", "--samples", "513"], "samples must be an integer in [1, 512] (the run's training examples)"),
         (None, ["{a}", "--probes", "1"], "probes must be an integer >= 2, got 1"),
         (None, ["{a}", "--lanczos-steps", "0"], "lanczos_steps must be an integer >= 1, got 0"),
         (None, ["{a}", "--one-dim", "keep"], "one_dim must be one of 'zero', 'filter', got 'keep'"),

@@ -108,7 +108,8 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
         type=int,
         default=None,
         metavar="K",
-        help="examples (sequences) in the fixed training sample (default: the run's batch size)",
+        help="examples (sequences) in the fixed training sample, at most a fixed training set's size (default: the "
+        "run's batch size)",
     )
     add("--lanczos-steps", type=int, default=20, metavar="M", help="sharpness, layers: Lanczos steps (default: 20)")
     add("--probes", type=int, default=20, metavar="P", help="sharpness: Hutchinson probes (default: 20)")
@@ -367,6 +368,16 @@ class Loaded:
     report: dict[str, Any]
 
 
+def check_sample_size(workload: Workload, samples: int) -> None:
+    """``--samples`` within a fixed training set (mlp's, logreg's, npy's): a larger sample repeats examples,
+    and one far larger than the data would exhaust memory before any analysis starts."""
+    from gradwise.problems.data import ShuffledEpochs
+
+    stream = workload.train_data
+    if isinstance(stream, ShuffledEpochs) and samples > (size := stream.inputs.shape[0]):
+        raise UsageError(f"samples must be an integer in [1, {size}] (the run's training examples), got {samples}")
+
+
 def load(args: argparse.Namespace, chosen: list[str]) -> Loaded:
     """Read the run (and ``--other``), build its workload on the fixed sample, and gather the parameters."""
     from gradwise.problems.workloads import make_workload
@@ -386,6 +397,8 @@ def load(args: argparse.Namespace, chosen: list[str]) -> Loaded:
         )
     samples = args.samples if args.samples is not None else required(config.batch_size, "batch_size")
     workload = make_workload(config.workload, samples, config.seed, config.data, **config.workload_options)
+    if args.samples is not None:
+        check_sample_size(workload, args.samples)
     model = workload.model.float().eval()
     names = [name for name, p in model.named_parameters() if p.requires_grad]
     ends = None
