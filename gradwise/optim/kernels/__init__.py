@@ -36,9 +36,12 @@ def _build(name: str, source: str, what: str, fallback: str, cflags: tuple[str, 
             # process; whoever holds it knows that no build is running, so a torch lock is stale.
             fcntl.flock(guard, fcntl.LOCK_EX)
             (folder / "lock").unlink(missing_ok=True)
+            # The headers beside the sources (adam_cpu_common.h) are found on the include path;
+            # ninja records every header a source includes (-MMD) and rebuilds when one changes.
             return load(
                 name=name,
                 sources=[str(_HERE / source)],
+                extra_include_paths=[str(_HERE)],
                 extra_cflags=["-O3", "-march=native", "-fopenmp", *cflags],
                 extra_ldflags=["-fopenmp"],
             )

@@ -42,17 +42,11 @@
 // one register each and are looked up with vpermps; elsewhere the same arithmetic runs one value at
 // a time. Threads split tiles of 128 blocks (16384 values) of all tensors (at::parallel_for); pass 1
 // merges each thread's partial maxima under a lock (a maximum does not depend on the order).
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
+#include "adam_cpu_common.h"
 
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
 #include <limits>
 #include <mutex>
 #include <optional>
-#include <vector>
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
 #define GRADWISE_ADAM_4BIT_AVX512 1
@@ -60,24 +54,14 @@
 
 namespace {
 
+using namespace adam_cpu;
+
 constexpr int64_t kBlock = 128;
 constexpr int64_t kTile = 128 * kBlock;
 // Values per round of pass 1 then pass 2: 4 MiB of gradients, which pass 2 reads again from the cache.
 constexpr int64_t kRound = int64_t{1} << 20;
 constexpr uint32_t kInfinityBits = 0x7f800000u;
 constexpr uint32_t kQuietNanBits = 0x7fc00000u;  // torch.amax's NaN
-
-inline uint32_t float_bits(float x) {
-  uint32_t bits;
-  std::memcpy(&bits, &x, sizeof(bits));
-  return bits;
-}
-
-inline float bits_float(uint32_t bits) {
-  float x;
-  std::memcpy(&x, &bits, sizeof(x));
-  return x;
-}
 
 // One 4-bit map: its 16 values in increasing order and the 15 midpoints between them (a 16th,
 // +inf, pads the table and is never compared).
@@ -111,14 +95,6 @@ struct Books {
     }
   }
 };
-
-struct Scalars {
-  float coeff1;  // lerp's coefficient: 1 - beta1, or (1 - beta1) - 1 when lerp starts from g
-  bool small1;   // |1 - beta1| < 0.5: lerp starts from m, else from g
-  float beta2, one_minus_beta2, eps, weight_decay, decay, sign;
-};
-
-enum class Decay { kNone, kDecoupled, kCoupled };
 
 // A tensor of two or more dimensions, none empty, whose v is scaled by rank-1 normalisation: its
 // shape, and where each dimension's maxima start among the concatenated scales.
@@ -563,13 +539,13 @@ struct Step {
   const std::vector<double>& bias_correction2_sqrts;
   const Books& books;
   const Scalars& s;
-  Decay decay;
 
   Lanes lanes(size_t k) const {
     return Lanes(s, static_cast<float>(minus_step_sizes[k]), static_cast<float>(bias_correction2_sqrts[k]));
   }
 
   // Tensors k0 .. k1 - 1: pass 1 over the rank-1 ones, then pass 2 over all of them.
+  template <Decay kDecay>
   void round(size_t k0, size_t k1) const {
     std::vector<int64_t> first_tile{0};   // of each tensor in pass 2
     std::vector<Rank1> layouts;           // the rank-1 tensors, in order
@@ -578,7 +554,7 @@ struct Step {
     std::vector<int64_t> maxima_start{0};  // where their new maxima start in `fresh`
     std::vector<int64_t> layout_of;       // of each tensor, its rank-1 layout's index or -1
     for (size_t k = k0; k < k1; ++k) {
-      const int64_t tiles = (params[k].numel() + kTile - 1) / kTile;
+      const int64_t tiles = ceil_div(params[k].numel(), kTile);
       first_tile.push_back(first_tile.back() + tiles);
       layout_of.push_back(is_rank1(params[k]) ? static_cast<int64_t>(layouts.size()) : -1);
       if (is_rank1(params[k])) {
@@ -593,21 +569,15 @@ struct Step {
     std::vector<uint32_t> fresh_bits(maxima_start.back(), 0);
     std::mutex merge;
     at::parallel_for(0, rank1_tile.back(), 1, [&](int64_t begin, int64_t end) {
-      size_t j = std::upper_bound(rank1_tile.begin(), rank1_tile.end(), begin) - rank1_tile.begin() - 1;
-      const size_t j_first = j;
-      const size_t j_last = std::upper_bound(rank1_tile.begin(), rank1_tile.end(), end - 1) - rank1_tile.begin() - 1;
+      const size_t j_first = tensor_of(rank1_tile, begin), j_last = tensor_of(rank1_tile, end - 1);
       std::vector<uint32_t> partial(maxima_start[j_last + 1] - maxima_start[j_first], 0);
-      for (int64_t tile = begin; tile < end; ++tile) {
-        while (tile >= rank1_tile[j + 1]) ++j;
+      visit_tiles(rank1_tile, kTile, begin, end, [&](size_t j, int64_t first) {
         const size_t k = rank1_tensors[j];
-        const int64_t first = (tile - rank1_tile[j]) * kTile, n = std::min(kTile, params[k].numel() - first);
-        const auto maxima_tile_of = decay == Decay::kNone        ? maxima_tile<Decay::kNone>
-                                    : decay == Decay::kDecoupled ? maxima_tile<Decay::kDecoupled>
-                                                                 : maxima_tile<Decay::kCoupled>;
-        maxima_tile_of(books, lanes(k), layouts[j], v_scales[k].data_ptr<float>(), params[k].data_ptr<float>(),
-                       grads[k].data_ptr<float>(), v_codes[k].data_ptr<uint8_t>(), first, n,
-                       partial.data() + (maxima_start[j] - maxima_start[j_first]));
-      }
+        maxima_tile<kDecay>(books, lanes(k), layouts[j], v_scales[k].data_ptr<float>(), params[k].data_ptr<float>(),
+                            grads[k].data_ptr<float>(), v_codes[k].data_ptr<uint8_t>(), first,
+                            std::min(kTile, params[k].numel() - first),
+                            partial.data() + (maxima_start[j] - maxima_start[j_first]));
+      });
       const std::lock_guard<std::mutex> lock(merge);
       uint32_t* target = fresh_bits.data() + maxima_start[j_first];
       for (size_t i = 0; i < partial.size(); ++i) target[i] = std::max(target[i], partial[i]);
@@ -616,25 +586,15 @@ struct Step {
     std::transform(fresh_bits.begin(), fresh_bits.end(), fresh.begin(), maximum_value);
 
     // Pass 2: the step; a rank-1 tensor's v decoded on its old maxima, encoded on the new.
-    at::parallel_for(0, first_tile.back(), 1, [&](int64_t begin, int64_t end) {
-      size_t i = std::upper_bound(first_tile.begin(), first_tile.end(), begin) - first_tile.begin() - 1;
-      for (int64_t tile = begin; tile < end; ++tile) {
-        while (tile >= first_tile[i + 1]) ++i;
-        const size_t k = k0 + i;
-        const int64_t first = (tile - first_tile[i]) * kTile, n = std::min(kTile, params[k].numel() - first);
-        const int64_t j = layout_of[i];
-        const auto step_tile_of =
-            j >= 0 ? (decay == Decay::kNone        ? step_tile<Decay::kNone, true>
-                      : decay == Decay::kDecoupled ? step_tile<Decay::kDecoupled, true>
-                                                   : step_tile<Decay::kCoupled, true>)
-                   : (decay == Decay::kNone        ? step_tile<Decay::kNone, false>
-                      : decay == Decay::kDecoupled ? step_tile<Decay::kDecoupled, false>
-                                                   : step_tile<Decay::kCoupled, false>);
-        step_tile_of(books, lanes(k), s.small1, j >= 0 ? &layouts[j] : nullptr, v_scales[k].data_ptr<float>(),
-                     j >= 0 ? fresh.data() + maxima_start[j] : nullptr, params[k].data_ptr<float>(),
-                     grads[k].data_ptr<float>(), m_codes[k].data_ptr<uint8_t>(), m_scales[k].data_ptr<float>(),
-                     v_codes[k].data_ptr<uint8_t>(), v_scales[k].data_ptr<float>(), first, n);
-      }
+    parallel_tiles(first_tile, kTile, [&](size_t i, int64_t first) {
+      const size_t k = k0 + i;
+      const int64_t j = layout_of[i];
+      const auto step_tile_of = j >= 0 ? step_tile<kDecay, true> : step_tile<kDecay, false>;
+      step_tile_of(books, lanes(k), s.small1, j >= 0 ? &layouts[j] : nullptr, v_scales[k].data_ptr<float>(),
+                   j >= 0 ? fresh.data() + maxima_start[j] : nullptr, params[k].data_ptr<float>(),
+                   grads[k].data_ptr<float>(), m_codes[k].data_ptr<uint8_t>(), m_scales[k].data_ptr<float>(),
+                   v_codes[k].data_ptr<uint8_t>(), v_scales[k].data_ptr<float>(), first,
+                   std::min(kTile, params[k].numel() - first));
     });
     for (size_t j = 0; j < layouts.size(); ++j) {  // the new maxima replace the old once nothing decodes on them
       std::memcpy(v_scales[rank1_tensors[j]].data_ptr<float>(), fresh.data() + maxima_start[j],
@@ -649,50 +609,35 @@ void adam_4bit_(std::vector<at::Tensor> params, std::vector<at::Tensor> grads, s
                 const at::Tensor& unsigned_map, std::vector<double> minus_step_sizes,
                 std::vector<double> bias_correction2_sqrts, double beta1, double beta2, double eps,
                 double weight_decay, double lr, bool decoupled, bool maximize) {
+  constexpr const char* kKernel = "adam_4bit_";
   const size_t count = params.size();
-  TORCH_CHECK(grads.size() == count && exp_avgs.size() == count && exp_avg_scales.size() == count &&
-                  exp_avg_sqs.size() == count && exp_avg_sq_scales.size() == count &&
-                  minus_step_sizes.size() == count && bias_correction2_sqrts.size() == count,
-              "adam_4bit_: lists differ in length");
+  check_lengths(kKernel, count, {grads.size(), exp_avgs.size(), exp_avg_scales.size(), exp_avg_sqs.size(),
+                                 exp_avg_sq_scales.size(), minus_step_sizes.size(), bias_correction2_sqrts.size()});
   for (size_t k = 0; k < count; ++k) {
     const at::Tensor& p = params[k];
-    const int64_t numel = p.numel(), blocks = (numel + kBlock - 1) / kBlock;
-    TORCH_CHECK(p.device().is_cpu() && p.scalar_type() == at::kFloat && p.is_contiguous(),
-                "adam_4bit_: parameters must be contiguous float32 CPU tensors");
-    TORCH_CHECK(grads[k].scalar_type() == at::kFloat && grads[k].is_contiguous() && grads[k].numel() == numel,
-                "adam_4bit_: a gradient differs from its parameter");
+    check_parameter(kKernel, p, grads[k]);
+    const int64_t blocks = ceil_div(p.numel(), kBlock);
     for (const at::Tensor* codes : {&exp_avgs[k], &exp_avg_sqs[k]}) {
-      TORCH_CHECK(codes->scalar_type() == at::kByte && codes->is_contiguous() && codes->numel() == (numel + 1) / 2,
-                  "adam_4bit_: moment codes must be contiguous uint8 tensors of ceil(n / 2) bytes");
+      check_state(kKernel, *codes, at::kByte, ceil_div(p.numel(), 2),
+                  "moment codes must be contiguous uint8 tensors of ceil(n / 2) bytes");
     }
-    const int64_t v_scales = is_rank1(p) ? Rank1(p.sizes()).count : blocks;
-    TORCH_CHECK(exp_avg_scales[k].scalar_type() == at::kFloat && exp_avg_scales[k].is_contiguous() &&
-                    exp_avg_scales[k].numel() == blocks,
-                "adam_4bit_: the first moment's scales must be contiguous float32 tensors, one per 128 values");
-    TORCH_CHECK(exp_avg_sq_scales[k].scalar_type() == at::kFloat && exp_avg_sq_scales[k].is_contiguous() &&
-                    exp_avg_sq_scales[k].numel() == v_scales,
-                "adam_4bit_: the second moment's scales must be contiguous float32 tensors: the rank-1 maxima "
-                "(sum of the shape) for two or more dimensions, else one per 128 values");
+    check_state(kKernel, exp_avg_scales[k], at::kFloat, blocks,
+                "the first moment's scales must be contiguous float32 tensors, one per 128 values");
+    check_state(kKernel, exp_avg_sq_scales[k], at::kFloat, is_rank1(p) ? Rank1(p.sizes()).count : blocks,
+                "the second moment's scales must be contiguous float32 tensors: the rank-1 maxima (sum of the "
+                "shape) for two or more dimensions, else one per 128 values");
   }
   const Books books(signed_map, unsigned_map);
-  Scalars s;
-  const float weight1 = static_cast<float>(1.0 - beta1);
-  s.small1 = std::fabs(weight1) < 0.5f;
-  s.coeff1 = s.small1 ? weight1 : weight1 - 1.0f;
-  s.beta2 = static_cast<float>(beta2);
-  s.one_minus_beta2 = static_cast<float>(1.0 - beta2);
-  s.eps = static_cast<float>(eps);
-  s.weight_decay = static_cast<float>(weight_decay);
-  s.decay = static_cast<float>(1.0 - lr * weight_decay);
-  s.sign = maximize ? -1.0f : 1.0f;
-  const Decay decay = weight_decay == 0.0 ? Decay::kNone : decoupled ? Decay::kDecoupled : Decay::kCoupled;
+  const Scalars s = step_scalars(beta1, beta2, eps, weight_decay, lr, maximize);
   const Step step{params, grads, exp_avgs, exp_avg_scales, exp_avg_sqs, exp_avg_sq_scales, minus_step_sizes,
-                  bias_correction2_sqrts, books, s, decay};
-  for (size_t k0 = 0, k1; k0 < count; k0 = k1) {  // rounds of at most kRound values (a larger tensor alone)
-    int64_t values = params[k0].numel();
-    for (k1 = k0 + 1; k1 < count && values + params[k1].numel() <= kRound; ++k1) values += params[k1].numel();
-    step.round(k0, k1);
-  }
+                  bias_correction2_sqrts, books, s};
+  with_decay_rule(decay_rule(weight_decay, decoupled), [&](auto rule) {
+    for (size_t k0 = 0, k1; k0 < count; k0 = k1) {  // rounds of at most kRound values (a larger tensor alone)
+      int64_t values = params[k0].numel();
+      for (k1 = k0 + 1; k1 < count && values + params[k1].numel() <= kRound; ++k1) values += params[k1].numel();
+      step.round<rule>(k0, k1);
+    }
+  });
 }
 
 }  // namespace

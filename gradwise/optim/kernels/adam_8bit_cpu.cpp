@@ -30,21 +30,17 @@
 // thread): the 256-entry maps and midpoints and the cell counts go through VBMI byte permutes
 // (Lookup, Cells), an octave's first cell and width through a dword permute. CPUs without AVX-512
 // VBMI run the same arithmetic one value at a time. Threads split tiles of 64 blocks of all tensors (at::parallel_for).
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
+#include "adam_cpu_common.h"
 
-#include <algorithm>
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #endif
-#include <cmath>
-#include <cstdint>
-#include <cstring>
 #include <limits>
 #include <utility>
-#include <vector>
 
 namespace {
+
+using namespace adam_cpu;
 
 constexpr int64_t kBlock = 256;
 constexpr int64_t kTileBlocks = 64;  // blocks per task: 16384 values
@@ -58,18 +54,6 @@ constexpr uint32_t kKeyHigh = 0x3f80u;           // key of 1.0
 constexpr int kOctaves = 32;                     // 2^-30 .. 2^0 (31), one more for a 32-entry permute
 constexpr int kNegative = 256;                   // where a signed map's cells of negative arguments start
 constexpr int kCells = 512;
-
-inline uint32_t float_bits(float x) {
-  uint32_t bits;
-  std::memcpy(&bits, &x, sizeof(bits));
-  return bits;
-}
-
-inline float bits_float(uint32_t bits) {
-  float x;
-  std::memcpy(&x, &bits, sizeof(x));
-  return x;
-}
 
 // One dynamic map (signed or unsigned): its values, its 255 midpoints (+inf at 255) and the
 // cells: per octave its first cell and 7 - b (its cells' width in keys, as a shift), per cell the
@@ -137,18 +121,10 @@ struct Codebook {
   }
 };
 
-struct Scalars {
-  float weight1, coeff1;  // lerp's weight 1 - beta1 and the coefficient ATen uses with it
-  bool small1;            // |weight| < 0.5: lerp starts from m, else from g
-  float beta2, one_minus_beta2, eps, weight_decay, decay;
-  bool has_decay, maximize, decoupled;
-};
-
 // One block (n <= 256 values) in one pass: decode, update the moments and the parameter, keep the
 // new moments in two 1 KiB buffers for the block's absmax, then encode them. The AVX-512 version
 // and the scalar one compute the same thing operation for operation (IEEE division and square
 // root, the same explicit fmas), so the kernel's result does not depend on the CPU it runs on.
-enum class Decay { kNone, kDecoupled, kCoupled };
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VBMI__)
 
@@ -307,7 +283,7 @@ inline void adam_block(const Codebook&, const Codebook&, const Lookups& signed_l
   alignas(64) float m_new[kBlock], v_new[kBlock];
   decode_block(signed_lookups.values, m_codes, *m_absmax, n, m_new);
   decode_block(unsigned_lookups.values, v_codes, *v_absmax, n, v_new);
-  const __m512 sign = _mm512_set1_ps(s.maximize ? -1.0f : 1.0f);  // exact: -g
+  const __m512 sign = _mm512_set1_ps(s.sign);
   const __m512 coeff1 = _mm512_set1_ps(s.coeff1), beta2 = _mm512_set1_ps(s.beta2),
                one_minus_beta2 = _mm512_set1_ps(s.one_minus_beta2), decay = _mm512_set1_ps(s.decay),
                weight_decay = _mm512_set1_ps(s.weight_decay), step = _mm512_set1_ps(minus_step),
@@ -366,11 +342,10 @@ inline void adam_block(const Codebook& signed_book, const Codebook& unsigned_boo
                        float* __restrict v_absmax, int64_t n) {
   float m_new[kBlock], v_new[kBlock];
   const float m_scale = *m_absmax, v_scale = *v_absmax;
-  const float sign = s.maximize ? -1.0f : 1.0f;  // exact: -g
   float m_largest = 0.0f, v_largest = 0.0f;
   bool m_nan = false, v_nan = false;
   for (int64_t i = 0; i < n; ++i) {
-    float grad = g[i] * sign;
+    float grad = g[i] * s.sign;
     float param = p[i];
     if constexpr (kDecay == Decay::kDecoupled) param = param * s.decay;
     if constexpr (kDecay == Decay::kCoupled) grad = std::fma(param, s.weight_decay, grad);
@@ -411,56 +386,35 @@ void adam_8bit_(std::vector<at::Tensor> params, std::vector<at::Tensor> grads, s
                 const at::Tensor& unsigned_map, std::vector<double> minus_step_sizes,
                 std::vector<double> bias_correction2_sqrts, double beta1, double beta2, double eps,
                 double weight_decay, double lr, bool decoupled, bool maximize) {
+  constexpr const char* kKernel = "adam_8bit_";
   const size_t count = params.size();
-  TORCH_CHECK(grads.size() == count && exp_avgs.size() == count && exp_avg_absmaxes.size() == count &&
-                  exp_avg_sqs.size() == count && exp_avg_sq_absmaxes.size() == count &&
-                  minus_step_sizes.size() == count && bias_correction2_sqrts.size() == count,
-              "adam_8bit_: lists differ in length");
-  std::vector<int64_t> first_tile(count + 1, 0);
+  check_lengths(kKernel, count, {grads.size(), exp_avgs.size(), exp_avg_absmaxes.size(), exp_avg_sqs.size(),
+                                 exp_avg_sq_absmaxes.size(), minus_step_sizes.size(), bias_correction2_sqrts.size()});
   for (size_t k = 0; k < count; ++k) {
-    const at::Tensor& p = params[k];
-    const int64_t numel = p.numel(), blocks = (numel + kBlock - 1) / kBlock;
-    TORCH_CHECK(p.device().is_cpu() && p.scalar_type() == at::kFloat && p.is_contiguous(),
-                "adam_8bit_: parameters must be contiguous float32 CPU tensors");
-    TORCH_CHECK(grads[k].scalar_type() == at::kFloat && grads[k].is_contiguous() && grads[k].numel() == numel,
-                "adam_8bit_: a gradient differs from its parameter");
+    check_parameter(kKernel, params[k], grads[k]);
+    const int64_t numel = params[k].numel();
     for (const at::Tensor* codes : {&exp_avgs[k], &exp_avg_sqs[k]}) {
-      TORCH_CHECK(codes->scalar_type() == at::kByte && codes->is_contiguous() && codes->numel() == numel,
-                  "adam_8bit_: moment codes must be contiguous uint8 tensors of the parameter's size");
+      check_state(kKernel, *codes, at::kByte, numel,
+                  "moment codes must be contiguous uint8 tensors of the parameter's size");
     }
     for (const at::Tensor* scales : {&exp_avg_absmaxes[k], &exp_avg_sq_absmaxes[k]}) {
-      TORCH_CHECK(scales->scalar_type() == at::kFloat && scales->is_contiguous() && scales->numel() == blocks,
-                  "adam_8bit_: block scales must be contiguous float32 tensors, one per 256 values");
+      check_state(kKernel, *scales, at::kFloat, ceil_div(numel, kBlock),
+                  "block scales must be contiguous float32 tensors, one per 256 values");
     }
-    first_tile[k + 1] = first_tile[k] + (blocks + kTileBlocks - 1) / kTileBlocks;
   }
   const Codebook signed_book(signed_map), unsigned_book(unsigned_map);
   const Lookups signed_lookups(signed_book), unsigned_lookups(unsigned_book);
-  Scalars s;
-  s.weight1 = static_cast<float>(1.0 - beta1);
-  s.small1 = std::fabs(s.weight1) < 0.5f;
-  s.coeff1 = s.small1 ? s.weight1 : s.weight1 - 1.0f;
-  s.beta2 = static_cast<float>(beta2);
-  s.one_minus_beta2 = static_cast<float>(1.0 - beta2);
-  s.eps = static_cast<float>(eps);
-  s.weight_decay = static_cast<float>(weight_decay);
-  s.decay = static_cast<float>(1.0 - lr * weight_decay);
-  s.has_decay = weight_decay != 0.0;
-  s.maximize = maximize;
-  s.decoupled = decoupled;
-  at::parallel_for(0, first_tile[count], 1, [&](int64_t begin, int64_t end) {
-    size_t k = std::upper_bound(first_tile.begin(), first_tile.end(), begin) - first_tile.begin() - 1;
-    for (int64_t tile = begin; tile < end; ++tile) {
-      while (tile >= first_tile[k + 1]) ++k;
-      const int64_t start = (tile - first_tile[k]) * kTile, block = start / kBlock;
-      const auto tile_update = !s.has_decay ? adam_tile<Decay::kNone>
-                               : s.decoupled ? adam_tile<Decay::kDecoupled> : adam_tile<Decay::kCoupled>;
-      tile_update(signed_book, unsigned_book, signed_lookups, unsigned_lookups, s, static_cast<float>(minus_step_sizes[k]),
-                  static_cast<float>(bias_correction2_sqrts[k]), params[k].data_ptr<float>() + start,
-                  grads[k].data_ptr<float>() + start, exp_avgs[k].data_ptr<uint8_t>() + start,
-                  exp_avg_absmaxes[k].data_ptr<float>() + block, exp_avg_sqs[k].data_ptr<uint8_t>() + start,
-                  exp_avg_sq_absmaxes[k].data_ptr<float>() + block, std::min(kTile, params[k].numel() - start));
-    }
+  const Scalars s = step_scalars(beta1, beta2, eps, weight_decay, lr, maximize);
+  with_decay_rule(decay_rule(weight_decay, decoupled), [&](auto rule) {
+    parallel_tiles(first_tiles(params, kTile), kTile, [&](size_t k, int64_t start) {
+      const int64_t block = start / kBlock;
+      adam_tile<rule>(signed_book, unsigned_book, signed_lookups, unsigned_lookups, s,
+                      static_cast<float>(minus_step_sizes[k]), static_cast<float>(bias_correction2_sqrts[k]),
+                      params[k].data_ptr<float>() + start, grads[k].data_ptr<float>() + start,
+                      exp_avgs[k].data_ptr<uint8_t>() + start, exp_avg_absmaxes[k].data_ptr<float>() + block,
+                      exp_avg_sqs[k].data_ptr<uint8_t>() + start, exp_avg_sq_absmaxes[k].data_ptr<float>() + block,
+                      std::min(kTile, params[k].numel() - start));
+    });
   });
 }
 

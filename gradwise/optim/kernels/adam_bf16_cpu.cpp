@@ -13,31 +13,15 @@
 //              a counter-based hash (SplitMix64 of the write's seed and the value's index), not
 //              from torch's generator as in the generic path: the same distribution, other draws.
 // Threads split tiles of 16384 values of all tensors (at::parallel_for).
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
-
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <vector>
+#include "adam_cpu_common.h"
 
 namespace {
 
+using namespace adam_cpu;
+
 constexpr int64_t kTile = 16384;
 
-inline uint32_t float_bits(float x) {
-  uint32_t bits;
-  std::memcpy(&bits, &x, sizeof(bits));
-  return bits;
-}
-
-inline float bf16_float(uint16_t h) {
-  const uint32_t bits = static_cast<uint32_t>(h) << 16;
-  float x;
-  std::memcpy(&x, &bits, sizeof(x));
-  return x;
-}
+inline float bf16_float(uint16_t h) { return bits_float(static_cast<uint32_t>(h) << 16); }
 
 inline uint16_t round_nearest_even(float x) {
   if (x != x) return UINT16_C(0x7FC0);  // c10::BFloat16's NaN
@@ -59,20 +43,13 @@ inline uint16_t round_stochastic(float x, uint64_t seed, int64_t index) {
   return static_cast<uint16_t>((float_bits(x) + noise) >> 16);
 }
 
-struct Scalars {
-  float coeff1, beta2, one_minus_beta2, eps, weight_decay, decay;
-  bool small1, maximize;
-};
-
-enum class Decay { kNone, kDecoupled, kCoupled };
-
 // n values of one tensor, the first at index `first` of the tensor (the noise's counter).
 template <Decay kDecay, bool kStochastic>
 void adam_tile(const Scalars& s, float minus_step, float bc2_sqrt, float* __restrict p, const float* __restrict g,
                uint16_t* __restrict m_store, uint16_t* __restrict v_store, int64_t n, int64_t first, uint64_t m_seed,
                uint64_t v_seed) {
   // locals, not loads through `s` in the loop (which the compiler cannot prove unaliased): vectorised
-  const float sign = s.maximize ? -1.0f : 1.0f;  // exact: -g
+  const float sign = s.sign;
   const float decay = s.decay, weight_decay = s.weight_decay, coeff1 = s.coeff1, beta2 = s.beta2;
   const float one_minus_beta2 = s.one_minus_beta2, eps = s.eps;
   const float small1 = s.small1 ? 1.0f : 0.0f;
@@ -101,59 +78,34 @@ void adam_bf16_(std::vector<at::Tensor> params, std::vector<at::Tensor> grads, s
                 std::vector<double> bias_correction2_sqrts, double beta1, double beta2, double eps,
                 double weight_decay, double lr, bool decoupled, bool maximize, bool stochastic,
                 std::vector<int64_t> seeds) {
+  constexpr const char* kKernel = "adam_bf16_";
   const size_t count = params.size();
-  TORCH_CHECK(grads.size() == count && exp_avgs.size() == count && exp_avg_sqs.size() == count &&
-                  minus_step_sizes.size() == count && bias_correction2_sqrts.size() == count &&
-                  (!stochastic || seeds.size() == 2 * count),
-              "adam_bf16_: lists differ in length");
-  std::vector<int64_t> first_tile(count + 1, 0);
+  check_lengths(kKernel, count, {grads.size(), exp_avgs.size(), exp_avg_sqs.size(), minus_step_sizes.size(),
+                                 bias_correction2_sqrts.size()});
+  TORCH_CHECK(!stochastic || seeds.size() == 2 * count, kKernel, ": lists differ in length");
   for (size_t k = 0; k < count; ++k) {
-    const at::Tensor& p = params[k];
-    const int64_t numel = p.numel();
-    TORCH_CHECK(p.device().is_cpu() && p.scalar_type() == at::kFloat && p.is_contiguous(),
-                "adam_bf16_: parameters must be contiguous float32 CPU tensors");
-    TORCH_CHECK(grads[k].scalar_type() == at::kFloat && grads[k].is_contiguous() && grads[k].numel() == numel,
-                "adam_bf16_: a gradient differs from its parameter");
+    check_parameter(kKernel, params[k], grads[k]);
     for (const at::Tensor* moment : {&exp_avgs[k], &exp_avg_sqs[k]}) {
-      TORCH_CHECK(moment->scalar_type() == at::kBFloat16 && moment->is_contiguous() && moment->numel() == numel,
-                  "adam_bf16_: moments must be contiguous bfloat16 tensors of the parameter's size");
+      check_state(kKernel, *moment, at::kBFloat16, params[k].numel(),
+                  "moments must be contiguous bfloat16 tensors of the parameter's size");
     }
-    first_tile[k + 1] = first_tile[k] + (numel + kTile - 1) / kTile;
   }
-  Scalars s;
-  const float weight1 = static_cast<float>(1.0 - beta1);
-  s.small1 = std::fabs(weight1) < 0.5f;
-  s.coeff1 = s.small1 ? weight1 : weight1 - 1.0f;
-  s.beta2 = static_cast<float>(beta2);
-  s.one_minus_beta2 = static_cast<float>(1.0 - beta2);
-  s.eps = static_cast<float>(eps);
-  s.weight_decay = static_cast<float>(weight_decay);
-  s.decay = static_cast<float>(1.0 - lr * weight_decay);
-  s.maximize = maximize;
-  const Decay decay = weight_decay == 0.0 ? Decay::kNone : decoupled ? Decay::kDecoupled : Decay::kCoupled;
-  at::parallel_for(0, first_tile[count], 1, [&](int64_t begin, int64_t end) {
-    size_t k = std::upper_bound(first_tile.begin(), first_tile.end(), begin) - first_tile.begin() - 1;
-    for (int64_t tile = begin; tile < end; ++tile) {
-      while (tile >= first_tile[k + 1]) ++k;
-      const int64_t start = (tile - first_tile[k]) * kTile, n = std::min(kTile, params[k].numel() - start);
-      const uint64_t m_seed = stochastic ? static_cast<uint64_t>(seeds[2 * k]) : 0;
-      const uint64_t v_seed = stochastic ? static_cast<uint64_t>(seeds[2 * k + 1]) : 0;
+  const Scalars s = step_scalars(beta1, beta2, eps, weight_decay, lr, maximize);
+  with_decay_rule(decay_rule(weight_decay, decoupled), [&](auto rule) {
+    parallel_tiles(first_tiles(params, kTile), kTile, [&](size_t k, int64_t start) {
+      const int64_t n = std::min(kTile, params[k].numel() - start);
       auto* m = reinterpret_cast<uint16_t*>(exp_avgs[k].data_ptr<at::BFloat16>()) + start;
       auto* v = reinterpret_cast<uint16_t*>(exp_avg_sqs[k].data_ptr<at::BFloat16>()) + start;
       float* p = params[k].data_ptr<float>() + start;
       const float* g = grads[k].data_ptr<float>() + start;
       const float step = static_cast<float>(minus_step_sizes[k]), bc2 = static_cast<float>(bias_correction2_sqrts[k]);
       if (stochastic) {
-        (decay == Decay::kNone        ? adam_tile<Decay::kNone, true>
-         : decay == Decay::kDecoupled ? adam_tile<Decay::kDecoupled, true>
-                                      : adam_tile<Decay::kCoupled, true>)(s, step, bc2, p, g, m, v, n, start,
-                                                                          m_seed, v_seed);
+        adam_tile<rule, true>(s, step, bc2, p, g, m, v, n, start, static_cast<uint64_t>(seeds[2 * k]),
+                              static_cast<uint64_t>(seeds[2 * k + 1]));
       } else {
-        (decay == Decay::kNone        ? adam_tile<Decay::kNone, false>
-         : decay == Decay::kDecoupled ? adam_tile<Decay::kDecoupled, false>
-                                      : adam_tile<Decay::kCoupled, false>)(s, step, bc2, p, g, m, v, n, start, 0, 0);
+        adam_tile<rule, false>(s, step, bc2, p, g, m, v, n, start, 0, 0);
       }
-    }
+    });
   });
 }
 
