@@ -18,15 +18,25 @@ from types import ModuleType
 _HERE = Path(__file__).parent
 
 
+class ToolchainMissing(RuntimeError):
+    """This machine has no C++ compiler or no ninja, so no kernel can be built here; a build that a present
+    toolchain fails is a plain ``RuntimeError``."""
+
+
 def _build(name: str, source: str, what: str, fallback: str, cflags: tuple[str, ...] = ()) -> ModuleType:
     """Compile (or load from torch's cache) the extension ``name`` from ``source`` beside this file;
-    a failure is a ``RuntimeError`` that names the kernel (``what``) and the way around it."""
+    a failure is a ``RuntimeError`` (:class:`ToolchainMissing` without a compiler or ninja) that names
+    the kernel (``what``) and the way around it."""
     from torch.utils.cpp_extension import _get_build_directory, load
 
     if shutil.which("ninja") is None:
         # torch looks for ninja on PATH; the ninja package from PyPI ships the binary.
-        import ninja
-
+        try:
+            import ninja
+        except ImportError:
+            raise ToolchainMissing(
+                f"could not build gradwise's {what}: no ninja (pip install ninja); {fallback}"
+            ) from None
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     try:
         folder = Path(_get_build_directory(name, verbose=False))
@@ -46,7 +56,9 @@ def _build(name: str, source: str, what: str, fallback: str, cflags: tuple[str, 
                 extra_ldflags=["-fopenmp"],
             )
     except (OSError, RuntimeError, ImportError) as error:
-        raise RuntimeError(
+        compiler = (os.environ.get("CXX") or "c++").split()[0]  # the compiler torch calls
+        failure = ToolchainMissing if shutil.which(compiler) is None else RuntimeError
+        raise failure(
             f"could not build gradwise's {what} ({error}); it needs a C++ compiler and the ninja package; {fallback}"
         ) from error
 
