@@ -13,6 +13,8 @@ Yuan 2009; Thakur et al. 2005), with N ranks in the group and payload S:
     reduce-scatter   (N - 1) / N * S      (S: the whole input)
     broadcast        S (sent by the root, received by the others)
     send / recv      S
+    all-to-all       S                    (S: the whole input, what this rank sends to the others;
+                                           gradwise's own all-to-alls send nothing to their sender)
 
 The payload is what strategies are compared by ("DiLoCo communicates H times fewer bytes
 than DDP"); the ring bytes are what a bandwidth model charges for.
@@ -29,8 +31,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from gradwise.distributed.state_bytes import tensor_bytes
 
-ALL_REDUCE, ALL_GATHER, REDUCE_SCATTER, BROADCAST, POINT_TO_POINT = (
-    "all-reduce", "all-gather", "reduce-scatter", "broadcast", "send/recv")
+ALL_REDUCE, ALL_GATHER, REDUCE_SCATTER, BROADCAST, POINT_TO_POINT, ALL_TO_ALL = (
+    "all-reduce", "all-gather", "reduce-scatter", "broadcast", "send/recv", "all-to-all")
 
 COLLECTIVES: dict[str, tuple[str, int]] = {
     # operator -> (kind, index of the argument holding this rank's payload)
@@ -44,6 +46,7 @@ COLLECTIVES: dict[str, tuple[str, int]] = {
     "c10d.reduce_scatter_": (REDUCE_SCATTER, 1),
     "c10d.reduce_scatter_tensor_coalesced_": (REDUCE_SCATTER, 1),
     "c10d.send": (POINT_TO_POINT, 0),
+    "c10d.alltoall_base_": (ALL_TO_ALL, 1),
     "c10d.recv_": (POINT_TO_POINT, 0),
     "_c10d_functional.all_reduce": (ALL_REDUCE, 0),
     "_c10d_functional.all_reduce_": (ALL_REDUCE, 0),

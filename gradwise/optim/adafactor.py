@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import MutableMapping
 from typing import Any
 
 import torch
@@ -126,7 +127,7 @@ class Adafactor(GradwiseOptimizer):
             check_range("beta1", group["beta1"], 0.0, 1.0, high_open=True)
 
     def _init_state(self, param: Tensor) -> None:
-        state = self.state[param]
+        state = self.param_state(param)
         if "step" in state:
             return
         state["step"] = torch.zeros((), dtype=scalar_dtype())
@@ -151,11 +152,11 @@ class Adafactor(GradwiseOptimizer):
 
         eps1 = group["eps"][0]
         for param, grad, t in zip(params, grads, counts):
-            _update_second_moment(self.state[param], grad, t ** group["beta2_decay"])
+            _update_second_moment(self.param_state(param), grad, t ** group["beta2_decay"])
         # Whether the floor eps1^2 on R C / mean(R) binds anywhere in a matrix: one host
         # transfer for all of them. Where it does not, U is G scaled by rows and columns.
         floors = [
-            _floor_binds(self.state[p], torch.finfo(p.dtype).eps if eps1 is None else eps1)
+            _floor_binds(self.param_state(p), torch.finfo(p.dtype).eps if eps1 is None else eps1)
             for p in params
             if p.ndim == 2
         ]
@@ -163,7 +164,7 @@ class Adafactor(GradwiseOptimizer):
         updates, sqrt_means = [], []
         for param, grad in zip(params, grads):
             floor_binds = next(binds) if param.ndim == 2 else True
-            update, sqrt_mean = _scaled_gradient(self.state[param], grad, eps1, floor_binds)
+            update, sqrt_mean = _scaled_gradient(self.param_state(param), grad, eps1, floor_binds)
             updates.append(update)
             sqrt_means.append(sqrt_mean)
         # Clipping: U / max(1, RMS(U) / d). RMS of the factored U is sqrt(mean) * RMS(U').
@@ -192,7 +193,7 @@ class Adafactor(GradwiseOptimizer):
             param.add_(exp_avg, alpha=-alpha)
 
 
-def _update_second_moment(state: dict[str, Tensor], grad: Tensor, one_minus_beta2: float) -> None:
+def _update_second_moment(state: MutableMapping[str, Tensor], grad: Tensor, one_minus_beta2: float) -> None:
     """The running mean of G^2: full for vectors, row and column means for matrices."""
     if grad.ndim <= 1:
         state["variance"].lerp_(grad * grad, one_minus_beta2)
@@ -204,18 +205,18 @@ def _update_second_moment(state: dict[str, Tensor], grad: Tensor, one_minus_beta
     state["col_var"].lerp_(col_mean, one_minus_beta2)
 
 
-def _mean_row_var(state: dict[str, Tensor], eps1: float) -> Tensor:
+def _mean_row_var(state: MutableMapping[str, Tensor], eps1: float) -> Tensor:
     return state["row_var"].mean(dim=-2, keepdim=True).clamp_(min=eps1)
 
 
-def _floor_binds(state: dict[str, Tensor], eps1: float) -> Tensor:
+def _floor_binds(state: MutableMapping[str, Tensor], eps1: float) -> Tensor:
     """Whether min(R) min(C) / mean(R) < eps1^2 for a matrix (a bool tensor)."""
     row_var, col_var = state["row_var"], state["col_var"]
     return row_var.min() * col_var.min() < (eps1 * eps1) * _mean_row_var(state, eps1).view(())
 
 
 def _scaled_gradient(
-    state: dict[str, Tensor], grad: Tensor, eps1: float | None, floor_binds: bool
+    state: MutableMapping[str, Tensor], grad: Tensor, eps1: float | None, floor_binds: bool
 ) -> tuple[Tensor, Tensor]:
     r"""``(U', s)`` with the unclipped update :math:`U = s U'` (``s`` a scalar tensor).
 

@@ -29,6 +29,7 @@ shares, so that each optimizer file holds only its math:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, MutableMapping
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -36,6 +37,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.optimizer import _get_capturable_supported_devices
 
+from gradwise.optim.owner_computes import whole_tensors
 from gradwise.optim.param_rounding import PARAM_ROUNDINGS, float32_working_params
 from gradwise.optim.sharded_formats import (
     as_dtensor_moments,
@@ -155,6 +157,11 @@ class GradwiseOptimizer(Optimizer):
         super().add_param_group(param_group)
         check_common_options(self.param_groups[-1], type(self))
         self._validate(self.param_groups[-1])
+        description = getattr(type(self), "description", None)
+        if getattr(description, "sharding", None) == "layer" and any(map(is_dtensor, self.param_groups[-1]["params"])):
+            raise ValueError(f"{type(self).__name__} on sharded (DTensor) parameters: its factors come from each "
+                             "layer's whole activations and gradients, which FSDP and tensor parallelism split; "
+                             "use ddp, zero1 or zero2")
 
     def _validate(self, group: dict[str, Any]) -> None:
         """Raise ``ValueError`` for any invalid hyperparameter of ``group``."""
@@ -307,31 +314,34 @@ class GradwiseOptimizer(Optimizer):
             if group.get("mars_gamma") is not None:
                 grads = self._mars_gradients(group, params, grads)
             try:
-                if group.get("state_format", "fp32") != "fp32":
-                    params, grads = self._local_shards(group, params, grads)
-                    if not self._fused_formatted_update(group, params, grads):
-                        self._formatted_update(group, params, grads)
-                elif group.get("foreach") is False or group.get("differentiable"):
-                    for param, grad in zip(params, grads):  # torch's single-tensor path
-                        self._update(group, [param], [grad])
-                else:
-                    self._update(group, params, grads)
+                with self._whole_matrices(group, params, grads) as (params, grads):
+                    if group.get("state_format", "fp32") != "fp32":
+                        params, grads = local_shards(params, grads, self._shard_owners)
+                        if not self._fused_formatted_update(group, params, grads):
+                            self._formatted_update(group, params, grads)
+                    elif group.get("foreach") is False or group.get("differentiable"):
+                        for param, grad in zip(params, grads):  # torch's single-tensor path
+                            self._update(group, [param], [grad])
+                    else:
+                        self._update(group, params, grads)
             finally:
                 self._complex_owners.clear()
                 self._shard_owners.clear()
 
-    def _local_shards(self, group: dict[str, Any], params: list[Tensor],
-                      grads: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
-        """A state format's step on DTensor parameters runs on their local shards, the moments blocked
-        inside each shard (:mod:`gradwise.optim.sharded_formats`); refused where the update needs
-        whole matrices."""
-        if not any(map(is_dtensor, params)):
-            return params, grads
-        if self._updates_matrices(group):
-            raise ValueError(f"{type(self).__name__}(state_format={group['state_format']!r}) on sharded (DTensor) "
+    def _whole_matrices(self, group: dict[str, Any], params: list[Tensor],
+                        grads: list[Tensor]) -> AbstractContextManager[tuple[list[Tensor], list[Tensor]]]:
+        """The tensors a per-matrix update of ``group`` runs on: DTensor matrices (FSDP2, tensor
+        parallelism) whole, each on the rank that owns it (:mod:`gradwise.optim.owner_computes`), their
+        shards written back on leaving; ``params`` and ``grads`` as they are otherwise. A state format's
+        blocks of a sharded matrix's moments are refused on DTensors."""
+        if not self._updates_matrices(group) or not any(map(is_dtensor, params)):
+            return nullcontext((params, grads))
+        name = type(self).__name__
+        if group.get("state_format", "fp32") != "fp32":
+            raise ValueError(f"{name}(state_format={group['state_format']!r}) on sharded (DTensor) "
                              "parameters: its update needs whole matrices, whose moments' blocks would cross "
                              "shards; use state_format='fp32' under FSDP and tensor parallelism")
-        return local_shards(params, grads, self._shard_owners)
+        return whole_tensors(params, grads, self._shard_owners, self.state)
 
     def _fused_formatted_update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> bool:
         """Update ``params`` with a kernel that reads and writes ``group["state_format"]``'s stored

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from gradwise.optim.adam import adam_update
-from gradwise.optim.base import GradwiseOptimizer, ParamsT, is_dtensor, maybe_negate, zeros_like
+from gradwise.optim.base import GradwiseOptimizer, ParamsT, maybe_negate, zeros_like
 from gradwise.optim.description import Description, Preset, StateSize, moment_buffers
 from gradwise.optim.param_groups import NORMALIZATION_LAYERS
 from gradwise.optim.state_formats import MOMENTUM_STATE_FORMATS
@@ -203,9 +203,9 @@ class Muon(GradwiseOptimizer):
     - a 3-D weight is a batch of matrices, each orthogonalised on its own (per head, per
       expert); a 4-D convolution weight is flattened to ``(out, in * kh * kw)``;
     - matrices of one shape go through Newton-Schulz together, as one batched product;
-    - a matrix sharded as a DTensor (FSDP2, :func:`gradwise.distributed.strategies.fsdp.shard_model`)
-      is gathered whole for Newton-Schulz (which needs every row), and each rank adds its
-      own shard of the result;
+    - a matrix sharded as a DTensor (FSDP2, :func:`gradwise.distributed.strategies.fsdp.shard_model`;
+      tensor parallelism) is orthogonalised whole on one rank, its owner, which keeps its
+      momentum (:mod:`gradwise.optim.owner_computes`);
     - ``maximize=True`` ascends (the gradient is negated), as torch's other optimizers;
     - **routing**: parameters that should not be orthogonalised (embeddings, the output
       head, biases and gains) can be stepped by an internal AdamW, so one ``Muon`` takes all
@@ -416,18 +416,11 @@ class Muon(GradwiseOptimizer):
     def _muon_update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
         lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
         normuon_beta2 = group["normuon_beta2"]
-        if normuon_beta2 is not None and any(is_dtensor(param) for param in params):
-            raise ValueError(
-                "normuon_beta2: NorMuon's row second moment is not implemented for sharded (DTensor) parameters; "
-                "use normuon_beta2=None with FSDP/tensor parallelism (ZeRO's whole-tensor sharding works)"
-            )
         buffers = [self._state(p, "momentum_buffer", zeros_like) for p in params]
         torch._foreach_lerp_(buffers, grads, 1 - momentum)
         updates = torch._foreach_lerp(grads, buffers, momentum) if group["nesterov"] else buffers
         if weight_decay != 0:
             torch._foreach_mul_(params, 1 - lr * weight_decay)
-        # A sharded (DTensor) matrix is orthogonalised whole: gather it on every rank.
-        updates = [update.full_tensor() if is_dtensor(update) else update for update in updates]
         # Matrices of one shape, dtype and device share one batched orthogonalisation call.
         batches: dict[tuple, list[int]] = {}
         for index, param in enumerate(params):
@@ -451,7 +444,7 @@ class Muon(GradwiseOptimizer):
             for i in indices:
                 count = params[i].numel() // (rows * cols)
                 update = orthogonal[start : start + count].view(params[i].shape)
-                params[i].add_(local_part(update, params[i]) if is_dtensor(params[i]) else update, alpha=step)
+                params[i].add_(update, alpha=step)
                 start += count
 
     def _adamw_update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
@@ -498,18 +491,6 @@ def normalize_rows(orthogonal: Tensor, moments: list[Tensor], beta2: float) -> T
         start += count
     update.div_(stacked.sqrt_().add_(NORMUON_EPS))
     return update.mul_(norms / torch.linalg.vector_norm(update, dim=(-2, -1), keepdim=True).add_(NORMUON_EPS))
-
-
-def local_part(full: Tensor, like: Tensor) -> Tensor:
-    """``full`` (the same whole tensor on every rank) as a DTensor placed like ``like``:
-    each rank keeps its own shard, cut locally without communication."""
-    from torch.distributed.tensor import DTensor, Replicate
-
-    if not isinstance(like, DTensor):
-        raise TypeError(f"like must be a DTensor, got a {type(like).__name__}")
-    mesh = like.device_mesh
-    replicated = DTensor.from_local(full, mesh, [Replicate()] * mesh.ndim, run_check=False)
-    return replicated.redistribute(mesh, like.placements)
 
 
 def muon_param_groups(

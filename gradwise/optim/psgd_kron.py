@@ -218,7 +218,7 @@ class PSGDKron(GradwiseOptimizer):
             self._step_one(group, param, grad)
 
     def _step_one(self, group: dict[str, Any], param: Tensor, grad: Tensor) -> None:
-        state = self.state[param]
+        state = self.param_state(param)
         compute = torch.promote_types(param.dtype, torch.float32)
         shape = preconditioned_shape(tuple(param.shape))
         g = grad.to(compute).reshape(shape)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import MutableMapping
 from typing import Any
 
 import torch
@@ -248,7 +249,7 @@ class Shampoo(GradwiseOptimizer):
 
     def _direction(self, group: dict[str, Any], param: Tensor, grad: Tensor) -> Tensor:
         """Update the statistics of ``param`` with ``grad``; return its step direction."""
-        state = self.state[param]
+        state = self.param_state(param)
         if "step" not in state:
             self._init_state(group, param)
         grad = grad.to(statistics_dtype(param))
@@ -281,7 +282,7 @@ class Shampoo(GradwiseOptimizer):
         return from_blocks(preconditioned, row_layout, col_layout, rows, cols).reshape(param.shape).to(param.dtype)
 
     @staticmethod
-    def _graft_direction(group: dict[str, Any], state: dict[str, Any], grad: Tensor, step: int) -> Tensor:
+    def _graft_direction(group: dict[str, Any], state: MutableMapping[str, Any], grad: Tensor, step: int) -> Tensor:
         graft = group["graft"]
         if graft in (None, "sgd"):
             return grad
@@ -296,7 +297,7 @@ class Shampoo(GradwiseOptimizer):
         return grad / denominator.add_(group["graft_eps"])
 
     def _init_state(self, group: dict[str, Any], param: Tensor) -> None:
-        state = self.state[param]
+        state = self.param_state(param)
         state["step"] = torch.zeros((), dtype=scalar_dtype())
         rows, cols = matrix_view_shape(param)
         row_layout = block_layout(rows, group["block_size"])

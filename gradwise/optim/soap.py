@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import MutableMapping
 from typing import Any
 
 import torch
@@ -127,7 +128,7 @@ class SOAP(GradwiseOptimizer):
             self._step_one(group, param, grad)
 
     def _step_one(self, group: dict[str, Any], param: Tensor, grad: Tensor) -> None:
-        state = self.state[param]
+        state = self.param_state(param)
         beta1, beta2 = group["betas"]
         shampoo_beta = beta2 if group["shampoo_beta"] is None else group["shampoo_beta"]
         rows, cols = matrix_view_shape(param)
@@ -154,7 +155,7 @@ class SOAP(GradwiseOptimizer):
             self._refresh_basis(state)
 
     def _init_state(self, group: dict[str, Any], param: Tensor, matrix: Tensor, shampoo_beta: float) -> None:
-        state = self.state[param]
+        state = self.param_state(param)
         state["step"] = torch.zeros((), dtype=scalar_dtype())
         rows, cols = matrix.shape
         state["exp_avg"] = matrix.new_zeros(rows, cols)
@@ -170,7 +171,7 @@ class SOAP(GradwiseOptimizer):
                 state[f"{side}_basis"] = eigenvectors.flip(-1).to(matrix.dtype)  # descending eigenvalues
 
     @staticmethod
-    def _refresh_basis(state: dict[str, Any]) -> None:
+    def _refresh_basis(state: MutableMapping[str, Any]) -> None:
         """One power-iteration step with QR per side; re-express ``M'`` and ``V'``."""
         exp_avg = _rotate_back(state["exp_avg"], state.get("left_basis"), state.get("right_basis"))
         for dim, side in ((0, "left"), (1, "right")):
@@ -187,7 +188,7 @@ class SOAP(GradwiseOptimizer):
         state["exp_avg"] = _rotate(exp_avg, state.get("left_basis"), state.get("right_basis"))
 
 
-def _accumulate(state: dict[str, Any], matrix: Tensor, shampoo_beta: float) -> None:
+def _accumulate(state: MutableMapping[str, Any], matrix: Tensor, shampoo_beta: float) -> None:
     if "left" in state:
         state["left"].mul_(shampoo_beta).addmm_(matrix, matrix.T, alpha=1 - shampoo_beta)
     if "right" in state:
