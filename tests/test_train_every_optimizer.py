@@ -240,3 +240,12 @@ def test_a_hessian_refresh_under_a_sharded_strategy_is_refused_in_one_line(tmp_p
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert "strategy single or ddp" in done.stderr
+
+
+def test_a_dtype_option_is_given_by_its_name_as_on_the_command_line():
+    model = TinyGPT(seq_len=8, d_model=16, n_layer=1, n_head=2)
+    optimizer = build_optimizer("muon", model, 0.02, 0.0, {"ns_dtype": "float32"})
+    assert {group["ns_dtype"] for group in optimizer.param_groups if group["use_muon"] is not False} == {torch.float32}
+    for bad in ("int8", "float33"):  # a dtype Muon does not offer; no dtype at all
+        with pytest.raises(ValueError, match="ns_dtype must be one of torch.bfloat16, torch.float16"):
+            check_optimizer_options("muon", {"ns_dtype": bad})

@@ -12,6 +12,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 from torch.optim import Optimizer
 
@@ -63,6 +64,10 @@ def _class_and_settings(name: str, options: dict[str, Any] | None) -> tuple[type
         if option == "weight_decay":  # its own setting leaves biases and norms undecayed; the groups would override it
             raise ValueError("optimizer_options: weight_decay is its own setting (--weight-decay), not an option here")
         check_choice(f"{name} option", option, [key for key in accepted if key not in BUILDER_ARGUMENTS])
+        # a dtype option (Muon's ns_dtype) arrives from the command line or a TOML file as its name
+        named = getattr(torch, str(settings[option]), None)
+        if isinstance(accepted[option].default, torch.dtype) and isinstance(named, torch.dtype):
+            settings[option] = named
     return optimizer_class, settings
 
 
