@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -15,6 +16,8 @@ from gradwise.train.config import LARGEST_SEED
 from gradwise.validation import check_choice, check_int, check_range
 
 if TYPE_CHECKING:
+    from gradwise.plan.communication import AlphaBeta
+    from gradwise.plan.owner_computes import OwnerComputes
     from gradwise.plan.parallel_step_time import ParallelStepTime
     from gradwise.plan.parallelism import Layout
     from gradwise.plan.step_time import FormatPlan
@@ -211,10 +214,14 @@ def _memory(args: argparse.Namespace) -> int:
             args.layers, width, heads, args.seq_len, args.micro_batch, fmt.activation_bytes, args.checkpointing
         )
     params = memory.parameter_count(shapes)
+    owners = _owner_computes(args, shapes, args.precision, args.state_format)
     rows: list[dict[str, Any]] = []
     for stage in memory.ZERO_STAGES:
         estimate = memory.estimate_memory(shapes, args.optimizer, args.precision, stage, args.devices, activations,
                                           args.state_format)
+        if stage == 3 and owners is not None:  # FSDP2: each matrix's whole state on its owner
+            most = owners.ranks[owners.most_loaded]
+            estimate = dataclasses.replace(estimate, optimizer_state=float(most.state_bytes))
         label = "DP" if stage == 0 else f"ZeRO-{stage}"
         rows.append({"zero_stage": stage, "label": label, "bytes": estimate.as_dict()})
     chosen = rows[args.zero]
@@ -227,6 +234,7 @@ def _memory(args: argparse.Namespace) -> int:
                                                             args.state_format) / params,
         },
         "activations_included": args.seq_len is not None, "per_device": chosen["bytes"], "by_stage": rows,
+        **({"owner_computes": owners.as_dict()} if owners is not None else {}),
     }
     title = f"{params / 1e9:.3g}B params, {optimizer}, {args.precision}, {args.devices} devices"
     path = _plot_memory(args, payload, rows, title)
@@ -238,6 +246,8 @@ def _memory(args: argparse.Namespace) -> int:
         f"bytes per parameter: weights {per_param['weights']}, gradients {per_param['gradients']}, "
         f"master {per_param['master']}, optimizer state {per_param['optimizer_state']:.4g}\n\n{table}"
         + ("" if args.seq_len is not None else "\n(activations not included: give --layers, --width and --seq-len)")
+        + ("" if owners is None else "\n\nZeRO-3 is FSDP2 with owner-computes: its optimizer state is the most loaded "
+           "rank's\n" + _owner_computes_text(owners))
         + _wrote(path)
     )
     _emit(args, payload, text)
@@ -267,6 +277,47 @@ def _memory_table(rows: list[dict[str, Any]], chosen: dict[str, Any], pp: int | 
           *([f"{row['pipeline_stage']} of {pp}"] if pp is not None else []),
           *(_gb(row["bytes"][k]) for k in kinds)] for row in rows],
     )
+
+
+def _owner_computes(args: argparse.Namespace, shapes: memory.Shapes, precision: str,
+                    state_format: str) -> OwnerComputes | None:
+    """Owner-computes on --devices ranks under FSDP2 (--zero 3) for an optimizer that updates whole
+    matrices: the transformer of --layers/--width/--vocab/--seq-len, or the tensors of ``shapes``; ``None``
+    otherwise (:func:`gradwise.plan.owner_computes.owner_computes`)."""
+    if args.zero != 3:
+        return None
+    from gradwise.plan import owner_computes
+
+    model = (owner_computes.meta_tensors(shapes) if args.params is not None
+             else owner_computes.meta_transformer(args.layers, args.width, args.vocab, args.seq_len or 0))
+    element = owner_computes.sharded_element_bytes(precision)
+    return owner_computes.owner_computes(args.optimizer, model, args.devices, element, element,
+                                         memory.PRECISIONS[precision].state_bytes, state_format)
+
+
+def _owner_computes_text(owners: OwnerComputes, link: AlphaBeta | None = None,
+                         throughput: float | None = None) -> str:
+    """Lines on each rank's optimizer state, compute and traffic under owner-computes; with ``link`` and
+    ``throughput`` (FLOP/s), the slowest rank's seconds."""
+    ranks = owners.ranks
+    most, least = ranks[owners.most_loaded], min(ranks, key=lambda rank: rank.state_bytes)
+    lines = [f"owner-computes over {len(ranks)} ranks ({owners.optimizer}: each whole-matrix update on one rank, "
+             f"LPT on r*c*min(r,c)): optimizer state per rank {_gb(most.state_bytes)} GB (rank {owners.most_loaded}, "
+             f"the most loaded) to {_gb(least.state_bytes)} GB, {owners.state_spread:.3f}x the mean"]
+    if owners.flops_modelled:
+        flops = max(rank.flops or 0 for rank in ranks)
+        update = owners.update_seconds(throughput) if throughput else None
+        seconds = f", {update * 1e3:.4g} ms" if update is not None else ""
+        lines.append(f"update FLOPs per rank: at most {flops:.4g}{seconds} (the matrix products FlopCounterMode "
+                     "counts)")
+    else:
+        lines.append(f"update FLOPs per rank: not modelled for {owners.optimizer} (its roots and eigenbases are not "
+                     f"counted by FlopCounterMode); matrix_cost load at most {max(rank.cost for rank in ranks):.4g}")
+    sent = max(rank.sent_bytes for rank in ranks)
+    seconds = f", {owners.exchange_seconds(link) * 1e3:.4g} ms" if link is not None else ""
+    lines.append(f"sent per rank per step: at most {sent / 1e6:.4g} MB in {owners.exchanges} "
+                 f"all_to_all_single{seconds}")
+    return "\n".join(lines)
 
 
 def _transformer(args: argparse.Namespace, what: str) -> Any:
@@ -381,6 +432,9 @@ def _add_step(models) -> None:
     parser.add_argument("--step-factor", default="", metavar="FMT=X,...",
                         help="extra steps a format needs, e.g. fp8=1.1 (default: 1 for all)")
     parser.add_argument("--zero", type=int, default=0, metavar="STAGE", help="ZeRO stage (3: 1.5x the traffic)")
+    parser.add_argument("--optimizer", default="adamw",
+                        help="optimizer; with --zero 3 one that updates whole matrices (muon, shampoo, soap, ...) is "
+                        "planned by owner-computes: its per-rank update and exchange (default: adamw)")
     parser.add_argument("--bucket-mb", type=float, default=25.0, metavar="MIB", help="gradient bucket (default: 25)")
     parser.add_argument("--no-overlap", action="store_true", help="communicate after the backward pass")
     model = parser.add_argument_group(
@@ -447,6 +501,7 @@ def _step(args: argparse.Namespace) -> int:
     check_range("steps", args.steps, 1.0)
     check_range("bandwidth", args.bandwidth, 0.0, low_open=True)
     check_choice("zero", args.zero, memory.ZERO_STAGES)
+    check_choice("optimizer", args.optimizer, memory.OPTIMIZERS)
     names = parse_list(args.precisions)
     if not names:
         raise UsageError("--precisions needs at least one number format")
@@ -484,6 +539,8 @@ def _step(args: argparse.Namespace) -> int:
         ])
     final = json_rows[-1]["formats"]
     last = names[-1]
+    owners = _owner_computes(args, memory.square_matrix_shapes(args.params, memory.default_width(args.params)), last,
+                             "fp32")
     dominated = next((d for d, share in zip(counts, shares[last]) if share > 0.5), None)
     regime = (f"latency is most of the {last} step from {dominated} devices on: there a faster format stops helping."
               if dominated else f"latency stays below half of the {last} step up to {args.devices} devices.")
@@ -492,6 +549,9 @@ def _step(args: argparse.Namespace) -> int:
         "throughput": throughputs, "throughput_source": source, "steps": args.steps, **options,
         "by_devices": json_rows, "latency_dominates_from_devices": dominated,
         "time_to_solution": {row["precision"]: row["time_to_solution_s"] for row in final},
+        **({"owner_computes": {**owners.as_dict(), "precision": last,
+                               "update_s": owners.update_seconds(throughputs[last]),
+                               "exchange_s": owners.exchange_seconds(link)}} if owners is not None else {}),
     }
     title = f"{args.params / 1e9:.3g}B params, {args.tokens:.3g} tokens/step"
     path = _plot_step_time(args, payload, counts, curves, shares, title)
@@ -503,6 +563,8 @@ def _step(args: argparse.Namespace) -> int:
         f"{_table(header, table_rows)}\n\n"
         f"{regime}\n\n"
         f"on {args.devices} devices:\n{_solution_table(final)}"
+        + ("" if owners is None else f"\n\noptimizer step ({last}), not in the step times above:\n"
+           + _owner_computes_text(owners, link, throughputs[last]))
         + _wrote(path)
     )
     _emit(args, payload, text)

@@ -1,0 +1,213 @@
+r"""Owner-computes under FSDP2: each rank's optimizer state, compute and traffic for a whole-matrix optimizer.
+
+A whole-matrix optimizer (Muon, Shampoo, SOAP, Adafactor, PSGD-Kron: its update runs per matrix
+and its description says ``sharding="tensor"``) on parameters that FSDP2 shards by rows over a 1-D
+mesh of :math:`N` ranks steps each matrix on one rank (:mod:`gradwise.optim.owner_computes`). The
+planner replays that rule on the parameters of a model, param group by param group as the optimizer
+sees them (:func:`gradwise.train.optimizers.build_optimizer`, on the meta device for a model that
+exists only as shapes), with the library's own :func:`~gradwise.optim.owner_computes.assign_owners`,
+:func:`~gradwise.optim.owner_computes.matrix_cost` and
+:func:`~gradwise.optim.owner_computes.chunk_bounds`. For rank :math:`r`, a whole-matrix group of
+tensors :math:`i` with owners :math:`o_i`, :math:`n_i` elements and :math:`s_i(r)` of them in
+rank :math:`r`'s shard (rows :func:`chunk_bounds` gives it):
+
+* **state**: :math:`\sum_{o_i = r} S(\text{shape}_i)`, the whole state of the tensors it owns by the
+  optimizer's own rule (:attr:`gradwise.optim.description.Description.state`), plus, for the
+  element-wise groups (Muon's embeddings, head, biases and gains, stepped by its AdamW), the rule
+  on its shards' shapes: :math:`1/N` of their state, to a row;
+* **compute**: Muon's Newton-Schulz or Polar Express iteration of :math:`k` steps on a batch of
+  :math:`b` matrices of :math:`m \times n`, :math:`m \le n` (the wide orientation it runs on), costs
+  per step the Gram matrix :math:`A = XX^\top` (:math:`2m^2n` FLOPs), :math:`bA + cA^2` (one
+  :math:`m \times m` product, :math:`2m^3`) and its product with :math:`X` (:math:`2m^2n`):
+
+  .. math:: F = b\,k\,(4m^2n + 2m^3),
+
+  the matrix products that ``torch.utils.flop_counter.FlopCounterMode`` counts (the momentum's and
+  the normalisation's element-wise work is not counted there, nor here). Rank :math:`r` computes
+  :math:`\sum_{o_i = r} F_i`. The other optimizers' compute is not modelled: their matrix roots and
+  eigenbases (``eigh``) are not counted by ``FlopCounterMode``, so no count here could be checked;
+  :func:`matrix_cost`'s load, by which the owners are balanced, is given instead;
+* **bytes on the wire**: one ``all_to_all_single`` gathers the parameter and gradient shards to
+  the owners, one sends the updated shards back (per whole-matrix group), so rank :math:`r` sends
+
+  .. math:: \sum_{o_i \ne r} s_i(r)(w + g) + \sum_{o_i = r} (n_i - s_i(r))\,w
+
+  bytes, with :math:`w, g` the bytes of a sharded parameter's and gradient's element: ``TrafficMeter``'s
+  "all-to-all" payload. Timed with the alpha-beta model, each exchange costs :math:`(N-1)` messages.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradwise.optim import Muon
+from gradwise.optim.base import GradwiseOptimizer
+from gradwise.optim.description import description_of
+from gradwise.optim.muon import matrix_shape
+from gradwise.optim.owner_computes import assign_owners, chunk_bounds, matrix_cost
+from gradwise.plan.communication import AlphaBeta
+from gradwise.plan.memory import PRECISIONS, Shapes
+from gradwise.validation import check_choice, check_int
+
+
+def muon_update_flops(shape: tuple[int, ...], group: Mapping[str, Any]) -> int:
+    """FLOPs of Muon's orthogonalisation of a parameter of ``shape`` under ``group``'s ``ns_steps``:
+    :math:`b\\,k\\,(4m^2n + 2m^3)` on its :func:`~gradwise.optim.muon.matrix_shape` batch of
+    ``m x n`` matrices, ``m <= n`` (see the module)."""
+    batch, rows, cols = matrix_shape(torch.empty(shape, device="meta"))
+    m, n = min(rows, cols), max(rows, cols)
+    return batch * group["ns_steps"] * (4 * m * m * n + 2 * m**3)
+
+
+UPDATE_FLOPS: dict[type, Callable[[tuple[int, ...], Mapping[str, Any]], int]] = {Muon: muon_update_flops}
+"""The optimizers whose whole-matrix update's FLOPs are modelled (and checked against ``FlopCounterMode``)."""
+
+
+@dataclass(frozen=True)
+class RankLoad:
+    """One rank's share of the optimizer step under owner-computes."""
+
+    state_bytes: int  # whole state of its matrices, plus its shards' element-wise state
+    matrices: int  # the whole-matrix tensors it owns
+    cost: float  # their matrix_cost, the owners' balance
+    flops: int | None  # their update's FLOPs; None where the optimizer's are not modelled
+    sent_bytes: int  # all-to-all payload per step
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"state_bytes": self.state_bytes, "matrices": self.matrices, "cost": self.cost, "flops": self.flops,
+                "sent_bytes": self.sent_bytes}
+
+
+@dataclass(frozen=True)
+class OwnerComputes:
+    """Every rank's load under owner-computes, and the ``all_to_all_single`` calls per step."""
+
+    optimizer: str
+    ranks: tuple[RankLoad, ...]
+    exchanges: int
+
+    @property
+    def most_loaded(self) -> int:
+        """The rank that holds the most state (the first of equals): the one that must fit."""
+        return max(range(len(self.ranks)), key=lambda rank: (self.ranks[rank].state_bytes, -rank))
+
+    @property
+    def state_spread(self) -> float:
+        """The most loaded rank's state over the mean rank's: 1 when the matrices split evenly."""
+        mean = sum(rank.state_bytes for rank in self.ranks) / len(self.ranks)
+        return self.ranks[self.most_loaded].state_bytes / mean if mean else 1.0
+
+    @property
+    def flops_modelled(self) -> bool:
+        return all(rank.flops is not None for rank in self.ranks)
+
+    def update_seconds(self, throughput: float) -> float | None:
+        """The most loaded rank's update at ``throughput`` FLOP/s; ``None`` where the FLOPs are not modelled."""
+        flops = [rank.flops for rank in self.ranks if rank.flops is not None]
+        return max(flops) / throughput if len(flops) == len(self.ranks) else None
+
+    def exchange_seconds(self, link: AlphaBeta) -> float:
+        """The slowest rank's time in the exchanges of a step on ``link``: each ``all_to_all_single``
+        :math:`N - 1` messages (one to each other rank), and the bytes it sends."""
+        messages = self.exchanges * (len(self.ranks) - 1)
+        return max(messages * link.alpha + rank.sent_bytes * link.beta for rank in self.ranks)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer, "ranks": len(self.ranks), "exchanges_per_step": self.exchanges,
+                "most_loaded_rank": self.most_loaded, "state_spread": self.state_spread,
+                "flops_modelled": self.flops_modelled, "per_rank": [rank.as_dict() for rank in self.ranks]}
+
+
+def sharded_element_bytes(precision: str) -> int:
+    """Bytes of an element of the parameters and gradients the optimizer steps under FSDP2 in
+    ``precision``: the sharded parameters are the master copy where there is one (FSDP2's mixed
+    precision computes in the low format and keeps the shards in fp32), and a shard's gradient comes
+    in its parameter's dtype; otherwise the weights' format."""
+    fmt = PRECISIONS[check_choice("precision", precision, PRECISIONS)]
+    return max(fmt.master_bytes, fmt.weight_bytes)
+
+
+def meta_transformer(layers: int, width: int, vocab: int, positions: int = 0) -> nn.Module:
+    """The GPT of :func:`gradwise.plan.memory.transformer_shapes` on the meta device, as tiny-gpt lays
+    it out (token and position embeddings, its blocks, a final LayerNorm), for the optimizer's groups."""
+    from gradwise.problems.tiny_gpt import Block
+
+    with torch.device("meta"):
+        model = nn.Module()
+        model.token_embedding = nn.Embedding(vocab, width)
+        if positions:
+            model.position_embedding = nn.Embedding(positions, width)
+        model.blocks = nn.ModuleList(Block(width, 1, layers) for _ in range(layers))
+        model.norm = nn.LayerNorm(width)
+    return model
+
+
+def meta_tensors(shapes: Shapes) -> nn.Module:
+    """Tensors of ``shapes`` on the meta device, as the parameters of one module."""
+    model = nn.Module()
+    for index, param in enumerate(torch.empty(shape, device="meta") for shape, count in shapes for _ in range(count)):
+        model.register_parameter(f"p{index}", nn.Parameter(param))
+    return model
+
+
+def owner_computes(optimizer: str, model: nn.Module, ranks: int, param_bytes: int = 4, grad_bytes: int = 4,
+                   state_bytes: int = 4, state_format: str = "fp32") -> OwnerComputes | None:
+    """Each of ``ranks`` ranks' state, FLOPs and bytes sent when FSDP2 shards ``model``'s parameters by
+    rows and the preset ``optimizer`` (one :func:`gradwise.train.optimizers.build_optimizer` builds)
+    steps them by owner-computes (see the module). ``param_bytes``, ``grad_bytes``: a sharded
+    parameter's and gradient's element (:func:`sharded_element_bytes`); ``state_bytes``: a state
+    value's; ``state_format``: the moments' (:mod:`gradwise.optim.state_formats`). Raises
+    ``ValueError`` for a state format whose blocks would cross the shards (the optimizer refuses it).
+    ``None`` where a run would not use owner-computes: an optimizer whose update is not per matrix (its
+    state shards element by element, as ZeRO's model has it), or one that ``gradwise train`` does not
+    build."""
+    from gradwise.train.optimizers import OPTIMIZERS, build_optimizer
+
+    check_int("ranks", ranks, 1)
+    if optimizer not in OPTIMIZERS:
+        return None
+    options = {"state_format": state_format} if state_format != "fp32" else None
+    built = build_optimizer(optimizer, model, 1e-3, 0.1, options)
+    description = description_of(type(built))
+    flops_of = UPDATE_FLOPS.get(type(built))
+    whole = [isinstance(built, GradwiseOptimizer) and built._updates_matrices(group) for group in built.param_groups]
+    whole_groups = [group for group, per_matrix in zip(built.param_groups, whole) if per_matrix]
+    if not whole_groups:
+        return None
+    if any(group.get("state_format", "fp32") != "fp32" for group in whole_groups):
+        raise ValueError(f"optimizer {optimizer!r} keeps its moments in blocks that would cross the shards: "
+                         "refused on FSDP2's sharded parameters (state_format must be fp32)")
+    state = [0] * ranks
+    matrices = [0] * ranks
+    cost = [0.0] * ranks
+    flops = [0] * ranks
+    sent = [0] * ranks
+    for group, per_matrix in zip(built.param_groups, whole):
+        shapes = [tuple(param.shape) for param in group["params"] if param.numel() > 0]
+        bounds = [chunk_bounds(shape[0], ranks) for shape in shapes]
+        if not per_matrix:
+            for shape, rows in zip(shapes, bounds):
+                for rank, (start, stop) in enumerate(rows):
+                    shard = (stop - start, *shape[1:])
+                    state[rank] += description.state(shard, group).bytes(state_bytes)
+            continue
+        owners = assign_owners([matrix_cost(shape) for shape in shapes], ranks)
+        for shape, rows, owner in zip(shapes, bounds, owners):
+            row = math.prod(shape[1:])  # elements per row of the sharded dim
+            state[owner] += description.state(shape, group).bytes(state_bytes)
+            matrices[owner] += 1
+            cost[owner] += matrix_cost(shape)
+            flops[owner] += flops_of(shape, group) if flops_of else 0
+            for rank, (start, stop) in enumerate(rows):
+                shard = (stop - start) * row
+                sent[rank] += shard * (param_bytes + grad_bytes) if rank != owner else (
+                    (math.prod(shape) - shard) * param_bytes)
+    loads = tuple(RankLoad(state[r], matrices[r], cost[r], flops[r] if flops_of else None, sent[r])
+                  for r in range(ranks))
+    return OwnerComputes(optimizer, loads, 2 * len(whole_groups))
