@@ -16,8 +16,9 @@ gathers them again for backward (ZeRO-3: parameters sharded between uses);
 fewer per step).
 
 gradwise's element-wise optimizers run on DTensor parameters through DTensor's
-element-wise rules (each rank updates its shard); Muon gathers each matrix it
-orthogonalises (:meth:`gradwise.optim.Muon`) and keeps its shard of the update.
+element-wise rules (each rank updates its shard); the whole-matrix ones (Muon, Shampoo,
+SOAP, Adafactor, PSGD-Kron) compute each matrix on one owner rank, which keeps its state
+(:mod:`gradwise.optim.owner_computes`).
 
 Example (every rank runs this)::
 
