@@ -51,6 +51,15 @@ processes measure the scheduler, not a link. Here every process gets a host of i
   shows what the cores alone cost: the limited step less it is the link's part, compared
   with the model's communication term (``communication_error``), a clean comparison only
   where the unlimited step is not itself slowed by processes sharing the cores.
+- **A 3-D step** (``3d``, issue 19). tiny-gpt under the ``3d`` strategy on four hosts, each mesh
+  shape of :data:`SHAPES_3D` (pipeline x data x tensor), 1F1B over ``--microbatches``, the same
+  global batch for every shape, against :func:`gradwise.plan.parallel_step_time.parallel_step_time`
+  fed what the planner asks for: the all-reduce's alpha and beta, fitted in the same run at two
+  processes (every group of these meshes has two), as its link; fp32; ZeRO stage 3 (FSDP2); the
+  throughput that makes its one-device compute the step measured at one process on the whole
+  batch. Each shape also runs on unlimited links, to show what the cores and the software cost
+  without the link. The JSON goes to ``benchmarks/results/emulated_links_3d.json`` (the committed
+  run at 25 Mbit/s, where the links weigh four times more, to ``emulated_links_3d_25mbit.json``).
 
 Everything is torn down in a ``finally`` - after a failure, on Ctrl-C and on SIGTERM - and
 every run's names carry a random token, so that a leftover of an interrupted run does not
@@ -61,6 +70,9 @@ Usage (from the repository root)::
 
     nice -n 5 .venv/bin/python -m benchmarks.emulated_links                # 8-9 minutes
     nice -n 5 .venv/bin/python -m benchmarks.emulated_links --repeats 3 --max-processes 3
+    nice -n 5 .venv/bin/python -m benchmarks.emulated_links 3d             # the 3-D step, 5-6 minutes
+    nice -n 5 .venv/bin/python -m benchmarks.emulated_links 3d --rate-mbit 25 \
+        --out benchmarks/results/emulated_links_3d_25mbit.json
 """
 
 from __future__ import annotations
@@ -68,6 +80,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import random
 import secrets
@@ -89,8 +102,12 @@ import torch.nn.functional as F
 from gradwise import optim
 from gradwise.bench.machine import describe_machine
 from gradwise.distributed import RankSlice
+from gradwise.distributed.context import DistContext
+from gradwise.distributed.strategies.three_d import ThreeDStrategy
 from gradwise.plan.collective_timing import COLLECTIVES, _run_collective
 from gradwise.plan.communication import AlphaBeta, collective_time, fit_alpha_beta
+from gradwise.plan.parallel_step_time import ParallelStepTime, parallel_step_time
+from gradwise.plan.parallelism import Layout, Transformer
 from gradwise.plan.step_time import data_parallel_step_time
 from gradwise.problems.corpus import stdlib_corpus
 from gradwise.problems.data import RandomWindows
@@ -107,6 +124,9 @@ ALGORITHM = {"all_reduce": "ring_all_reduce", "reduce_scatter": "ring_reduce_sca
 SEQ_LEN = 128  # benchmarks/distributed.py's windows
 WARMUP_STEPS = 2  # DDP steps before the timed ones
 TARGET = 0.25
+SHAPES_3D = ((2, 1, 2), (2, 2, 1))  # (pp, dp, tp); the 3d strategy needs pp >= 2, so no 1 x 2 x 2
+SCHEDULE_3D = "1f1b"
+PARTS_3D = ("compute", "bubble", "tensor", "pipeline", "data", "tied")  # ParallelStepTime's parts of a step
 NO_DELAY = ("not emulated: this kernel has no netem qdisc, so no delay could be added; alpha is the "
             "software's latency (gloo, TCP, scheduling) plus the link's")
 RESULTS = Path(__file__).parent / "results"
@@ -309,15 +329,46 @@ def time_ddp_worker(batch_size: int, steps: int) -> dict:
             **_summary(times)}
 
 
+def time_3d_worker(pp: int, tp: int, microbatches: int, batch_size: int, steps: int) -> dict:
+    """This rank's part in timing tiny-gpt's step under the ``3d`` strategy (``pp x dp x tp`` with
+    ``dp`` the world size over ``pp tp``; :data:`SCHEDULE_3D` over ``microbatches``, FSDP2 over
+    ``dp``, AdamW), ``batch_size`` windows per data-parallel replica; each step's time is the slowest
+    rank's. Rank 0 returns the fastest and median of ``steps`` steps after :data:`WARMUP_STEPS`."""
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    context = DistContext(rank, world_size, 0, torch.device("cpu"), "gloo")
+    strategy = ThreeDStrategy(context, {"pp": pp, "tp": tp, "microbatches": microbatches, "schedule": SCHEDULE_3D})
+    torch.manual_seed(0)
+    stage = strategy.wrap_model(TinyGPT(SEQ_LEN))
+    stream = RandomWindows(stdlib_corpus().train, strategy.dp_size * batch_size, SEQ_LEN, seed=0)
+    data = RankSlice(stream, strategy.dp_rank, strategy.dp_size)
+    optimizer = optim.AdamW(optim.weight_decay_groups(stage, 0.1), lr=1e-3, betas=(0.9, 0.95))
+    times = []
+    for step in range(WARMUP_STEPS + steps):
+        inputs, targets = data.next_batch()
+        dist.barrier()
+        start = time.perf_counter()
+        strategy.pipeline.step(inputs, targets)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
+        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+        if step >= WARMUP_STEPS:
+            times.append(float(elapsed))
+    return {"pp": pp, "dp": strategy.dp_size, "tp": tp, **_summary(times)}
+
+
 def worker_main(argv: Sequence[str]) -> None:
     """A worker's entry: join the process group (``env://``, set by :func:`worker_env`), run
     the task, rank 0 writes its result to ``--out``."""
     parser = argparse.ArgumentParser(prog="emulated_links worker")
-    parser.add_argument("task", choices=("collectives", "ddp"))
+    parser.add_argument("task", choices=("collectives", "ddp", "3d"))
     parser.add_argument("--sizes", help="collectives: message bytes, comma separated")
     parser.add_argument("--repeats", type=int, help="collectives: timed calls per collective and size")
-    parser.add_argument("--batch-size", type=int, help="ddp: windows per rank")
-    parser.add_argument("--steps", type=int, help="ddp: timed steps (after WARMUP_STEPS)")
+    parser.add_argument("--batch-size", type=int, help="ddp: windows per rank; 3d: per data-parallel replica")
+    parser.add_argument("--steps", type=int, help="ddp, 3d: timed steps (after WARMUP_STEPS)")
+    parser.add_argument("--pp", type=int, help="3d: pipeline stages")
+    parser.add_argument("--tp", type=int, help="3d: tensor-parallel ranks per stage")
+    parser.add_argument("--microbatches", type=int, help="3d: micro-batches per step")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -325,8 +376,10 @@ def worker_main(argv: Sequence[str]) -> None:
     try:
         if args.task == "collectives":
             result: object = time_collectives_worker([int(s) for s in args.sizes.split(",")], args.repeats, seed=0)
-        else:
+        elif args.task == "ddp":
             result = time_ddp_worker(args.batch_size, args.steps)
+        else:
+            result = time_3d_worker(args.pp, args.tp, args.microbatches, args.batch_size, args.steps)
         if dist.get_rank() == 0:
             args.out.write_text(json.dumps(result))
     finally:
@@ -395,6 +448,57 @@ def predict_steps(limited: dict[int, dict], unlimited: dict[int, dict], batch_si
                      "predicted_s": model.total, "predicted_compute_s": model.compute,
                      "predicted_communication_s": model.communication, "error": model.total / measured - 1,
                      "communication_error": model.communication / (measured - fast) - 1})
+    return rows
+
+
+def tiny_gpt_shape(model: TinyGPT) -> Transformer:
+    """The planner's description of ``model``: its layers, width, heads, vocabulary and context."""
+    embedding = model.token_embedding
+    return Transformer(len(model.blocks), embedding.embedding_dim, model.transformer_blocks()[0].attention.n_head,
+                       embedding.num_embeddings, model.seq_len)
+
+
+def data_time_own_fits(step: ParallelStepTime, fits: dict[str, AlphaBeta]) -> float:
+    """The data dimension's seconds with each collective on its own fit (gloo's reduce-scatter costs
+    an all-reduce), where :func:`parallel_step_time` puts every collective on one link: the busiest
+    stage's, as there."""
+    return max(sum(entry.seconds(fits[entry.collective.replace("-", "_")])[0]
+                   for entry in stage if entry.dimension == "data")
+               for stage in step.traffic)
+
+
+def predict_3d_steps(limited: Sequence[dict], unlimited: Sequence[dict], one_process: dict, model: Transformer,
+                     global_batch: int, microbatches: int, fits: dict[str, AlphaBeta],
+                     statistic: str = STATISTICS[0]) -> list[dict]:
+    r"""Each 3-D step (``limited``: one per mesh shape) against :func:`parallel_step_time`.
+
+    The planner gets the all-reduce's fitted alpha and beta as its one link, fp32 and ZeRO stage 3
+    (FSDP2, the ``3d`` strategy's data dimension), and the throughput :math:`R` that makes its
+    compute term at one device the step ``one_process`` measured there on the same global batch.
+    Beside the total: each part, the largest, the step with each data-parallel collective on its
+    own fit (``predicted_own_fits_s``), and the link's share - the step less the same step with
+    infinitely fast links, :math:`(m + (p - 1)/v)/m` times the compute - against the step measured
+    on the limited links less the same step on unlimited ones (``unlimited``, in the same order).
+    """
+    tokens = global_batch * model.seq_len
+    link = fits["all_reduce"]
+    flops = parallel_step_time(model, Layout(), tokens, 1.0, link, "fp32").compute  # at 1 FLOP/s: the FLOPs
+    throughput = flops / one_process[statistic]
+    rows = []
+    for measured, fast in zip(limited, unlimited, strict=True):
+        layout = Layout(pp=measured["pp"], dp=measured["dp"], tp=measured["tp"], microbatches=microbatches,
+                        schedule=SCHEDULE_3D)
+        step = parallel_step_time(model, layout, tokens, throughput, link, "fp32", zero_stage=3)
+        parts = {part: getattr(step, part) for part in PARTS_3D}
+        own_fits = step.total - step.data + data_time_own_fits(step, fits)
+        ideal = step.compute * (microbatches + (layout.pp - 1) / layout.virtual_stages) / microbatches
+        rows.append({"shape": f"{layout.pp}x{layout.dp}x{layout.tp}", "pp": layout.pp, "dp": layout.dp,
+                     "tp": layout.tp, "microbatches": microbatches, "micro_batch": step.micro_batch,
+                     "measured_s": measured[statistic], "unlimited_s": fast[statistic],
+                     "predicted_s": step.total, "parts_s": parts, "largest_part": max(parts, key=parts.__getitem__),
+                     "error": step.total / measured[statistic] - 1, "predicted_own_fits_s": own_fits,
+                     "error_own_fits": own_fits / measured[statistic] - 1, "predicted_link_s": step.total - ideal,
+                     "link_error": (step.total - ideal) / (measured[statistic] - fast[statistic]) - 1})
     return rows
 
 
@@ -524,6 +628,131 @@ def plot(report: dict, path: Path) -> None:
     plt.close(figure)
 
 
+# --- the 3-D step ------------------------------------------------------------------------------
+
+def run_3d(args: argparse.Namespace) -> dict:
+    """Unlimited links first (the one-process step, each shape's 3-D step without the link), then the
+    limited links (the collectives at two processes for the fit, each shape's 3-D step)."""
+    shapes = [(pp, dp, tp) for pp, dp, tp in SHAPES_3D if pp * dp * tp <= args.max_processes]
+
+    def step(shape: tuple[int, int, int]) -> list[str]:
+        pp, dp, tp = shape
+        return ["3d", "--pp", str(pp), "--tp", str(tp), "--microbatches", str(args.microbatches),
+                "--batch-size", str(args.global_batch // dp), "--steps", str(args.steps)]
+
+    with emulated_links(new_topology(args.max_processes), None) as topology:
+        print(f"unlimited links: tiny-gpt step of {args.global_batch} windows at 1 process", flush=True)
+        one_process = launch(topology, 1, ["ddp", "--batch-size", str(args.global_batch), "--steps", str(args.steps)])
+        unlimited = []
+        for shape in shapes:
+            print(f"unlimited links: 3-D step {'x'.join(map(str, shape))}", flush=True)
+            unlimited.append(launch(topology, math.prod(shape), step(shape)))
+    with emulated_links(new_topology(args.max_processes), args.rate_mbit) as topology:
+        print(f"{args.rate_mbit:g} Mbit/s links: collectives at 2 processes (the fit)", flush=True)
+        timings = launch(topology, 2, ["collectives", "--sizes", ",".join(map(str, FIT_SIZES)),
+                                       "--repeats", str(args.repeats)])
+        limited = []
+        for shape in shapes:
+            print(f"{args.rate_mbit:g} Mbit/s links: 3-D step {'x'.join(map(str, shape))}", flush=True)
+            limited.append(launch(topology, math.prod(shape), step(shape)))
+    model = tiny_gpt_shape(TinyGPT(SEQ_LEN))
+    fits = {statistic: fit_links(timings, statistic) for statistic in STATISTICS}
+    rows = {statistic: predict_3d_steps(limited, unlimited, one_process, model, args.global_batch,
+                                        args.microbatches, fits[statistic], statistic) for statistic in STATISTICS}
+    return {
+        "machine": describe_machine(),
+        "load_average_at_end": os.getloadavg(),
+        "links": {"topology": f"one network namespace per process, a veth pair from each into a bridge in its own "
+                              f"namespace, {SUBNET}.0/24", "qdisc": "tbf on each host's egress",
+                  "rate_mbit_s": args.rate_mbit, "burst_bytes": BURST_BYTES, "delay": NO_DELAY},
+        "model": f"tiny-gpt: {model.layers} layers, width {model.width}, {model.heads} heads, vocabulary "
+                 f"{model.vocab}, {model.seq_len} bytes of context ({model.parameter_count()} parameters), fp32, "
+                 "AdamW, 1 thread per process",
+        "strategy": f"3d: (pp, dp, tp) mesh, {SCHEDULE_3D}, FSDP2 over dp, Megatron's layout over tp",
+        "global_batch": args.global_batch, "microbatches": args.microbatches,
+        "statistic": f"fastest and median of {args.steps} steps (after {WARMUP_STEPS}) of the slowest rank's step",
+        "fit": f"alpha and beta per collective at 2 processes, sizes {', '.join(map(str, FIT_SIZES))}, "
+               f"{args.repeats} calls each, on the same limited links in the same run",
+        "fits": {statistic: {c: {"alpha_s": link.alpha, "beta_s_per_byte": link.beta,
+                                 "bandwidth_mbit_s": 8e-6 / link.beta} for c, link in fit.items()}
+                 for statistic, fit in fits.items()},
+        "one_process_step": one_process,
+        "prediction": "gradwise.plan.parallel_step_time.parallel_step_time(model, Layout(pp, dp, tp, microbatches, "
+                      "'1f1b'), global batch x context tokens, throughput, the all-reduce's fit, 'fp32', "
+                      "zero_stage=3), the throughput making its 1-device compute the 1-process step",
+        "target": TARGET, "rows": rows[STATISTICS[0]], "rows_median": rows[STATISTICS[1]],
+    }
+
+
+def print_report_3d(report: dict) -> None:
+    fit = report["fits"]["fastest_s"]["all_reduce"]
+    print(f"\n{report['model']}; global batch {report['global_batch']}, {report['microbatches']} micro-batches")
+    print(f"planner's link (all-reduce fit): alpha {fit['alpha_s'] * 1e6:.0f} us, {fit['bandwidth_mbit_s']:.0f} "
+          f"Mbit/s; 1-process step {report['one_process_step']['fastest_s'] * 1e3:.0f} ms (fastest)")
+    parts = "".join(f"{part[:8]:>9}" for part in PARTS_3D)
+    print(f"\n{'shape':<7}{'measured':>9}{'unlimit':>9}{'model':>8}{'error':>7}{parts}{'own fit':>9}{'error':>7}"
+          f"{'link':>7}{'model':>7} | {'median':>7}{'model':>7}{'error':>7}")
+    for row, median in zip(report["rows"], report["rows_median"]):
+        values = "".join(f"{row['parts_s'][part] * 1e3:>9.0f}" for part in PARTS_3D)
+        print(f"{row['shape']:<7}{row['measured_s'] * 1e3:>9.0f}{row['unlimited_s'] * 1e3:>9.0f}"
+              f"{row['predicted_s'] * 1e3:>8.0f}{row['error']:>+7.0%}{values}{row['predicted_own_fits_s'] * 1e3:>9.0f}"
+              f"{row['error_own_fits']:>+7.0%}{(row['measured_s'] - row['unlimited_s']) * 1e3:>7.0f}"
+              f"{row['predicted_link_s'] * 1e3:>7.0f} | {median['measured_s'] * 1e3:>7.0f}"
+              f"{median['predicted_s'] * 1e3:>7.0f}{median['error']:>+7.0%}")
+    print("(ms; fastest step, the planner with the fastest calls' fit | the median step and fit; 'link': the step "
+          "less the unlimited one, against the model's step less its infinitely fast links' step)")
+
+
+def plot_3d(report: dict, path: Path) -> None:
+    """Per shape, the planner's step stacked by part beside the measured steps (fastest, median, unlimited)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["rows"]
+    figure, axis = plt.subplots(figsize=(7, 4.4))
+    positions = range(len(rows))
+    bottom = [0.0] * len(rows)
+    for index, part in enumerate(PARTS_3D):
+        heights = [row["parts_s"][part] for row in rows]
+        axis.bar([x - 0.2 for x in positions], heights, 0.4, bottom=bottom, color=f"C{index}", label=f"model: {part}")
+        bottom = [b + h for b, h in zip(bottom, heights)]
+    axis.bar([x + 0.2 for x in positions], [row["measured_s"] for row in rows], 0.4, color="0.35",
+             label="measured (fastest)")
+    axis.scatter([x + 0.2 for x in positions], [row["measured_s"] for row in report["rows_median"]], color="k",
+                 marker="_", s=400, zorder=3, label="measured (median)")
+    axis.scatter([x + 0.2 for x in positions], [row["unlimited_s"] for row in rows], color="w", edgecolors="k",
+                 marker="v", zorder=3, label="measured, unlimited links")
+    axis.set_xticks(list(positions), [f"{row['shape']} (pp x dp x tp)\nerror {row['error']:+.0%}" for row in rows])
+    axis.set(ylabel="seconds per step", title=f"tiny-gpt 3-D step, {report['microbatches']} micro-batches, "
+                                              f"{SCHEDULE_3D}, {report['links']['rate_mbit_s']:g} Mbit/s links")
+    axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1, 1))
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def main_3d(argv: Sequence[str]) -> None:
+    parser = argparse.ArgumentParser(prog="emulated_links 3d",
+                                     description="tiny-gpt's 3-D step over emulated links against the planner")
+    parser.add_argument("--rate-mbit", type=float, default=RATE_MBIT, help="each host's egress limit (default: 100)")
+    parser.add_argument("--repeats", type=int, default=9, help="timed calls per collective and size (default: 9)")
+    parser.add_argument("--max-processes", type=int, default=4, help="largest mesh (default: 4)")
+    parser.add_argument("--global-batch", type=int, default=8, help="tiny-gpt windows per step (default: 8)")
+    parser.add_argument("--microbatches", type=int, default=4, help="micro-batches per step (default: 4)")
+    parser.add_argument("--steps", type=int, default=8, help="timed steps (default: 8)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "emulated_links_3d.json")
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    report = run_3d(args)
+    print_report_3d(report)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    plot_3d(report, args.out.with_suffix(".png"))
+    print(f"\nwrote {args.out} and {args.out.with_suffix('.png')}")
+
+
 def _exit_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)  # unwinds through the finally blocks that tear the links down
 
@@ -532,6 +761,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["worker"]:
         worker_main(argv[1:])
+        return
+    if argv[:1] == ["3d"]:
+        main_3d(argv[1:])
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

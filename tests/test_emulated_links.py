@@ -15,7 +15,10 @@ from pathlib import Path
 import pytest
 
 from gradwise.plan.communication import AlphaBeta, collective_time
+from gradwise.plan.parallel_step_time import layer_flops, logit_flops, parallel_step_time
+from gradwise.plan.parallelism import Layout, Transformer
 from gradwise.plan.step_time import data_parallel_step_time
+from gradwise.problems.tiny_gpt import TinyGPT
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "emulated_links.py"
 _spec = importlib.util.spec_from_file_location("emulated_links", SCRIPT)
@@ -190,6 +193,62 @@ def test_the_step_prediction_uses_the_one_process_step_as_compute():
         # the link's share: the limited step less the unlimited one, against the model's communication
         assert row["communication_error"] == pytest.approx(
             model.communication / (limited[p]["fastest_s"] - unlimited[p]["fastest_s"]) - 1)
+
+
+def test_the_planner_sees_tiny_gpt_as_built():
+    model = TinyGPT(seq_len=16, d_model=32, n_layer=2, n_head=4)
+    shape = links.tiny_gpt_shape(model)
+    assert shape == Transformer(layers=2, width=32, heads=4, vocab=256, seq_len=16)
+    assert shape.parameter_count() == sum(p.numel() for p in model.parameters())
+
+
+FITS = {"all_reduce": AlphaBeta(1e-4, 8e-8), "reduce_scatter": AlphaBeta(8e-4, 1.6e-7),
+        "all_gather": AlphaBeta(5e-4, 1e-7)}
+GPT = Transformer(layers=6, width=128, heads=4, vocab=256, seq_len=128)
+
+
+def test_the_data_dimension_on_each_collectives_own_fit():
+    step = parallel_step_time(GPT, Layout(pp=2, dp=2, microbatches=4), 8 * 128, 1e9, FITS["all_reduce"], "fp32",
+                              zero_stage=3)
+    same = {collective: FITS["all_reduce"] for collective in FITS}
+    assert links.data_time_own_fits(step, same) == pytest.approx(step.data)
+    # the busiest stage's all-gathers and reduce-scatters, each on its own link
+    expected = max(sum(entry.seconds(FITS["all_gather" if entry.collective == "all-gather" else "reduce_scatter"])[0]
+                       for entry in stage if entry.dimension == "data") for stage in step.traffic)
+    assert links.data_time_own_fits(step, FITS) == pytest.approx(expected)
+    assert links.data_time_own_fits(step, FITS) > step.data  # the slower reduce-scatter
+    no_data = parallel_step_time(GPT, Layout(pp=2, tp=2, microbatches=4), 8 * 128, 1e9, FITS["all_reduce"], "fp32",
+                                 zero_stage=3)
+    assert links.data_time_own_fits(no_data, FITS) == 0.0
+
+
+def test_the_3d_prediction_uses_the_one_process_step_as_compute():
+    one_process = {"fastest_s": 0.2, "median_s": 0.25}
+    limited = [{"pp": 2, "dp": 1, "tp": 2, "fastest_s": 1.5, "median_s": 1.6},
+               {"pp": 2, "dp": 2, "tp": 1, "fastest_s": 1.4, "median_s": 1.5}]
+    unlimited = [{"fastest_s": 0.5, "median_s": 0.6}, {"fastest_s": 0.3, "median_s": 0.4}]
+    rows = links.predict_3d_steps(limited, unlimited, one_process, GPT, 8, 4, FITS)
+    assert [row["shape"] for row in rows] == ["2x1x2", "2x2x1"]
+    # the planner's compute at one device, on the whole batch, is the one-process step
+    flops = GPT.layers * layer_flops(GPT, 8) + logit_flops(GPT, 8)
+    one_device = parallel_step_time(GPT, Layout(), 8 * 128, flops / 0.2, FITS["all_reduce"], "fp32")
+    assert one_device.compute == pytest.approx(0.2)
+    for row, measured, fast in zip(rows, limited, unlimited):
+        layout = Layout(pp=2, dp=row["dp"], tp=row["tp"], microbatches=4)
+        step = parallel_step_time(GPT, layout, 8 * 128, flops / 0.2, FITS["all_reduce"], "fp32", zero_stage=3)
+        assert row["predicted_s"] == pytest.approx(step.total) == pytest.approx(sum(row["parts_s"].values()))
+        assert row["micro_batch"] == 8 // (row["dp"] * 4)
+        assert row["error"] == pytest.approx(step.total / measured["fastest_s"] - 1)
+        assert row["parts_s"][row["largest_part"]] == max(row["parts_s"].values())
+        # with links infinitely fast the step is compute over m micro-batches and the p - 1 of the bubble
+        assert row["predicted_link_s"] == pytest.approx(step.total - step.compute * (4 + 1) / 4)
+        assert row["link_error"] == pytest.approx(
+            row["predicted_link_s"] / (measured["fastest_s"] - fast["fastest_s"]) - 1)
+    assert rows[0]["predicted_own_fits_s"] == pytest.approx(rows[0]["predicted_s"])  # no data dimension
+    assert rows[1]["predicted_own_fits_s"] > rows[1]["predicted_s"]
+    medians = links.predict_3d_steps(limited, unlimited, one_process, GPT, 8, 4, FITS, "median_s")
+    assert [row["measured_s"] for row in medians] == [1.6, 1.5]
+    assert medians[0]["parts_s"]["compute"] == pytest.approx(rows[0]["parts_s"]["compute"] * 0.25 / 0.2)
 
 
 @pytest.mark.measurement
