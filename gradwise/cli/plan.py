@@ -279,20 +279,23 @@ def _memory_table(rows: list[dict[str, Any]], chosen: dict[str, Any], pp: int | 
     )
 
 
-def _owner_computes(args: argparse.Namespace, shapes: memory.Shapes, precision: str,
-                    state_format: str) -> OwnerComputes | None:
-    """Owner-computes on --devices ranks under FSDP2 (--zero 3) for an optimizer that updates whole
-    matrices: the transformer of --layers/--width/--vocab/--seq-len, or the tensors of ``shapes``; ``None``
-    otherwise (:func:`gradwise.plan.owner_computes.owner_computes`)."""
-    if args.zero != 3:
-        return None
+def _owner_computes(args: argparse.Namespace, shapes: memory.Shapes, precision: str, state_format: str,
+                    tensor_parallel: int = 1) -> OwnerComputes | None:
+    """Owner-computes for an optimizer that updates whole matrices on a 1-D mesh: FSDP2 (--zero 3) over
+    --devices ranks, or with ``tensor_parallel`` > 1 tensor parallelism alone over that many; of the
+    transformer of --layers/--width/--vocab/--seq-len, or of the tensors of ``shapes``. ``None`` for any
+    other layout or optimizer (:func:`gradwise.plan.owner_computes.owner_computes`)."""
     from gradwise.plan import owner_computes
 
+    if tensor_parallel == 1 and args.zero != 3:
+        return None
     model = (owner_computes.meta_tensors(shapes) if args.params is not None
              else owner_computes.meta_transformer(args.layers, args.width, args.vocab, args.seq_len or 0))
     element = owner_computes.sharded_element_bytes(precision)
-    return owner_computes.owner_computes(args.optimizer, model, args.devices, element, element,
-                                         memory.PRECISIONS[precision].state_bytes, state_format)
+    ranks, dims = ((args.devices, None) if tensor_parallel == 1
+                   else (tensor_parallel, owner_computes.tensor_parallel_dims(model)))
+    return owner_computes.owner_computes(args.optimizer, model, ranks, element, element,
+                                         memory.PRECISIONS[precision].state_bytes, state_format, dims)
 
 
 def _owner_computes_text(owners: OwnerComputes, link: AlphaBeta | None = None,
@@ -348,12 +351,17 @@ def _memory_3d(args: argparse.Namespace, optimizer: str, fmt: memory.Precision) 
     model = _transformer(args, "the 3-D layout")
     layout = _layout(args, args.devices)
     layout.check(model)
+    owners = (_owner_computes(args, model.shapes(), args.precision, args.state_format, layout.tp)
+              if layout.tp > 1 and layout.dp == layout.pp == 1 else None)  # a 1-D tensor-parallel mesh
     stage_rows: list[list[memory.MemoryEstimate]] = []
     rows: list[dict[str, Any]] = []
     for zero in memory.ZERO_STAGES:
         stages = [parallelism.stage_memory(model, layout, stage, args.optimizer, args.precision, zero,
                                            args.state_format, args.micro_batch, args.checkpointing)
                   for stage in range(layout.pp)]
+        if owners is not None:  # each matrix's whole state on its owner, the replicated tensors' on every rank
+            most = owners.ranks[owners.most_loaded]
+            stages = [dataclasses.replace(stages[0], optimizer_state=float(most.state_bytes))]
         largest = parallelism.largest_stage(stages)
         stage_rows.append(stages)
         rows.append({"zero_stage": zero, "label": "DP" if zero == 0 else f"ZeRO-{zero}", "pipeline_stage": largest,
@@ -377,6 +385,7 @@ def _memory_3d(args: argparse.Namespace, optimizer: str, fmt: memory.Precision) 
                         "layers_in_flight": in_flight},
         "largest_stage": chosen["pipeline_stage"], "per_device": chosen["bytes"], "by_stage": rows,
         "stages": [estimate.as_dict() for estimate in stage_rows[args.zero]],
+        **({"owner_computes": owners.as_dict()} if owners is not None else {}),
     }
     title = (f"{params / 1e9:.3g}B params, {optimizer}, {args.precision}, pp {layout.pp} x dp {layout.dp} x "
              f"tp {layout.tp}, largest stage")
@@ -393,6 +402,8 @@ def _memory_3d(args: argparse.Namespace, optimizer: str, fmt: memory.Precision) 
         f"16 bits (here {fmt.activation_bytes}-byte values, one-byte masks); layers x micro-batches in flight per "
         f"stage: {in_flight}\n\n{table}\n\n"
         f"per pipeline stage ({chosen['label']}): {per_stage} GB"
+        + ("" if owners is None else "\n\ntensor parallelism with owner-computes: the optimizer state is the most "
+           "loaded rank's\n" + _owner_computes_text(owners))
         + _wrote(path)
     )
     _emit(args, payload, text)

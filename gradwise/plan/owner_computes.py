@@ -1,20 +1,22 @@
-r"""Owner-computes under FSDP2: each rank's optimizer state, compute and traffic for a whole-matrix optimizer.
+r"""Owner-computes: each rank's optimizer state, compute and traffic for a whole-matrix optimizer.
 
 A whole-matrix optimizer (Muon, Shampoo, SOAP, Adafactor, PSGD-Kron: its update runs per matrix
-and its description says ``sharding="tensor"``) on parameters that FSDP2 shards by rows over a 1-D
-mesh of :math:`N` ranks steps each matrix on one rank (:mod:`gradwise.optim.owner_computes`). The
+and its description says ``sharding="tensor"``) on parameters sharded over a 1-D mesh of :math:`N`
+ranks (FSDP2 by rows; tensor parallelism by rows or columns, some tensors replicated) steps each
+sharded matrix on one rank (:mod:`gradwise.optim.owner_computes`). The
 planner replays that rule on the parameters of a model, param group by param group as the optimizer
 sees them (:func:`gradwise.train.optimizers.build_optimizer`, on the meta device for a model that
 exists only as shapes), with the library's own :func:`~gradwise.optim.owner_computes.assign_owners`,
 :func:`~gradwise.optim.owner_computes.matrix_cost` and
 :func:`~gradwise.optim.owner_computes.chunk_bounds`. For rank :math:`r`, a whole-matrix group of
 tensors :math:`i` with owners :math:`o_i`, :math:`n_i` elements and :math:`s_i(r)` of them in
-rank :math:`r`'s shard (rows :func:`chunk_bounds` gives it):
+rank :math:`r`'s shard (the slices of the sharded dimension :func:`chunk_bounds` gives it):
 
 * **state**: :math:`\sum_{o_i = r} S(\text{shape}_i)`, the whole state of the tensors it owns by the
   optimizer's own rule (:attr:`gradwise.optim.description.Description.state`), plus, for the
   element-wise groups (Muon's embeddings, head, biases and gains, stepped by its AdamW), the rule
-  on its shards' shapes: :math:`1/N` of their state, to a row;
+  on its shards' shapes: :math:`1/N` of their state, to a row; a replicated tensor's whole state on
+  every rank, which also computes its update;
 * **compute**: Muon's Newton-Schulz or Polar Express iteration of :math:`k` steps on a batch of
   :math:`b` matrices of :math:`m \times n`, :math:`m \le n` (the wide orientation it runs on), costs
   per step the Gram matrix :math:`A = XX^\top` (:math:`2m^2n` FLOPs), :math:`bA + cA^2` (one
@@ -41,10 +43,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from gradwise.optim import Muon
 from gradwise.optim.base import GradwiseOptimizer
@@ -133,6 +135,24 @@ def sharded_element_bytes(precision: str) -> int:
     return max(fmt.master_bytes, fmt.weight_bytes)
 
 
+def tensor_parallel_dims(model: nn.Module) -> Callable[[Tensor], int | None]:
+    """The dimension gradwise's tensor parallelism cuts each parameter of a tiny-gpt-shaped ``model``
+    along (Megatron's layout, :func:`gradwise.problems.tiny_gpt_tensor_parallel.parallelize_tiny_gpt`):
+    in every block the column-wise Linears (the QKV projection, the MLP's first) by output rows, weight
+    and bias (0), the row-wise ones (the attention's output, the MLP's second) their weight by input
+    columns (1); everything else (their biases, the norms, the embeddings) replicated (``None``)."""
+    from gradwise.problems.tiny_gpt import Block
+
+    dims: dict[Tensor, int] = {}
+    for block in (module for module in model.modules() if isinstance(module, Block)):
+        expand, contract = cast(nn.Linear, block.mlp[0]), cast(nn.Linear, block.mlp[2])
+        for linear in (block.attention.qkv, expand):
+            dims[linear.weight] = dims[linear.bias] = 0
+        for linear in (block.attention.proj, contract):
+            dims[linear.weight] = 1
+    return dims.get
+
+
 def meta_transformer(layers: int, width: int, vocab: int, positions: int = 0) -> nn.Module:
     """The GPT of :func:`gradwise.plan.memory.transformer_shapes` on the meta device, as tiny-gpt lays
     it out (token and position embeddings, its blocks, a final LayerNorm), for the optimizer's groups."""
@@ -157,16 +177,19 @@ def meta_tensors(shapes: Shapes) -> nn.Module:
 
 
 def owner_computes(optimizer: str, model: nn.Module, ranks: int, param_bytes: int = 4, grad_bytes: int = 4,
-                   state_bytes: int = 4, state_format: str = "fp32") -> OwnerComputes | None:
-    """Each of ``ranks`` ranks' state, FLOPs and bytes sent when FSDP2 shards ``model``'s parameters by
-    rows and the preset ``optimizer`` (one :func:`gradwise.train.optimizers.build_optimizer` builds)
-    steps them by owner-computes (see the module). ``param_bytes``, ``grad_bytes``: a sharded
-    parameter's and gradient's element (:func:`sharded_element_bytes`); ``state_bytes``: a state
-    value's; ``state_format``: the moments' (:mod:`gradwise.optim.state_formats`). Raises
-    ``ValueError`` for a state format whose blocks would cross the shards (the optimizer refuses it).
-    ``None`` where a run would not use owner-computes: an optimizer whose update is not per matrix (its
-    state shards element by element, as ZeRO's model has it), or one that ``gradwise train`` does not
-    build."""
+                   state_bytes: int = 4, state_format: str = "fp32",
+                   shard_dim: Callable[[Tensor], int | None] | None = None) -> OwnerComputes | None:
+    """Each of ``ranks`` ranks' state, FLOPs and bytes sent when ``model``'s parameters are sharded over
+    a 1-D mesh and the preset ``optimizer`` (as :func:`gradwise.train.optimizers.build_optimizer` builds
+    it) steps them by owner-computes (see the module). ``shard_dim(param)``: the dimension a parameter
+    is cut along, ``None`` for a replicated one (whole on every rank, which steps it and keeps its
+    state); by default 0 for all, FSDP2's rows (:func:`tensor_parallel_dims`: tensor parallelism's).
+    ``param_bytes``, ``grad_bytes``: a sharded parameter's and gradient's element
+    (:func:`sharded_element_bytes`); ``state_bytes``: a state value's; ``state_format``: the moments'
+    (:mod:`gradwise.optim.state_formats`). Raises ``ValueError`` for a state format whose blocks would
+    cross the shards (the optimizer refuses it). ``None`` where a run would not use owner-computes: an
+    optimizer whose update is not per matrix (its state shards element by element, as ZeRO's model has
+    it), or one that ``gradwise train`` does not build."""
     from gradwise.train.optimizers import OPTIMIZERS, build_optimizer
 
     check_int("ranks", ranks, 1)
@@ -183,29 +206,37 @@ def owner_computes(optimizer: str, model: nn.Module, ranks: int, param_bytes: in
     if any(group.get("state_format", "fp32") != "fp32" for group in whole_groups):
         raise ValueError(f"optimizer {optimizer!r} keeps its moments in blocks that would cross the shards: "
                          "refused on FSDP2's sharded parameters (state_format must be fp32)")
+    dim_of = shard_dim or (lambda param: 0)
     state = [0] * ranks
     matrices = [0] * ranks
     cost = [0.0] * ranks
     flops = [0] * ranks
     sent = [0] * ranks
     for group, per_matrix in zip(built.param_groups, whole):
-        shapes = [tuple(param.shape) for param in group["params"] if param.numel() > 0]
-        bounds = [chunk_bounds(shape[0], ranks) for shape in shapes]
-        if not per_matrix:
-            for shape, rows in zip(shapes, bounds):
-                for rank, (start, stop) in enumerate(rows):
-                    shard = (stop - start, *shape[1:])
+        params = [param for param in group["params"] if param.numel() > 0]
+        for param in params:  # replicated: whole on every rank, which steps it and keeps its state
+            if dim_of(param) is None:
+                shape = tuple(param.shape)
+                for rank in range(ranks):
+                    state[rank] += description.state(shape, group).bytes(state_bytes)
+                    flops[rank] += flops_of(shape, group) if flops_of and per_matrix else 0
+        sharded = [(tuple(param.shape), dim) for param in params if (dim := dim_of(param)) is not None]
+        bounds = [chunk_bounds(shape[dim], ranks) for shape, dim in sharded]
+        if not per_matrix:  # element-wise: each rank its shard's state
+            for (shape, dim), cuts in zip(sharded, bounds):
+                for rank, (start, stop) in enumerate(cuts):
+                    shard = (*shape[:dim], stop - start, *shape[dim + 1:])
                     state[rank] += description.state(shard, group).bytes(state_bytes)
             continue
-        owners = assign_owners([matrix_cost(shape) for shape in shapes], ranks)
-        for shape, rows, owner in zip(shapes, bounds, owners):
-            row = math.prod(shape[1:])  # elements per row of the sharded dim
+        owners = assign_owners([matrix_cost(shape) for shape, _ in sharded], ranks)
+        for (shape, dim), cuts, owner in zip(sharded, bounds, owners):
+            per_slice = math.prod(shape) // shape[dim]  # elements per index of the sharded dim
             state[owner] += description.state(shape, group).bytes(state_bytes)
             matrices[owner] += 1
             cost[owner] += matrix_cost(shape)
             flops[owner] += flops_of(shape, group) if flops_of else 0
-            for rank, (start, stop) in enumerate(rows):
-                shard = (stop - start) * row
+            for rank, (start, stop) in enumerate(cuts):
+                shard = (stop - start) * per_slice
                 sent[rank] += shard * (param_bytes + grad_bytes) if rank != owner else (
                     (math.prod(shape) - shard) * param_bytes)
     loads = tuple(RankLoad(state[r], matrices[r], cost[r], flops[r] if flops_of else None, sent[r])
