@@ -419,6 +419,23 @@ ENTRIES: list[Entry] = [
         converge_lr=0.05,
         notes=_FORMAT_NOTES,
     ),
+    # the fused 4-bit and bf16-sr kernels (Adam[4bit]'s amsgrad takes the generic path)
+    Entry(
+        "AdamW[4bit]", gw.AdamW, {"lr": 0.05, "weight_decay": 0.1, "state_format": "4bit"},
+        _FORMATTED | {"fused"},
+        invalid=_LR_INVALID + _FORMAT_INVALID,
+        paths=({}, {"fused": False}, {"foreach": False}),
+        converge_lr=0.05,
+        notes=_FORMAT_NOTES,
+    ),
+    Entry(
+        "AdamW[bf16-sr]", gw.AdamW, {"lr": 0.05, "weight_decay": 0.1, "state_format": "bf16-sr"},
+        _FORMATTED | {"fused"},
+        invalid=_LR_INVALID + _FORMAT_INVALID,
+        paths=({}, {"fused": False}, {"foreach": False}),
+        converge_lr=0.05,
+        notes=_FORMAT_NOTES,
+    ),
     Entry(
         "Lion[bf16-sr]", gw.Lion, {"lr": 0.01, "state_format": "bf16-sr"},
         (_FORMATTED - {"foreach"}) | {"fused"},
