@@ -339,8 +339,9 @@ class GradwiseOptimizer(Optimizer):
         name = type(self).__name__
         if group.get("state_format", "fp32") != "fp32":
             raise ValueError(f"{name}(state_format={group['state_format']!r}) on sharded (DTensor) "
-                             "parameters: its update needs whole matrices, whose moments' blocks would cross "
-                             "shards; use state_format='fp32' under FSDP and tensor parallelism")
+                             "parameters: its update needs whole matrices, whose formatted moments sharded "
+                             "checkpoints cannot hold (they keep a sharded parameter's moments as shards of it); "
+                             "use state_format='fp32' under FSDP and tensor parallelism")
         return whole_tensors(params, grads, self._shard_owners, self.state)
 
     def _fused_formatted_update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> bool:

@@ -1,7 +1,8 @@
 r"""Owner-computes: a whole-matrix optimizer's step on sharded (DTensor) parameters, each matrix on one rank.
 
-Muon's orthogonalisation, Shampoo's and SOAP's preconditioners (any optimizer whose description says
-``sharding="tensor"``) read every element of a matrix, so a matrix sharded by FSDP2 (rows,
+Muon's orthogonalisation, Shampoo's, SOAP's, Adafactor's and PSGD-Kron's preconditioners (the param
+groups whose update is per matrix, ``GradwiseOptimizer._updates_matrices``; Muon's AdamW groups and
+Sophia, whose update is element-wise, are not) read every element of a matrix, so a matrix sharded by FSDP2 (rows,
 ``Shard(0)``) or by tensor parallelism (rows or columns) must be whole somewhere. Gathering every
 matrix on every rank repeats the optimizer's whole compute and state on each of the :math:`N` ranks.
 Owner-computes gives each matrix to one rank and runs the optimizer's own update there:
@@ -247,6 +248,9 @@ def whole_tensors(params: list[Tensor], grads: list[Tensor], owners: dict[Tensor
     on leaving, every rank's shards hold the updated values. A collective over each DTensor's mesh:
     every rank of it must step the same parameters. ``state``: the optimizer's (see :class:`WholeTensors`)."""
     step = WholeTensors(params, grads, owners, state)
-    yield step.enter()
-    step.leave()
+    tensors = step.enter()
+    try:
+        yield tensors
+    finally:  # an update that failed on one owner still takes part in the exchange the others wait in
+        step.leave()
 

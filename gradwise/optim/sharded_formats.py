@@ -6,8 +6,9 @@ the moments of its own shard in the format, quantised in blocks that lie inside 
 shard's values in row-major order, blocks of 256 for 8 bits): no scale spans two ranks, and the
 step needs no communication. The state stays keyed by the DTensor parameter, as plain tensors of
 the local shard's size: 1/N of the unsharded state, plus at most one partly filled block per
-tensor and rank. An optimizer whose update needs whole matrices (Muon) is refused: its momentum
-would have to be gathered and its blocks would cross shards.
+tensor and rank. An optimizer whose update needs whole matrices (Muon) is refused: its momentum is
+whole, on the matrix's owner (:mod:`gradwise.optim.owner_computes`), which the sharded checkpoints
+below, holding a moment as shards of its parameter, do not describe.
 
 Checkpoints: a rank's codes and block scales have no meaning on another mesh (the blocks follow
 the shards), so :func:`as_dtensor_moments` presents each formatted moment of a DTensor parameter in
