@@ -56,7 +56,7 @@ from dataclasses import dataclass
 
 from gradwise.plan.communication import AlphaBeta, collective_time, terms
 from gradwise.plan.memory import PRECISIONS, parameter_count
-from gradwise.plan.parallelism import Layout, Transformer, data_shard, stage_shapes, stage_units
+from gradwise.plan.parallelism import Layout, Transformer, bubble_fraction, data_shard, stage_shapes, stage_units
 from gradwise.plan.step_time import DDP_BUCKET_BYTES
 from gradwise.validation import check_bool, check_choice, check_int, check_range
 
@@ -232,6 +232,6 @@ def parallel_step_time(
         data=seconds["data"][data_stage],
         tied=seconds["tied"][last],
         latency=latency["tensor"][last] + sends * link.alpha + latency["data"][data_stage] + latency["tied"][last],
-        bubble_fraction=(p - 1) / (v * m + p - 1),
+        bubble_fraction=bubble_fraction(p, m, v),
         traffic=traffic,
     )
