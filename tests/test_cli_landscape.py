@@ -211,7 +211,9 @@ class Hostile:
         ("unknown-setting", ["{tmp}/copy"], "unknown setting 'bogus'"),
         ("no-model", ["{tmp}/copy"], "holds no model.pt (the run did not finish)"),
         ("hostile-model", ["{tmp}/copy"], "was refused by the safe loader"),
-        ("wrong-shapes", ["{tmp}/copy"], "does not fit the model its settings build"),
+        ("wrong-shapes", ["{tmp}/copy"],
+         "does not fit the model its settings build: it has other shapes: 0.weight saved (3, 3), model (16, "),
+        ("unknown-key", ["{tmp}/copy"], "does not fit the model its settings build: it has unknown extra.weight"),
         ("nan-model", ["{tmp}/copy"], "holds non-finite values in"),
         (
             "corrupt-checkpoint",
@@ -266,6 +268,8 @@ def test_hostile_input_is_one_line_exit_2_and_writes_nothing(runs, tmp_path, cap
             (copy / "model.pt").write_bytes(pickle.dumps(Hostile()))
         elif prepare == "wrong-shapes":
             torch.save({**state, "0.weight": torch.zeros(3, 3)}, copy / "model.pt")
+        elif prepare == "unknown-key":
+            torch.save({**state, "extra.weight": torch.zeros(2)}, copy / "model.pt")
         elif prepare == "nan-model":
             torch.save({**state, "0.bias": torch.full((16,), float("nan"))}, copy / "model.pt")
         elif prepare == "corrupt-checkpoint":

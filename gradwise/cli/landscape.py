@@ -272,12 +272,15 @@ def parameters_from(model: nn.Module, state: dict[str, torch.Tensor], what: str)
 
     if (found := first_nonfinite(state)) is not None:
         raise UsageError(f"{what} holds non-finite values in {found}")
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as error:
-        raise UsageError(
-            f"{what} does not fit the model its settings build: {str(error).strip().splitlines()[0]}"
-        ) from None
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    mismatched = [f"{key} saved {tuple(state[key].shape)}, model {tuple(value.shape)}"
+                  for key, value in expected.items() if key in state and state[key].shape != value.shape]
+    for label, names in (("lacks", missing), ("has unknown", unexpected), ("has other shapes:", mismatched)):
+        if names:
+            listed = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            raise UsageError(f"{what} does not fit the model its settings build: it {label} {listed}")
+    model.load_state_dict(state)
     return [p.detach().to(torch.float32).clone() for p in model.parameters() if p.requires_grad]
 
 
