@@ -66,6 +66,7 @@ from torch import Tensor
 
 from gradwise.distributed.state_bytes import optimizer_state_bytes
 from gradwise.optim.description import ModelBound, TrainEvalSwitched, description_of
+from gradwise.optim.owner_computes import assign_owners
 from gradwise.validation import check_choice, check_int, check_range
 
 
@@ -96,13 +97,7 @@ def assign_whole_tensors(sizes: Sequence[int], world_size: int) -> list[int]:
     check_int("world_size", world_size, 1)
     for index, size in enumerate(sizes):
         check_int(f"sizes[{index}]", size, 0)
-    loads = [0] * world_size
-    owners = [0] * len(sizes)
-    for index in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
-        rank = min(range(world_size), key=lambda r: (loads[r], r))
-        owners[index] = rank
-        loads[rank] += sizes[index]
-    return owners
+    return assign_owners([float(size) for size in sizes], world_size)
 
 
 def _hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
