@@ -285,10 +285,10 @@ def _owner_computes(args: argparse.Namespace, shapes: memory.Shapes, precision: 
     --devices ranks, or with ``tensor_parallel`` > 1 tensor parallelism alone over that many; of the
     transformer of --layers/--width/--vocab/--seq-len, or of the tensors of ``shapes``. ``None`` for any
     other layout or optimizer (:func:`gradwise.plan.owner_computes.owner_computes`)."""
-    from gradwise.plan import owner_computes
-
     if tensor_parallel == 1 and args.zero != 3:
         return None
+    from gradwise.plan import owner_computes  # here: it loads torch and the optimizers
+
     model = (owner_computes.meta_tensors(shapes) if args.params is not None
              else owner_computes.meta_transformer(args.layers, args.width, args.vocab, args.seq_len or 0))
     element = owner_computes.sharded_element_bytes(precision)

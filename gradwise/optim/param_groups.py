@@ -56,3 +56,19 @@ def weight_decay_groups(
         {"params": no_decay, "weight_decay": 0.0, **group_options},
     ]
     return [group for group in groups if group["params"]]
+
+
+def training_param_groups(optimizer_class: type, model: nn.Module, weight_decay: float) -> Any:
+    """The parameters or param groups of ``model`` that a training run gives ``optimizer_class``: its
+    description's ``groups`` if it has them (Muon), else weight decay for matrices and embeddings only
+    when it decays (:func:`weight_decay_groups`), else all parameters in one group."""
+    import inspect
+
+    from gradwise.optim.description import description_of  # here: the optimizer files import this module
+
+    description = description_of(optimizer_class)
+    if description.groups is not None:
+        return description.groups(model, weight_decay)
+    if "weight_decay" in inspect.signature(optimizer_class).parameters and weight_decay > 0:
+        return weight_decay_groups(model, weight_decay)
+    return [p for p in model.parameters() if p.requires_grad]

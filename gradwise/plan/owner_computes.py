@@ -5,8 +5,9 @@ and its description says ``sharding="tensor"``) on parameters sharded over a 1-D
 ranks (FSDP2 by rows; tensor parallelism by rows or columns, some tensors replicated) steps each
 sharded matrix on one rank (:mod:`gradwise.optim.owner_computes`). The
 planner replays that rule on the parameters of a model, param group by param group as the optimizer
-sees them (:func:`gradwise.train.optimizers.build_optimizer`, on the meta device for a model that
-exists only as shapes), with the library's own :func:`~gradwise.optim.owner_computes.assign_owners`,
+sees them (the groups :func:`gradwise.optim.param_groups.training_param_groups` gives a training
+run, on the meta device for a model that exists only as shapes), with the library's own
+:func:`~gradwise.optim.owner_computes.assign_owners`,
 :func:`~gradwise.optim.owner_computes.matrix_cost` and
 :func:`~gradwise.optim.owner_computes.chunk_bounds`. For rank :math:`r`, a whole-matrix group of
 tensors :math:`i` with owners :math:`o_i`, :math:`n_i` elements and :math:`s_i(r)` of them in
@@ -50,9 +51,10 @@ from torch import Tensor, nn
 
 from gradwise.optim import Muon
 from gradwise.optim.base import GradwiseOptimizer
-from gradwise.optim.description import description_of
+from gradwise.optim.description import description_of, presets
 from gradwise.optim.muon import matrix_shape
 from gradwise.optim.owner_computes import assign_owners, chunk_bounds, matrix_cost
+from gradwise.optim.param_groups import training_param_groups
 from gradwise.plan.communication import AlphaBeta
 from gradwise.plan.memory import PRECISIONS, Shapes
 from gradwise.validation import check_choice, check_int
@@ -180,24 +182,27 @@ def owner_computes(optimizer: str, model: nn.Module, ranks: int, param_bytes: in
                    state_bytes: int = 4, state_format: str = "fp32",
                    shard_dim: Callable[[Tensor], int | None] | None = None) -> OwnerComputes | None:
     """Each of ``ranks`` ranks' state, FLOPs and bytes sent when ``model``'s parameters are sharded over
-    a 1-D mesh and the preset ``optimizer`` (as :func:`gradwise.train.optimizers.build_optimizer` builds
-    it) steps them by owner-computes (see the module). ``shard_dim(param)``: the dimension a parameter
-    is cut along, ``None`` for a replicated one (whole on every rank, which steps it and keeps its
-    state); by default 0 for all, FSDP2's rows (:func:`tensor_parallel_dims`: tensor parallelism's).
+    a 1-D mesh and the preset ``optimizer`` (its training options, on the param groups a run gives it:
+    :func:`gradwise.optim.param_groups.training_param_groups`) steps them by owner-computes (see the
+    module). ``shard_dim(param)``: the dimension a parameter is cut along, ``None`` for a replicated
+    one (whole on every rank, which steps it and keeps its state); by default 0 for all, FSDP2's rows
+    (:func:`tensor_parallel_dims`: tensor parallelism's).
     ``param_bytes``, ``grad_bytes``: a sharded parameter's and gradient's element
     (:func:`sharded_element_bytes`); ``state_bytes``: a state value's; ``state_format``: the moments'
     (:mod:`gradwise.optim.state_formats`). Raises ``ValueError`` for a state format whose blocks would
     cross the shards (the optimizer refuses it). ``None`` where a run would not use owner-computes: an
     optimizer whose update is not per matrix (its state shards element by element, as ZeRO's model has
     it), or one that ``gradwise train`` does not build."""
-    from gradwise.train.optimizers import OPTIMIZERS, build_optimizer
-
     check_int("ranks", ranks, 1)
-    if optimizer not in OPTIMIZERS:
+    table = presets()
+    if optimizer not in table or table[optimizer][1].train is None:
         return None
-    options = {"state_format": state_format} if state_format != "fp32" else None
-    built = build_optimizer(optimizer, model, 1e-3, 0.1, options)
-    description = description_of(type(built))
+    optimizer_class, preset = table[optimizer]
+    description = description_of(optimizer_class)
+    if description.sharding != "tensor":  # element-wise, or K-FAC's layers (refused on sharded parameters)
+        return None
+    settings = {**preset.train_options(), **({"state_format": state_format} if state_format != "fp32" else {})}
+    built = optimizer_class(training_param_groups(optimizer_class, model, 0.1), lr=1e-3, **settings)
     flops_of = UPDATE_FLOPS.get(type(built))
     whole = [isinstance(built, GradwiseOptimizer) and built._updates_matrices(group) for group in built.param_groups]
     whole_groups = [group for group, per_matrix in zip(built.param_groups, whole) if per_matrix]

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from gradwise import optim
 from gradwise.optim.description import Drive, description_of, presets
+from gradwise.optim.param_groups import training_param_groups
 from gradwise.train.closures import CLOSURE_DRIVES
 from gradwise.validation import check_choice
 
@@ -81,22 +81,9 @@ def check_optimizer_options(name: str, options: dict[str, Any]) -> None:
     optimizer_class, settings = _class_and_settings(name, options)
     model = nn.Linear(2, 2)
     try:
-        _construct(optimizer_class, model, _params(optimizer_class, model, 0.0), 1e-3, settings)
+        _construct(optimizer_class, model, training_param_groups(optimizer_class, model, 0.0), 1e-3, settings)
     except TypeError as error:  # a value of the wrong kind that a validator did not name
         raise ValueError(f"optimizer_options of {name}: {error}") from None
-
-
-def _params(optimizer_class: type[Optimizer], model: nn.Module, weight_decay: float) -> Any:
-    """The parameters or param groups of ``model`` for ``optimizer_class``: its description's
-    ``groups`` if it has them (Muon), else weight decay for matrices and embeddings only when
-    it decays (:func:`gradwise.optim.weight_decay_groups`), else all parameters in one group."""
-    description = description_of(optimizer_class)
-    accepted = inspect.signature(optimizer_class).parameters
-    if description.groups is not None:
-        return description.groups(model, weight_decay)
-    if "weight_decay" in accepted and weight_decay > 0:
-        return optim.weight_decay_groups(model, weight_decay)
-    return [p for p in model.parameters() if p.requires_grad]
 
 
 def _construct(optimizer_class: type[Optimizer], model: nn.Module, params: Any, lr: float,
@@ -158,4 +145,4 @@ def build_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float,
     optimizer_class, settings = _class_and_settings(name, options)
     if "adamw_lr" in inspect.signature(optimizer_class).parameters and "adamw_lr" not in (options or {}):
         settings["adamw_lr"] = lr / presets()[name][1].lr_scale
-    return _construct(optimizer_class, model, _params(optimizer_class, model, weight_decay), lr, settings)
+    return _construct(optimizer_class, model, training_param_groups(optimizer_class, model, weight_decay), lr, settings)
