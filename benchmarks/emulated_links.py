@@ -82,7 +82,6 @@ import contextlib
 import json
 import math
 import os
-import random
 import secrets
 import signal
 import statistics
@@ -104,7 +103,7 @@ from gradwise.bench.machine import describe_machine
 from gradwise.distributed import RankSlice
 from gradwise.distributed.context import DistContext
 from gradwise.distributed.strategies.three_d import ThreeDStrategy
-from gradwise.plan.collective_timing import COLLECTIVES, _run_collective
+from gradwise.plan.collective_timing import COLLECTIVES, sample_collectives
 from gradwise.plan.communication import AlphaBeta, collective_time, fit_alpha_beta
 from gradwise.plan.parallel_step_time import ParallelStepTime, parallel_step_time
 from gradwise.plan.parallelism import Layout, Transformer
@@ -276,29 +275,14 @@ def _summary(times: Sequence[float]) -> dict:
 
 
 def time_collectives_worker(sizes: Sequence[int], repeats: int, seed: int) -> list[dict]:
-    """This rank's part in timing every collective and size (the loop of
-    :mod:`gradwise.plan.collective_timing`: barrier, call, the slowest rank's time); rank 0
-    returns the fastest and the median of ``repeats`` calls per case, the others an empty list."""
-    world_size = dist.get_world_size()
-    vectors = {size: torch.ones(size // 4 // world_size * world_size) for size in sizes}
-    cases = [(collective, size) for collective in COLLECTIVES for size in sizes]
-    for collective, size in cases:  # warm-up: connections, allocations
-        _run_collective(collective, vectors[size], world_size)
-    samples: dict[tuple[str, int], list[float]] = {case: [] for case in cases}
-    order = random.Random(seed)  # the same shuffle on every rank
-    for _ in range(repeats):
-        order.shuffle(cases)
-        for collective, size in cases:
-            dist.barrier()
-            start = time.perf_counter()
-            _run_collective(collective, vectors[size], world_size)
-            elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
-            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-            samples[(collective, size)].append(float(elapsed))
+    """This rank's part in timing every collective and size
+    (:func:`gradwise.plan.collective_timing.sample_collectives`); rank 0 returns the fastest and the
+    median of ``repeats`` calls per case, the others an empty list."""
+    samples = sample_collectives(COLLECTIVES, sizes, repeats, seed)
     if dist.get_rank() != 0:
         return []
-    return [{"collective": collective, "processes": world_size, "message_bytes": vectors[size].numel() * 4,
-             **_summary(times)} for (collective, size), times in sorted(samples.items())]
+    return [{"collective": collective, "processes": dist.get_world_size(), "message_bytes": nbytes,
+             **_summary(times)} for (collective, nbytes), times in sorted(samples.items())]
 
 
 def time_ddp_worker(batch_size: int, steps: int) -> dict:

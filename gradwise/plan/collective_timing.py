@@ -17,6 +17,7 @@ import random
 import socket
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -66,30 +67,41 @@ def _run_collective(collective: str, vector: torch.Tensor, world_size: int) -> N
         dist.all_gather(outputs, chunk)
 
 
+def sample_collectives(collectives: Sequence[str], sizes: Sequence[int], repeats: int,
+                       seed: int) -> dict[tuple[str, int], list[float]]:
+    """Every rank's part in timing each collective on fp32 vectors of each size (rounded down to a
+    multiple of ``4 * world_size`` bytes): after a warm-up call of each, ``repeats`` rounds in an order
+    shuffled alike on every rank, each call after a barrier and timed as the slowest rank's. Returns
+    ``(collective, message bytes) -> seconds`` per call, the same on every rank; a process group must
+    be initialised."""
+    world_size = dist.get_world_size()
+    vectors = {size: torch.ones(max(1, size // 4) // world_size * world_size or world_size) for size in sizes}
+    cases = [(collective, size) for collective in collectives for size in sizes]
+    for collective, size in cases:  # warm-up: connections, allocations
+        _run_collective(collective, vectors[size], world_size)
+    samples: dict[tuple[str, int], list[float]] = {case: [] for case in cases}
+    order = random.Random(seed)  # the same shuffle on every rank
+    for _ in range(repeats):
+        order.shuffle(cases)
+        for collective, size in cases:
+            dist.barrier()
+            start = time.perf_counter()
+            _run_collective(collective, vectors[size], world_size)
+            elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
+            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+            samples[(collective, size)].append(float(elapsed))
+    return {(collective, vectors[size].numel() * 4): times for (collective, size), times in samples.items()}
+
+
 def _worker(rank: int, world_size: int, port: int, collectives, sizes, repeats, seed, results) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        vectors = {size: torch.ones(max(1, size // 4) // world_size * world_size or world_size) for size in sizes}
-        cases = [(collective, size) for collective in collectives for size in sizes]
-        for case in cases:  # warm-up: connections, allocations
-            _run_collective(case[0], vectors[case[1]], world_size)
-        samples: dict[tuple[str, int], list[float]] = {case: [] for case in cases}
-        order = random.Random(seed)  # the same shuffle on every rank
-        for _ in range(repeats):
-            order.shuffle(cases)
-            for collective, size in cases:
-                dist.barrier()
-                start = time.perf_counter()
-                _run_collective(collective, vectors[size], world_size)
-                elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
-                dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-                samples[(collective, size)].append(float(elapsed))
+        samples = sample_collectives(collectives, sizes, repeats, seed)
         if rank == 0:
-            for (collective, size), times in samples.items():
-                nbytes = vectors[size].numel() * 4
+            for (collective, nbytes), times in samples.items():
                 results.append((collective, world_size, nbytes, statistics.median(times), min(times), len(times)))
     finally:
         dist.destroy_process_group()
