@@ -727,13 +727,18 @@ def main_3d(argv: Sequence[str]) -> None:
     parser.add_argument("--microbatches", type=int, default=4, help="micro-batches per step (default: 4)")
     parser.add_argument("--steps", type=int, default=8, help="timed steps (default: 8)")
     parser.add_argument("--out", type=Path, default=RESULTS / "emulated_links_3d.json")
-    args = parser.parse_args(argv)
+    _run_and_write(run_3d, print_report_3d, plot_3d, parser.parse_args(argv))
+
+
+def _run_and_write(run_fn: Callable[[argparse.Namespace], dict], report_fn: Callable[[dict], None],
+                   plot_fn: Callable[[dict, Path], None], args: argparse.Namespace) -> None:
+    """Run a study (SIGTERM unwinding through the teardown), print its table, write its JSON and plot."""
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    report = run_3d(args)
-    print_report_3d(report)
+    report = run_fn(args)
+    report_fn(report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    plot_3d(report, args.out.with_suffix(".png"))
+    plot_fn(report, args.out.with_suffix(".png"))
     print(f"\nwrote {args.out} and {args.out.with_suffix('.png')}")
 
 
@@ -757,14 +762,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=2, help="tiny-gpt windows per rank (default: 2)")
     parser.add_argument("--steps", type=int, default=8, help="timed DDP steps (default: 8)")
     parser.add_argument("--out", type=Path, default=RESULTS / "emulated_links.json")
-    args = parser.parse_args(argv)
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    report = run(args)
-    print_report(report)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    plot(report, args.out.with_suffix(".png"))
-    print(f"\nwrote {args.out} and {args.out.with_suffix('.png')}")
+    _run_and_write(run, print_report, plot, parser.parse_args(argv))
 
 
 if __name__ == "__main__":
