@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gradwise.cli.parsing import UsageError, check_output_folder, output_folder
+from gradwise.cli.parsing import UsageError, check_output_folder, output_folder, text_table
 from gradwise.validation import check_int
 
 if TYPE_CHECKING:
@@ -343,20 +343,6 @@ def announce(args: argparse.Namespace, name: str, cost: Cost, detail: str) -> No
     print(f"{name}: {detail}; cost {cost.describe()}", file=sys.stderr if args.json else sys.stdout, flush=True)
 
 
-def table(header: list[str], rows: list[list[str]]) -> str:
-    """An aligned text table, the first column left-aligned."""
-    widths = [max(len(row[column]) for row in [header, *rows]) for column in range(len(header))]
-    lines = [
-        "  ".join(
-            cell.ljust(width) if column == 0 else cell.rjust(width)
-            for column, (cell, width) in enumerate(zip(row, widths))
-        ).rstrip()
-        for row in [header, *rows]
-    ]
-    lines.insert(1, "  ".join("-" * width for width in widths))
-    return "\n".join(lines)
-
-
 @dataclass
 class Loaded:
     """What the analyses run on: the workload (built for the fixed sample), its model, the parameters' names,
@@ -462,7 +448,7 @@ def run(args: argparse.Namespace) -> int:
         line = landscape.interpolate(losses, start, end, alphas, progress=progress)
         report["line"] = {"from": ends[0], "to": ends[1], "cost": cost.to_dict(), **line.to_dict()}
         text.append(
-            table(
+            text_table(
                 ["alpha", *line.losses],
                 [
                     [f"{alpha:+.3f}", *(f"{values[k]:.5g}" for values in line.losses.values())]
@@ -538,7 +524,7 @@ def run(args: argparse.Namespace) -> int:
             )
         report["layers"] = {"cost": cost.to_dict(), "rows": [row.to_dict() for row in rows]}
         text.append(
-            table(
+            text_table(
                 ["tensor", "size", "lambda_max", "+-", "lambda_min", "+-", "condition"],
                 [
                     [

@@ -35,6 +35,20 @@ def parse_key_values(text: str, name: str) -> dict[str, float]:
     return result
 
 
+def text_table(header: list[str], rows: list[list[str]]) -> str:
+    """An aligned text table under a rule, the first column left-aligned and the others right-aligned."""
+    widths = [max(len(row[column]) for row in [header, *rows]) for column in range(len(header))]
+    lines = [
+        "  ".join(
+            cell.ljust(width) if column == 0 else cell.rjust(width)
+            for column, (cell, width) in enumerate(zip(row, widths))
+        ).rstrip()
+        for row in [header, *rows]
+    ]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
 def parse_list(text: str) -> list[str]:
     """Parse ``"a, b,c"`` into ``["a", "b", "c"]`` (lower case, empty items dropped)."""
     return [part.strip().lower() for part in text.split(",") if part.strip()]

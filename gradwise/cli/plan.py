@@ -9,7 +9,14 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gradwise.cli.parsing import OneLineErrorParser, UsageError, output_folder, parse_key_values, parse_list
+from gradwise.cli.parsing import (
+    OneLineErrorParser,
+    UsageError,
+    output_folder,
+    parse_key_values,
+    parse_list,
+    text_table,
+)
 from gradwise.optim.state_formats import check_state_format
 from gradwise.plan import memory, svg_bars
 from gradwise.train.config import LARGEST_SEED
@@ -62,14 +69,6 @@ def _common(parser: argparse.ArgumentParser, plot: bool) -> None:
         parser.add_argument("--out", type=output_folder, default=Path(DEFAULT_OUT), metavar="DIR",
                             help=f"folder for the plot (default: {DEFAULT_OUT})")
         parser.add_argument("--no-plot", action="store_true", help="write no plot")
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(line[i]) for line in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
-             for line in [header, *rows]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def _emit(args: argparse.Namespace, payload: dict, text: str) -> None:
@@ -271,7 +270,7 @@ def _memory_table(rows: list[dict[str, Any]], chosen: dict[str, Any], pp: int | 
     each row is of."""
     kinds = [*MEMORY_KINDS, "total"]
     stage = ["pp stage"] if pp is not None else []
-    return _table(
+    return text_table(
         ["stage", *stage, *(k.replace("_weights", "").replace("optimizer_", "") for k in kinds)],
         [[("* " if row is chosen else "  ") + row["label"],
           *([f"{row['pipeline_stage']} of {pp}"] if pp is not None else []),
@@ -571,7 +570,7 @@ def _step(args: argparse.Namespace) -> int:
     text = (
         f"{args.params:.4g} params, {args.tokens:.4g} tokens per step, links {args.latency:g} s + "
         f"1/{args.bandwidth:.3g} s/B, {'no ' if args.no_overlap else ''}overlap, throughput {source}\n\n"
-        f"{_table(header, table_rows)}\n\n"
+        f"{text_table(header, table_rows)}\n\n"
         f"{regime}\n\n"
         f"on {args.devices} devices:\n{_solution_table(final)}"
         + ("" if owners is None else f"\n\noptimizer step ({last}), not in the step times above:\n"
@@ -595,7 +594,7 @@ def _plot_step_time(args: argparse.Namespace, payload: dict[str, Any], devices: 
 
 def _solution_table(formats: list[dict[str, Any]]) -> str:
     """Each format's throughput, steps and time to solution at the largest device count."""
-    return _table(
+    return text_table(
         ["format", "FLOP/s", "steps", "step ms", "time to solution (h)"],
         [[row["precision"], f"{row['throughput']:.3g}", f"{row['steps_to_solution']:.4g}",
           f"{row['step_s'] * 1e3:.4g}", f"{row['time_to_solution_s'] / 3600:.4g}"] for row in formats],
@@ -677,7 +676,7 @@ def _step_3d(args: argparse.Namespace, names: list[str], link: Any, throughputs:
     header = ["dp", "devices", *(f"{n} ms" for n in names), f"{last} compute", "bubble", "tensor", "pipeline",
               "data", "latency"]
     header += [f"{last} vs {names[-2]}"] if len(names) > 1 else []
-    traffic_table = _table(
+    traffic_table = text_table(
         ["dimension", "collective", "stage", "calls", "payload GB", "group"],
         [[entry["dimension"], entry["collective"], str(entry["stage"]), str(entry["calls"]),
           _gb(entry["payload_bytes"]), str(entry["group"])] for entry in busiest.values()])
@@ -688,7 +687,7 @@ def _step_3d(args: argparse.Namespace, names: list[str], link: Any, throughputs:
         f"vocab {model.vocab}, {model.seq_len} tokens), {args.tokens:.4g} tokens per step, links {args.latency:g} s "
         f"+ 1/{args.bandwidth:.3g} s/B (tensor parallel: {tp_latency:g} s + 1/{tp_bandwidth:.3g} s/B), "
         f"nothing overlapped, throughput {source}\n\n"
-        f"{_table(header, table_rows)}{skipped}\n\n"
+        f"{text_table(header, table_rows)}{skipped}\n\n"
         f"{_layout_text(final)} of {step.micro_batch} sequence(s): the bubble (p-1)/(vm+p-1) is "
         f"{step.bubble_fraction:.1%} of the pipeline's time\n"
         f"{last} step: compute {step.compute:.4g} s + bubble {step.bubble:.4g} + tensor {step.tensor:.4g} + pipeline "
@@ -795,7 +794,7 @@ def _batch(args: argparse.Namespace) -> int:
         *([f"linear scaling: lr at batch {b}", f"{lr:.4g}"] for b, lr in scaled),
     ]
     heading = f"workload {args.workload}: {args.examples} examples"
-    _emit(args, payload, f"{heading}\n\n" + _table(["quantity", "value"], rows))
+    _emit(args, payload, f"{heading}\n\n" + text_table(["quantity", "value"], rows))
     return 0
 
 
@@ -846,7 +845,7 @@ def _stability(args: argparse.Namespace) -> int:
     if args.curvature is not None:
         payload["curvature"] = args.curvature
         payload["max_lr"] = formula[args.tau] / args.curvature
-    text = f"delayed gradient descent, stable iff eta a < 2 sin(pi / (4 tau + 2))\n\n{_table(header, rows)}"
+    text = f"delayed gradient descent, stable iff eta a < 2 sin(pi / (4 tau + 2))\n\n{text_table(header, rows)}"
     if args.kappa is not None:
         kappa = check_range("kappa", args.kappa, 1.0)
         step, momentum = stability.heavy_ball_parameters(1.0, 1.0 / kappa)
@@ -906,7 +905,7 @@ def _network(args: argparse.Namespace) -> int:
                                     "total": tree.total, "components": tree.components}
         note = "" if tree.components == 1 else f" (not connected: a forest of {tree.components} trees)"
         parts.append(f"minimum spanning tree: total latency {tree.total:.4g}{note}\n"
-                     + _table(["from", "to", "latency"], [[u, v, f"{w:.4g}"] for u, v, w in tree.links]))
+                     + text_table(["from", "to", "latency"], [[u, v, f"{w:.4g}"] for u, v, w in tree.links]))
     if any(link.bandwidth is not None for link in topology.links) and (args.source or topology.source):
         flow = network.max_flow(topology, args.source, args.sinks)
         payload["max_flow"] = {
@@ -915,9 +914,9 @@ def _network(args: argparse.Namespace) -> int:
         }
         parts.append(
             f"maximum flow {flow.source} -> {', '.join(flow.sinks)}: {flow.value:.4g} bytes/s\n"
-            + _table(["sink", "bytes/s"], [[s, f"{v:.4g}"] for s, v in flow.per_sink.items()])
+            + text_table(["sink", "bytes/s"], [[s, f"{v:.4g}"] for s, v in flow.per_sink.items()])
             + "\n\nminimum cut (the bottleneck links):\n"
-            + _table(["from", "to", "bandwidth"], [[u, v, f"{b:.4g}"] for u, v, b in flow.cut])
+            + text_table(["from", "to", "bandwidth"], [[u, v, f"{b:.4g}"] for u, v, b in flow.cut])
         )
     elif args.sinks or args.source:
         raise UsageError("max flow needs links with a bandwidth and a source")
@@ -953,7 +952,7 @@ def _failures(args: argparse.Namespace) -> int:
         "residual_threshold": result.threshold, "small_expected_cells": result.small_expected,
         "driving_cells": [cell.__dict__ for cell in result.driving_cells],
     }
-    counts = _table(
+    counts = text_table(
         ["hardware", *result.outcomes],
         [[h, *(f"{result.observed[i, j]} ({result.expected[i, j]:.1f})" for j in range(len(result.outcomes)))]
          for i, h in enumerate(result.hardware)],
@@ -965,7 +964,7 @@ def _failures(args: argparse.Namespace) -> int:
         f"outcome {verdict} hardware at alpha = {args.alpha:g}"
     )
     if result.driving_cells:
-        text += f"\n\ncells that drive it (|adjusted residual| > {result.threshold:.2f}):\n" + _table(
+        text += f"\n\ncells that drive it (|adjusted residual| > {result.threshold:.2f}):\n" + text_table(
             ["hardware", "outcome", "observed", "expected", "residual"],
             [[c.hardware, c.outcome, str(c.observed), f"{c.expected:.1f}", f"{c.residual:+.2f}"]
              for c in result.driving_cells],
