@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from gradwise.optim.sharded_formats import is_dtensor
+from gradwise.optim.sharded_formats import is_dtensor, local_gradient
 
 
 def matrix_cost(shape: tuple[int, ...]) -> float:
@@ -109,13 +109,6 @@ def _from_bytes(data: Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> Ten
     return data.view(dtype).view(shape)
 
 
-def _local_grad(param: Any, grad: Any) -> Tensor:
-    """``grad``'s local shard, placed as ``param`` is (a pending reduction is reduced first)."""
-    if grad.placements != param.placements:
-        grad = grad.redistribute(param.device_mesh, param.placements)
-    return cast(Tensor, grad.to_local())
-
-
 def _exchange(sends: list[list[Tensor]], receive_bytes: list[int], group: Any, rank: int) -> list[Tensor]:
     """One ``all_to_all_single`` of bytes: ``sends[q]`` (tensors) to rank ``q``, ``receive_bytes[k]`` from
     rank ``k``; returns what each rank sent, as bytes (nothing to or from this rank itself)."""
@@ -153,10 +146,10 @@ class WholeTensors:
             mesh, placements = param.device_mesh, param.placements
             shard_dims = [cast(Any, p).dim for p in placements if p.is_shard()]
             if mesh.ndim == 1 and not shard_dims:  # replicated: the local tensor is the whole one
-                self._add(plain_params, plain_grads, param, param.to_local(), _local_grad(param, grad))
+                self._add(plain_params, plain_grads, param, param.to_local(), local_gradient(param, grad))
             elif mesh.ndim == 1 and placements[0].is_shard():
                 self.sharded.setdefault(mesh, []).append(
-                    _Sharded(param, _local_grad(param, grad), shard_dims[0],
+                    _Sharded(param, local_gradient(param, grad), shard_dims[0],
                              chunk_bounds(param.shape[shard_dims[0]], mesh.size())))
             else:  # a mesh of several dimensions: whole on every rank
                 whole = param.full_tensor()

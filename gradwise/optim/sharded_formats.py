@@ -50,6 +50,14 @@ def is_dtensor(tensor: Any) -> TypeGuard[DTensor]:
     return module is not None and isinstance(tensor, module.DTensor)
 
 
+def local_gradient(param: DTensor, grad: Tensor) -> Tensor:
+    """The local shard of ``grad``, placed as ``param`` is (a pending reduction is reduced first)."""
+    sharded_grad = cast("DTensor", grad)
+    if tuple(sharded_grad.placements) != tuple(param.placements):
+        sharded_grad = sharded_grad.redistribute(param.device_mesh, param.placements)
+    return cast(Tensor, sharded_grad.to_local())
+
+
 def local_shards(params: list[Tensor], grads: list[Tensor],
                  owners: dict[Tensor, Tensor]) -> tuple[list[Tensor], list[Tensor]]:
     """Each DTensor parameter replaced by its local shard (the tensor its storage is, under
@@ -58,14 +66,13 @@ def local_shards(params: list[Tensor], grads: list[Tensor],
     shards, shard_grads = [], []
     for param, grad in zip(params, grads, strict=True):
         if is_dtensor(param):
-            sharded_grad = cast("DTensor", grad)
-            if tuple(sharded_grad.placements) != tuple(param.placements):
-                sharded_grad = sharded_grad.redistribute(param.device_mesh, param.placements)
             local = param.to_local()
             owners[local] = param
-            param, grad = local, sharded_grad.to_local()
-        shards.append(param)
-        shard_grads.append(grad)
+            shards.append(local)
+            shard_grads.append(local_gradient(param, grad))
+        else:
+            shards.append(param)
+            shard_grads.append(grad)
     return shards, shard_grads
 
 
