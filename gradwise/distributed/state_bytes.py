@@ -9,19 +9,19 @@ local shard, the part that occupies this process's memory.
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from gradwise.optim.sharded_formats import is_dtensor
 
 
 def tensor_bytes(value: Any) -> int:
     """Bytes of the tensors in ``value`` (a tensor, or lists/tuples/dicts of them); a DTensor
     counts its local shard. Anything else (ints, floats, strings) counts zero."""
     if isinstance(value, Tensor):
-        dtensor = sys.modules.get("torch.distributed.tensor")
-        if dtensor is not None and isinstance(value, dtensor.DTensor):
+        if is_dtensor(value):
             value = value.to_local()
         return value.numel() * value.element_size()
     if isinstance(value, dict):
