@@ -54,10 +54,14 @@ processes measure the scheduler, not a link. Here every process gets a host of i
 - **A 3-D step** (``3d``, issue 19). tiny-gpt under the ``3d`` strategy on four hosts, each mesh
   shape of :data:`SHAPES_3D` (pipeline x data x tensor), 1F1B over ``--microbatches``, the same
   global batch for every shape, against :func:`gradwise.plan.parallel_step_time.parallel_step_time`
-  fed what the planner asks for: the all-reduce's alpha and beta, fitted in the same run at two
-  processes (every group of these meshes has two), as its link; fp32; ZeRO stage 3 (FSDP2); the
-  throughput that makes its one-device compute the step measured at one process on the whole
-  batch. Each shape also runs on unlimited links, to show what the cores and the software cost
+  fed what the planner asks for: each collective's alpha and beta, fitted in the same run at two
+  processes (every group of these meshes has two; gloo's reduce-scatter moves an all-reduce's bytes),
+  the all-reduce's as the link of the sends; fp32; ZeRO stage 3 (FSDP2); the throughput that makes its
+  one-device compute the step measured at one process on the whole batch; and the software's fixed
+  cost per micro-batch per stage (``overhead``), calibrated on the same mesh on unlimited links, where
+  it is the step over its :math:`m + (p - 1)/v` slots less a slot's compute (Python, DTensor's dispatch,
+  the schedule and four processes on two cores: 3-4 times the compute here). Each shape thus runs
+  on unlimited links first, to show what the cores and the software cost
   without the link. The JSON goes to ``benchmarks/results/emulated_links_3d.json`` (the committed
   run at 25 Mbit/s, where the links weigh four times more, to ``emulated_links_3d_25mbit.json``).
 
@@ -105,7 +109,7 @@ from gradwise.distributed.context import DistContext
 from gradwise.distributed.strategies.three_d import ThreeDStrategy
 from gradwise.plan.collective_timing import COLLECTIVES, sample_collectives
 from gradwise.plan.communication import AlphaBeta, collective_time, fit_alpha_beta
-from gradwise.plan.parallel_step_time import ParallelStepTime, parallel_step_time
+from gradwise.plan.parallel_step_time import parallel_step_time
 from gradwise.plan.parallelism import Layout, Transformer
 from gradwise.plan.step_time import data_parallel_step_time
 from gradwise.problems.corpus import stdlib_corpus
@@ -125,7 +129,7 @@ WARMUP_STEPS = 2  # DDP steps before the timed ones
 TARGET = 0.25
 SHAPES_3D = ((2, 1, 2), (2, 2, 1))  # (pp, dp, tp); the 3d strategy needs pp >= 2, so no 1 x 2 x 2
 SCHEDULE_3D = "1f1b"
-PARTS_3D = ("compute", "bubble", "tensor", "pipeline", "data", "tied")  # ParallelStepTime's parts of a step
+PARTS_3D = ("compute", "overhead", "bubble", "tensor", "pipeline", "data", "tied")  # ParallelStepTime's parts of a step
 NO_DELAY = ("not emulated: this kernel has no netem qdisc, so no delay could be added; alpha is the "
             "software's latency (gloo, TCP, scheduling) plus the link's")
 RESULTS = Path(__file__).parent / "results"
@@ -442,47 +446,47 @@ def tiny_gpt_shape(model: TinyGPT) -> Transformer:
                        embedding.num_embeddings, model.seq_len)
 
 
-def data_time_own_fits(step: ParallelStepTime, fits: dict[str, AlphaBeta]) -> float:
-    """The data dimension's seconds with each collective on its own fit (gloo's reduce-scatter costs
-    an all-reduce), where :func:`parallel_step_time` puts every collective on one link: the busiest
-    stage's, as there."""
-    return max(sum(entry.seconds(fits[entry.collective.replace("-", "_")])[0]
-                   for entry in stage if entry.dimension == "data")
-               for stage in step.traffic)
-
-
 def predict_3d_steps(limited: Sequence[dict], unlimited: Sequence[dict], one_process: dict, model: Transformer,
                      global_batch: int, microbatches: int, fits: dict[str, AlphaBeta],
                      statistic: str = STATISTICS[0]) -> list[dict]:
     r"""Each 3-D step (``limited``: one per mesh shape) against :func:`parallel_step_time`.
 
-    The planner gets the all-reduce's fitted alpha and beta as its one link, fp32 and ZeRO stage 3
-    (FSDP2, the ``3d`` strategy's data dimension), and the throughput :math:`R` that makes its
-    compute term at one device the step ``one_process`` measured there on the same global batch.
-    Beside the total: each part, the largest, the step with each data-parallel collective on its
-    own fit (``predicted_own_fits_s``), and the link's share - the step less the same step with
-    infinitely fast links, :math:`(m + (p - 1)/v)/m` times the compute - against the step measured
-    on the limited links less the same step on unlimited ones (``unlimited``, in the same order).
+    The planner gets what a user measures before such a run: the throughput :math:`R` that makes its
+    compute at one device the step ``one_process`` measured there on the same global batch; each
+    collective's alpha and beta fitted at two processes (``collective_links``: every group of these
+    meshes has two ranks; the sends on the all-reduce's link); fp32; ZeRO stage 3 (FSDP2, the ``3d``
+    strategy's data dimension); and the software's overhead per micro-batch per stage, calibrated on
+    the same mesh on unlimited links (``unlimited``, in the same order): that step over its
+    :math:`m + (p - 1)/v` slots less a slot's compute. The step on the limited links is then
+    predicted (``predicted_s``); beside it the planner without the overhead (``predicted_bare_s``)
+    and the link's share - the prediction less the same step on infinitely fast links - against the
+    step measured on the limited links less the unlimited one (``link_error``).
     """
     tokens = global_batch * model.seq_len
     link = fits["all_reduce"]
+    collective_links = {name.replace("_", "-"): fit for name, fit in fits.items()}
     flops = parallel_step_time(model, Layout(), tokens, 1.0, link, "fp32").compute  # at 1 FLOP/s: the FLOPs
     throughput = flops / one_process[statistic]
     rows = []
     for measured, fast in zip(limited, unlimited, strict=True):
         layout = Layout(pp=measured["pp"], dp=measured["dp"], tp=measured["tp"], microbatches=microbatches,
                         schedule=SCHEDULE_3D)
-        step = parallel_step_time(model, layout, tokens, throughput, link, "fp32", zero_stage=3)
+        slots = microbatches + (layout.pp - 1) / layout.virtual_stages
+
+        instant = parallel_step_time(model, layout, tokens, throughput, AlphaBeta(0.0, 0.0), "fp32", zero_stage=3)
+        overhead = max(0.0, (fast[statistic] - instant.total) / slots)  # the cores alone: the slots' compute
+        bare = parallel_step_time(model, layout, tokens, throughput, link, "fp32", zero_stage=3,
+                                  collective_links=collective_links)
+        step = parallel_step_time(model, layout, tokens, throughput, link, "fp32", zero_stage=3,
+                                  collective_links=collective_links, overhead=overhead)
         parts = {part: getattr(step, part) for part in PARTS_3D}
-        own_fits = step.total - step.data + data_time_own_fits(step, fits)
-        ideal = step.compute * (microbatches + (layout.pp - 1) / layout.virtual_stages) / microbatches
         rows.append({"shape": f"{layout.pp}x{layout.dp}x{layout.tp}", "pp": layout.pp, "dp": layout.dp,
                      "tp": layout.tp, "microbatches": microbatches, "micro_batch": step.micro_batch,
-                     "measured_s": measured[statistic], "unlimited_s": fast[statistic],
+                     "measured_s": measured[statistic], "unlimited_s": fast[statistic], "overhead_s": overhead,
                      "predicted_s": step.total, "parts_s": parts, "largest_part": max(parts, key=parts.__getitem__),
-                     "error": step.total / measured[statistic] - 1, "predicted_own_fits_s": own_fits,
-                     "error_own_fits": own_fits / measured[statistic] - 1, "predicted_link_s": step.total - ideal,
-                     "link_error": (step.total - ideal) / (measured[statistic] - fast[statistic]) - 1})
+                     "error": step.total / measured[statistic] - 1, "predicted_bare_s": bare.total,
+                     "error_bare": bare.total / measured[statistic] - 1, "predicted_link_s": bare.total - instant.total,
+                     "link_error": (bare.total - instant.total) / (measured[statistic] - fast[statistic]) - 1})
     return rows
 
 
@@ -663,7 +667,9 @@ def run_3d(args: argparse.Namespace) -> dict:
         "one_process_step": one_process,
         "prediction": "gradwise.plan.parallel_step_time.parallel_step_time(model, Layout(pp, dp, tp, microbatches, "
                       "'1f1b'), global batch x context tokens, throughput, the all-reduce's fit, 'fp32', "
-                      "zero_stage=3), the throughput making its 1-device compute the 1-process step",
+                      "zero_stage=3, collective_links=each collective's fit, overhead=the unlimited step over its "
+                      "m + p - 1 slots less a slot's compute), the throughput making its 1-device compute the "
+                      "1-process step",
         "target": TARGET, "rows": rows[STATISTICS[0]], "rows_median": rows[STATISTICS[1]],
     }
 
@@ -674,17 +680,18 @@ def print_report_3d(report: dict) -> None:
     print(f"planner's link (all-reduce fit): alpha {fit['alpha_s'] * 1e6:.0f} us, {fit['bandwidth_mbit_s']:.0f} "
           f"Mbit/s; 1-process step {report['one_process_step']['fastest_s'] * 1e3:.0f} ms (fastest)")
     parts = "".join(f"{part[:8]:>9}" for part in PARTS_3D)
-    print(f"\n{'shape':<7}{'measured':>9}{'unlimit':>9}{'model':>8}{'error':>7}{parts}{'own fit':>9}{'error':>7}"
+    print(f"\n{'shape':<7}{'measured':>9}{'unlimit':>9}{'model':>8}{'error':>7}{parts}{'bare':>7}{'error':>7}"
           f"{'link':>7}{'model':>7} | {'median':>7}{'model':>7}{'error':>7}")
     for row, median in zip(report["rows"], report["rows_median"]):
         values = "".join(f"{row['parts_s'][part] * 1e3:>9.0f}" for part in PARTS_3D)
         print(f"{row['shape']:<7}{row['measured_s'] * 1e3:>9.0f}{row['unlimited_s'] * 1e3:>9.0f}"
-              f"{row['predicted_s'] * 1e3:>8.0f}{row['error']:>+7.0%}{values}{row['predicted_own_fits_s'] * 1e3:>9.0f}"
-              f"{row['error_own_fits']:>+7.0%}{(row['measured_s'] - row['unlimited_s']) * 1e3:>7.0f}"
+              f"{row['predicted_s'] * 1e3:>8.0f}{row['error']:>+7.0%}{values}{row['predicted_bare_s'] * 1e3:>7.0f}"
+              f"{row['error_bare']:>+7.0%}{(row['measured_s'] - row['unlimited_s']) * 1e3:>7.0f}"
               f"{row['predicted_link_s'] * 1e3:>7.0f} | {median['measured_s'] * 1e3:>7.0f}"
               f"{median['predicted_s'] * 1e3:>7.0f}{median['error']:>+7.0%}")
-    print("(ms; fastest step, the planner with the fastest calls' fit | the median step and fit; 'link': the step "
-          "less the unlimited one, against the model's step less its infinitely fast links' step)")
+    print("(ms; fastest step, the planner with the fastest calls' fits | the median step and fits; 'bare': the "
+          "planner without the overhead calibrated on unlimited links; 'link': the step less the unlimited one, "
+          "against the model's step less its infinitely fast links' step)")
 
 
 def plot_3d(report: dict, path: Path) -> None:

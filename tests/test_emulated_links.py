@@ -207,22 +207,7 @@ FITS = {"all_reduce": AlphaBeta(1e-4, 8e-8), "reduce_scatter": AlphaBeta(8e-4, 1
 GPT = Transformer(layers=6, width=128, heads=4, vocab=256, seq_len=128)
 
 
-def test_the_data_dimension_on_each_collectives_own_fit():
-    step = parallel_step_time(GPT, Layout(pp=2, dp=2, microbatches=4), 8 * 128, 1e9, FITS["all_reduce"], "fp32",
-                              zero_stage=3)
-    same = {collective: FITS["all_reduce"] for collective in FITS}
-    assert links.data_time_own_fits(step, same) == pytest.approx(step.data)
-    # the busiest stage's all-gathers and reduce-scatters, each on its own link
-    expected = max(sum(entry.seconds(FITS["all_gather" if entry.collective == "all-gather" else "reduce_scatter"])[0]
-                       for entry in stage if entry.dimension == "data") for stage in step.traffic)
-    assert links.data_time_own_fits(step, FITS) == pytest.approx(expected)
-    assert links.data_time_own_fits(step, FITS) > step.data  # the slower reduce-scatter
-    no_data = parallel_step_time(GPT, Layout(pp=2, tp=2, microbatches=4), 8 * 128, 1e9, FITS["all_reduce"], "fp32",
-                                 zero_stage=3)
-    assert links.data_time_own_fits(no_data, FITS) == 0.0
-
-
-def test_the_3d_prediction_uses_the_one_process_step_as_compute():
+def test_the_3d_prediction_uses_the_one_process_step_as_compute_and_calibrates_the_overhead_unlimited():
     one_process = {"fastest_s": 0.2, "median_s": 0.25}
     limited = [{"pp": 2, "dp": 1, "tp": 2, "fastest_s": 1.5, "median_s": 1.6},
                {"pp": 2, "dp": 2, "tp": 1, "fastest_s": 1.4, "median_s": 1.5}]
@@ -233,22 +218,39 @@ def test_the_3d_prediction_uses_the_one_process_step_as_compute():
     flops = GPT.layers * layer_flops(GPT, 8) + logit_flops(GPT, 8)
     one_device = parallel_step_time(GPT, Layout(), 8 * 128, flops / 0.2, FITS["all_reduce"], "fp32")
     assert one_device.compute == pytest.approx(0.2)
+    own = {"all-reduce": FITS["all_reduce"], "reduce-scatter": FITS["reduce_scatter"],
+           "all-gather": FITS["all_gather"]}
     for row, measured, fast in zip(rows, limited, unlimited):
         layout = Layout(pp=2, dp=row["dp"], tp=row["tp"], microbatches=4)
-        step = parallel_step_time(GPT, layout, 8 * 128, flops / 0.2, FITS["all_reduce"], "fp32", zero_stage=3)
+        bare = parallel_step_time(GPT, layout, 8 * 128, flops / 0.2, FITS["all_reduce"], "fp32", zero_stage=3,
+                                  collective_links=own)
+        # on unlimited links the model's 4 + 1 slots of compute and overhead are the unlimited step
+        assert (bare.compute / 4 + row["overhead_s"]) * (4 + 1) == pytest.approx(fast["fastest_s"])
+        step = parallel_step_time(GPT, layout, 8 * 128, flops / 0.2, FITS["all_reduce"], "fp32", zero_stage=3,
+                                  collective_links=own, overhead=row["overhead_s"])
         assert row["predicted_s"] == pytest.approx(step.total) == pytest.approx(sum(row["parts_s"].values()))
+        assert row["predicted_s"] == pytest.approx(bare.total + (4 + 1) * row["overhead_s"])
+        assert row["predicted_bare_s"] == pytest.approx(bare.total)
         assert row["micro_batch"] == 8 // (row["dp"] * 4)
         assert row["error"] == pytest.approx(step.total / measured["fastest_s"] - 1)
         assert row["parts_s"][row["largest_part"]] == max(row["parts_s"].values())
         # with links infinitely fast the step is compute over m micro-batches and the p - 1 of the bubble
-        assert row["predicted_link_s"] == pytest.approx(step.total - step.compute * (4 + 1) / 4)
+        assert row["predicted_link_s"] == pytest.approx(bare.total - bare.compute * (4 + 1) / 4)
         assert row["link_error"] == pytest.approx(
             row["predicted_link_s"] / (measured["fastest_s"] - fast["fastest_s"]) - 1)
-    assert rows[0]["predicted_own_fits_s"] == pytest.approx(rows[0]["predicted_s"])  # no data dimension
-    assert rows[1]["predicted_own_fits_s"] > rows[1]["predicted_s"]
+    # the data-parallel mesh's reduce-scatters on their own, slower fit
+    one_link = parallel_step_time(GPT, Layout(pp=2, dp=2, microbatches=4), 8 * 128, flops / 0.2, FITS["all_reduce"],
+                                  "fp32", zero_stage=3)
+    assert rows[1]["predicted_bare_s"] > one_link.total
     medians = links.predict_3d_steps(limited, unlimited, one_process, GPT, 8, 4, FITS, "median_s")
     assert [row["measured_s"] for row in medians] == [1.6, 1.5]
     assert medians[0]["parts_s"]["compute"] == pytest.approx(rows[0]["parts_s"]["compute"] * 0.25 / 0.2)
+
+
+def test_an_unlimited_step_faster_than_the_compute_calibrates_no_overhead():
+    rows = links.predict_3d_steps([{"pp": 2, "dp": 2, "tp": 1, "fastest_s": 1.0}], [{"fastest_s": 0.01}],
+                                  {"fastest_s": 0.2}, GPT, 8, 4, FITS)
+    assert rows[0]["overhead_s"] == 0.0 and rows[0]["predicted_s"] == rows[0]["predicted_bare_s"]
 
 
 @pytest.mark.measurement

@@ -66,8 +66,12 @@ def test_step_of_a_3d_layout_breaks_the_step_down(tmp_path, capsys):
     assert [row["dp"] for row in data["by_devices"]] == [1, 2, 4, 8]  # each splits 96 sequences into 4 micro-batches
     assert data["micro_batch"] == 3 and data["bubble_fraction"] == pytest.approx(1 / 5)
     final = {row["precision"]: row for row in data["by_devices"][-1]["formats"]}["fp8"]
-    parts = ("compute_s", "bubble_s", "tensor_s", "pipeline_s", "data_s", "tied_s")
-    assert final["step_s"] == pytest.approx(sum(final[part] for part in parts))
+    parts = ("compute_s", "bubble_s", "tensor_s", "pipeline_s", "data_s", "tied_s", "overhead_s")
+    assert final["step_s"] == pytest.approx(sum(final[part] for part in parts)) and final["overhead_s"] == 0
+    slower = run_json(capsys, "step", *TINY, "--tp", "2", "--pp", "2", "--microbatches", "4", "--devices", "8",
+                      "--tokens", str(16 * 4 * 8 * 3), "--zero", "3", "--overhead", "0.001", "--no-plot")
+    with_overhead = {row["precision"]: row for row in slower["by_devices"][-1]["formats"]}["fp8"]
+    assert with_overhead["step_s"] - final["step_s"] == pytest.approx((4 + 2 - 1) * 0.001)  # every slot's
     assert {(e["dimension"], e["collective"]) for e in data["traffic"]} == {
         ("tensor", "all-reduce"), ("pipeline", "send/recv"), ("data", "all-gather"), ("data", "reduce-scatter"),
         ("tied", "all-reduce")}
@@ -150,6 +154,7 @@ def test_network_and_failures(tmp_path, capsys):
         (["step", *TINY, "--pp", "2", "--microbatches", "4", "--devices", "2", "--tokens", "100"], "micro-batches"),
         (["step", "--layers", "4", "--tp", "2"], "--width"),
         (["step", *TINY, "--tp-bandwidth", "0"], "tp-bandwidth"),
+        (["step", *TINY, "--overhead", "-1"], "overhead"),
         (["step"], "--params"),
     ],
 )

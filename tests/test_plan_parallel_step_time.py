@@ -80,15 +80,60 @@ def test_fsdp_under_a_pipeline_gathers_each_layer_per_micro_batch_and_once_for_b
     layout = Layout(pp=2, dp=4, tp=2, microbatches=3)
     for stage in (0, 1):
         shard = stage_memory(TINY, layout, stage, "adamw", "bf16", 3).parameters  # rank 0's shards, bf16
-        kinds = by_kind(stage_traffic(TINY, layout, stage, precision="bf16", zero_stage=3))
+        traffic = stage_traffic(TINY, layout, stage, precision="bf16", zero_stage=3)
         once = by_kind(stage_traffic(TINY, layout, stage, precision="bf16", zero_stage=3, reshard_after_forward=False))
         assert once[("data", ALL_GATHER)].calls == 2 + 1  # two layers and the root, once each
         assert once[("data", ALL_GATHER)].payload_bytes == shard
-        assert kinds[("data", ALL_GATHER)].calls == 2 * (3 + 1) + 1
+        gathers = {entry.each_micro_batch: entry for entry in traffic if entry.collective == ALL_GATHER}
+        assert (gathers[True].calls, gathers[False].calls) == (2 * 3, 2 + 1)  # before each forward; once more each
         root = memory.parameter_count(stage_shapes(TINY, layout, stage)) - 2 * (12 * 32 * 32 // 2 + 7 * 16 + 6 * 32)
         layers_shard = shard - 2 * root // 4  # bf16 bytes of the two layers' quarter
-        assert kinds[("data", ALL_GATHER)].payload_bytes == shard + 3 * layers_shard
-        assert kinds[("data", REDUCE_SCATTER)].calls == 3 and kinds[("data", REDUCE_SCATTER)].payload_bytes == 4 * shard
+        assert (gathers[True].payload_bytes, gathers[False].payload_bytes) == (3 * layers_shard, shard)
+        scatter = by_kind(traffic)[("data", REDUCE_SCATTER)]
+        assert (scatter.calls, scatter.payload_bytes, scatter.each_micro_batch) == (3, 4 * shard, False)
+
+
+def test_the_critical_path_repeats_the_slot_and_adds_each_stages_once_per_step_gathers():
+    """1F1B with FSDP2 under it: (m + p - 1) slots of the slowest stage, each with its per-micro-batch
+    gathers; every stage's once-per-step gathers in turn (the fill and drain pass through each); the
+    slowest stage's reduce-scatters (stage 0's: its root holds the position embedding too) and the tied
+    all-reduce after the flush."""
+    layout, rate = Layout(pp=2, dp=4, microbatches=3), 1e9
+    step = parallel_step_time(TINY, layout, 16 * 4 * 3, rate, LINK, "bf16", zero_stage=3)
+    traffic = [stage_traffic(TINY, layout, stage, 1, "bf16", 3) for stage in (0, 1)]
+
+    def seconds(stage: int, keep) -> float:
+        return sum(entry.seconds(LINK)[0] for entry in traffic[stage] if entry.collective != SEND_RECV and keep(entry))
+
+    slot_gathers = seconds(1, lambda entry: entry.each_micro_batch)
+    compute = 3 * (2 * (72 * 16 * 32 * 32 + 12 * 16 * 16 * 32) + 6 * 16 * 32 * 256) / rate  # the last stage
+    send = LINK.alpha + 16 * 32 * 2 * LINK.beta
+    assert step.compute == pytest.approx(compute) and step.pipeline == pytest.approx(3 * 2 * send)
+    slot = (compute + 3 * 2 * send + slot_gathers) / 3
+    fill = sum(seconds(stage, lambda entry: entry.collective == ALL_GATHER and not entry.each_micro_batch)
+               for stage in (0, 1))
+    drain = max(seconds(stage, lambda entry: entry.collective == REDUCE_SCATTER) for stage in (0, 1))
+    assert step.bubble == pytest.approx(slot)
+    assert step.data == pytest.approx(slot_gathers + fill + drain)
+    assert step.total == pytest.approx((3 + 1) * slot + fill + drain + step.tied)
+
+
+def test_a_collectives_own_link_and_the_software_overhead_change_only_their_parts():
+    layout = Layout(pp=2, dp=4, microbatches=3)
+    tokens, plain = 16 * 4 * 3, parallel_step_time(TINY, layout, 16 * 4 * 3, 1e9, LINK, "bf16", zero_stage=3)
+    half = AlphaBeta(LINK.alpha, 2 * LINK.beta)  # gloo's reduce-scatter: an all-reduce's bytes
+    slow = parallel_step_time(TINY, layout, tokens, 1e9, LINK, "bf16", zero_stage=3,
+                              collective_links={REDUCE_SCATTER: half})
+    scatter = by_kind(stage_traffic(TINY, layout, 0, 1, "bf16", 3))[("data", REDUCE_SCATTER)]  # stage 0's, the larger
+    assert slow.data - plain.data == pytest.approx(scatter.seconds(half)[0] - scatter.seconds(LINK)[0])
+    assert (slow.compute, slow.bubble, slow.pipeline) == (plain.compute, plain.bubble, plain.pipeline)
+    busy = parallel_step_time(TINY, layout, tokens, 1e9, LINK, "bf16", zero_stage=3, overhead=0.01)
+    assert busy.overhead == pytest.approx(3 * 0.01)
+    assert busy.total - plain.total == pytest.approx((3 + 1) * 0.01)  # in every slot, the bubble's included
+    with pytest.raises(ValueError, match="collective_links"):
+        parallel_step_time(TINY, layout, tokens, 1e9, LINK, collective_links={"broadcast": LINK})
+    with pytest.raises(ValueError, match="overhead"):
+        parallel_step_time(TINY, layout, tokens, 1e9, LINK, overhead=-1.0)
 
 
 def test_the_tied_gradient_is_all_reduced_over_the_pipeline():

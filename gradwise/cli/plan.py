@@ -461,6 +461,9 @@ def _add_step(models) -> None:
                        help="link bandwidth within a tensor-parallel group (default: --bandwidth)")
     model.add_argument("--tp-latency", type=float, metavar="S",
                        help="link latency within a tensor-parallel group (default: --latency)")
+    model.add_argument("--overhead", type=float, metavar="S",
+                       help="software's fixed seconds per micro-batch per pipeline stage: launches, the schedule "
+                       "(default: 0; measure it as the step on fast links over its m + p - 1 slots less the compute)")
     _add_layout(parser, sequence_parallel=False)
     _common(parser, plot=True)
     parser.set_defaults(handler=_step)
@@ -601,7 +604,7 @@ def _solution_table(formats: list[dict[str, Any]]) -> str:
     )
 
 
-STEP_MODEL_OPTIONS = ("layers", "width", "heads", "seq_len", "tp_bandwidth", "tp_latency")
+STEP_MODEL_OPTIONS = ("layers", "width", "heads", "seq_len", "tp_bandwidth", "tp_latency", "overhead")
 
 
 def _step_3d(args: argparse.Namespace, names: list[str], link: Any, throughputs: dict[str, float], source: str,
@@ -626,8 +629,9 @@ def _step_3d(args: argparse.Namespace, names: list[str], link: Any, throughputs:
         return True
 
     dps = [dp for dp in sorted({2**k for k in range(int(math.log2(args.devices)) + 1)} | {args.devices}) if splits(dp)]
+    overhead = 0.0 if args.overhead is None else check_range("overhead", args.overhead, 0.0)
     options = dict(zero_stage=args.zero, tp_link=tp_link, checkpointing=args.checkpointing,
-                   bucket_bytes=args.bucket_mb * 2**20)
+                   bucket_bytes=args.bucket_mb * 2**20, overhead=overhead)
     last = names[-1]
     curves: dict[str, list[float]] = {n: [] for n in names}
     shares: dict[str, list[float]] = {n: [] for n in names}
@@ -647,7 +651,7 @@ def _step_3d(args: argparse.Namespace, names: list[str], link: Any, throughputs:
         table_rows.append([
             str(dp), str(layout.devices), *(f"{steps[n].total * 1e3:.4g}" for n in names),
             *(f"{seconds * 1e3:.4g}" for seconds in (step.compute, step.bubble, step.tensor, step.pipeline,
-                                                     step.data + step.tied)),
+                                                     step.data + step.tied, step.overhead)),
             f"{step.latency_share:.0%}",
             *([f"{steps[names[-2]].total / step.total:.2f}x"] if len(names) > 1 else []),
         ])
@@ -674,7 +678,7 @@ def _step_3d(args: argparse.Namespace, names: list[str], link: Any, throughputs:
     title = f"{model.parameter_count() / 1e9:.3g}B params, pp {final.pp} x tp {final.tp}, {args.tokens:.3g} tokens"
     path = _plot_step_time(args, payload, [row["devices"] for row in json_rows], curves, shares, title)
     header = ["dp", "devices", *(f"{n} ms" for n in names), f"{last} compute", "bubble", "tensor", "pipeline",
-              "data", "latency"]
+              "data", "overhead", "latency"]
     header += [f"{last} vs {names[-2]}"] if len(names) > 1 else []
     traffic_table = text_table(
         ["dimension", "collective", "stage", "calls", "payload GB", "group"],
@@ -691,7 +695,8 @@ def _step_3d(args: argparse.Namespace, names: list[str], link: Any, throughputs:
         f"{_layout_text(final)} of {step.micro_batch} sequence(s): the bubble (p-1)/(vm+p-1) is "
         f"{step.bubble_fraction:.1%} of the pipeline's time\n"
         f"{last} step: compute {step.compute:.4g} s + bubble {step.bubble:.4g} + tensor {step.tensor:.4g} + pipeline "
-        f"{step.pipeline:.4g} + data {step.data:.4g} + tied {step.tied:.4g} = {step.total:.4g} s\n\n"
+        f"{step.pipeline:.4g} + data {step.data:.4g} + tied {step.tied:.4g} + overhead {step.overhead:.4g} = "
+        f"{step.total:.4g} s\n\n"
         f"traffic per device per step ({last}; each dimension's busiest stage{sends}):\n{traffic_table}\n\n"
         f"on {final.devices} devices:\n{_solution_table(final_formats)}"
         + _wrote(path)
@@ -704,7 +709,7 @@ def _parallel_json(precision: str, throughput: float, step: ParallelStepTime, st
     return {
         "precision": precision, "throughput": throughput, "step_s": step.total, "compute_s": step.compute,
         "bubble_s": step.bubble, "tensor_s": step.tensor, "pipeline_s": step.pipeline, "data_s": step.data,
-        "tied_s": step.tied, "latency_share": step.latency_share, "steps_to_solution": steps,
+        "tied_s": step.tied, "overhead_s": step.overhead, "latency_share": step.latency_share, "steps_to_solution": steps,
         "time_to_solution_s": steps * step.total,
     }
 

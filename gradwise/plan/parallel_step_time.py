@@ -14,12 +14,19 @@ logits :math:`6bshV`. A step then costs the paper's
 layers split over :math:`t` and, on the last stage, the whole logits (gradwise keeps the output
 layer whole on every tensor rank), at :math:`R` FLOP/s.
 
-**The pipeline.** The slowest stage, the last (it adds the logits), sets the time :math:`t_{mb}` of a
-micro-batch: its compute, its tensor-parallel all-reduces and its two sends (activations forward,
-their gradient backward; :math:`2v` with :math:`v` interleaved chunks). The :math:`m` micro-batches
-take :math:`(m + (p - 1)/v)\,t_{mb}`, of which :math:`(p - 1)/v\;t_{mb}` is the bubble
-(:func:`gradwise.plan.parallelism.bubble_fraction`). Data-parallel and tied-embedding traffic
-follow the pipeline's flush. Nothing is overlapped: an upper bound where the runtime overlaps.
+**The pipeline.** A micro-batch's slot on a stage is its compute, its tensor-parallel
+all-reduces, its two sends (activations forward, their gradient backward; :math:`2v` with :math:`v`
+interleaved chunks), the all-gathers FSDP2 repeats for every micro-batch (below) and ``overhead``: the
+software's fixed cost of running one micro-batch's forward and backward on a stage (launching the
+operators, the schedule's bookkeeping), zero on the paper's ideal device, measured where it is not
+(``benchmarks/emulated_links.py`` calibrates it on unlimited links). The slowest stage's slot
+:math:`t_{mb}` sets the pace: the :math:`m` micro-batches take :math:`(m + (p - 1)/v)\,t_{mb}`, of which
+:math:`(p - 1)/v\;t_{mb}` is the bubble (:func:`gradwise.plan.parallelism.bubble_fraction`). What a stage
+communicates once per step lies on the critical path too: each stage's first forward and first backward
+pass wait for its once-per-step all-gathers, and the pipeline's fill and drain pass through every stage
+in turn, so these add up over the stages; the gradient reductions (DDP's all-reduce, FSDP2's
+reduce-scatters) follow a stage's last backward pass, the slowest stage's after the flush, and so does the
+tied embedding's all-reduce. Nothing is overlapped: an upper bound where the runtime overlaps.
 
 **Traffic** per device per step, in :class:`gradwise.distributed.traffic.TrafficMeter`'s terms
 (payload: the tensor an all-reduce reduces, the shard an all-gather contributes, the whole input
@@ -45,13 +52,15 @@ of a reduce-scatter, each message sent or received), with :math:`X = sbh` activa
   per step, the middle stages adding zeros (:class:`gradwise.problems.tiny_gpt_pipeline.TinyGPTPipeline`).
 
 Each collective is timed by the alpha-beta model (:mod:`gradwise.plan.communication`) on its
-group's link; tensor-parallel groups may have their own (``tp_link``: within a node). Scalar
-collectives (the loss, the gradient norm) are not counted.
+group's link; tensor-parallel groups may have their own (``tp_link``: within a node), and a kind of
+collective its own (``collective_links``: gloo's reduce-scatter, for one, moves an all-reduce's bytes and
+so takes twice a ring's time). Scalar collectives (the loss, the gradient norm) are not counted.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from gradwise.plan.communication import AlphaBeta, collective_time, terms
@@ -76,6 +85,7 @@ class Traffic:
     calls: int
     payload_bytes: int  # TrafficMeter's payload, summed over the calls
     group: int  # ranks in each call's group
+    each_micro_batch: bool = False  # the calls recur in every micro-batch's slot (counted over the step)
 
     def seconds(self, link: AlphaBeta) -> tuple[float, float]:
         """(seconds, latency part) of all the calls of a collective on ``link`` (a ring). Sends and
@@ -98,15 +108,16 @@ class ParallelStepTime:
     tensor: float
     pipeline: float
     bubble: float
-    data: float
+    data: float  # FSDP2's gathers in the slowest stage's slots, then the once-per-step data collectives
     tied: float
+    overhead: float  # the slowest stage's m micro-batches' fixed software cost
     latency: float  # the latency part of the communication (bubble excluded)
     bubble_fraction: float
     traffic: tuple[tuple[Traffic, ...], ...]  # per stage
 
     @property
     def total(self) -> float:
-        return self.compute + self.tensor + self.pipeline + self.bubble + self.data + self.tied
+        return self.compute + self.tensor + self.pipeline + self.bubble + self.data + self.tied + self.overhead
 
     @property
     def latency_share(self) -> float:
@@ -161,19 +172,21 @@ def stage_traffic(
     traffic = []
     if t > 1:
         calls = 4 * per_stage * m
-        traffic.append(Traffic("tensor", ALL_REDUCE, calls, calls * activation, t))
+        traffic.append(Traffic("tensor", ALL_REDUCE, calls, calls * activation, t, each_micro_batch=True))
     if p > 1:
         sends = m * (2 * v - (stage == 0) - (stage == p - 1))
-        traffic.append(Traffic("pipeline", SEND_RECV, 2 * sends, 2 * sends * activation, 2))
+        traffic.append(Traffic("pipeline", SEND_RECV, 2 * sends, 2 * sends * activation, 2, each_micro_batch=True))
     if d > 1 and zero_stage < 3:
         gradients = parameter_count(shapes) * fmt.grad_bytes
         traffic.append(Traffic("data", ALL_REDUCE, max(1, math.ceil(gradients / bucket_bytes)), gradients, d))
     elif d > 1:
-        units = stage_units(model, layout, stage)
+        units = stage_units(model, layout, stage)  # the stage's layers, then its root
         shards = [parameter_count(data_shard(unit, d)) for unit in units]
-        gathers = [(m + 1 if reshard_after_forward else 1)] * per_stage + [1] * (len(units) - per_stage)
-        traffic.append(Traffic("data", ALL_GATHER, sum(gathers),
-                               sum(n * shard * fmt.weight_bytes for n, shard in zip(gathers, shards)), d))
+        if reshard_after_forward:  # each layer gathered again before every micro-batch's forward pass
+            traffic.append(Traffic("data", ALL_GATHER, m * per_stage, m * sum(shards[:per_stage]) * fmt.weight_bytes,
+                                   d, each_micro_batch=True))
+        # every unit once more: the layers for the backward passes (or only once), the root once
+        traffic.append(Traffic("data", ALL_GATHER, len(units), sum(shards) * fmt.weight_bytes, d))
         traffic.append(Traffic("data", REDUCE_SCATTER, len(units), d * sum(shards) * fmt.grad_bytes, d))
     if p > 1:
         rows = math.ceil(model.vocab / d) if zero_stage == 3 else model.vocab
@@ -193,45 +206,66 @@ def parallel_step_time(
     checkpointing: bool = False,
     bucket_bytes: float = DDP_BUCKET_BYTES,
     reshard_after_forward: bool = True,
+    collective_links: Mapping[str, AlphaBeta] | None = None,
+    overhead: float = 0.0,
 ) -> ParallelStepTime:
     """Seconds per step of ``model`` trained on ``tokens_per_step`` tokens (the global batch) in
     ``layout``, each device at ``throughput`` FLOP/s, links ``link`` (``tp_link`` within
-    tensor-parallel groups, default ``link``)."""
+    tensor-parallel groups, default ``link``; ``collective_links`` by kind of collective, e.g.
+    ``{"reduce-scatter": ...}``, elsewhere), ``overhead`` seconds of software per micro-batch per stage."""
     check_range("throughput", throughput, 0.0, low_open=True)
     check_bool("checkpointing", checkpointing)
+    check_range("overhead", overhead, 0.0)
+    by_collective = dict(collective_links or {})
+    for kind in by_collective:
+        check_choice("collective_links", kind, tuple(ALGORITHM))
     b = micro_batch_size(model, layout, tokens_per_step)
     p, m, v = layout.pp, layout.microbatches, layout.virtual_stages
-    links = {"tensor": tp_link or link, "data": link, "tied": link}
     traffic = tuple(stage_traffic(model, layout, stage, b, precision, zero_stage, bucket_bytes, reshard_after_forward)
                     for stage in range(p))
-    seconds: dict[str, list[float]] = {dimension: [0.0] * p for dimension in DIMENSIONS}
-    latency: dict[str, list[float]] = {dimension: [0.0] * p for dimension in DIMENSIONS}
+
+    def link_of(entry: Traffic) -> AlphaBeta:
+        if entry.dimension == "tensor" and tp_link is not None:
+            return tp_link
+        return by_collective.get(entry.collective, link)
+
+    # per stage: seconds (and their latency part) by dimension, in the slots and once per step
+    slot: list[dict[str, float]] = []
+    once: list[dict[str, float]] = []
+    slot_latency, once_latency = [0.0] * p, [0.0] * p
+    activation = model.seq_len * b * model.width * PRECISIONS[precision].activation_bytes
+    sends = m * 2 * v if p > 1 else 0  # on the critical path: one boundary per chunk, each direction
     for stage, entries in enumerate(traffic):
+        layers = model.layers // p * layer_flops(model, b, checkpointing) / layout.tp
+        flops = m * (layers + (logit_flops(model, b) if stage == p - 1 else 0))
+        slot.append({"compute": flops / throughput, "tensor": 0.0, "data": 0.0, "overhead": m * overhead,
+                     "pipeline": sends * collective_time(link, "send_recv", activation, 2)})
+        once.append({"data": 0.0, "gather": 0.0, "tied": 0.0})
+        slot_latency[stage] = sends * link.alpha
         for entry in entries:
             if entry.collective == SEND_RECV:
-                continue  # on the critical path, below
-            time, alpha = entry.seconds(links[entry.dimension])
-            seconds[entry.dimension][stage] += time
-            latency[entry.dimension][stage] += alpha
-    last = p - 1  # the slowest stage: its layers and the logits
-    compute = m * (model.layers // p * layer_flops(model, b, checkpointing) / layout.tp
-                   + logit_flops(model, b)) / throughput
-    # On the critical path each micro-batch crosses one boundary per chunk in each direction
-    activation = model.seq_len * b * model.width * PRECISIONS[precision].activation_bytes
-    sends = m * 2 * v if p > 1 else 0
-    pipeline = sends * collective_time(link, "send_recv", activation, 2)
-    tensor = seconds["tensor"][last]
-    slot = (compute + tensor + pipeline) / m
-    data_stage = max(range(p), key=lambda stage: seconds["data"][stage])
+                continue  # on the critical path, above
+            time, alpha = entry.seconds(link_of(entry))
+            if entry.each_micro_batch:
+                slot[stage][entry.dimension] += time
+                slot_latency[stage] += alpha
+            else:
+                once[stage]["gather" if entry.collective == ALL_GATHER else entry.dimension] += time
+                once_latency[stage] += alpha
+    pace = max(range(p), key=lambda stage: sum(slot[stage].values()))  # the slowest stage sets the slots
+    busy = sum(slot[pace].values())
+    fill = sum(parts["gather"] for parts in once)  # every stage's first passes, one after another
+    drain = max(range(p), key=lambda stage: once[stage]["data"] + once[stage]["tied"])
     return ParallelStepTime(
         micro_batch=b,
-        compute=compute,
-        tensor=tensor,
-        pipeline=pipeline,
-        bubble=(p - 1) / v * slot,
-        data=seconds["data"][data_stage],
-        tied=seconds["tied"][last],
-        latency=latency["tensor"][last] + sends * link.alpha + latency["data"][data_stage] + latency["tied"][last],
+        compute=slot[pace]["compute"],
+        tensor=slot[pace]["tensor"],
+        pipeline=slot[pace]["pipeline"],
+        bubble=(p - 1) / v * busy / m,
+        data=slot[pace]["data"] + fill + once[drain]["data"],
+        tied=once[drain]["tied"],
+        overhead=slot[pace]["overhead"],
+        latency=slot_latency[pace] * (1 + (p - 1) / (v * m)) + sum(once_latency),
         bubble_fraction=bubble_fraction(p, m, v),
         traffic=traffic,
     )
