@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import sysconfig
 from dataclasses import dataclass
 from functools import lru_cache
@@ -34,12 +35,15 @@ def stdlib_source_files(root: Path | None = None) -> list[Path]:
     """The standard library's ``.py`` files under ``root`` (default: this Python's), sorted, tests excluded."""
     root = Path(sysconfig.get_paths()["stdlib"] if root is None else root)
     files = []
-    for path in root.rglob("*.py"):
-        relative = path.relative_to(root)
-        if EXCLUDED_FOLDERS.intersection(relative.parts[:-1]) or relative.name.startswith("test_"):
-            continue
-        if path.is_file():
-            files.append(path)
+    # An excluded folder is pruned from the walk rather than walked and filtered: an interpreter's
+    # site-packages under the stdlib can hold ten times the stdlib's own files. Symbolic links to
+    # folders are not followed (as ``Path.rglob`` does not).
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = [name for name in subfolders if name not in EXCLUDED_FOLDERS]
+        for name in names:
+            path = Path(folder, name)
+            if name.endswith(".py") and not name.startswith("test_") and path.is_file():
+                files.append(path)
     return sorted(files, key=lambda path: path.relative_to(root).as_posix())
 
 
