@@ -3,6 +3,7 @@ pipeline schedules, and per-device bytes equal to the real shards of tiny-gpt on
 
 from __future__ import annotations
 
+import multiprocessing
 from fractions import Fraction
 
 import pytest
@@ -17,6 +18,8 @@ from torch.distributed.pipelining.schedules import (
     _ComputationType,
 )
 
+from gradwise.optim.description import presets
+from gradwise.optim.param_groups import training_param_groups
 from gradwise.plan import memory
 from gradwise.plan.parallelism import (
     Layout,
@@ -220,8 +223,8 @@ def real_bytes(pp: int, dp: int, tp: int, rank: int, optimizer: str) -> dict[str
                 fully_shard(block, mesh=mesh["dp"])
             fully_shard(module, mesh=mesh["dp"])
         params = list(module.parameters())
-        preset = memory.OPTIMIZERS[optimizer]
-        step = preset.optimizer(params, lr=1e-3, **preset.options)
+        optimizer_class, preset = presets()[optimizer]  # as a training run builds it
+        step = optimizer_class(training_param_groups(optimizer_class, module, 0.1), lr=1e-3, **preset.train_options())
         for param in params:
             param.grad = torch.zeros_like(param)
         step.step()
@@ -235,13 +238,23 @@ def real_bytes(pp: int, dp: int, tp: int, rank: int, optimizer: str) -> dict[str
 @pytest.mark.parametrize(("pp", "dp", "tp", "rank", "optimizer"), [
     (2, 2, 2, 0, "adamw"), (2, 2, 2, 7, "adamw"), (2, 3, 2, 11, "momentum"),  # dp 3: uneven shards
     (1, 2, 2, 3, "adamw"), (2, 1, 2, 2, "momentum"), (2, 1, 1, 1, "adamw"),
+    # whole-matrix optimizers: owner-computes on a 1-D mesh (dp or tp), whole matrices on every device of a 2-D one
+    (2, 2, 2, 5, "muon"), (2, 1, 2, 2, "muon"), (2, 1, 2, 3, "muon"), (2, 2, 1, 0, "muon"), (2, 3, 1, 4, "soap"),
+    (1, 1, 2, 1, "shampoo"),
 ])
 def test_per_device_bytes_equal_the_real_shards_of_tiny_gpt(pp, dp, tp, rank, optimizer):
     if dist.is_initialized():
         pytest.skip("a process group is already initialised in this process")
     model = Transformer(layers=4, width=32, heads=4, vocab=256, seq_len=16)
     layout = Layout(pp=pp, dp=dp, tp=tp)
-    stage, dp_rank = rank // (dp * tp), rank // tp % dp
-    predicted = stage_memory(model, layout, stage, optimizer, "fp32", 3 if dp > 1 else 0, dp_rank=dp_rank)
-    measured = real_bytes(pp, dp, tp, rank, optimizer)
+    stage, dp_rank, tp_rank = rank // (dp * tp), rank // tp % dp, rank % tp
+    predicted = stage_memory(model, layout, stage, optimizer, "fp32", 3 if dp > 1 else 0, dp_rank=dp_rank,
+                             tp_rank=tp_rank)
+    if dp > 1 and tp > 1 and optimizer == "muon":
+        # full_tensor on a 2-D mesh, which in a process that held an earlier world finds that world's mesh
+        # (and process groups) in one of DTensor's caches: a process of its own
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            measured = pool.apply(real_bytes, (pp, dp, tp, rank, optimizer))
+    else:
+        measured = real_bytes(pp, dp, tp, rank, optimizer)
     assert {kind: predicted.as_dict()[kind] for kind in measured} == measured

@@ -709,8 +709,8 @@ def _parallel_json(precision: str, throughput: float, step: ParallelStepTime, st
     return {
         "precision": precision, "throughput": throughput, "step_s": step.total, "compute_s": step.compute,
         "bubble_s": step.bubble, "tensor_s": step.tensor, "pipeline_s": step.pipeline, "data_s": step.data,
-        "tied_s": step.tied, "overhead_s": step.overhead, "latency_share": step.latency_share, "steps_to_solution": steps,
-        "time_to_solution_s": steps * step.total,
+        "tied_s": step.tied, "overhead_s": step.overhead, "latency_share": step.latency_share,
+        "steps_to_solution": steps, "time_to_solution_s": steps * step.total,
     }
 
 

@@ -42,7 +42,7 @@ rank :math:`r`'s shard (the slices of the sharded dimension :func:`chunk_bounds`
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -57,6 +57,7 @@ from gradwise.optim.owner_computes import assign_owners, chunk_bounds, matrix_co
 from gradwise.optim.param_groups import training_param_groups
 from gradwise.plan.communication import AlphaBeta
 from gradwise.plan.memory import PRECISIONS, Shapes
+from gradwise.plan.parallelism import Layout, Transformer
 from gradwise.validation import check_choice, check_int
 
 
@@ -143,16 +144,48 @@ def tensor_parallel_dims(model: nn.Module) -> Callable[[Tensor], int | None]:
     in every block the column-wise Linears (the QKV projection, the MLP's first) by output rows, weight
     and bias (0), the row-wise ones (the attention's output, the MLP's second) their weight by input
     columns (1); everything else (their biases, the norms, the embeddings) replicated (``None``)."""
-    from gradwise.problems.tiny_gpt import Block
-
     dims: dict[Tensor, int] = {}
-    for block in (module for module in model.modules() if isinstance(module, Block)):
-        expand, contract = cast(nn.Linear, block.mlp[0]), cast(nn.Linear, block.mlp[2])
-        for linear in (block.attention.qkv, expand):
+    for columns, rows in _tensor_parallel_linears(model):
+        for linear in columns:
             dims[linear.weight] = dims[linear.bias] = 0
-        for linear in (block.attention.proj, contract):
+        for linear in rows:
             dims[linear.weight] = 1
     return dims.get
+
+
+def _tensor_parallel_linears(model: nn.Module) -> Iterator[tuple[tuple[nn.Linear, ...], tuple[nn.Linear, ...]]]:
+    """Each tiny-gpt block's column-wise Linears (QKV, the MLP's first) and row-wise ones (the
+    attention's output, the MLP's second): the modules Megatron's layout makes DTensors of, the
+    row-wise biases replicated ones."""
+    from gradwise.problems.tiny_gpt import Block
+
+    for block in (module for module in model.modules() if isinstance(module, Block)):
+        expand, contract = cast(nn.Linear, block.mlp[0]), cast(nn.Linear, block.mlp[2])
+        yield (block.attention.qkv, expand), (block.attention.proj, contract)
+
+
+def _training_optimizer(optimizer: str, model: nn.Module, state_format: str) -> tuple[Any, Any, list[bool]] | None:
+    """The preset ``optimizer`` built as a training run builds it on ``model``'s parameters, its
+    description, and for each param group whether its update is per matrix; ``None`` for an optimizer
+    that does not update whole matrices or that ``gradwise train`` does not build. Raises ``ValueError``
+    for a state format on the whole-matrix groups (the optimizer refuses it on sharded parameters)."""
+    table = presets()
+    if optimizer not in table or table[optimizer][1].train is None:
+        return None
+    optimizer_class, preset = table[optimizer]
+    description = description_of(optimizer_class)
+    if description.sharding != "tensor":  # element-wise, or K-FAC's layers (refused on sharded parameters)
+        return None
+    settings = {**preset.train_options(), **({"state_format": state_format} if state_format != "fp32" else {})}
+    built = optimizer_class(training_param_groups(optimizer_class, model, 0.1), lr=1e-3, **settings)
+    whole = [isinstance(built, GradwiseOptimizer) and built._updates_matrices(group) for group in built.param_groups]
+    if not any(whole):
+        return None
+    if any(group.get("state_format", "fp32") != "fp32" for group, per_matrix in zip(built.param_groups, whole)
+           if per_matrix):
+        raise ValueError(f"optimizer {optimizer!r} keeps its moments in blocks that would cross the shards: "
+                         "refused on FSDP2's sharded parameters (state_format must be fp32)")
+    return built, description, whole
 
 
 def meta_transformer(layers: int, width: int, vocab: int, positions: int = 0) -> nn.Module:
@@ -194,23 +227,12 @@ def owner_computes(optimizer: str, model: nn.Module, ranks: int, param_bytes: in
     optimizer whose update is not per matrix (its state shards element by element, as ZeRO's model has
     it), or one that ``gradwise train`` does not build."""
     check_int("ranks", ranks, 1)
-    table = presets()
-    if optimizer not in table or table[optimizer][1].train is None:
+    training = _training_optimizer(optimizer, model, state_format)
+    if training is None:
         return None
-    optimizer_class, preset = table[optimizer]
-    description = description_of(optimizer_class)
-    if description.sharding != "tensor":  # element-wise, or K-FAC's layers (refused on sharded parameters)
-        return None
-    settings = {**preset.train_options(), **({"state_format": state_format} if state_format != "fp32" else {})}
-    built = optimizer_class(training_param_groups(optimizer_class, model, 0.1), lr=1e-3, **settings)
-    flops_of = UPDATE_FLOPS.get(type(built))
-    whole = [isinstance(built, GradwiseOptimizer) and built._updates_matrices(group) for group in built.param_groups]
+    built, description, whole = training
     whole_groups = [group for group, per_matrix in zip(built.param_groups, whole) if per_matrix]
-    if not whole_groups:
-        return None
-    if any(group.get("state_format", "fp32") != "fp32" for group in whole_groups):
-        raise ValueError(f"optimizer {optimizer!r} keeps its moments in blocks that would cross the shards: "
-                         "refused on FSDP2's sharded parameters (state_format must be fp32)")
+    flops_of = UPDATE_FLOPS.get(type(built))
     dim_of = shard_dim or (lambda param: 0)
     state = [0] * ranks
     matrices = [0] * ranks
@@ -247,3 +269,83 @@ def owner_computes(optimizer: str, model: nn.Module, ranks: int, param_bytes: in
     loads = tuple(RankLoad(state[r], matrices[r], cost[r], flops[r] if flops_of else None, sent[r])
                   for r in range(ranks))
     return OwnerComputes(optimizer, loads, 2 * len(whole_groups))
+
+
+def meta_stage(model: Transformer, layout: Layout, stage: int) -> nn.Module:
+    """Pipeline ``stage`` of ``model`` on the meta device, cut as the ``3d`` strategy cuts tiny-gpt
+    (:class:`gradwise.problems.tiny_gpt_pipeline.TinyGPTStage`: its blocks, the embeddings on the first,
+    the final norm and the tied output layer's copy on the last); interleaved, its chunks in a list; the
+    whole model for one stage."""
+    from gradwise.problems.tiny_gpt import TinyGPT
+    from gradwise.problems.tiny_gpt_pipeline import TinyGPTStage
+
+    layout.check(model)
+    layout.check_stage(stage)
+    with torch.device("meta"):
+        gpt = TinyGPT(model.seq_len, model.width, model.layers, model.heads)
+        gpt.token_embedding = nn.Embedding(model.vocab, model.width)
+    if layout.pp == 1:
+        return gpt  # the whole model, the output layer tied to the embedding itself
+    chunks, per_chunk = layout.pp * layout.virtual_stages, model.layers // (layout.pp * layout.virtual_stages)
+    stages = [TinyGPTStage(gpt, index * per_chunk, (index + 1) * per_chunk, index == 0, index == chunks - 1)
+              for index in range(stage, chunks, layout.pp)]
+    return stages[0] if len(stages) == 1 else nn.ModuleList(stages)
+
+
+def stage_state_bytes(optimizer: str, model: Transformer, layout: Layout, stage: int, state_bytes: int = 4,
+                      state_format: str = "fp32") -> dict[tuple[int, int], int] | None:
+    """Optimizer-state bytes of every device ``(dp_rank, tp_rank)`` of pipeline ``stage`` under the
+    ``3d`` strategy (FSDP2 over ``dp``, Megatron's layout over ``tp``) for the preset ``optimizer`` whose
+    update is per matrix; ``None`` for one whose is not (its state shards as the parameters do).
+
+    Per parameter, as :mod:`gradwise.optim.owner_computes` steps it: in an element-wise group, the
+    state of the device's shard (the tensor-parallel cut, then FSDP2's rows); in a whole-matrix group,
+    a plain tensor's whole state on every device; a DTensor on a 1-D mesh (FSDP2 alone, or tensor
+    parallelism alone) on its owner among that mesh's ranks, replicated ones on every rank; a DTensor
+    on the 2-D mesh (a tensor-parallel matrix sharded by FSDP2 as well) gathered whole and its whole
+    state kept on every device."""
+    module = meta_stage(model, layout, stage)
+    training = _training_optimizer(optimizer, module, state_format)
+    if training is None:
+        return None
+    built, description, whole = training
+    dp, tp = layout.dp, layout.tp
+    parallel: dict[Tensor, int | None] = {}  # tensor-parallel parameters: their cut dimension (None: replicated)
+    if tp > 1:
+        cut = tensor_parallel_dims(module)
+        parallel = {linear.weight: cut(linear.weight) for pair in _tensor_parallel_linears(module)
+                    for linears in pair for linear in linears}
+        parallel |= {linear.bias: cut(linear.bias) for pair in _tensor_parallel_linears(module)
+                     for linears in pair for linear in linears}
+    devices = [(d, t) for d in range(dp) for t in range(tp)]
+    state = dict.fromkeys(devices, 0)
+
+    def shard(shape: tuple[int, ...], param: Tensor, d: int, t: int) -> tuple[int, ...]:
+        dim = parallel.get(param)
+        if dim is not None:
+            start, stop = chunk_bounds(shape[dim], tp)[t]
+            shape = (*shape[:dim], stop - start, *shape[dim + 1:])
+        if dp > 1:
+            start, stop = chunk_bounds(shape[0], dp)[d]
+            shape = (stop - start, *shape[1:])
+        return shape
+
+    for group, per_matrix in zip(built.param_groups, whole):
+        owned: list[Tensor] = []  # the group's matrices on a 1-D sharded mesh, in the optimizer's order
+        for param in group["params"]:
+            shape = tuple(param.shape)
+            mesh_dims = (dp > 1) + (param in parallel)
+            one_d_sharded = mesh_dims == 1 and (dp > 1 or parallel[param] is not None)
+            for d, t in devices:
+                if not per_matrix:
+                    state[(d, t)] += description.state(shard(shape, param, d, t), group).bytes(state_bytes)
+                elif not one_d_sharded:  # plain, replicated, or 2-D: whole on every device
+                    state[(d, t)] += description.state(shape, group).bytes(state_bytes)
+            if per_matrix and one_d_sharded and param.numel() > 0:
+                owned.append(param)
+        ranks = dp if dp > 1 else tp
+        for param, owner in zip(owned, assign_owners([matrix_cost(tuple(p.shape)) for p in owned], ranks)):
+            for d, t in devices:
+                if (d if dp > 1 else t) == owner:
+                    state[(d, t)] += description.state(tuple(param.shape), group).bytes(state_bytes)
+    return state

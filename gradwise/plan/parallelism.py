@@ -47,6 +47,7 @@ step takes :math:`(m + p - 1)t` of which :math:`(p - 1)t` idle: the fraction
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -235,18 +236,31 @@ def stage_memory(
     micro_batch: int = 1,
     checkpointing: bool = False,
     dp_rank: int = 0,
+    tp_rank: int = 0,
 ) -> MemoryEstimate:
-    """Bytes on the device of pipeline ``stage`` and data rank ``dp_rank`` (any tensor rank:
-    they hold the same bytes), by kind. Under ZeRO stage 3 (FSDP2) the bytes of that rank's
-    shards; under stages 1-2 ZeRO's average over the ``dp`` ranks (``dp_rank`` unused)."""
+    """Bytes on the device of pipeline ``stage``, data rank ``dp_rank`` and tensor rank ``tp_rank``,
+    by kind. Under ZeRO stage 3 (FSDP2) the bytes of that rank's shards; under stages 1-2 ZeRO's
+    average over the ``dp`` ranks (``dp_rank`` unused). The tensor ranks hold the same bytes, but for
+    an optimizer that updates whole matrices, whose state under FSDP2 or tensor parallelism alone lies
+    with each matrix's owner (:func:`gradwise.plan.owner_computes.stage_state_bytes`)."""
     fmt = PRECISIONS[check_choice("precision", precision, PRECISIONS)]
     check_choice("zero_stage", zero_stage, (0, 1, 2, 3))
+    check_int("dp_rank", dp_rank, 0, layout.dp - 1)
+    check_int("tp_rank", tp_rank, 0, layout.tp - 1)
     shapes = stage_shapes(model, layout, stage)
     activations = stage_activation_bytes(model, layout, stage, micro_batch, fmt.activation_bytes, checkpointing)
     if zero_stage == 3:
         shard = data_shard(shapes, layout.dp, dp_rank)
-        return estimate_memory(shard, optimizer, precision, 0, 1, activations, state_format)
-    return estimate_memory(shapes, optimizer, precision, zero_stage, layout.dp, activations, state_format)
+        estimate = estimate_memory(shard, optimizer, precision, 0, 1, activations, state_format)
+    else:
+        estimate = estimate_memory(shapes, optimizer, precision, zero_stage, layout.dp, activations, state_format)
+    if zero_stage == 3 or layout.dp == 1:
+        from gradwise.plan.owner_computes import stage_state_bytes  # here: it builds the optimizer on meta tensors
+
+        states = stage_state_bytes(optimizer, model, layout, stage, fmt.state_bytes, state_format)
+        if states is not None:
+            return dataclasses.replace(estimate, optimizer_state=float(states[(dp_rank, tp_rank)]))
+    return estimate
 
 
 def largest_stage(estimates: list[MemoryEstimate]) -> int:
