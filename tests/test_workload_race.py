@@ -157,6 +157,7 @@ def test_race_on_a_workload_from_the_command_line(tmp_path):
     assert len(list((out / "runs").glob("*/trial*-seed*/trial.json"))) == 6
     # every run is a gradwise train run folder
     assert all((folder / "summary.json").exists() for folder in (out / "runs").glob("*/trial*"))
+    assert not list(out.rglob("*.png"))  # --no-plots: not the race's, nor a run's training.png
     # a race grows on resume: one more seed runs one more run per optimizer, the others are read back
     before = {path: path.stat().st_mtime_ns for path in out.glob("runs/*/*/trial.json")}
     done = race([*SMALL, "--seeds", "3", "--out", str(out), "--resume"])
@@ -262,3 +263,4 @@ def test_the_race_runs_on_every_workload(tmp_path, workload):
     assert [entry["name"] for entry in report["optimizers"]] == ["adamw", "muon"]
     assert all(math.isfinite(run["final_loss"]) for runs in report["runs"].values() for run in runs["seeds"])
     assert (out / "loss-vs-step.png").stat().st_size > 0 and (out / "loss-vs-time.png").stat().st_size > 0
+    assert len(list(out.glob("runs/*/*/training.png"))) == 2  # with plots, each run's own too

@@ -187,8 +187,9 @@ def evaluation_curve(folder: Path) -> list[tuple[int, float]]:
             if record.get("kind") == "eval" and METRIC in record]
 
 
-def run_trial(settings: RaceSettings, trial: Trial, root: Path) -> TrialResult:
-    """Run ``trial`` to its end (or read back how it ended), recording the outcome in ``trial.json``."""
+def run_trial(settings: RaceSettings, trial: Trial, root: Path, plot: bool = True) -> TrialResult:
+    """Run ``trial`` to its end (or read back how it ended), recording the outcome in ``trial.json``; ``plot``:
+    the run's training.png."""
     folder = trial.folder(root)
     record = folder / "trial.json"
     if record.exists():
@@ -196,7 +197,7 @@ def run_trial(settings: RaceSettings, trial: Trial, root: Path) -> TrialResult:
     config = settings.train_config(trial.optimizer, trial.lr, trial.weight_decay, trial.seed)
     try:
         # the race owns the folder: continue from a checkpoint if there is one, else start afresh
-        outcome = train(config, folder, resume=True, restarted=True)
+        outcome = train(config, folder, resume=True, restarted=True, plot=plot)
         result = TrialResult(trial, outcome.final_metrics[METRIC], evaluation_curve(folder))
     except (TrainingDiverged, NonFiniteWeights) as failure:
         result = TrialResult(trial, None, evaluation_curve(folder), str(failure).splitlines()[0])
@@ -337,11 +338,13 @@ class RaceRuns:
     seeds: dict[str, list[TrialResult]]
 
 
-def run_race(settings: RaceSettings, root: Path, on_run: Callable[[Trial], None] | None = None) -> RaceRuns:
-    """Tune, then repeat the best over the seeds; ``on_run(trial)`` after each run ends (or is read back)."""
+def run_race(settings: RaceSettings, root: Path, on_run: Callable[[Trial], None] | None = None,
+             plots: bool = True) -> RaceRuns:
+    """Tune, then repeat the best over the seeds; ``on_run(trial)`` after each run ends (or is read back);
+    ``plots``: each run's training.png."""
 
     def run(trial: Trial) -> TrialResult:
-        result = run_trial(settings, trial, root)
+        result = run_trial(settings, trial, root, plots)
         if on_run is not None:
             on_run(trial)
         return result

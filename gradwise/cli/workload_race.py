@@ -188,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
             bar.set_postfix_str(f"{trial.optimizer} trial {trial.index} seed {trial.seed}", refresh=False)
             bar.update(1)
 
-        runs = run_race(settings, out, on_run)
+        runs = run_race(settings, out, on_run, plots=not args.no_plots)  # --no-plots: no PNG anywhere
     goals, summaries = summarize(settings, runs, timing)
     print("\n" + format_race_table(settings, goals, summaries))
     result = race_json(settings, runs, timing, goals, summaries, describe_machine())

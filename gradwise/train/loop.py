@@ -248,9 +248,10 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, out: str | Path | None = None, *, resume: bool = False,
                  workload: Workload | None = None, progress: bool = False, allow_changes: Any = (),
-                 restarted: bool = False) -> None:
+                 restarted: bool = False, plot: bool = True) -> None:
         self.config = config = resolved_config(config)
         self.out = None if out is None else Path(out)
+        self.plots = plot  # training.png in a run with a folder (a race run with --no-plots: none)
         self.allow_changes = check_allowed_changes(allow_changes)
         if restarted and self.out is not None and not holds_checkpoints(self.out):
             # torchrun restarted this job's workers before any checkpoint was written: the
@@ -588,7 +589,8 @@ class Trainer:
         """A diverged run's report.json and plot (rank 0 of a run with a folder)."""
         if self.out is not None and self.strategy.is_main:
             write_atomically(self.out / "report.json", json.dumps(diverged.report.to_dict(), indent=2).encode())
-            self.plot(self.out)
+            if self.plots:
+                self.plot(self.out)
 
     def finish(self, resumed_from: int | None, items_per_s: float) -> TrainResult:
         """Refuse non-finite final weights, evaluate in full, and write model.pt, summary.json and the plot."""
@@ -614,7 +616,8 @@ class Trainer:
             torch.save(model_state, buffer)
             write_atomically(self.out / "model.pt", buffer.getvalue())
             write_atomically(self.out / "summary.json", json.dumps(result.to_dict(), indent=2).encode())
-            self.plot(self.out)
+            if self.plots:
+                self.plot(self.out)
         return result
 
     def switch_weights(self, train: bool) -> None:
@@ -680,8 +683,9 @@ def nothing_to_resume(folder: Path, skipped: list[Skipped]) -> str:
 
 def train(config: TrainConfig, out: str | Path | None = None, *, resume: bool = False,
           workload: Workload | None = None, progress: bool = False, allow_changes: Any = (),
-          restarted: bool = False) -> TrainResult:
-    """Train as ``config`` says; checkpoints, metrics and plots go to ``out`` (none when ``None``).
+          restarted: bool = False, plot: bool = True) -> TrainResult:
+    """Train as ``config`` says; checkpoints, metrics and plots go to ``out`` (none when ``None``; no plot
+    when ``plot`` is false).
 
     ``resume=True`` continues from the newest usable checkpoint in ``out`` (one that verifies,
     was written under the same settings, except those named in ``allow_changes``, and holds
@@ -693,7 +697,7 @@ def train(config: TrainConfig, out: str | Path | None = None, *, resume: bool = 
     has written a checkpoint, and starts afresh in the job's own folder before that.
     """
     trainer = Trainer(config, out, resume=resume, workload=workload, progress=progress, allow_changes=allow_changes,
-                      restarted=restarted)
+                      restarted=restarted, plot=plot)
     try:
         return trainer.run()
     finally:
