@@ -26,6 +26,7 @@ from gradwise.plan.parallelism import (
     Transformer,
     bubble_fraction,
     data_shard,
+    largest_device,
     largest_stage,
     layers_in_flight,
     stage_activation_bytes,
@@ -258,3 +259,18 @@ def test_per_device_bytes_equal_the_real_shards_of_tiny_gpt(pp, dp, tp, rank, op
     else:
         measured = real_bytes(pp, dp, tp, rank, optimizer)
     assert {kind: predicted.as_dict()[kind] for kind in measured} == measured
+
+
+@pytest.mark.parametrize(("layers", "width", "layout", "optimizer", "first_holds_most"), [
+    (4, 32, Layout(pp=2, dp=3, tp=2), "adamw", True), (4, 32, Layout(pp=2, dp=2, tp=2), "muon", True),
+    (4, 48, Layout(pp=2, dp=3, tp=1), "soap", False), (3, 32, Layout(tp=4), "muon", False),  # data rank 1, tensor 2
+])
+def test_the_largest_device_of_a_stage_is_the_one_that_holds_the_most(layers, width, layout, optimizer,
+                                                                     first_holds_most):
+    """Every device's bytes compared: data rank 0's shards, or owner-computes' most loaded owner."""
+    model = Transformer(layers=layers, width=width, heads=4, vocab=256, seq_len=16)
+    for stage in range(layout.pp):
+        every = [stage_memory(model, layout, stage, optimizer, "fp32", 3, dp_rank=d, tp_rank=t)
+                 for d in range(layout.dp) for t in range(layout.tp)]
+        assert largest_device(model, layout, stage, optimizer, "fp32", 3).total == max(e.total for e in every)
+    assert (max(e.total for e in every) == every[0].total) == first_holds_most

@@ -355,12 +355,9 @@ def _memory_3d(args: argparse.Namespace, optimizer: str, fmt: memory.Precision) 
     stage_rows: list[list[memory.MemoryEstimate]] = []
     rows: list[dict[str, Any]] = []
     for zero in memory.ZERO_STAGES:
-        stages = [parallelism.stage_memory(model, layout, stage, args.optimizer, args.precision, zero,
-                                           args.state_format, args.micro_batch, args.checkpointing)
+        stages = [parallelism.largest_device(model, layout, stage, args.optimizer, args.precision, zero,
+                                             args.state_format, args.micro_batch, args.checkpointing)
                   for stage in range(layout.pp)]
-        if owners is not None:  # each matrix's whole state on its owner, the replicated tensors' on every rank
-            most = owners.ranks[owners.most_loaded]
-            stages = [dataclasses.replace(stages[0], optimizer_state=float(most.state_bytes))]
         largest = parallelism.largest_stage(stages)
         stage_rows.append(stages)
         rows.append({"zero_stage": zero, "label": "DP" if zero == 0 else f"ZeRO-{zero}", "pipeline_stage": largest,
@@ -391,7 +388,8 @@ def _memory_3d(args: argparse.Namespace, optimizer: str, fmt: memory.Precision) 
     path = _plot_memory(args, payload, rows, title)
     table = _memory_table(rows, chosen, layout.pp)
     per_stage = ", ".join(f"{stage}: {_gb(estimate.total)}" for stage, estimate in enumerate(stage_rows[args.zero]))
-    sharding = ("FSDP2 shards of data rank 0 (the largest)" if args.zero == 3
+    sharding = ("FSDP2 shards of the device that holds the most (data rank 0's shards, or the owner of the most "
+                "optimizer state)" if args.zero == 3
                 else "ZeRO's 1/dp of the sharded kinds" if args.zero else "no data sharding")
     text = (
         f"{params:.4g} parameters, {optimizer}, {args.precision} ({fmt.description}); "

@@ -41,9 +41,11 @@ rank :math:`r`'s shard (the slices of the sharded dimension :func:`chunk_bounds`
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, cast
 
 import torch
@@ -58,6 +60,7 @@ from gradwise.optim.param_groups import training_param_groups
 from gradwise.plan.communication import AlphaBeta
 from gradwise.plan.memory import PRECISIONS, Shapes
 from gradwise.plan.parallelism import Layout, Transformer
+from gradwise.problems.tiny_gpt import TinyGPT
 from gradwise.validation import check_choice, check_int
 
 
@@ -276,14 +279,11 @@ def meta_stage(model: Transformer, layout: Layout, stage: int) -> nn.Module:
     (:class:`gradwise.problems.tiny_gpt_pipeline.TinyGPTStage`: its blocks, the embeddings on the first,
     the final norm and the tied output layer's copy on the last); interleaved, its chunks in a list; the
     whole model for one stage."""
-    from gradwise.problems.tiny_gpt import TinyGPT
     from gradwise.problems.tiny_gpt_pipeline import TinyGPTStage
 
     layout.check(model)
     layout.check_stage(stage)
-    with torch.device("meta"):
-        gpt = TinyGPT(model.seq_len, model.width, model.layers, model.heads)
-        gpt.token_embedding = nn.Embedding(model.vocab, model.width)
+    gpt = _meta_gpt(model)
     if layout.pp == 1:
         return gpt  # the whole model, the output layer tied to the embedding itself
     chunks, per_chunk = layout.pp * layout.virtual_stages, model.layers // (layout.pp * layout.virtual_stages)
@@ -292,8 +292,18 @@ def meta_stage(model: Transformer, layout: Layout, stage: int) -> nn.Module:
     return stages[0] if len(stages) == 1 else nn.ModuleList(stages)
 
 
+@functools.lru_cache(maxsize=4)  # the stages of one model cut from one build (a large model's takes a second)
+def _meta_gpt(model: Transformer) -> TinyGPT:
+    """tiny-gpt of ``model``'s shape on the meta device, with ``model``'s vocabulary."""
+    with torch.device("meta"):
+        gpt = TinyGPT(model.seq_len, model.width, model.layers, model.heads)
+        gpt.token_embedding = nn.Embedding(model.vocab, model.width)
+    return gpt
+
+
+@functools.lru_cache(maxsize=32)  # a planner asks for every device of a stage: one optimizer built per stage
 def stage_state_bytes(optimizer: str, model: Transformer, layout: Layout, stage: int, state_bytes: int = 4,
-                      state_format: str = "fp32") -> dict[tuple[int, int], int] | None:
+                      state_format: str = "fp32") -> Mapping[tuple[int, int], int] | None:
     """Optimizer-state bytes of every device ``(dp_rank, tp_rank)`` of pipeline ``stage`` under the
     ``3d`` strategy (FSDP2 over ``dp``, Megatron's layout over ``tp``) for the preset ``optimizer`` whose
     update is per matrix; ``None`` for one whose is not (its state shards as the parameters do).
@@ -320,32 +330,36 @@ def stage_state_bytes(optimizer: str, model: Transformer, layout: Layout, stage:
     devices = [(d, t) for d in range(dp) for t in range(tp)]
     state = dict.fromkeys(devices, 0)
 
-    def shard(shape: tuple[int, ...], param: Tensor, d: int, t: int) -> tuple[int, ...]:
+    def shards(shape: tuple[int, ...], param: Tensor) -> dict[tuple[int, int], tuple[int, ...]]:
+        """Every device's shard of ``param``: the tensor-parallel cut, then FSDP2's rows."""
         dim = parallel.get(param)
-        if dim is not None:
-            start, stop = chunk_bounds(shape[dim], tp)[t]
-            shape = (*shape[:dim], stop - start, *shape[dim + 1:])
-        if dp > 1:
-            start, stop = chunk_bounds(shape[0], dp)[d]
-            shape = (stop - start, *shape[1:])
-        return shape
+        cut = ([(*shape[:dim], stop - start, *shape[dim + 1:]) for start, stop in chunk_bounds(shape[dim], tp)]
+               if dim is not None else [shape] * tp)
+        rows = [[(stop - start, *local[1:]) for start, stop in chunk_bounds(local[0], dp)] if dp > 1 else [local]
+                for local in cut]
+        return {(d, t): rows[t][d] for d, t in devices}
 
     for group, per_matrix in zip(built.param_groups, whole):
         owned: list[Tensor] = []  # the group's matrices on a 1-D sharded mesh, in the optimizer's order
+
+        @functools.cache
+        def bytes_of(shape: tuple[int, ...], group: dict = group) -> int:  # a few shard shapes, many devices
+            return description.state(shape, group).bytes(state_bytes)
+
         for param in group["params"]:
             shape = tuple(param.shape)
-            mesh_dims = (dp > 1) + (param in parallel)
-            one_d_sharded = mesh_dims == 1 and (dp > 1 or parallel[param] is not None)
-            for d, t in devices:
-                if not per_matrix:
-                    state[(d, t)] += description.state(shard(shape, param, d, t), group).bytes(state_bytes)
-                elif not one_d_sharded:  # plain, replicated, or 2-D: whole on every device
-                    state[(d, t)] += description.state(shape, group).bytes(state_bytes)
-            if per_matrix and one_d_sharded and param.numel() > 0:
+            one_d_sharded = (dp > 1) + (param in parallel) == 1 and (dp > 1 or parallel[param] is not None)
+            if not per_matrix:
+                for device, local in shards(shape, param).items():
+                    state[device] += bytes_of(local)
+            elif not one_d_sharded:  # plain, replicated, or 2-D: whole on every device
+                for device in devices:
+                    state[device] += bytes_of(shape)
+            elif param.numel() > 0:
                 owned.append(param)
         ranks = dp if dp > 1 else tp
         for param, owner in zip(owned, assign_owners([matrix_cost(tuple(p.shape)) for p in owned], ranks)):
             for d, t in devices:
                 if (d if dp > 1 else t) == owner:
-                    state[(d, t)] += description.state(tuple(param.shape), group).bytes(state_bytes)
-    return state
+                    state[(d, t)] += bytes_of(tuple(param.shape))
+    return MappingProxyType(state)

@@ -263,6 +263,38 @@ def stage_memory(
     return estimate
 
 
+def largest_device(
+    model: Transformer,
+    layout: Layout,
+    stage: int,
+    optimizer: str = "adamw",
+    precision: str = "bf16",
+    zero_stage: int = 0,
+    state_format: str = "fp32",
+    micro_batch: int = 1,
+    checkpointing: bool = False,
+) -> MemoryEstimate:
+    """The bytes of the device of pipeline ``stage`` that holds the most (the first of equals): data
+    rank 0, whose FSDP2 shards are the largest (``torch.chunk``'s cut), or, for an optimizer that
+    updates whole matrices, whichever device adds the most owned state to its shards."""
+    from gradwise.plan.owner_computes import stage_state_bytes  # here: it builds the optimizer on meta tensors
+
+    def device(dp_rank: int, tp_rank: int) -> MemoryEstimate:
+        return stage_memory(model, layout, stage, optimizer, precision, zero_stage, state_format, micro_batch,
+                            checkpointing, dp_rank, tp_rank)
+
+    states = (stage_state_bytes(optimizer, model, layout, stage, PRECISIONS[precision].state_bytes, state_format)
+              if zero_stage == 3 or layout.dp == 1 else None)
+    if states is None:
+        return device(0, 0)
+    # each data rank's shards are the same on its tensor ranks: its tensor rank with the most state
+    candidates = []
+    for d in range(layout.dp):
+        tp_rank = max(range(layout.tp), key=lambda t: states[(d, t)])  # noqa: B023 (used at once)
+        candidates.append(device(d, tp_rank))
+    return max(candidates, key=lambda estimate: estimate.total)
+
+
 def largest_stage(estimates: list[MemoryEstimate]) -> int:
     """The stage whose device needs the most bytes (the first of equals): the one that must fit."""
     return max(range(len(estimates)), key=lambda stage: (estimates[stage].total, -stage))
