@@ -60,10 +60,12 @@ processes measure the scheduler, not a link. Here every process gets a host of i
   one-device compute the step measured at one process on the whole batch; and the software's fixed
   cost per micro-batch per stage (``overhead``), calibrated on the same mesh on unlimited links, where
   it is the step over its :math:`m + (p - 1)/v` slots less a slot's compute (Python, DTensor's dispatch,
-  the schedule and four processes on two cores: 3-4 times the compute here). Each shape thus runs
-  on unlimited links first, to show what the cores and the software cost
-  without the link. The JSON goes to ``benchmarks/results/emulated_links_3d.json`` (the committed
-  run at 25 Mbit/s, where the links weigh four times more, to ``emulated_links_3d_25mbit.json``).
+  the schedule and four processes on two cores: 5-8 times the compute here). Each shape thus runs
+  on unlimited links first, to show what the cores and the software cost without the link. The
+  check is the median step against the model fed the median calls' fits (a step is a sum of typical
+  calls); the fastest step against the fastest calls' fits is printed beside it. The JSON goes to
+  ``benchmarks/results/emulated_links_3d.json`` (the committed run at 25 Mbit/s, where the links
+  weigh four times more, to ``emulated_links_3d_25mbit.json``).
 
 Everything is torn down in a ``finally`` - after a failure, on Ctrl-C and on SIGTERM - and
 every run's names carry a random token, so that a leftover of an interrupted run does not
@@ -695,13 +697,14 @@ def print_report_3d(report: dict) -> None:
 
 
 def plot_3d(report: dict, path: Path) -> None:
-    """Per shape, the planner's step stacked by part beside the measured steps (fastest, median, unlimited)."""
+    """Per shape, the planner's step stacked by part (fed the median calls' fits) beside the median
+    measured step, with the fastest and the unlimited steps marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = report["rows"]
+    rows = report["rows_median"]
     figure, axis = plt.subplots(figsize=(7, 4.4))
     positions = range(len(rows))
     bottom = [0.0] * len(rows)
@@ -710,9 +713,9 @@ def plot_3d(report: dict, path: Path) -> None:
         axis.bar([x - 0.2 for x in positions], heights, 0.4, bottom=bottom, color=f"C{index}", label=f"model: {part}")
         bottom = [b + h for b, h in zip(bottom, heights)]
     axis.bar([x + 0.2 for x in positions], [row["measured_s"] for row in rows], 0.4, color="0.35",
-             label="measured (fastest)")
-    axis.scatter([x + 0.2 for x in positions], [row["measured_s"] for row in report["rows_median"]], color="k",
-                 marker="_", s=400, zorder=3, label="measured (median)")
+             label="measured (median)")
+    axis.scatter([x + 0.2 for x in positions], [row["measured_s"] for row in report["rows"]], color="k",
+                 marker="_", s=400, zorder=3, label="measured (fastest)")
     axis.scatter([x + 0.2 for x in positions], [row["unlimited_s"] for row in rows], color="w", edgecolors="k",
                  marker="v", zorder=3, label="measured, unlimited links")
     axis.set_xticks(list(positions), [f"{row['shape']} (pp x dp x tp)\nerror {row['error']:+.0%}" for row in rows])
