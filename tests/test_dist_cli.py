@@ -119,3 +119,24 @@ def test_unknown_workload_or_method_is_an_argparse_error(capsys):
             main(["distributed", *argv])
         assert exit_info.value.code == 2
         assert capsys.readouterr().err.count("\n") == 1
+
+
+@pytest.mark.parametrize("under_torchrun", [True, False])
+def test_a_torchrun_rank_leaves_without_the_interpreters_teardown_and_loses_no_output(under_torchrun):
+    """``python -m gradwise`` as a torchrun rank exits by ``os._exit`` after flushing (gloo's objects
+    destroyed in the teardown abort a finished rank now and then): no atexit handler runs, the whole
+    output arrives, the exit code is the command's; outside torchrun the interpreter ends as usual."""
+    run_gradwise = ("import atexit, runpy, sys; atexit.register(print, 'teardown ran'); "
+                    "sys.argv = ['gradwise', *sys.argv[1:]]; runpy.run_module('gradwise', run_name='__main__')")
+    environment = {key: value for key, value in os.environ.items() if key != "TORCHELASTIC_RUN_ID"}
+    if under_torchrun:
+        environment["TORCHELASTIC_RUN_ID"] = "test"
+    done = subprocess.run([sys.executable, "-c", run_gradwise, "plan", "memory", "--params", "1e9", "--json",
+                           "--no-plot"], env=environment, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr
+    payload, _, rest = done.stdout.partition("\n}\n")
+    assert json.loads(payload + "\n}")["params"] == 1e9
+    assert ("teardown ran" in rest) != under_torchrun
+    refused = subprocess.run([sys.executable, "-c", run_gradwise, "plan", "memory", "--devices", "0", "--params",
+                              "1e9"], env=environment, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    assert refused.returncode == 2 and "devices" in refused.stderr
