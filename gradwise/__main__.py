@@ -1,11 +1,13 @@
 """``python -m gradwise``: the command line (:func:`gradwise.cli.main`).
 
-A rank that torchrun started (``TORCHELASTIC_RUN_ID`` set) leaves by ``os._exit`` once its command has
-returned and its output is flushed, without the interpreter's teardown: there the process group's C++
-objects that outlive ``destroy_process_group`` (gloo's) are destroyed, and now and then that aborts the
-process (``terminate called without an active exception``, SIGABRT, after the job had finished and
-written its results: 3 exits in 96 of a 2-rank FedAvg job on this machine, none in 75 with this exit).
-Every file the command wrote is closed by then (they are written in ``with`` blocks)."""
+A rank that torchrun started (``TORCHELASTIC_RUN_ID`` set) and whose command succeeded leaves by
+``os._exit(0)`` once its output is flushed, without the interpreter's teardown: there the process
+group's C++ objects that outlive ``destroy_process_group`` (gloo's) are destroyed, and now and then that
+aborts the finished process (``terminate called without an active exception``, SIGABRT: 3 exits in 96
+of a 2-rank FedAvg job on this machine, none in 75 with this exit). Every file the command wrote is
+closed by then (they are written in ``with`` blocks). A rank that failed ends as before: its exit, and
+when torchrun sees it, stay what the launcher's report of a lost peer expects
+(:func:`gradwise.cli.launch.run_under_torchrun`)."""
 
 import logging
 import os
@@ -14,9 +16,9 @@ import sys
 from gradwise.cli import main
 
 code = main()
-if os.environ.get("TORCHELASTIC_RUN_ID"):
+if code == 0 and os.environ.get("TORCHELASTIC_RUN_ID"):
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(code)
+    os._exit(0)
 sys.exit(code)

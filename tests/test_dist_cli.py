@@ -123,9 +123,9 @@ def test_unknown_workload_or_method_is_an_argparse_error(capsys):
 
 @pytest.mark.parametrize("under_torchrun", [True, False])
 def test_a_torchrun_rank_leaves_without_the_interpreters_teardown_and_loses_no_output(under_torchrun):
-    """``python -m gradwise`` as a torchrun rank exits by ``os._exit`` after flushing (gloo's objects
-    destroyed in the teardown abort a finished rank now and then): no atexit handler runs, the whole
-    output arrives, the exit code is the command's; outside torchrun the interpreter ends as usual."""
+    """``python -m gradwise`` as a torchrun rank that succeeded exits by ``os._exit`` after flushing (gloo's
+    objects destroyed in the teardown abort a finished rank now and then): no atexit handler runs and the
+    whole output arrives; a refused input exits 2 as before; outside torchrun the interpreter ends as usual."""
     run_gradwise = ("import atexit, runpy, sys; atexit.register(print, 'teardown ran'); "
                     "sys.argv = ['gradwise', *sys.argv[1:]]; runpy.run_module('gradwise', run_name='__main__')")
     environment = {key: value for key, value in os.environ.items() if key != "TORCHELASTIC_RUN_ID"}
