@@ -1,6 +1,7 @@
 """The ``3d`` strategy (pipeline x FSDP2 x tensor parallel) through the training loop, against one process.
 
-One 8-process job runs the (pp, dp, tp) = 2 x 2 x 2 mesh, checkpointing; one 4-process job runs
+One 8-process job runs the (pp, dp, tp) = 2 x 2 x 2 mesh, checkpointing, and resumes it from its middle
+checkpoint (the two runs' traffic differ by two steps'); one 4-process job runs
 2 x 1 x 2 and 2 x 2 x 1 (1F1B), resumes the latter from its middle checkpoint, and resumes the
 8-process run's on 2 x 1 x 2 (the DTensor shards resharded over the new data-parallel size). Each
 is compared with one process on the same global batch.
@@ -64,7 +65,10 @@ def eight_ranks(rank: int, world_size: int, folder: str) -> dict:
     result = report(config(2, 2, 2, checkpoint_every=2), f"{folder}/2x2x2")
     if rank == 0:
         without_last_checkpoint(Path(folder) / "2x2x2", Path(folder) / "resharded")
-    return {"2x2x2": result}
+        without_last_checkpoint(Path(folder) / "2x2x2", Path(folder) / "resumed8")
+    dist.barrier()
+    return {"2x2x2": result, "2x2x2 resumed": report(config(2, 2, 2, checkpoint_every=2), f"{folder}/resumed8",
+                                                     resume=True)}
 
 
 def four_ranks(rank: int, world_size: int, folder: str) -> dict:
@@ -143,7 +147,8 @@ def test_a_2x2x2_checkpoint_resumes_on_2x1x2(runs):
                                     expected | {"losses": expected["losses"][-2:]})
 
 
-MESHES = {"2x1x2": (2, 1, 2, "gpipe", "2x2x2 -> 2x1x2"), "2x2x1 1f1b": (2, 2, 1, "1f1b", "2x2x1 resumed")}
+MESHES = {"2x1x2": (2, 1, 2, "gpipe", "2x2x2 -> 2x1x2"), "2x2x1 1f1b": (2, 2, 1, "1f1b", "2x2x1 resumed"),
+          "2x2x2": (2, 2, 2, "gpipe", "2x2x2 resumed")}
 """Each mesh with a 4-step run and a 2-step one (resumed): their difference is two steps' traffic, free of
 what is sent once (the pipeline's shape inference on the first step)."""
 
@@ -154,11 +159,11 @@ def test_traffic_per_dimension_is_the_planners_closed_form(runs, name):
     receives, the tensor-parallel all-reduces forward and backward, FSDP2's all-gathers and reduce-scatters,
     the tied matrix's all-reduce) against :func:`gradwise.plan.parallel_step_time.stage_traffic`, plus the
     loss the last stage broadcasts (4 bytes a step), which the planner leaves out."""
-    _, four, _ = runs
+    eight, four, _ = runs
     pp, dp, tp, schedule, shorter = MESHES[name]
     model = Transformer(GPT["n_layer"], GPT["d_model"], GPT["n_head"], 256, GPT["seq_len"])
     layout = Layout(pp=pp, dp=dp, tp=tp, microbatches=MICROBATCHES, schedule=schedule)
-    for rank, result in enumerate(four):
+    for rank, result in enumerate(eight if pp * dp * tp == 8 else four):
         expected: Counter[str] = Counter({BROADCAST: 4})
         for traffic in stage_traffic(model, layout, rank // (dp * tp), GLOBAL_BATCH // dp // MICROBATCHES,
                                      precision="fp32", zero_stage=3):
