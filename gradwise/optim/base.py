@@ -231,10 +231,15 @@ class GradwiseOptimizer(Optimizer):
             return (key in self._float32_state_keys
                     or (i in rounded and key not in own_dtype and torch.is_tensor(value) and value.dim() > 0))
 
+        def keeps_its_own(i: int, key: str) -> bool:
+            return key in own_dtype or key.endswith(ABSMAX_SUFFIX) or (i in formatted and key in self._formatted_state)
+
+        # tensors only: torch's sharded-checkpoint loader hands back an empty dict for a key that the fresh
+        # optimizer's state has and the checkpoint does not (a sharded moment's block scales, which its
+        # state_dict presents as per-value scales or not at all)
         kept = {
             i: {key: value for key, value in state_dict["state"][i].items()
-                if key in own_dtype or key.endswith(ABSMAX_SUFFIX) or (i in formatted and key in self._formatted_state)
-                or with_parameter(i, key, value)}
+                if torch.is_tensor(value) and (keeps_its_own(i, key) or with_parameter(i, key, value))}
             for i in saved_ids
             if i in state_dict["state"]
         }

@@ -45,8 +45,6 @@ LARGEST_SHARPNESS_STEPS = 100
 """Lanczos keeps one vector of the model's size per step: a few warm-started steps suffice, 100 is plenty."""
 
 DTENSOR_STRATEGIES = ("fsdp", "tp", "3d")
-BLOCK_FORMATS = ("8bit", "4bit")
-"""State formats quantised in blocks with scales (:mod:`gradwise.optim.state_formats`)."""
 """Strategies whose optimizer steps sharded (DTensor) parameters."""
 
 BF16_PARAM_STRATEGIES = ("single", "ddp")
@@ -226,11 +224,6 @@ class TrainConfig:
             raise ValueError(f"state_format {state_format!r}: {optimizer_class.__name__} updates whole matrices, "
                              f"whose moments' blocks strategy {self.strategy!r} would split across ranks "
                              "(use ddp, zero1 or zero2, or state_format 'fp32')")
-        if state_format in BLOCK_FORMATS and self.strategy == "3d":
-            # its checkpoints do not load: the embedding's and the output layer's moments come back
-            # without their scales ('dict' object has no attribute 'device'), so a crash would lose the run
-            raise ValueError(f"state_format {state_format!r} under strategy '3d' cannot resume from its "
-                             "checkpoints yet: use 'bf16' or 'bf16-sr' there, or strategy fsdp")
         if self.precision is not None:
             check_choice("precision", self.precision, PRECISIONS)
         if self.bf16_params is not None:
