@@ -117,6 +117,16 @@ def test_the_critical_path_repeats_the_slot_and_adds_each_stages_once_per_step_g
     assert step.data == pytest.approx(slot_gathers + fill + drain)
     assert step.total == pytest.approx((3 + 1) * slot + fill + drain + step.tied)
 
+    def alpha(stage: int, keep) -> float:
+        return sum(entry.seconds(LINK)[1] for entry in traffic[stage] if entry.collective != SEND_RECV and keep(entry))
+
+    # the latency part of the same path: each alpha counted as often as its seconds are
+    slot_alpha = 3 * 2 * LINK.alpha + alpha(1, lambda entry: entry.each_micro_batch)
+    once_alpha = sum(alpha(stage, lambda entry: entry.collective == ALL_GATHER and not entry.each_micro_batch)
+                     for stage in (0, 1)) + alpha(0, lambda entry: not entry.each_micro_batch
+                                                  and entry.collective != ALL_GATHER)
+    assert step.latency == pytest.approx(slot_alpha * (3 + 1) / 3 + once_alpha)
+
 
 def test_a_collectives_own_link_and_the_software_overhead_change_only_their_parts():
     layout = Layout(pp=2, dp=4, microbatches=3)

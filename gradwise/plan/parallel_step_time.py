@@ -229,10 +229,12 @@ def parallel_step_time(
             return tp_link
         return by_collective.get(entry.collective, link)
 
-    # per stage: seconds (and their latency part) by dimension, in the slots and once per step
+    # per stage: seconds by part in the slots, and once per step (the gathers before the first passes, the
+    # reductions and the tied all-reduce after the last); beside each, its latency part
     slot: list[dict[str, float]] = []
     once: list[dict[str, float]] = []
-    slot_latency, once_latency = [0.0] * p, [0.0] * p
+    slot_latency: list[float] = []
+    once_latency: list[dict[str, float]] = []
     activation = model.seq_len * b * model.width * PRECISIONS[precision].activation_bytes
     sends = m * 2 * v if p > 1 else 0  # on the critical path: one boundary per chunk, each direction
     for stage, entries in enumerate(traffic):
@@ -240,8 +242,9 @@ def parallel_step_time(
         flops = m * (layers + (logit_flops(model, b) if stage == p - 1 else 0))
         slot.append({"compute": flops / throughput, "tensor": 0.0, "data": 0.0, "overhead": m * overhead,
                      "pipeline": sends * collective_time(link, "send_recv", activation, 2)})
-        once.append({"data": 0.0, "gather": 0.0, "tied": 0.0})
-        slot_latency[stage] = sends * link.alpha
+        once.append({"gather": 0.0, "reduce": 0.0, "tied": 0.0})
+        once_latency.append(dict.fromkeys(once[stage], 0.0))
+        slot_latency.append(sends * link.alpha)
         for entry in entries:
             if entry.collective == SEND_RECV:
                 continue  # on the critical path, above
@@ -250,22 +253,24 @@ def parallel_step_time(
                 slot[stage][entry.dimension] += time
                 slot_latency[stage] += alpha
             else:
-                once[stage]["gather" if entry.collective == ALL_GATHER else entry.dimension] += time
-                once_latency[stage] += alpha
+                part = "tied" if entry.dimension == "tied" else "gather" if entry.collective == ALL_GATHER else "reduce"
+                once[stage][part] += time
+                once_latency[stage][part] += alpha
     pace = max(range(p), key=lambda stage: sum(slot[stage].values()))  # the slowest stage sets the slots
     busy = sum(slot[pace].values())
     fill = sum(parts["gather"] for parts in once)  # every stage's first passes, one after another
-    drain = max(range(p), key=lambda stage: once[stage]["data"] + once[stage]["tied"])
+    drain = max(range(p), key=lambda stage: once[stage]["reduce"] + once[stage]["tied"])
     return ParallelStepTime(
         micro_batch=b,
         compute=slot[pace]["compute"],
         tensor=slot[pace]["tensor"],
         pipeline=slot[pace]["pipeline"],
         bubble=(p - 1) / v * busy / m,
-        data=slot[pace]["data"] + fill + once[drain]["data"],
+        data=slot[pace]["data"] + fill + once[drain]["reduce"],
         tied=once[drain]["tied"],
         overhead=slot[pace]["overhead"],
-        latency=slot_latency[pace] * (1 + (p - 1) / (v * m)) + sum(once_latency),
+        latency=(slot_latency[pace] * (1 + (p - 1) / (v * m)) + sum(parts["gather"] for parts in once_latency)
+                 + once_latency[drain]["reduce"] + once_latency[drain]["tied"]),
         bubble_fraction=bubble_fraction(p, m, v),
         traffic=traffic,
     )
