@@ -60,7 +60,7 @@ from gradwise.optim.param_groups import training_param_groups
 from gradwise.plan.communication import AlphaBeta
 from gradwise.plan.memory import PRECISIONS, Shapes
 from gradwise.plan.parallelism import Layout, Transformer
-from gradwise.problems.tiny_gpt import TinyGPT
+from gradwise.problems.tiny_gpt import Block, TinyGPT
 from gradwise.validation import check_choice, check_int
 
 
@@ -160,8 +160,6 @@ def _tensor_parallel_linears(model: nn.Module) -> Iterator[tuple[tuple[nn.Linear
     """Each tiny-gpt block's column-wise Linears (QKV, the MLP's first) and row-wise ones (the
     attention's output, the MLP's second): the modules Megatron's layout makes DTensors of, the
     row-wise biases replicated ones."""
-    from gradwise.problems.tiny_gpt import Block
-
     for block in (module for module in model.modules() if isinstance(module, Block)):
         expand, contract = cast(nn.Linear, block.mlp[0]), cast(nn.Linear, block.mlp[2])
         yield (block.attention.qkv, expand), (block.attention.proj, contract)
@@ -194,8 +192,6 @@ def _training_optimizer(optimizer: str, model: nn.Module, state_format: str) -> 
 def meta_transformer(layers: int, width: int, vocab: int, positions: int = 0) -> nn.Module:
     """The GPT of :func:`gradwise.plan.memory.transformer_shapes` on the meta device, as tiny-gpt lays
     it out (token and position embeddings, its blocks, a final LayerNorm), for the optimizer's groups."""
-    from gradwise.problems.tiny_gpt import Block
-
     with torch.device("meta"):
         model = nn.Module()
         model.token_embedding = nn.Embedding(vocab, width)
@@ -323,10 +319,8 @@ def stage_state_bytes(optimizer: str, model: Transformer, layout: Layout, stage:
     parallel: dict[Tensor, int | None] = {}  # tensor-parallel parameters: their cut dimension (None: replicated)
     if tp > 1:
         cut = tensor_parallel_dims(module)
-        parallel = {linear.weight: cut(linear.weight) for pair in _tensor_parallel_linears(module)
-                    for linears in pair for linear in linears}
-        parallel |= {linear.bias: cut(linear.bias) for pair in _tensor_parallel_linears(module)
-                     for linears in pair for linear in linears}
+        parallel = {param: cut(param) for pair in _tensor_parallel_linears(module) for linears in pair
+                    for linear in linears for param in (linear.weight, linear.bias)}
     devices = [(d, t) for d in range(dp) for t in range(tp)]
     state = dict.fromkeys(devices, 0)
 
@@ -348,7 +342,8 @@ def stage_state_bytes(optimizer: str, model: Transformer, layout: Layout, stage:
 
         for param in group["params"]:
             shape = tuple(param.shape)
-            one_d_sharded = (dp > 1) + (param in parallel) == 1 and (dp > 1 or parallel[param] is not None)
+            # a DTensor over dp alone, or over tp alone and cut there (not a replicated bias): owner-computes
+            one_d_sharded = (param not in parallel) if dp > 1 else parallel.get(param) is not None
             if not per_matrix:
                 for device, local in shards(shape, param).items():
                     state[device] += bytes_of(local)

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from gradwise.plan.memory import (
@@ -254,13 +255,21 @@ def stage_memory(
         estimate = estimate_memory(shard, optimizer, precision, 0, 1, activations, state_format)
     else:
         estimate = estimate_memory(shapes, optimizer, precision, zero_stage, layout.dp, activations, state_format)
-    if zero_stage == 3 or layout.dp == 1:
-        from gradwise.plan.owner_computes import stage_state_bytes  # here: it builds the optimizer on meta tensors
-
-        states = stage_state_bytes(optimizer, model, layout, stage, fmt.state_bytes, state_format)
-        if states is not None:
-            return dataclasses.replace(estimate, optimizer_state=float(states[(dp_rank, tp_rank)]))
+    states = _owned_state(model, layout, stage, optimizer, precision, zero_stage, state_format)
+    if states is not None:
+        return dataclasses.replace(estimate, optimizer_state=float(states[(dp_rank, tp_rank)]))
     return estimate
+
+
+def _owned_state(model: Transformer, layout: Layout, stage: int, optimizer: str, precision: str, zero_stage: int,
+                 state_format: str) -> Mapping[tuple[int, int], int] | None:
+    """Every device's optimizer-state bytes where the stage's parameters are DTensors (FSDP2, or tensor
+    parallelism alone) and ``optimizer`` updates whole matrices; ``None`` otherwise."""
+    if zero_stage != 3 and layout.dp > 1:
+        return None
+    from gradwise.plan.owner_computes import stage_state_bytes  # here: that module imports this one
+
+    return stage_state_bytes(optimizer, model, layout, stage, PRECISIONS[precision].state_bytes, state_format)
 
 
 def largest_device(
@@ -277,14 +286,11 @@ def largest_device(
     """The bytes of the device of pipeline ``stage`` that holds the most (the first of equals): data
     rank 0, whose FSDP2 shards are the largest (``torch.chunk``'s cut), or, for an optimizer that
     updates whole matrices, whichever device adds the most owned state to its shards."""
-    from gradwise.plan.owner_computes import stage_state_bytes  # here: it builds the optimizer on meta tensors
-
     def device(dp_rank: int, tp_rank: int) -> MemoryEstimate:
         return stage_memory(model, layout, stage, optimizer, precision, zero_stage, state_format, micro_batch,
                             checkpointing, dp_rank, tp_rank)
 
-    states = (stage_state_bytes(optimizer, model, layout, stage, PRECISIONS[precision].state_bytes, state_format)
-              if zero_stage == 3 or layout.dp == 1 else None)
+    states = _owned_state(model, layout, stage, optimizer, precision, zero_stage, state_format)
     if states is None:
         return device(0, 0)
     # each data rank's shards are the same on its tensor ranks: its tensor rank with the most state
